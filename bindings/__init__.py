@@ -1,0 +1,1 @@
+"""Kernels bound into PyTorch. The engine calls ops only through this package."""

@@ -1,0 +1,146 @@
+"""Prompt-pair datasets: JSONL, one pair per line.
+
+``{"clean": "...", "corrupt": "...", "answer": " Mary", "wrong": " John"}``; ``clean_ids`` /
+``corrupt_ids`` (token id lists) may replace the strings. Clean and corrupt must have equal token
+length; ``answer`` and ``wrong`` must each be one token (a string, or an int token id).
+Every error names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from causalscan.errors import InputError
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One tokenized pair. ``wrong`` is -1 when the record has none."""
+
+    clean: tuple[int, ...]
+    corrupt: tuple[int, ...]
+    answer: int
+    wrong: int
+    line: int
+
+
+class Dataset:
+    """Records of prompt pairs, from a JSONL file or a list of dicts.
+
+    >>> ds = Dataset([{"clean": "When Mary and John went to the store, John gave a drink to",
+    ...                "corrupt": "When Mary and John went to the store, Mary gave a drink to",
+    ...                "answer": " Mary", "wrong": " John"}])
+    """
+
+    def __init__(self, records: Iterable[dict], name: str = "<memory>", lines: list[int] | None = None):
+        self.records = list(records)
+        self.name = name
+        self.lines = lines or list(range(1, len(self.records) + 1))
+        if not self.records:
+            raise InputError("dataset has no pairs", file=name)
+        for rec, line in zip(self.records, self.lines, strict=True):
+            self._check(rec, line)
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path) -> Dataset:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError("no such file", file=str(path))
+        records, lines = [], []
+        for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InputError(f"invalid JSON ({e.msg})", file=str(path), line=i) from None
+            if not isinstance(rec, dict):
+                raise InputError("each line must be a JSON object", file=str(path), line=i)
+            records.append(rec)
+            lines.append(i)
+        return cls(records, name=str(path), lines=lines)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def sha256(self) -> str:
+        canon = "\n".join(json.dumps(r, sort_keys=True) for r in self.records)
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    def _err(self, msg: str, line: int, field: str) -> InputError:
+        return InputError(msg, file=self.name, line=line, field=field)
+
+    def _check(self, rec: dict, line: int) -> None:
+        for side in ("clean", "corrupt"):
+            if side not in rec and f"{side}_ids" not in rec:
+                if side == "corrupt" and "noise_span" in rec:
+                    raise self._err("Gaussian noise corruption is not supported yet; give 'corrupt' "
+                                    "(symmetric token replacement)", line, "noise_span")
+                raise self._err(f"missing (give {side!r} or {side + '_ids'!r})", line, side)
+            if side in rec and not isinstance(rec[side], str):
+                raise self._err("must be a string", line, side)
+            ids = rec.get(f"{side}_ids")
+            if ids is not None and not (isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)):
+                raise self._err("must be a non-empty list of token ids", line, f"{side}_ids")
+        if "answer" not in rec:
+            raise self._err("missing", line, "answer")
+        for f in ("answer", "wrong"):
+            if f in rec and not isinstance(rec[f], str | int):
+                raise self._err("must be a string or a token id", line, f)
+
+    def tokenize(self, tokenizer, vocab_size: int | None = None) -> list[Pair]:
+        """Token ids of every pair; raises :class:`InputError` naming file, line and field."""
+        out = []
+        for rec, line in zip(self.records, self.lines, strict=True):
+            ids = {}
+            for side in ("clean", "corrupt"):
+                if f"{side}_ids" in rec:
+                    ids[side] = tuple(rec[f"{side}_ids"])
+                else:
+                    if tokenizer is None:
+                        raise self._err("model has no tokenizer; give token ids instead", line, side)
+                    ids[side] = tuple(tokenizer(rec[side])["input_ids"])
+            if len(ids["clean"]) != len(ids["corrupt"]):
+                raise self._err(f"clean has {len(ids['clean'])} tokens, corrupt has {len(ids['corrupt'])}: "
+                                "pairs must have equal token length", line, "corrupt")
+            tok = {f: self._one_token(tokenizer, rec[f], line, f) for f in ("answer", "wrong") if f in rec}
+            for f, t in [*ids.items(), *tok.items()]:
+                bad = [i for i in (t if isinstance(t, tuple) else (t,)) if vocab_size and not 0 <= i < vocab_size]
+                if bad:
+                    raise self._err(f"token id {bad[0]} outside the vocabulary [0, {vocab_size})", line, f)
+            out.append(Pair(ids["clean"], ids["corrupt"], tok["answer"], tok.get("wrong", -1), line))
+        return out
+
+    def _one_token(self, tokenizer, value, line: int, field: str) -> int:
+        if isinstance(value, int):
+            return value
+        if tokenizer is None:
+            raise self._err("model has no tokenizer; give a token id", line, field)
+        ids = tokenizer(value, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise self._err(f"{value!r} is {len(ids)} tokens, must be exactly one", line, field)
+        return ids[0]
+
+
+def as_dataset(data) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, str | Path):
+        return Dataset.from_jsonl(data)
+    return Dataset(data)
+
+
+def stack(pairs: list[Pair], device=None) -> dict[str, torch.Tensor]:
+    """Equal-length pairs -> ``clean``/``corrupt`` [P, T], ``answer``/``wrong`` [P]."""
+    return {
+        "clean": torch.tensor([p.clean for p in pairs], device=device),
+        "corrupt": torch.tensor([p.corrupt for p in pairs], device=device),
+        "answer": torch.tensor([p.answer for p in pairs], device=device),
+        "wrong": torch.tensor([p.wrong for p in pairs], device=device),
+    }

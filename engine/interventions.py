@@ -1,0 +1,182 @@
+"""Interventions: one op at a site, limited to layers, components and positions, with per-row
+parameters, applied inside the forward pass through the ``perturb`` op.
+
+>>> iv = add("resid_post", vector=v, alpha=4.0, layers=3, positions=[-1])
+>>> with perturb(model, iv):
+...     logits = model.hf(ids).logits
+>>> logits = perturb(model, zero("head", layers=1, index=[0, 2]), input_ids=ids)   # function form
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from causalscan import runner
+from causalscan.bindings import ops
+from causalscan.errors import InputError
+
+Index = int | Sequence[int] | torch.Tensor | None
+
+
+@dataclass
+class Intervention:
+    """One op at ``site`` (see :mod:`causalscan.kernels.perturb` for the math).
+
+    layers:    int, list, or None for every layer.
+    index:     components (head / neuron ids), a bool ``[B, C]`` per-row mask, or None for all.
+    positions: positions (negative counts from the end), a bool ``[B, T]`` mask, or None for all.
+    source:    ``patch``/``mean`` values ``[B|1, T|1, C, D]`` (or ``[..., C*D]``), or per layer
+               ``{layer: tensor}``.
+    vector:    ``add`` vector ``[B|1, C, D]`` or ``[C*D]``.
+    alpha:     per-row scalar ``[B]`` or a float (``add`` gain, ``scale`` factor, ``clamp`` value).
+    direction: ``project_out``/``scale``/``clamp`` direction ``[B|1, C, D]`` or ``[C*D]``;
+               normalised per component.
+    """
+
+    op: str
+    site: str
+    layers: int | Sequence[int] | None = None
+    index: Index = None
+    positions: Index = None
+    source: torch.Tensor | Mapping[int, torch.Tensor] | None = None
+    vector: torch.Tensor | None = None
+    alpha: float | torch.Tensor | None = None
+    direction: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.op == "mean":
+            self.op = "patch"
+        if self.op not in ops.OPS:
+            raise InputError(f"unknown op {self.op!r}; ops: mean, {', '.join(ops.OPS)}", field="op")
+        need = {"patch": "source", "add": "vector", "project_out": "direction", "scale": "alpha", "clamp": "alpha"}
+        if self.op in need and getattr(self, need[self.op]) is None:
+            raise InputError(f"{self.op} needs {need[self.op]}", field=need[self.op])
+
+    def taps(self, model) -> list[runner.TapSpec]:
+        ad = model.adapter
+        layers = self.layers if self.layers is not None else range(ad.n_layers)
+        layers = [layers] if isinstance(layers, int) else layers
+        out = []
+        for layer in layers:
+            ad.check_site(self.site, layer)
+            out.append((self.site, layer, self._fn(layer)))
+        return out
+
+    def _fn(self, layer: int):
+        def fn(x):  # x [B, T, C, D]
+            b, t, c, d = x.shape
+            mask = _mask(self.index, b, c, x.device)[:, None, :] & _mask(self.positions, b, t, x.device)[:, :, None]
+            src = self.source[layer] if isinstance(self.source, Mapping) else self.source
+            if src is not None:  # [B|1, T|1, C, D], or one value [C, D] for every row and position
+                src = _param(src, c, d, x)
+                src = (src if src.dim() == 4 else src[:, None]).expand(b, t, c, d)
+            alpha = self.alpha
+            if alpha is not None:
+                alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).reshape(-1)
+            return ops.perturb(
+                x, self.op, mask, source=src, alpha=alpha,
+                vector=None if self.vector is None else _param(self.vector, c, d, x),
+                direction=None if self.direction is None else _unit(_param(self.direction, c, d, x)),
+            )
+        return fn
+
+
+def _mask(sel: Index, rows: int, n: int, device) -> torch.Tensor:
+    """Selection -> bool ``[rows|1, n]``."""
+    if sel is None:
+        return torch.ones(1, n, dtype=torch.bool, device=device)
+    if isinstance(sel, torch.Tensor) and sel.dtype == torch.bool:
+        if sel.dim() == 1:
+            sel = sel[None]
+        if sel.shape[-1] != n:
+            raise InputError(f"mask has {sel.shape[-1]} entries, the site has {n}", field="index/positions")
+        return sel.to(device)
+    idx = torch.as_tensor([sel] if isinstance(sel, int) else list(sel), dtype=torch.long).reshape(-1)
+    if len(idx) and (idx.max() >= n or idx.min() < -n):
+        raise InputError(f"index {idx.tolist()} out of range for size {n}", field="index/positions")
+    m = torch.zeros(1, n, dtype=torch.bool)
+    m[0, idx % n] = True
+    return m.to(device)
+
+
+def _param(p: torch.Tensor, c: int, d: int, x: torch.Tensor) -> torch.Tensor:
+    """``[C*D]``, ``[C, D]``, ``[B, C*D]`` or ``[B, ..., C, D]`` -> ``[B|1, ..., C, D]``."""
+    p = p.to(device=x.device, dtype=x.dtype)
+    if p.shape[-2:] != (c, d):
+        if p.shape[-1] != c * d:
+            raise InputError(f"parameter of shape {tuple(p.shape)} does not fit a site of {c} x {d}")
+        p = p.unflatten(-1, (c, d))
+    return p[None] if p.dim() == 2 else p
+
+
+def _unit(u: torch.Tensor) -> torch.Tensor:
+    return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def patch(site: str, source, layers=None, index: Index = None, positions: Index = None) -> Intervention:
+    """Replace activations by ``source`` (another run's, or any tensor of the site's shape)."""
+    return Intervention("patch", site, layers, index, positions, source=source)
+
+
+def mean(site: str, value, layers=None, index: Index = None, positions: Index = None) -> Intervention:
+    """Mean ablation: replace activations by ``value`` (e.g. a dataset mean, ``[C, D]``)."""
+    return Intervention("patch", site, layers, index, positions, source=value)
+
+
+def add(site: str, vector, alpha=1.0, layers=None, index: Index = None, positions: Index = None) -> Intervention:
+    """Add ``alpha * vector`` (steering)."""
+    return Intervention("add", site, layers, index, positions, vector=vector, alpha=alpha)
+
+
+def zero(site: str, layers=None, index: Index = None, positions: Index = None) -> Intervention:
+    """Zero ablation."""
+    return Intervention("zero", site, layers, index, positions)
+
+
+def scale(site: str, alpha, layers=None, index: Index = None, positions: Index = None, direction=None) -> Intervention:
+    """Multiply activations (or only their part along ``direction``) by ``alpha``."""
+    return Intervention("scale", site, layers, index, positions, alpha=alpha, direction=direction)
+
+
+def project_out(site: str, direction, layers=None, index: Index = None, positions: Index = None) -> Intervention:
+    """Remove the component along ``direction``."""
+    return Intervention("project_out", site, layers, index, positions, direction=direction)
+
+
+def clamp(site: str, value, layers=None, index: Index = None, positions: Index = None, direction=None) -> Intervention:
+    """Set the coordinate along ``direction`` (without one: every element) to ``value``."""
+    return Intervention("clamp", site, layers, index, positions, alpha=value, direction=direction)
+
+
+class _Perturbed:
+    def __init__(self, model, interventions):
+        self.model, self.taps = model, [t for iv in interventions for t in iv.taps(model)]
+
+    def __enter__(self):
+        self._cm = runner.installed(self.model.adapter, self.taps)
+        self._cm.__enter__()
+        return self.model
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+def perturb(model, *interventions: Intervention, input_ids: torch.Tensor | None = None):
+    """Apply interventions inside the forward pass.
+
+    Without ``input_ids``: a context manager under which every forward of ``model.hf`` is
+    perturbed. With ``input_ids`` [B, T]: runs one forward and returns logits [B, T, V].
+    """
+    from causalscan.load import load
+
+    model = load(model)
+    if input_ids is None:
+        return _Perturbed(model, interventions)
+    with _Perturbed(model, interventions):
+        return model.hf(input_ids=input_ids.to(model.device)).logits
+
+
+__all__ = ["Intervention", "add", "clamp", "mean", "patch", "perturb", "project_out", "scale", "zero"]
+

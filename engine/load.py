@@ -1,0 +1,200 @@
+"""Load a model for causalscan: a local HF directory, a built HF model, a zoo name, or ``random:``.
+
+``random:<family>[-<size>]`` builds a seeded model with random weights from a small config (sizes
+``tiny``, ``small``, ``1b``) and a word-level tokenizer; nothing is downloaded.
+Every load checks the adapter: a run with taps at every site must give the model's own logits,
+and the residual decomposition ``resid_pre + attn_out + mlp_out = resid_post`` must hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from causalscan import runner
+from causalscan.adapters import FAMILIES, SITES, Adapter
+from causalscan.errors import InputError
+from causalscan.vocab import word_tokenizer
+from torch import nn
+
+ZOO_DIR = Path(__file__).parent / "zoo"
+
+# (layers, d_model, heads, kv_heads, d_mlp, vocab)
+SIZES = {
+    "tiny": (2, 64, 4, 2, 128, 512),
+    "small": (4, 256, 8, 4, 1024, 2048),
+    "1b": (16, 2048, 32, 8, 8192, 32000),
+}
+RANDOM_FAMILIES = tuple(f.name for f in FAMILIES)
+
+
+@dataclass
+class Model:
+    """A loaded model: the HF module, its adapter and tokenizer."""
+
+    hf: nn.Module
+    adapter: Adapter
+    tokenizer: object | None
+    name: str
+    card: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, {self.adapter!r})"
+
+
+def random_config(family: str, size: str = "tiny") -> transformers.PretrainedConfig:
+    """A small config of ``family`` (see ``RANDOM_FAMILIES``) at ``size`` (see ``SIZES``)."""
+    if family not in RANDOM_FAMILIES:
+        raise InputError(f"unknown random family {family!r}; families: {', '.join(RANDOM_FAMILIES)}", field="model")
+    if size not in SIZES:
+        raise InputError(f"unknown random size {size!r}; sizes: {', '.join(SIZES)}", field="model")
+    n_layers, d, h, kv, d_mlp, vocab = SIZES[size]
+    std = 0.1 if size == "tiny" else 0.02
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)  # vocab.SPECIALS
+    common = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=h,
+                  intermediate_size=d_mlp, max_position_embeddings=512, initializer_range=std, **ids)
+    gqa = dict(common, num_key_value_heads=kv)
+    t = transformers
+    if family == "gpt2":
+        return t.GPT2Config(vocab_size=vocab, n_embd=d, n_layer=n_layers, n_head=h, n_inner=d_mlp, n_positions=512,
+                            initializer_range=std, **ids)
+    if family == "gpt_neox":
+        return t.GPTNeoXConfig(**common, rotary_pct=0.25, use_parallel_residual=True)
+    if family == "llama":
+        return t.LlamaConfig(**gqa)
+    if family == "mistral":
+        return t.MistralConfig(**gqa, sliding_window=256)
+    if family == "qwen2":
+        return t.Qwen2Config(**gqa)
+    if family == "qwen3":
+        return t.Qwen3Config(**gqa, head_dim=d // h)
+    if family == "gemma":  # explicit head_dim, not d_model / heads
+        return t.GemmaConfig(**gqa, head_dim=2 * d // h)
+    if family == "gemma2":
+        return t.Gemma2Config(**gqa, head_dim=2 * d // h, query_pre_attn_scalar=2 * d // h, sliding_window=256)
+    if family == "gemma3":
+        return t.Gemma3TextConfig(**gqa, head_dim=2 * d // h, query_pre_attn_scalar=2 * d // h, sliding_window=256)
+    if family == "phi":
+        return t.PhiConfig(**common, partial_rotary_factor=0.5)
+    if family == "phi3":
+        return t.Phi3Config(**gqa)
+    return t.OPTConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=h,
+                       ffn_dim=d_mlp, word_embed_proj_dim=d, max_position_embeddings=512, init_std=std, **ids)
+
+
+def random_model(family: str, size: str = "tiny", seed: int = 0, dtype=torch.float32,
+                 attn_implementation: str | None = None) -> nn.Module:
+    """A seeded HF CausalLM with random weights (``attn_implementation``: HF's default if None)."""
+    config = random_config(family, size)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load(
+    spec,
+    *,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+    seed: int = 0,
+    check: bool = True,
+    trust_remote_code: bool = False,
+) -> Model:
+    """Load ``spec``: a :class:`Model`, an HF CausalLM, a local HF directory, a zoo name, or
+    ``random:<family>[-<size>]``.
+
+    >>> m = load("random:llama-tiny")
+    >>> m.adapter.n_layers
+    2
+    """
+    if isinstance(spec, Model):
+        return spec
+    card: dict = {}
+    if isinstance(spec, nn.Module):
+        hf, name = spec.eval(), type(spec).__name__
+    elif isinstance(spec, str | os.PathLike) and str(spec).startswith("random:"):
+        family, _, size = str(spec)[len("random:"):].partition("-")
+        hf = random_model(family, size or "tiny", seed, dtype or torch.float32, attn_implementation)
+        tokenizer = tokenizer or word_tokenizer()
+        name = str(spec)
+    else:
+        path = Path(spec)
+        if not path.is_dir() and (ZOO_DIR / str(spec)).is_dir():
+            path = ZOO_DIR / str(spec)
+        if not path.is_dir():
+            zoo = sorted(p.name for p in ZOO_DIR.iterdir() if p.is_dir()) if ZOO_DIR.is_dir() else []
+            raise InputError(f"no model directory, zoo model or random: spec named {str(spec)!r}; "
+                             f"zoo models: {', '.join(zoo) or '(none)'}; random families: "
+                             f"{', '.join(RANDOM_FAMILIES)}", field="model")
+        if not (path / "config.json").is_file():
+            raise InputError("not a Hugging Face model directory (no config.json)", file=str(path))
+        kwargs = dict(dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+        if tokenizer is None and any(path.glob("tokenizer*.json")):
+            tokenizer = load_tokenizer(path, trust_remote_code)
+        if (path / "card.json").is_file():
+            card = json.loads((path / "card.json").read_text())
+        name = path.name
+    if device is not None:
+        hf = hf.to(device)
+    model = Model(hf, Adapter(hf), tokenizer, name, card)
+    if check:
+        check_adapter(model)
+    return model
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer saved in ``path``. A plain ``tokenizers`` pipeline (ours, the zoo's) loads as
+    saved; ``AutoTokenizer`` would rebuild it as the model family's own tokenizer class."""
+    cfg_file = path / "tokenizer_config.json"
+    cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    if cls in ("TokenizersBackend", "PreTrainedTokenizerFast") and (path / "tokenizer.json").is_file():
+        return transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+@torch.no_grad()
+def check_adapter(model: Model, seq: int = 7, atol: float | None = None) -> None:
+    """Raise if taps change the logits or the captured sites do not decompose the residual."""
+    ad, hf = model.adapter, model.hf
+    gen = torch.Generator().manual_seed(0)
+    vocab = hf.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, seq), generator=gen).to(model.device)
+    ref = hf(input_ids=ids, logits_to_keep=0).logits
+    store: dict = {}
+    sites = [s for s in SITES if not (s == "resid_mid" and (ad.parallel or ad.post_ln))]
+    taps = [runner.capture(ad, s, layer, store) for layer in range(ad.n_layers) for s in sites]
+    taps += [(s, layer, lambda x: x.clone()) for layer in range(ad.n_layers) for s in sites]
+    got = runner.forward(ad, ids, taps, logits_to_keep=0)
+    scale = ref.abs().max().item()
+    tol = atol if atol is not None else (1e-4 if ref.dtype == torch.float32 else 2e-2) * max(scale, 1.0)
+    err = (got - ref).abs().max().item()
+    if err > tol:
+        raise RuntimeError(f"adapter check failed for {ad.family.name}: taps changed logits by {err:.3g}")
+    if ad.post_ln:
+        return
+    for layer in range(ad.n_layers):
+        pre, post = store[("resid_pre", layer)], store[("resid_post", layer)]
+        rebuilt = pre + store[("attn_out", layer)] + store[("mlp_out", layer)]
+        res = (rebuilt - post).abs().max().item()
+        if res > tol * post.abs().max().item() / max(scale, 1.0) + 1e-5:
+            raise RuntimeError(f"adapter check failed for {ad.family.name}: resid_pre + attn_out + mlp_out "
+                               f"!= resid_post at layer {layer} (max error {res:.3g})")
+        if layer + 1 < ad.n_layers and not torch.equal(post, store[("resid_pre", layer + 1)]):
+            raise RuntimeError(f"adapter check failed for {ad.family.name}: "
+                               f"resid_post[{layer}] != resid_pre[{layer + 1}]")

@@ -1,0 +1,224 @@
+"""Exact activation patching, many patches per forward.
+
+Each patch ``(site, layer, index, position)`` is measured on every prompt pair: run the base
+prompt (clean when noising, corrupt when denoising) with the component's activation taken from
+the other prompt, and read the metric. Rows of one forward are (pair, patch) combinations that
+share a start: a patch at ``layer`` and position ``p`` leaves every block before ``layer`` and
+every position before ``p`` as in the base run, so the forward starts at ``layer`` from the
+cached residual and reuses the cached keys and values of positions ``< p``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from causalscan import runner
+from causalscan.adapters import SITES
+from causalscan.bindings import ops
+from causalscan.data import Pair, as_dataset, stack
+from causalscan.errors import InputError
+from causalscan.load import Model, load
+from causalscan.metrics import get as get_metric
+from causalscan.results import PatchResult, SweepSlot
+
+BY_POSITION = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A node: ``site`` at ``layer``, component ``index`` (head / neuron; 0 for residual sites),
+    ``position`` (None: all positions)."""
+
+    site: str
+    layer: int
+    index: int = 0
+    position: int | None = None
+
+    def __str__(self) -> str:
+        pos = "" if self.position is None else f"@{self.position}"
+        return f"{self.site}.L{self.layer}.{self.index}{pos}"
+
+
+def parse_sweep(spec: str) -> tuple[str, bool]:
+    """``"head"`` -> (head, all positions); ``"head:pos"``; ``"resid_pre"`` (by position by
+    default); ``"resid_pre:all"``."""
+    site, _, mode = spec.strip().partition(":")
+    if site not in SITES:
+        raise InputError(f"unknown site {site!r} in sweep {spec!r}; sites: {', '.join(SITES)}", field="sites")
+    if mode not in ("", "pos", "all"):
+        raise InputError(f"unknown sweep mode {mode!r} in {spec!r}; use {site}:pos or {site}:all", field="sites")
+    return site, (mode == "pos") or (mode == "" and site in BY_POSITION)
+
+
+def sweep_components(model: Model, site: str, by_pos: bool, seq: int | None) -> tuple[list[Component], tuple]:
+    """Every component of a sweep, and the result shape (``[L, T, C]`` squeezed of C == 1)."""
+    ad = model.adapter
+    ad.check_site(site)
+    n_comp = ad.shape(site)[0]
+    comps = [
+        Component(site, layer, c, p)
+        for layer in range(ad.n_layers)
+        for p in (range(seq) if by_pos else [None])
+        for c in range(n_comp)
+    ]
+    shape = (ad.n_layers,) + ((seq,) if by_pos else ()) + ((n_comp,) if n_comp > 1 else ())
+    return comps, shape
+
+
+def _row_bytes(model: Model, seq: int, new: int, n_layers: int, tapped_width: int) -> int:
+    """Rough peak bytes of one row of a no-grad forward over ``new`` of ``seq`` positions."""
+    ad, el = model.adapter, next(model.hf.parameters()).element_size()
+    kv = 2 * ad.n_layers * seq * ad.n_kv_heads * ad.d_head
+    live = new * (6 * ad.d_model + 3 * ad.d_mlp + 2 * ad.n_heads * seq + 2 * tapped_width)
+    vocab = model.hf.get_output_embeddings().weight.shape[0]
+    return el * (kv + live + 2 * vocab) + 64 * n_layers
+
+
+def _default_budget(model: Model) -> int:
+    dev = model.device
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free * 0.5)
+    return 1 << 30
+
+
+@torch.no_grad()
+def patch(
+    model,
+    dataset,
+    components: Iterable[Component] | None = None,
+    sites: str | Sequence[str] = ("head",),
+    direction: str = "noising",
+    metric="logit_diff",
+    memory_budget: int | None = None,
+    progress=None,
+) -> PatchResult:
+    """Exact effects of patching each component, every prompt pair, many patches per forward.
+
+    ``components``: explicit :class:`Component` list (result ``exact/components`` ``[n]``);
+    otherwise ``sites``: sweeps such as ``"head"`` (``[L, H]``), ``"head:pos"`` (``[L, T, H]``),
+    ``"resid_pre"`` (``[L, T]``), ``"mlp_out:all"`` (``[L]``), ``"neuron"`` (``[L, d_mlp]``).
+    ``direction``: ``noising`` (run clean, patch corrupt in) or ``denoising``.
+
+    >>> res = patch(load("random:gpt2-tiny"), pairs, sites="head")
+    >>> res.tensors()["exact/head"].shape
+    torch.Size([2, 4])
+    """
+    t0 = time.perf_counter()
+    model = load(model)
+    ds = as_dataset(dataset)
+    if direction not in ("noising", "denoising"):
+        raise InputError(f"direction must be noising or denoising, not {direction!r}", field="direction")
+    metric_name, metric_fn = get_metric(metric)
+    vocab = model.hf.get_input_embeddings().weight.shape[0]
+    pairs = ds.tokenize(model.tokenizer, vocab)
+    lengths = sorted({len(p.clean) for p in pairs})
+
+    slots: list[SweepSlot] = []
+    comps: list[Component] = []
+    if components is not None:
+        comps = list(components)
+        for c in comps:
+            model.adapter.check_site(c.site, c.layer)
+            if not 0 <= c.index < model.adapter.shape(c.site)[0]:
+                raise InputError(f"{c}: index out of range", field="components")
+            if c.position is not None and not 0 <= c.position < lengths[0]:
+                raise InputError(f"{c}: position out of range", field="components")
+        slots.append(SweepSlot("components", 0, len(comps), (len(comps),)))
+    else:
+        for spec in [sites] if isinstance(sites, str) else sites:
+            site, by_pos = parse_sweep(spec)
+            if by_pos and len(lengths) > 1:
+                raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, "
+                                 f"found lengths {lengths}", file=ds.name, field="sites")
+            cs, shape = sweep_components(model, site, by_pos, lengths[0])
+            default_by_pos = site in BY_POSITION
+            name = site + ("" if by_pos == default_by_pos else "_pos" if by_pos else "_all")
+            slots.append(SweepSlot(name, len(comps), len(comps) + len(cs), shape))
+            comps += cs
+    if max((c.position or 0) for c in comps) >= lengths[0] if comps else False:
+        raise InputError("a component position is beyond the shortest prompt", field="components")
+
+    n = len(pairs)
+    patched = torch.empty(n, len(comps))
+    clean_m, corrupt_m = torch.empty(n), torch.empty(n)
+    n_forwards = 0
+    budget = memory_budget or _default_budget(model)
+    for seq in lengths:
+        idx = [i for i, p in enumerate(pairs) if len(p.clean) == seq]
+        res = _patch_bucket(model, [pairs[i] for i in idx], comps, direction, metric_fn, budget, progress)
+        rows = torch.tensor(idx)
+        patched[rows], clean_m[rows], corrupt_m[rows] = res[0], res[1], res[2]
+        n_forwards += res[3]
+    return PatchResult(
+        model=model.name, dataset=ds.name, dataset_sha256=ds.sha256, direction=direction, metric=metric_name,
+        components=comps, slots=slots, patched=patched, clean=clean_m, corrupt=corrupt_m,
+        timings={"patch_s": time.perf_counter() - t0, "forwards": n_forwards},
+    )
+
+
+def _patch_bucket(model: Model, pairs: list[Pair], comps: list[Component], direction: str, metric_fn, budget: int,
+                  progress) -> tuple:
+    """Patched metric [P, n] and clean/corrupt metrics [P] for equal-length pairs."""
+    ad, dev = model.adapter, model.device
+    b = stack(pairs, dev)
+    base_ids, src_ids = (b["clean"], b["corrupt"]) if direction == "noising" else (b["corrupt"], b["clean"])
+    seq = base_ids.shape[1]
+    sources = sorted({(c.site, c.layer) for c in comps})
+    starts = sorted({c.layer for c in comps})
+    base_logits, base_acts, kv = runner.run_with_cache(ad, base_ids, [("resid_pre", s) for s in starts])
+    src_acts: dict = {}
+    src_logits = runner.forward(ad, src_ids, [runner.capture(ad, s, layer, src_acts) for s, layer in sources])
+    base_logits, src_logits = base_logits[:, -1], src_logits[:, -1]
+    clean_logits = base_logits if direction == "noising" else src_logits
+    ref = torch.log_softmax(clean_logits.float(), -1)
+    ans, wrong = b["answer"], b["wrong"]
+    base_m = metric_fn(base_logits, ans, wrong, ref)
+    src_m = metric_fn(src_logits, ans, wrong, ref)
+    clean_m, corrupt_m = (base_m, src_m) if direction == "noising" else (src_m, base_m)
+
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for j, c in enumerate(comps):
+        groups[(c.layer, c.position or 0)].append(j)
+    out = torch.empty(len(pairs), len(comps))
+    n_forwards = 0
+    for (layer, pos), members in sorted(groups.items()):
+        width = sum(ad.shape(s)[0] * ad.shape(s)[1] for s, _ in {(comps[j].site, layer) for j in members})
+        per_row = _row_bytes(model, seq, seq - pos, ad.n_layers - layer, width)
+        chunk = max(1, budget // per_row)
+        pair_idx = torch.arange(len(pairs)).repeat_interleave(len(members))
+        comp_idx = torch.tensor(members).repeat(len(pairs))
+        for lo in range(0, len(pair_idx), chunk):
+            pi, ci = pair_idx[lo:lo + chunk], comp_idx[lo:lo + chunk]
+            logits = _run_rows(model, comps, pi.to(dev), ci, layer, pos, base_ids, base_acts, src_acts, kv)
+            out[pi, ci] = metric_fn(logits, ans[pi.to(dev)], wrong[pi.to(dev)], ref[pi.to(dev)]).float().cpu()
+            n_forwards += 1
+            if progress:
+                progress(n_forwards)
+    return out, clean_m.float().cpu(), corrupt_m.float().cpu(), n_forwards + 2
+
+
+def _run_rows(model, comps, pi, ci, layer, pos, base_ids, base_acts, src_acts, kv) -> torch.Tensor:
+    """One forward: row r is base pair ``pi[r]`` with component ``comps[ci[r]]`` patched."""
+    ad = model.adapter
+    rows, new = len(pi), base_ids.shape[1] - pos
+    taps = []
+    by_site: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for r, j in enumerate(ci.tolist()):
+        by_site[(comps[j].site, comps[j].layer)].append(r)
+    for (site, lay), rs in by_site.items():
+        c_n, _ = ad.shape(site)
+        mask = torch.zeros(rows, new, c_n, dtype=torch.bool)
+        for r in rs:
+            comp = comps[ci[r]]
+            mask[r, slice(None) if comp.position is None else comp.position - pos, comp.index] = True
+        mask = mask.to(pi.device)
+        source = src_acts[(site, lay)][pi, pos:]
+        taps.append((site, lay, lambda x, m=mask, s=source: ops.perturb(x, "patch", m, source=s)))
+    resid = base_acts[("resid_pre", layer)][pi, pos:, 0]
+    past = kv.cache(pi, pos, layer, model.hf.config)
+    return runner.forward(ad, base_ids[pi, pos:], taps, start_layer=layer, resid=resid, past=past)[:, -1]

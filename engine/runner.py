@@ -1,0 +1,213 @@
+"""Run a model, or a slice of its layers, with taps at sites.
+
+A *tap* is a function of a site's activation viewed ``[B, T, C, D]`` that returns a replacement
+or ``None`` (read only). ``forward`` runs the model's own HF forward, so masks, positions, rotary
+embeddings and the attention implementation are the model's; on top of it:
+
+- ``start_layer``/``resid``: blocks before ``start_layer`` are skipped (identity) and the block at
+  ``start_layer`` receives ``resid`` [B, T', d_model] as its input;
+- ``past``: keys and values of the first ``p`` positions (a :class:`KVPrefix` slice), so only the
+  last ``T'`` positions are computed (causal attention leaves earlier positions unchanged);
+- ``stop``: return the residual entering block ``stop`` (``n_layers``: the last block's output)
+  instead of logits, skipping everything after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from causalscan.adapters import Adapter
+from transformers import DynamicCache
+
+Tap = Callable[[torch.Tensor], "torch.Tensor | None"]
+TapSpec = tuple[str, int, Tap]  # (site, layer, fn)
+
+
+class _Stop(Exception):
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _with_first(x, new):
+    return (new, *x[1:]) if isinstance(x, tuple) else new
+
+
+def _hidden_in(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden_in(args, kwargs, new):
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
+
+
+def _identity_block(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+@dataclass
+class KVPrefix:
+    """Keys and values of a base run, per layer ``[B, H_kv, T, d_head]``, to reuse as a prefix."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def from_cache(cls, cache) -> KVPrefix:
+        return cls([lay.keys for lay in cache.layers], [lay.values for lay in cache.layers])
+
+    def cache(self, rows: torch.Tensor, length: int, start_layer: int, config) -> DynamicCache | None:
+        """A cache holding positions ``[0, length)`` of base rows ``rows`` for blocks >= start_layer.
+
+        Skipped blocks get zero-stride placeholders of the right shape (no memory).
+        """
+        if length == 0:
+            return None
+        data = []
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            if i < start_layer:
+                shape = (len(rows), k.shape[1], length, k.shape[3])
+                data.append((k.new_zeros(()).expand(shape), v.new_zeros(()).expand(v.shape[:1] + shape[1:])))
+            else:
+                data.append((k[rows, :, :length], v[rows, :, :length]))
+        return DynamicCache(ddp_cache_data=data, config=config)
+
+
+@contextmanager
+def installed(
+    ad: Adapter,
+    taps: Iterable[TapSpec],
+    start_layer: int = 0,
+    resid: torch.Tensor | None = None,
+    stop: int | None = None,
+) -> Iterator[None]:
+    """Install taps (and the start/stop machinery) for the forwards run inside the block."""
+    taps = list(taps)
+    bt = {}  # (batch, seq) of the forward in flight, read at block inputs
+
+    def shape():
+        return bt["bt"]
+
+    with ExitStack() as stack:
+        add = stack.callback
+
+        def hold(handle):
+            add(handle.remove)
+
+        for i in range(start_layer):
+            ad.blocks[i].forward = _identity_block
+            add(ad.blocks[i].__dict__.pop, "forward", None)
+        for layer in sorted({t[1] for t in taps}):
+            def record(mod, args, kwargs):
+                bt["bt"] = tuple(_hidden_in(args, kwargs).shape[:2])
+            hold(ad.blocks[layer].register_forward_pre_hook(record, with_kwargs=True, prepend=True))
+        if resid is not None:
+            def inject(mod, args, kwargs):
+                return _with_hidden_in(args, kwargs, resid)
+            hold(ad.blocks[start_layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True))
+
+        for site, layer, fn in taps:
+            if site == "resid_mid":
+                _install_mid(ad, layer, fn, shape, hold)
+                continue
+            module, side = ad.hook_point(site, layer)
+            hold(_install(ad, module, side, site, fn, shape))
+
+        if stop is not None and stop < ad.n_layers:
+            def stop_in(mod, args, kwargs):
+                raise _Stop(_hidden_in(args, kwargs))
+            hold(ad.blocks[stop].register_forward_pre_hook(stop_in, with_kwargs=True))
+        elif stop is not None:
+            def stop_out(mod, args, out):
+                raise _Stop(_first(out))
+            hold(ad.blocks[-1].register_forward_hook(stop_out))
+        yield
+
+
+def _apply(ad: Adapter, raw: torch.Tensor, site: str, fn: Tap, shape) -> torch.Tensor:
+    b, t = shape()
+    new = fn(ad.view(raw, site, b, t))
+    return raw if new is None else ad.write(raw, site, b, t, new)
+
+
+def _install(ad, module, side, site, fn, shape):
+    if side == "in":
+        def pre(mod, args, kwargs):
+            return _with_hidden_in(args, kwargs, _apply(ad, _hidden_in(args, kwargs), site, fn, shape))
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(mod, args, out):
+        return _with_first(out, _apply(ad, _first(out), site, fn, shape))
+    return module.register_forward_hook(post)
+
+
+def _install_mid(ad, layer, fn, shape, hold):
+    """resid_mid = resid_pre + attn_out; rewriting it shifts attn_out by the change."""
+    seen = {}
+
+    def record(mod, args, kwargs):
+        seen["pre"] = _hidden_in(args, kwargs)
+    hold(ad.blocks[layer].register_forward_pre_hook(record, with_kwargs=True))
+
+    def post(mod, args, out):
+        attn = _first(out)
+        b, t = shape()
+        mid = seen.pop("pre").reshape(b, t, 1, -1) + attn.reshape(b, t, 1, -1)
+        new = fn(mid)
+        return out if new is None else _with_first(out, (attn.reshape(mid.shape) + (new - mid)).reshape(attn.shape))
+    module, _ = ad.hook_point("attn_out", layer)
+    hold(module.register_forward_hook(post))
+
+
+def forward(
+    ad: Adapter,
+    input_ids: torch.Tensor,
+    taps: Iterable[TapSpec] = (),
+    *,
+    start_layer: int = 0,
+    resid: torch.Tensor | None = None,
+    past: DynamicCache | None = None,
+    stop: int | None = None,
+    logits_to_keep: int = 1,
+    use_cache: bool = False,
+):
+    """Run ``input_ids`` [B, T'] with taps; returns logits [B, keep, V] (or the residual at ``stop``).
+
+    With ``use_cache=True`` returns ``(logits, cache)``.
+    """
+    if resid is None and start_layer:
+        raise ValueError("start_layer > 0 needs the residual entering that layer")
+    with installed(ad, taps, start_layer, resid, stop):
+        try:
+            out = ad.model(input_ids=input_ids, past_key_values=past, use_cache=use_cache,
+                           logits_to_keep=logits_to_keep)
+        except _Stop as s:
+            return s.value
+    if stop is not None:
+        raise RuntimeError("stop hook did not fire")
+    return (out.logits, out.past_key_values) if use_cache else out.logits
+
+
+def capture(ad: Adapter, site: str, layer: int, store: dict) -> TapSpec:
+    """A read-only tap that stores the site's activation [B, T, C, D] in ``store[(site, layer)]``."""
+    def fn(x):
+        store[(site, layer)] = x
+    return site, layer, fn
+
+
+def run_with_cache(
+    ad: Adapter, input_ids: torch.Tensor, sites: Iterable[tuple[str, int]], logits_to_keep: int = 1
+) -> tuple[torch.Tensor, dict, KVPrefix]:
+    """One forward returning logits, activations at ``sites`` and the key/value prefix."""
+    store: dict = {}
+    logits, cache = forward(ad, input_ids, [capture(ad, s, layer, store) for s, layer in sites],
+                            logits_to_keep=logits_to_keep, use_cache=True)
+    return logits, store, KVPrefix.from_cache(cache)

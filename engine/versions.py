@@ -1,0 +1,17 @@
+"""Versions and machine facts recorded with every result."""
+
+from __future__ import annotations
+
+import platform
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+    from causalscan import __version__
+
+    out = {"causalscan": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out

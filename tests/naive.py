@@ -1,0 +1,95 @@
+"""Independent references: plain hooks, one patch per full forward, no runner, cache or perturb op.
+
+Site layouts are re-derived here from the HF modules, not taken from ``Adapter.view``.
+"""
+
+from __future__ import annotations
+
+
+def _raw_view(ad, site, raw, b, t):
+    """[B, T, C, D] view of a raw module tensor, written independently of Adapter.view."""
+    raw = raw.reshape(b, t, raw.shape[-1])
+    h, kv, dh = ad.n_heads, ad.n_kv_heads, ad.d_head
+    fam = ad.family.qkv_layout
+    if site in ("q", "k", "v"):
+        i = "qkv".index(site)
+        if fam == "gpt2":
+            return raw.split(h * dh, dim=-1)[i].reshape(b, t, h, dh)
+        if fam == "neox":
+            return raw.reshape(b, t, h, 3 * dh).chunk(3, dim=-1)[i]
+        if fam == "phi3":
+            return raw.split([h * dh, kv * dh, kv * dh], dim=-1)[i].reshape(b, t, -1, dh)
+        return raw.reshape(b, t, -1, dh)
+    if site == "head":
+        return raw.reshape(b, t, h, dh)
+    if site == "neuron":
+        return raw.reshape(b, t, -1, 1)
+    return raw.reshape(b, t, 1, -1)
+
+
+def _module(ad, site, layer):
+    f, blk = ad.family, ad.blocks[layer]
+    name = {"head": f.head, "neuron": f.neuron, "attn_out": f.attn_out, "mlp_out": f.mlp_out,
+            "resid_mid": f.attn_out}.get(site)
+    if site in ("q", "k", "v"):
+        name = f.qkv["qkv".index(site)] if len(f.qkv) == 3 else f.qkv[0]
+    side = "in" if site in ("head", "neuron", "resid_pre") else "out"
+    return (blk if name is None else blk.get_submodule(name)), side
+
+
+def run(model, ids, site=None, layer=None, edit=None):
+    """Logits [B, T, V] of a plain forward; ``edit(view [B,T,C,D], block_input)`` may modify the
+    view in place (on a clone of the raw tensor)."""
+    ad = model.adapter
+    b, t = ids.shape
+    handles, seen = [], {}
+    if site is not None:
+        module, side = _module(ad, site, layer)
+        handles.append(ad.blocks[layer].register_forward_pre_hook(
+            lambda m, a, k: seen.__setitem__("pre", a[0] if a else k["hidden_states"]), with_kwargs=True))
+
+        def apply(raw):
+            raw = raw.clone()
+            edit(_raw_view(ad, site, raw, b, t), seen["pre"])
+            return raw
+
+        def pre(m, a, k):
+            if a:
+                return (apply(a[0]), *a[1:]), k
+            return a, {**k, "hidden_states": apply(k["hidden_states"])}
+
+        if side == "in":
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, a, o: (apply(o[0]), *o[1:]) if isinstance(o, tuple) else apply(o)))
+    try:
+        return model.hf(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def read(model, ids, site, layer):
+    """The site's activation [B, T, C, D] in a plain forward (resid_mid = block input + attn_out)."""
+    out = {}
+
+    def edit(view, pre):
+        if site == "resid_mid":
+            out["x"] = view + pre.reshape(view.shape)
+        else:
+            out["x"] = view.clone()
+    run(model, ids, site, layer, edit)
+    return out["x"]
+
+
+def patched_logits(model, ids, site, layer, index, position, source):
+    """Logits at the last position with component (index, position) of ``site`` set from ``source``."""
+    sl = slice(None) if position is None else slice(position, position + 1)
+
+    def edit(view, pre):
+        if site == "resid_mid":  # resid_mid = pre + attn_out: move attn_out so the sum is the source
+            view[:, sl, index] = source[:, sl, index] - pre.reshape(view.shape)[:, sl, index]
+        else:
+            view[:, sl, index] = source[:, sl, index]
+    return run(model, ids, site, layer, edit)[:, -1]

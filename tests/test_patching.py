@@ -1,0 +1,115 @@
+import causalscan
+import pytest
+import torch
+from causalscan import metrics
+from causalscan.data import Dataset, stack
+from causalscan.errors import InputError
+from causalscan.patching import Component, patch
+from conftest import IOI
+from naive import patched_logits, read
+
+ALL_SITES = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "head:pos", "q", "k:pos", "v"]
+
+
+def naive_effects(model, records, comps, direction="noising", metric="logit_diff"):
+    """[P, n] patched metric, one full forward per (pair, component)."""
+    pairs = Dataset(records).tokenize(model.tokenizer)
+    b = stack(pairs)
+    base, src = (b["clean"], b["corrupt"]) if direction == "noising" else (b["corrupt"], b["clean"])
+    _, fn = metrics.get(metric)
+    clean_lp = torch.log_softmax(model.hf(input_ids=b["clean"]).logits[:, -1].float(), -1)
+    out = torch.empty(len(pairs), len(comps))
+    cache = {}
+    for j, c in enumerate(comps):
+        key = (c.site, c.layer)
+        if key not in cache:
+            cache[key] = read(model, src, c.site, c.layer)
+        logits = patched_logits(model, base, c.site, c.layer, c.index, c.position, cache[key])
+        out[:, j] = fn(logits, b["answer"], b["wrong"], clean_lp)
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2", "gpt_neox", "phi3", "opt"])
+@torch.no_grad()
+def test_batched_equals_naive_every_site(tiny, family):
+    model = tiny(family)
+    sites = [s for s in ALL_SITES if not (s == "resid_mid" and model.adapter.parallel)]
+    res = patch(model, IOI[:2], sites=sites)
+    ref = naive_effects(model, IOI[:2], res.components)
+    torch.testing.assert_close(res.patched, ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_neuron_subset_denoising_small_budget_matches_naive(tiny):
+    model = tiny("llama")
+    comps = [Component("neuron", 0, 3), Component("neuron", 1, 100, 5), Component("neuron", 1, 7),
+             Component("head", 1, 2, 14), Component("resid_pre", 1, 0, 0)]
+    # a budget of a few rows forces many chunks per group
+    res = patch(model, IOI, components=comps, direction="denoising", metric="logprob", memory_budget=200_000)
+    ref = naive_effects(model, IOI, comps, direction="denoising", metric="logprob")
+    torch.testing.assert_close(res.patched, ref, rtol=1e-5, atol=1e-5)
+    assert res.timings["forwards"] > 2 + 4  # the budget really split the work
+    assert res.tensors()["exact/components"].shape == (5,)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "qwen3", "phi"])
+@torch.no_grad()
+def test_clean_into_clean_changes_nothing(tiny, family):
+    model = tiny(family)
+    same = [dict(r, corrupt=r["clean"]) for r in IOI[:2]]
+    res = patch(model, same, sites=["head", "resid_pre", "neuron"])
+    assert res.effect.abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_patching_the_whole_input_gives_the_other_run(tiny):
+    """resid_pre at layer 0, all positions, replaces the prompt: noising lands on corrupt."""
+    model = tiny("llama")
+    res = patch(model, IOI, components=[Component("resid_pre", 0, 0, None)])
+    torch.testing.assert_close(res.patched[:, 0], res.corrupt, rtol=1e-5, atol=1e-5)
+    assert abs(res.tensors()["exact_norm/components"][0].item()) < 1e-4
+    den = patch(model, IOI, components=[Component("resid_pre", 0, 0, None)], direction="denoising")
+    torch.testing.assert_close(den.patched[:, 0], den.clean, rtol=1e-5, atol=1e-5)
+
+
+def test_result_tensors_and_save(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny("gpt2")
+    res = patch(model, IOI, sites=["head", "resid_pre", "mlp_out:all"])
+    res.save(tmp_path)
+    t = load_file(str(tmp_path / "scores.safetensors"))
+    assert t["exact/head"].shape == (2, 4)
+    assert t["exact/resid_pre"].shape == (2, 15)
+    assert t["exact/mlp_out_all"].shape == (2,)
+    eff = res.effect
+    torch.testing.assert_close(t["exact_abs/head"].flatten(), eff[:, :8].abs().mean(0))
+    import json
+
+    doc = json.loads((tmp_path / "scan.json").read_text())
+    assert doc["components"][0]["exact_abs"] == max(c["exact_abs"] for c in doc["components"])
+    assert doc["dataset"]["pairs"] == 3 and doc["settings"]["direction"] == "noising"
+
+
+def test_by_position_needs_equal_lengths(tiny):
+    recs = [IOI[0], {"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "wrong": "a"}]
+    with pytest.raises(InputError, match="same token length"):
+        patch(tiny("llama"), recs, sites="resid_pre")
+    res = patch(tiny("llama"), recs, sites="head")  # all-position sweeps take mixed lengths
+    ref = naive_effects(tiny("llama"), recs[:1], res.components)
+    torch.testing.assert_close(res.patched[:1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_sweep_and_direction(tiny):
+    with pytest.raises(InputError, match="unknown site"):
+        patch(tiny("llama"), IOI, sites="heads")
+    with pytest.raises(InputError, match="direction"):
+        patch(tiny("llama"), IOI, direction="sideways")
+    with pytest.raises(InputError, match="resid_mid"):
+        patch(tiny("gpt_neox"), IOI, sites="resid_mid")
+
+
+def test_load_accepts_hf_module(tiny):
+    model = tiny("gpt2")
+    again = causalscan.load(model.hf, tokenizer=model.tokenizer)
+    assert again.adapter.n_layers == 2
