@@ -27,6 +27,7 @@ ZOO_DIR = Path(__file__).parent / "zoo"
 SIZES = {
     "tiny": (2, 64, 4, 2, 128, 512),
     "small": (4, 256, 8, 4, 1024, 2048),
+    "medium": (8, 512, 8, 4, 2048, 4096),
     "1b": (16, 2048, 32, 8, 8192, 32000),
 }
 RANDOM_FAMILIES = tuple(f.name for f in FAMILIES)

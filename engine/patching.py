@@ -95,6 +95,7 @@ def patch(
     direction: str = "noising",
     metric="logit_diff",
     memory_budget: int | None = None,
+    min_tokens: int | None = None,
     progress=None,
 ) -> PatchResult:
     """Exact effects of patching each component, every prompt pair, many patches per forward.
@@ -103,6 +104,9 @@ def patch(
     otherwise ``sites``: sweeps such as ``"head"`` (``[L, H]``), ``"head:pos"`` (``[L, T, H]``),
     ``"resid_pre"`` (``[L, T]``), ``"mlp_out:all"`` (``[L]``), ``"neuron"`` (``[L, d_mlp]``).
     ``direction``: ``noising`` (run clean, patch corrupt in) or ``denoising``.
+    ``memory_budget``: bytes per forward (default: 1 GiB on CPU, half the free GPU memory).
+    ``min_tokens``: merge start groups until a forward has this many row-positions (default
+    2048 on CPU, 16384 on GPU; 0 never merges).
 
     >>> res = patch(load("random:gpt2-tiny"), pairs, sites="head")
     >>> res.tensors()["exact/head"].shape
@@ -148,9 +152,12 @@ def patch(
     clean_m, corrupt_m = torch.empty(n), torch.empty(n)
     n_forwards = 0
     budget = memory_budget or _default_budget(model)
+    if min_tokens is None:
+        min_tokens = 16384 if model.device.type == "cuda" else 2048
     for seq in lengths:
         idx = [i for i, p in enumerate(pairs) if len(p.clean) == seq]
-        res = _patch_bucket(model, [pairs[i] for i in idx], comps, direction, metric_fn, budget, progress)
+        res = _patch_bucket(model, [pairs[i] for i in idx], comps, direction, metric_fn, budget, progress,
+                            min_tokens)
         rows = torch.tensor(idx)
         patched[rows], clean_m[rows], corrupt_m[rows] = res[0], res[1], res[2]
         n_forwards += res[3]
@@ -161,8 +168,31 @@ def patch(
     )
 
 
+def plan(comps: list[Component], n_pairs: int, seq: int, min_tokens: int) -> list[tuple[int, int, list[int]]]:
+    """Forwards as ``(start_layer, start_pos, component ids)``.
+
+    A patch at (layer, p) may start at any earlier layer and position: what is recomputed there
+    equals the base run. Groups sharing a start are merged, in (layer, position) order, until a
+    forward carries ``min_tokens`` row-positions, so small sweeps do not pay the per-forward
+    overhead hundreds of times; each merged forward starts at its members' earliest layer and
+    position.
+    """
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for j, c in enumerate(comps):
+        groups[(c.layer, c.position or 0)].append(j)
+    out: list[tuple[int, int, list[int]]] = []
+    for (layer, pos), members in sorted(groups.items()):
+        if out:
+            l0, p0, acc = out[-1]
+            if n_pairs * len(acc) * (seq - p0) < min_tokens:
+                out[-1] = (l0, min(p0, pos), acc + members)
+                continue
+        out.append((layer, pos, list(members)))
+    return out
+
+
 def _patch_bucket(model: Model, pairs: list[Pair], comps: list[Component], direction: str, metric_fn, budget: int,
-                  progress) -> tuple:
+                  progress, min_tokens: int) -> tuple:
     """Patched metric [P, n] and clean/corrupt metrics [P] for equal-length pairs."""
     ad, dev = model.adapter, model.device
     b = stack(pairs, dev)
@@ -181,13 +211,10 @@ def _patch_bucket(model: Model, pairs: list[Pair], comps: list[Component], direc
     src_m = metric_fn(src_logits, ans, wrong, ref)
     clean_m, corrupt_m = (base_m, src_m) if direction == "noising" else (src_m, base_m)
 
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for j, c in enumerate(comps):
-        groups[(c.layer, c.position or 0)].append(j)
     out = torch.empty(len(pairs), len(comps))
     n_forwards = 0
-    for (layer, pos), members in sorted(groups.items()):
-        width = sum(ad.shape(s)[0] * ad.shape(s)[1] for s, _ in {(comps[j].site, layer) for j in members})
+    for layer, pos, members in plan(comps, len(pairs), seq, min_tokens):
+        width = sum(ad.shape(s)[0] * ad.shape(s)[1] for s in {comps[j].site for j in members})
         per_row = _row_bytes(model, seq, seq - pos, ad.n_layers - layer, width)
         chunk = max(1, budget // per_row)
         pair_idx = torch.arange(len(pairs)).repeat_interleave(len(members))

@@ -1,0 +1,5 @@
+import sys
+
+from causalscan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""Command line: ``causalscan <command> [options]``; ``--json`` prints one JSON document on stdout,
+progress goes to stderr. Exit status: 0 success, 2 bad input (one line naming file, line, field),
+1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from causalscan.errors import InputError
+
+
+def _progress(label: str):
+    start = time.perf_counter()
+
+    def report(n):
+        if n % 50 == 0:
+            print(f"{label}: {n} forwards, {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    return report
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF directory, zoo name, or random:<family>[-<size>]")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _load(args):
+    import torch
+
+    import causalscan
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"loading {args.model} on {device}", file=sys.stderr, flush=True)
+    return causalscan.load(args.model, device=device, dtype=getattr(torch, args.dtype))
+
+
+def cmd_patch(args) -> dict:
+    from causalscan.data import Dataset
+    from causalscan.patching import patch
+
+    ds = Dataset.from_jsonl(args.data)
+    model = _load(args)
+    res = patch(model, ds, sites=[s for s in args.sites.split(",") if s], direction=args.direction,
+                metric=args.metric, memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None,
+                progress=_progress("patch"))
+    doc = res.to_json(top=args.top)
+    if args.out:
+        res.save(args.out, top=args.top)
+        doc["out"] = str(args.out)
+    print(f"patch: {doc['timings']['forwards']} forwards in {doc['timings']['patch_s']:.2f}s", file=sys.stderr)
+    return doc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="causalscan", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    pp = sub.add_parser("patch", help="exact activation patching, many patches per forward",
+                        description="Exact activation patching of whole sweeps, batched.")
+    _model_args(pp)
+    pp.add_argument("--data", required=True, help="JSONL of prompt pairs (clean, corrupt, answer, wrong)")
+    pp.add_argument("--sites", default="head",
+                    help="comma-separated sweeps: head, head:pos, resid_pre (by position), mlp_out:all, "
+                         "neuron, q, k, v, ... (default: head)")
+    pp.add_argument("--direction", default="noising", choices=["noising", "denoising"])
+    pp.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "prob", "kl"])
+    pp.add_argument("--out", default=None, help="write scan.json and scores.safetensors here")
+    pp.add_argument("--top", type=int, default=50, help="components listed in scan.json")
+    pp.add_argument("--memory-budget-mb", type=int, default=None, help="memory per batched forward")
+    pp.add_argument("--json", action="store_true", help="print the result document on stdout")
+    pp.set_defaults(fn=cmd_patch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        doc = args.fn(args)
+    except InputError as e:
+        print(f"causalscan: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # internal failure: keep the traceback for the report
+        import traceback
+
+        traceback.print_exc()
+        print(f"causalscan: internal error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        for row in doc.get("components", [])[:10]:
+            print(f"{row['component']:<28} effect {row['exact']:+.4f}  |effect| {row['exact_abs']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from causalscan.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_patch_cli_json_and_files(tmp_path, capsys):
+    rc = main(["patch", "--model", "random:gpt2-tiny", "--data", str(ROOT / "examples/ioi.jsonl"),
+               "--sites", "head,mlp_out", "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["settings"]["sweeps"] == {"head": [2, 4], "mlp_out": [2, 15]}
+    assert (tmp_path / "scan.json").is_file() and (tmp_path / "scores.safetensors").is_file()
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"clean": "Mary went to", "corrupt": "John went", "answer": "the"}\n')
+    rc = main(["patch", "--model", "random:gpt2-tiny", "--data", str(bad)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith(f"causalscan: error: {bad}:1: field 'corrupt'")
+    rc = main(["patch", "--model", "random:nope", "--data", str(ROOT / "examples/ioi.jsonl")])
+    assert rc == 2 and "unknown random family" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "causalscan", "patch", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--direction" in out.stdout
