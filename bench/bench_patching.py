@@ -106,10 +106,10 @@ def bench_model(spec, repeats, with_tl):
     clean, corrupt, ans, wrong = b["clean"], b["corrupt"], b["answer"], b["wrong"]
     rows = []
     for site in ("head", "resid_pre"):
-        t_ours, res = best_of(lambda: patch(model, ds, sites=site, direction="denoising"), repeats)
+        t_ours, res = best_of(lambda s=site: patch(model, ds, sites=s, direction="denoising"), repeats)
         ours = res.patched.mean(0).reshape(res.slots[0].shape)
-        t_naive, ref = best_of(lambda: naive(model, clean, corrupt, ans, wrong, site), repeats)
-        t_floor, _ = best_of(lambda: floor(model, corrupt, site), repeats)
+        t_naive, ref = best_of(lambda s=site: naive(model, clean, corrupt, ans, wrong, s), repeats)
+        t_floor, _ = best_of(lambda s=site: floor(model, corrupt, s), repeats)
         row = {"model": spec, "sweep": site, "pairs": len(ds), "seq": clean.shape[1], "patches": ours.numel(),
                "ours_s": t_ours, "naive_s": t_naive, "floor_s": t_floor,
                "naive_over_ours": t_naive / t_ours, "ours_over_floor": t_ours / t_floor,

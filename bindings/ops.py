@@ -7,6 +7,7 @@ slot in here, behind the same signatures, with the backend choice (``CAUSALSCAN_
 from __future__ import annotations
 
 import torch
+
 from causalscan.kernels.perturb import OPS, perturb_ref
 
 __all__ = ["OPS", "perturb"]

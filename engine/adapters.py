@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from causalscan.errors import InputError
 from torch import nn
+
+from causalscan.errors import InputError
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "neuron", "q", "k", "v")
 

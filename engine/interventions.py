@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from causalscan import runner
 from causalscan.bindings import ops
 from causalscan.errors import InputError

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
+
 from causalscan import runner
 from causalscan.adapters import FAMILIES, SITES, Adapter
 from causalscan.errors import InputError
 from causalscan.vocab import word_tokenizer
-from torch import nn
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from causalscan.errors import InputError
 from torch.nn.functional import log_softmax
+
+from causalscan.errors import InputError
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

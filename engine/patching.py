@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from causalscan import runner
 from causalscan.adapters import SITES
 from causalscan.bindings import ops

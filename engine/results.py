@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from causalscan.metrics import normalise
 from safetensors.torch import save_file
+
+from causalscan.metrics import normalise
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
-from causalscan.adapters import Adapter
 from transformers import DynamicCache
+
+from causalscan.adapters import Adapter
 
 Tap = Callable[[torch.Tensor], "torch.Tensor | None"]
 TapSpec = tuple[str, int, Tap]  # (site, layer, fn)

@@ -8,6 +8,7 @@ import platform
 def versions() -> dict:
     import torch
     import transformers
+
     from causalscan import __version__
 
     out = {"causalscan": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

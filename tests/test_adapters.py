@@ -1,13 +1,15 @@
 import dataclasses
 
-import causalscan
 import pytest
 import torch
 import transformers
+
+import causalscan
 from causalscan import runner
 from causalscan.adapters import SITES, Adapter
 from causalscan.errors import InputError
 from causalscan.load import check_adapter
+
 from conftest import FAMILIES
 
 

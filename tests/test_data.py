@@ -2,11 +2,12 @@ import json
 
 import pytest
 import torch
-from conftest import IOI
 
 from causalscan import metrics
 from causalscan.data import Dataset
 from causalscan.errors import InputError
+
+from conftest import IOI
 
 
 def _write(tmp_path, lines):

@@ -1,10 +1,12 @@
-import causalscan
 import pytest
 import torch
+
+import causalscan
 from causalscan import metrics
 from causalscan.data import Dataset, stack
 from causalscan.errors import InputError
 from causalscan.patching import Component, patch
+
 from conftest import IOI
 from naive import patched_logits, read
 

@@ -1,8 +1,10 @@
 import pytest
 import torch
+
 from causalscan import interventions as iv
 from causalscan.bindings import ops
 from causalscan.errors import InputError
+
 from naive import run
 
 
