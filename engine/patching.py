@@ -185,7 +185,7 @@ def plan(comps: list[Component], n_pairs: int, seq: int, min_tokens: int) -> lis
     for (layer, pos), members in sorted(groups.items()):
         if out:
             l0, p0, acc = out[-1]
-            if n_pairs * len(acc) * (seq - p0) < min_tokens:
+            if l0 == layer and n_pairs * len(acc) * (seq - p0) < min_tokens:
                 out[-1] = (l0, min(p0, pos), acc + members)
                 continue
         out.append((layer, pos, list(members)))
