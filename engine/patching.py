@@ -145,8 +145,6 @@ def patch(
             name = site + ("" if by_pos == default_by_pos else "_pos" if by_pos else "_all")
             slots.append(SweepSlot(name, len(comps), len(comps) + len(cs), shape))
             comps += cs
-    if max((c.position or 0) for c in comps) >= lengths[0] if comps else False:
-        raise InputError("a component position is beyond the shortest prompt", field="components")
 
     n = len(pairs)
     patched = torch.empty(n, len(comps))
