@@ -171,10 +171,10 @@ def plan(comps: list[Component], n_pairs: int, seq: int, min_tokens: int) -> lis
     """Forwards as ``(start_layer, start_pos, component ids)``.
 
     A patch at (layer, p) may start at any earlier layer and position: what is recomputed there
-    equals the base run. Groups sharing a start are merged, in (layer, position) order, until a
-    forward carries ``min_tokens`` row-positions, so small sweeps do not pay the per-forward
-    overhead hundreds of times; each merged forward starts at its members' earliest layer and
-    position.
+    equals the base run. Groups of one start layer are merged, in position order, until a
+    forward carries ``min_tokens`` row-positions, so by-position sweeps do not pay the
+    per-forward overhead hundreds of times; a merged forward starts at its members' earliest
+    position. Layers are never merged: starting a block earlier costs a whole block per row.
     """
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for j, c in enumerate(comps):
@@ -220,8 +220,9 @@ def _patch_bucket(model: Model, pairs: list[Pair], comps: list[Component], direc
         comp_idx = torch.tensor(members).repeat(len(pairs))
         for lo in range(0, len(pair_idx), chunk):
             pi, ci = pair_idx[lo:lo + chunk], comp_idx[lo:lo + chunk]
-            logits = _run_rows(model, comps, pi.to(dev), ci, layer, pos, base_ids, base_acts, src_acts, kv)
-            out[pi, ci] = metric_fn(logits, ans[pi.to(dev)], wrong[pi.to(dev)], ref[pi.to(dev)]).float().cpu()
+            rows = pi.to(dev)
+            logits = _run_rows(model, comps, rows, ci, layer, pos, base_ids, base_acts, src_acts, kv)
+            out[pi, ci] = metric_fn(logits, ans[rows], wrong[rows], ref[rows]).float().cpu()
             n_forwards += 1
             if progress:
                 progress(n_forwards)
@@ -233,15 +234,19 @@ def _run_rows(model, comps, pi, ci, layer, pos, base_ids, base_acts, src_acts, k
     ad = model.adapter
     rows, new = len(pi), base_ids.shape[1] - pos
     taps = []
-    by_site: dict[tuple[str, int], list[int]] = defaultdict(list)
+    by_site: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
     for r, j in enumerate(ci.tolist()):
-        by_site[(comps[j].site, comps[j].layer)].append(r)
-    for (site, lay), rs in by_site.items():
-        c_n, _ = ad.shape(site)
-        mask = torch.zeros(rows, new, c_n, dtype=torch.bool)
-        for r in rs:
-            comp = comps[ci[r]]
-            mask[r, slice(None) if comp.position is None else comp.position - pos, comp.index] = True
+        by_site[(comps[j].site, comps[j].layer)].append((r, j))
+    for (site, lay), rows_comps in by_site.items():
+        mask = torch.zeros(rows, new, ad.shape(site)[0], dtype=torch.bool)
+        every = [(r, comps[j].index) for r, j in rows_comps if comps[j].position is None]
+        one = [(r, comps[j].position - pos, comps[j].index) for r, j in rows_comps if comps[j].position is not None]
+        if every:
+            r, c = torch.tensor(every).T
+            mask[r, :, c] = True
+        if one:
+            r, t, c = torch.tensor(one).T
+            mask[r, t, c] = True
         mask = mask.to(pi.device)
         source = src_acts[(site, lay)][pi, pos:]
         taps.append((site, lay, lambda x, m=mask, s=source: ops.perturb(x, "patch", m, source=s)))
