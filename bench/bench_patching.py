@@ -18,7 +18,6 @@ import os
 import platform
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -26,9 +25,10 @@ import torch
 import causalscan as cs
 from causalscan import runner
 from causalscan.data import Dataset, stack
-from causalscan.patching import patch, sweep_components
+from causalscan.patching import patch, plan, sweep_components
 
 ROOT = Path(__file__).resolve().parents[1]
+MIN_TOKENS = 2048  # patch()'s CPU default, used by ours and by the floor alike
 
 
 def best_of(fn, repeats):
@@ -63,14 +63,11 @@ def naive(model, clean, corrupt, ans, wrong, site):
 def floor(model, corrupt, site):
     """Plain forwards (no taps) over the rows, layers and positions our plan recomputes."""
     ad = model.adapter
-    comps, _ = sweep_components(model, site, site == "resid_pre", corrupt.shape[1])
-    groups = defaultdict(int)
-    for c in comps:
-        groups[(c.layer, c.position or 0)] += 1
+    p, seq = corrupt.shape
+    comps, _ = sweep_components(model, site, site == "resid_pre", seq)
     _, acts, kv = runner.run_with_cache(ad, corrupt, [("resid_pre", s) for s in range(ad.n_layers)])
-    p = corrupt.shape[0]
-    for (layer, pos), n in sorted(groups.items()):
-        rows = torch.arange(p).repeat_interleave(n)
+    for layer, pos, members in plan(comps, p, seq, MIN_TOKENS):
+        rows = torch.arange(p).repeat_interleave(len(members))
         runner.forward(ad, corrupt[rows, pos:], start_layer=layer, resid=acts[("resid_pre", layer)][rows, pos:, 0],
                        past=kv.cache(rows, pos, layer, model.hf.config))
 
@@ -106,7 +103,8 @@ def bench_model(spec, repeats, with_tl):
     clean, corrupt, ans, wrong = b["clean"], b["corrupt"], b["answer"], b["wrong"]
     rows = []
     for site in ("head", "resid_pre"):
-        t_ours, res = best_of(lambda s=site: patch(model, ds, sites=s, direction="denoising"), repeats)
+        t_ours, res = best_of(lambda s=site: patch(model, ds, sites=s, direction="denoising",
+                                                        min_tokens=MIN_TOKENS), repeats)
         ours = res.patched.mean(0).reshape(res.slots[0].shape)
         t_naive, ref = best_of(lambda s=site: naive(model, clean, corrupt, ans, wrong, s), repeats)
         t_floor, _ = best_of(lambda s=site: floor(model, corrupt, s), repeats)
