@@ -38,11 +38,22 @@ def _load(args):
     return causalscan.load(args.model, device=device, dtype=getattr(torch, args.dtype))
 
 
+def _data_path(args) -> str:
+    """``--data``, or the first dataset shipped with a zoo ``--model``."""
+    if args.data:
+        return args.data
+    from causalscan import zoo
+
+    if args.model in zoo.names():
+        return str(zoo.dataset_path(args.model))
+    raise InputError("--data is required unless --model is a zoo model", field="data")
+
+
 def cmd_patch(args) -> dict:
     from causalscan.data import Dataset
     from causalscan.patching import patch
 
-    ds = Dataset.from_jsonl(args.data)
+    ds = Dataset.from_jsonl(_data_path(args))
     model = _load(args)
     res = patch(model, ds, sites=[s for s in args.sites.split(",") if s], direction=args.direction,
                 metric=args.metric, memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None,
@@ -52,6 +63,41 @@ def cmd_patch(args) -> dict:
         res.save(args.out, top=args.top)
         doc["out"] = str(args.out)
     print(f"patch: {doc['timings']['forwards']} forwards in {doc['timings']['patch_s']:.2f}s", file=sys.stderr)
+    if not args.json:
+        for row in doc["components"][:10]:
+            print(f"{row['component']:<28} effect {row['exact']:+.4f}  |effect| {row['exact_abs']:.4f}")
+    return doc
+
+
+def cmd_zoo(args) -> dict:
+    from causalscan import zoo
+
+    if args.action == "list":
+        rows = []
+        for name in zoo.names():
+            try:
+                c = zoo.card(name)
+                rows.append({"name": name, "summary": c["summary"], "datasets": list(c["datasets"])})
+            except InputError:
+                rows.append({"name": name, "summary": "(not built)", "datasets": []})
+        if not args.json:
+            for r in rows:
+                print(f"{r['name']:<10} {r['summary']}")
+        return {"models": rows}
+    if args.name is None:
+        raise InputError(f"zoo {args.action} needs a model name; zoo models: {', '.join(zoo.names())}", field="name")
+    if args.action == "show":
+        card = zoo.card(args.name)
+        doc = {"path": str(zoo.path(args.name)), **card}
+        if not args.json:
+            print(json.dumps(doc, indent=2))
+        return doc
+    out = args.out or f"out/zoo/{args.name}"
+    print(f"training {args.name} into {out}", file=sys.stderr, flush=True)
+    path = zoo.train(args.name, out, seed=args.seed)
+    doc = {"path": str(path), **json.loads((path / "card.json").read_text())}
+    if not args.json:
+        print(f"wrote {path}")
     return doc
 
 
@@ -61,7 +107,8 @@ def parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("patch", help="exact activation patching, many patches per forward",
                         description="Exact activation patching of whole sweeps, batched.")
     _model_args(pp)
-    pp.add_argument("--data", required=True, help="JSONL of prompt pairs (clean, corrupt, answer, wrong)")
+    pp.add_argument("--data", default=None,
+                    help="JSONL of prompt pairs (clean, corrupt, answer, wrong); default for a zoo model: its dataset")
     pp.add_argument("--sites", default="head",
                     help="comma-separated sweeps: head, head:pos, resid_pre (by position), mlp_out:all, "
                          "neuron, q, k, v, ... (default: head)")
@@ -72,6 +119,15 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--memory-budget-mb", type=int, default=None, help="memory per batched forward")
     pp.add_argument("--json", action="store_true", help="print the result document on stdout")
     pp.set_defaults(fn=cmd_patch)
+
+    zp = sub.add_parser("zoo", help="bundled models with planted mechanisms: list, show NAME, train NAME",
+                        description="The model zoo: list the bundled models, show a card, or re-run a recipe.")
+    zp.add_argument("action", choices=["list", "show", "train"])
+    zp.add_argument("name", nargs="?", default=None, help="zoo model (see `causalscan zoo list`)")
+    zp.add_argument("--out", default=None, help="train: output directory (default out/zoo/NAME)")
+    zp.add_argument("--seed", type=int, default=0, help="train: seed (the shipped models use 0)")
+    zp.add_argument("--json", action="store_true", help="print the result document on stdout")
+    zp.set_defaults(fn=cmd_zoo)
     return p
 
 
@@ -90,9 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json:
         print(json.dumps(doc, indent=2))
-    else:
-        for row in doc.get("components", [])[:10]:
-            print(f"{row['component']:<28} effect {row['exact']:+.4f}  |effect| {row['exact_abs']:.4f}")
     return 0
 
 

@@ -22,7 +22,7 @@ from causalscan.adapters import FAMILIES, SITES, Adapter
 from causalscan.errors import InputError
 from causalscan.vocab import word_tokenizer
 
-ZOO_DIR = Path(__file__).parent / "zoo"
+ZOO_DIR = Path(__file__).parent / "zoo" / "models"
 
 # (layers, d_model, heads, kv_heads, d_mlp, vocab)
 SIZES = {
