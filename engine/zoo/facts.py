@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from causalscan.vocab import SPECIALS, word_tokenizer
-from causalscan.zoo.train import fit, n_params, save
+from causalscan.zoo.training import fit, n_params, save
 
 FIRST = ("Zorin Belak Tamsin Orrin Kelda Vashti Morrow Idris Quill Sable Thane Wren Yara Corin Elsin Pell").split()
 LAST = ("Ashdown Brightwater Calloway Dunmore Everhart Fairweather Greystone Holloway Ironside Kettering "
