@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from causalscan.vocab import NAMES, SPECIALS, WORDS, word_tokenizer
-from causalscan.zoo.training import fit, n_params, save, without_replacement
+from causalscan.zoo.training import fit, masked_loss, n_params, save, without_replacement
 
 TOKENS = tuple(dict.fromkeys(w for w in (*NAMES, *WORDS) if w.isalpha()))
 FIRST = len(SPECIALS)  # id of the first ordinary token
@@ -79,7 +79,7 @@ def measure(model, rows: int = 256) -> dict:
     prev_token[l][h]: mean attention from t to t-1 (t >= 2).
     induction[l][h]:  mean attention from the second copy's i-th word to the first copy's (i+1)-th.
     loss_repeated:    next-word loss on the second copy (all but its first word); loss_first is the
-                      first copy's (no information: about ln |vocab|).
+                      first copy's, where nothing predicts the next word (chance: ln |vocab| = 5.0).
     ablated[l][h]:    loss_repeated with head (l, h) mean-ablated (batch mean per position);
                       ablated_mlp[l] the same for layer l's MLP output.
     """
@@ -96,20 +96,18 @@ def measure(model, rows: int = 256) -> dict:
     induction = att[:, :, :, q, q - n + 1].mean(dim=(1, 3))
 
     def loss(logits):
-        lp = logits.float().log_softmax(-1)
-        nll = -lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # [B, T-1]
-        return nll[:, n + 1:2 * n].mean().item(), nll[:, 1:n].mean().item()
+        return _repeated_loss(logits, ids)
 
-    base, first = loss(out.logits)
-    _, acts, _ = runner.run_with_cache(ad, ids, [("head", layer) for layer in range(ad.n_layers)])
-    _, mlp, _ = runner.run_with_cache(ad, ids, [("mlp_out", layer) for layer in range(ad.n_layers)])
+    base, first = loss(out.logits), masked_loss(out.logits, ids, _span(ids, 1, n)).item()
+    sites = [(s, layer) for layer in range(ad.n_layers) for s in ("head", "mlp_out")]
+    _, acts, _ = runner.run_with_cache(ad, ids, sites)
     ablated, ablated_mlp = torch.zeros(ad.n_layers, ad.n_heads), torch.zeros(ad.n_layers)
     for layer in range(ad.n_layers):
         means = acts[("head", layer)].mean(0, keepdim=True)
         for h in range(ad.n_heads):
-            ablated[layer, h] = loss(iv.perturb(model, iv.mean("head", means, layers=layer, index=h), input_ids=ids))[0]
-        mean_mlp = mlp[("mlp_out", layer)].mean(0, keepdim=True)
-        ablated_mlp[layer] = loss(iv.perturb(model, iv.mean("mlp_out", mean_mlp, layers=layer), input_ids=ids))[0]
+            ablated[layer, h] = loss(iv.perturb(model, iv.mean("head", means, layers=layer, index=h), input_ids=ids))
+        mean_mlp = acts[("mlp_out", layer)].mean(0, keepdim=True)
+        ablated_mlp[layer] = loss(iv.perturb(model, iv.mean("mlp_out", mean_mlp, layers=layer), input_ids=ids))
     return {"prev_token": prev.tolist(), "induction": induction.tolist(), "loss_repeated": base, "loss_first": first,
             "ablated": ablated.tolist(), "ablated_mlp": ablated_mlp.tolist()}
 
@@ -119,14 +117,24 @@ def joint_ablation(model, heads: list[tuple[int, int]], rows: int = 256) -> floa
     from causalscan import interventions as iv
     from causalscan import runner
 
-    ad, n = model.adapter, N_EVAL
+    ad = model.adapter
     ids = eval_batch(rows).to(model.device)
     _, acts, _ = runner.run_with_cache(ad, ids, [("head", layer) for layer in range(ad.n_layers)])
     ivs = [iv.mean("head", acts[("head", layer)].mean(0, keepdim=True), layers=layer, index=h) for layer, h in heads]
     with torch.no_grad():
-        logits = iv.perturb(model, *ivs, input_ids=ids).float()
-    nll = -logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-    return nll[:, n + 1:2 * n].mean().item()
+        return _repeated_loss(iv.perturb(model, *ivs, input_ids=ids), ids)
+
+
+def _span(ids: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Loss mask [B, T-1] selecting the predictions made at positions ``start .. stop-1``."""
+    mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=ids.device)
+    mask[:, start:stop] = True
+    return mask
+
+
+def _repeated_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Next-word loss on the second copy of an :func:`eval_batch` row, all but its first word."""
+    return masked_loss(logits, ids, _span(ids, N_EVAL + 1, 2 * N_EVAL)).item()
 
 
 def named_heads(m: dict) -> dict[str, list[list[int]]]:
