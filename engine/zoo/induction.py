@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from causalscan.vocab import NAMES, SPECIALS, WORDS, word_tokenizer
-from causalscan.zoo.training import fit, masked_loss, n_params, save, without_replacement
+from causalscan.zoo.training import masked_loss, n_params, save, train_new, without_replacement
 
 TOKENS = tuple(dict.fromkeys(w for w in (*NAMES, *WORDS) if w.isalpha()))
 FIRST = len(SPECIALS)  # id of the first ordinary token
@@ -31,7 +31,7 @@ def config() -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
         vocab_size=len(SPECIALS) + len(TOKENS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ, bos_token_id=1, eos_token_id=2,
-        pad_token_id=3, tie_word_embeddings=False, initializer_range=0.05)
+        pad_token_id=3, attn_implementation="eager", tie_word_embeddings=False, initializer_range=0.05)
 
 
 def sample(gen: torch.Generator, batch: int, max_n: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,16 +192,12 @@ def dataset(tok, pairs: int = 16, seed: int = 7) -> list[dict]:
 
 def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
     """Train, measure and write the ``induction`` directory to ``out``."""
-    from causalscan.load import load
     from causalscan.versions import versions
 
-    tok = tokenizer()
-    torch.manual_seed(seed)
-    cfg = config()
-    cfg._attn_implementation = "eager"
-    hf = transformers.LlamaForCausalLM(cfg)
-    recipe = fit(hf, curriculum(), steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet)
-    model = load(hf, tokenizer=tok)
+    tok, cfg = tokenizer(), config()
+    model, recipe = train_new(transformers.LlamaForCausalLM, cfg, curriculum(), tok,
+                              steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet)
+    hf = model.hf
     m = measure(model)
     heads = named_heads(m)
     base = m["loss_repeated"]

@@ -57,6 +57,17 @@ def fit(model: nn.Module, sample: Sampler, *, steps: int, batch: int, lr: float,
             "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
 
 
+def train_new(cls: type[nn.Module], config, sample: Sampler, tokenizer, *, steps: int, batch: int, lr: float,
+              seed: int, quiet: bool = False):
+    """A seeded fresh ``cls(config)`` trained by :func:`fit`: returns ``(Model, recipe facts)``."""
+    from causalscan.load import load
+
+    torch.manual_seed(seed)
+    hf = cls(config)
+    recipe = fit(hf, sample, steps=steps, batch=batch, lr=lr, seed=seed, quiet=quiet)
+    return load(hf, tokenizer=tokenizer), recipe
+
+
 def save(out: str | Path, model: nn.Module, tokenizer, card: dict, datasets: dict[str, list[dict]]) -> Path:
     """Write ``model`` (safetensors), ``tokenizer``, ``card.json`` and ``<name>.jsonl`` datasets to ``out``."""
     out = Path(out)
