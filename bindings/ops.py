@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from causalscan.kernels.attribute import attribute_ref
 from causalscan.kernels.perturb import OPS, perturb_ref
+from causalscan.kernels.qk_fix import qk_fix_ref
 
-__all__ = ["OPS", "perturb"]
+__all__ = ["OPS", "attribute", "perturb", "qk_fix"]
 
 
 def perturb(
@@ -27,3 +29,16 @@ def perturb(
     See :mod:`causalscan.kernels.perturb` for the ops and parameter shapes.
     """
     return perturb_ref(x, op, mask, source=source, vector=vector, alpha=alpha, direction=direction)
+
+
+def attribute(base: torch.Tensor, other: torch.Tensor, grad: torch.Tensor, by_pos: bool = True) -> torch.Tensor:
+    """``sum_D (other - base) * grad`` of ``[B, T, C, D]`` tensors -> ``[B, T, C]`` or ``[B, C]`` (fp32).
+
+    See :mod:`causalscan.kernels.attribute`.
+    """
+    return attribute_ref(base, other, grad, by_pos)
+
+
+def qk_fix(q, k, v, dz, bias, scaling, softcap=None, q_other=None, k_other=None) -> dict[str, torch.Tensor]:
+    """Exact-pattern effects of patched queries/keys; see :mod:`causalscan.kernels.qk_fix`."""
+    return qk_fix_ref(q, k, v, dz, bias, scaling, softcap, q_other, k_other)

@@ -2,8 +2,8 @@
 
 >>> import causalscan as cs
 >>> model = cs.load("random:llama-tiny")
->>> res = cs.patch(model, "examples/ioi.jsonl", sites=["head", "resid_pre"])
->>> res.top(5)
+>>> res = cs.scan("induction", cs.zoo.dataset_path("induction"), sites=["head", "neuron"], confirm=8)
+>>> res.top(5), res.agreement
 """
 
 from causalscan import interventions, metrics
@@ -12,7 +12,8 @@ from causalscan.errors import InputError
 from causalscan.interventions import Intervention, perturb
 from causalscan.load import Model, load
 from causalscan.patching import Component, patch
+from causalscan.scan import scan
 
 __version__ = "0.1.0"
 __all__ = ["Component", "Dataset", "InputError", "Intervention", "Model", "interventions", "load", "metrics",
-           "patch", "perturb"]
+           "patch", "perturb", "scan"]

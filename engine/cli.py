@@ -69,6 +69,49 @@ def cmd_patch(args) -> dict:
     return doc
 
 
+def _default_zoo(args) -> None:
+    if args.model is None:
+        if args.data:
+            raise InputError("--data needs --model (the default model is the zoo's induction)", field="model")
+        args.model = "induction"
+
+
+def cmd_scan(args) -> dict:
+    from causalscan.data import Dataset
+    from causalscan.scan import scan
+
+    _default_zoo(args)
+    ds = Dataset.from_jsonl(_data_path(args))
+    model = _load(args)
+
+    def progress(msg):
+        print(msg, file=sys.stderr, flush=True)
+    res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method, confirm=args.confirm,
+               confirm_random=args.confirm_random, direction=args.direction, metric=args.metric,
+               batch_size=args.batch_size, graddrop=False if args.no_graddrop else None, fn_subsets=args.fn_subsets,
+               seed=args.seed, progress=progress)
+    doc = res.to_json(top=args.top)
+    if args.out:
+        res.save(args.out, top=args.top)
+        doc["out"] = str(args.out)
+    t = doc["timings"]
+    print(f"scan: {len(res.components)} nodes, {len(res.clean)} pairs, {t['total_s']:.2f}s", file=sys.stderr)
+    if not args.json:
+        print(f"{'component':<28} {'score':>10} {'estimate':>10} {'exact':>10}")
+        for row in doc["components"][:10]:
+            ex = "" if row["exact"] is None else f"{row['exact']:+10.4f}"
+            print(f"{row['component']:<28} {row['score']:10.4f} {row['estimate']:+10.4f} {ex:>10}")
+        a = doc["agreement"]
+        if a:
+            print(f"agreement on {a['n']} confirmed nodes (top {a['k']} + random): spearman {a['spearman']:.3f}, "
+                  f"recall@{a['k']} {a['recall_at_k']:.3f}, sign {a['sign_agreement']:.3f}")
+        fn = doc["false_negatives"]
+        if fn:
+            print(f"false negatives: no unconfirmed node above {fn['bound']:.4f} (95% one-sided, "
+                  f"{fn['subsets']} joint patches)")
+    return doc
+
+
 def cmd_zoo(args) -> dict:
     from causalscan import zoo
 
@@ -119,6 +162,35 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--memory-budget-mb", type=int, default=None, help="memory per batched forward")
     pp.add_argument("--json", action="store_true", help="print the result document on stdout")
     pp.set_defaults(fn=cmd_patch)
+
+    sp = sub.add_parser("scan", help="AtP / AtP* scan of every component, confirmed by exact patching",
+                        description="Scan every component of the sweeps with attribution patching (AtP, AtP*), "
+                                    "then confirm the top nodes and a random sample by batched exact patching. "
+                                    "With no --model and no --data: the zoo's induction model on its dataset.")
+    sp.add_argument("--model", default=None, help="HF directory, zoo name, or random:<family>[-<size>] "
+                    "(default: induction)")
+    sp.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    sp.add_argument("--data", default=None,
+                    help="JSONL of prompt pairs (clean, corrupt, answer, wrong); default for a zoo model: its dataset")
+    sp.add_argument("--sites", default="head,neuron,resid_pre",
+                    help="comma-separated sweeps (default: head,neuron,resid_pre); also q, k, v, attn_out, "
+                         "mlp_out, resid_post, head:pos, ...")
+    sp.add_argument("--method", default="atp*", choices=["atp", "atp*"])
+    sp.add_argument("--no-graddrop", action="store_true", help="atp*: QK fix only, one backward per batch")
+    sp.add_argument("--confirm", type=int, default=32, help="top nodes re-measured by exact patching (0: none)")
+    sp.add_argument("--confirm-random", type=int, default=None,
+                    help="random other nodes re-measured (default: as many as --confirm)")
+    sp.add_argument("--fn-subsets", type=int, default=0,
+                    help="joint random patches for the false-negative bound (0: skip)")
+    sp.add_argument("--direction", default="noising", choices=["noising", "denoising"])
+    sp.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "prob", "kl"])
+    sp.add_argument("--batch-size", type=int, default=8, help="prompt pairs per attribution pass")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the random confirmation sample")
+    sp.add_argument("--out", default=None, help="write scan.json and scores.safetensors here")
+    sp.add_argument("--top", type=int, default=50, help="components listed in scan.json")
+    sp.add_argument("--json", action="store_true", help="print the result document on stdout")
+    sp.set_defaults(fn=cmd_scan)
 
     zp = sub.add_parser("zoo", help="bundled models with planted mechanisms: list, show NAME, train NAME",
                         description="The model zoo: list the bundled models, show a card, or re-run a recipe.")

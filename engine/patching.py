@@ -55,6 +55,11 @@ def parse_sweep(spec: str) -> tuple[str, bool]:
     return site, (mode == "pos") or (mode == "" and site in BY_POSITION)
 
 
+def sweep_name(site: str, by_pos: bool) -> str:
+    """``head``, ``head_pos``, ``resid_pre``, ``resid_pre_all``: the site, marked when not its default."""
+    return site + ("" if by_pos == (site in BY_POSITION) else "_pos" if by_pos else "_all")
+
+
 def sweep_components(model: Model, site: str, by_pos: bool, seq: int | None) -> tuple[list[Component], tuple]:
     """Every component of a sweep, and the result shape (``[L, T, C]`` squeezed of C == 1)."""
     ad = model.adapter
@@ -141,9 +146,7 @@ def patch(
                 raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, "
                                  f"found lengths {lengths}", file=ds.name, field="sites")
             cs, shape = sweep_components(model, site, by_pos, lengths[0])
-            default_by_pos = site in BY_POSITION
-            name = site + ("" if by_pos == default_by_pos else "_pos" if by_pos else "_all")
-            slots.append(SweepSlot(name, len(comps), len(comps) + len(cs), shape))
+            slots.append(SweepSlot(sweep_name(site, by_pos), len(comps), len(comps) + len(cs), shape))
             comps += cs
 
     n = len(pairs)

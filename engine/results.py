@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,3 +107,119 @@ class PatchResult:
         save_file({k: v.float().cpu() for k, v in self.tensors().items()}, str(out / "scores.safetensors"))
         (out / "scan.json").write_text(json.dumps(self.to_json(top), indent=2))
         return out
+
+
+def _component_row(c) -> dict:
+    return {"component": str(c), "site": c.site, "layer": c.layer, "index": c.index, "position": c.position}
+
+
+@dataclass
+class ScanResult:
+    """An attribution scan: per-pair estimates of every node, and the exact check of some.
+
+    ``signed`` [P, n]: AtP (QK-fixed for q/k nodes under AtP*); ``graddrop`` [P, n] or None: the
+    GradDrop score; ``score`` [P, n]: the ranking score (per-pair ``|AtP|``, under AtP*
+    ``max(|AtP|, GradDrop)``); ``clean``/``corrupt`` [P]. After
+    confirmation: ``confirmed`` [m] node ids (the first ``n_top`` the estimated top, the rest a
+    random sample), ``exact`` [P, m] exact effects, ``agreement`` (see ``scan.agreement``).
+    """
+
+    model: str
+    dataset: str
+    dataset_sha256: str
+    direction: str
+    metric: str
+    method: str
+    graddrop: torch.Tensor | None
+    components: list
+    slots: list[SweepSlot]
+    signed: torch.Tensor
+    score: torch.Tensor
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    confirmed: torch.Tensor | None = None
+    n_top: int = 0
+    exact: torch.Tensor | None = None
+    agreement: dict | None = None
+    false_negatives: dict | None = None
+    timings: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """Per node [n]: ``score`` (ranking), ``estimate`` (signed mean), and for confirmed nodes
+        ``exact`` (signed mean) and ``exact_abs`` (mean |effect|), NaN elsewhere."""
+        n = len(self.components)
+        out = {"score": self.score.mean(0), "estimate": self.signed.mean(0),
+               "exact": torch.full((n,), float("nan")), "exact_abs": torch.full((n,), float("nan"))}
+        if self.graddrop is not None:
+            out["graddrop"] = self.graddrop.mean(0)
+        if self.confirmed is not None:
+            out["exact"][self.confirmed] = self.exact.mean(0)
+            out["exact_abs"][self.confirmed] = self.exact.abs().mean(0)
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``{"atp*/head": [L, H] score, "atp*_signed/head": ..., "graddrop/head": ..., "exact/head": ...,
+        "exact_abs/head": ...}`` (exact effects NaN where not confirmed)."""
+        names = {"score": self.method, "estimate": f"{self.method}_signed", "exact": "exact", "exact_abs": "exact_abs",
+                 "graddrop": "graddrop"}
+        out = {}
+        for kind, vec in self.summary().items():
+            for s in self.slots:
+                out[f"{names[kind]}/{s.name}"] = vec[s.start:s.stop].reshape(s.shape).contiguous()
+        return out
+
+    def top(self, k: int = 10) -> list[dict]:
+        """The ``k`` nodes of highest score, with estimate and (if confirmed) exact effect."""
+        summ = self.summary()
+        order = summ["score"].argsort(descending=True)[:k]
+
+        def num(x):
+            v = x.item()
+            return None if math.isnan(v) else v
+        return [{**_component_row(self.components[j]), "score": summ["score"][j].item(),
+                 "estimate": summ["estimate"][j].item(), "exact": num(summ["exact"][j]),
+                 "exact_abs": num(summ["exact_abs"][j]),
+                 **({"graddrop": summ["graddrop"][j].item()} if "graddrop" in summ else {})} for j in order.tolist()]
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.top(len(self.components)))
+
+    def to_json(self, top: int = 50) -> dict:
+        from causalscan.versions import versions
+
+        return {
+            "kind": "scan",
+            "model": self.model,
+            "dataset": {"path": self.dataset, "sha256": self.dataset_sha256, "pairs": len(self.clean)},
+            "settings": {"method": self.method, "graddrop": self.graddrop is not None, "direction": self.direction,
+                         "metric": self.metric, "sweeps": {s.name: list(s.shape) for s in self.slots},
+                         "confirmed": {"top": self.n_top, "random": 0 if self.confirmed is None
+                                       else len(self.confirmed) - self.n_top}},
+            "baselines": {"clean": self.clean.mean().item(), "corrupt": self.corrupt.mean().item()},
+            "components": self.top(top),
+            "agreement": self.agreement,
+            "false_negatives": self.false_negatives,
+            "timings": self.timings,
+            "versions": versions(),
+        }
+
+    def save(self, out_dir: str | Path, top: int = 50) -> Path:
+        """Write ``scan.json`` and ``scores.safetensors`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.float().cpu() for k, v in self.tensors().items()}, str(out / "scores.safetensors"))
+        (out / "scan.json").write_text(json.dumps(_finite(self.to_json(top)), indent=2))
+        return out
+
+
+def _finite(doc):
+    """NaN -> None, so scan.json is strict JSON."""
+    if isinstance(doc, float) and math.isnan(doc):
+        return None
+    if isinstance(doc, dict):
+        return {k: _finite(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_finite(v) for v in doc]
+    return doc

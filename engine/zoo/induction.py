@@ -176,17 +176,25 @@ def check(model, card: dict) -> list[str]:
     return fails
 
 
-def dataset(tok, pairs: int = 16, seed: int = 7) -> list[dict]:
-    """Symmetric pairs ``bos X X[:k]`` -> ``X[k]``: the corrupt prompt replaces ``X[k]`` in the first copy by
-    a word outside X (the answer induction then gives is ``wrong``). All prompts have 1 + N_EVAL + 6 tokens."""
+def dataset(tok, pairs: int = 16, seed: int = 7, replace: str = "answer") -> list[dict]:
+    """Symmetric pairs ``bos X X[:k]`` -> ``X[k]``. All prompts have 1 + N_EVAL + 6 tokens.
+
+    ``replace="answer"``: the corrupt prompt replaces ``X[k]`` in the first copy by a word outside X
+    (the answer induction then gives is ``wrong``); the previous-token heads see the same
+    predecessor in both prompts, so only the induction path differs.
+    ``replace="previous"``: the corrupt prompt replaces ``X[k-1]`` in the first copy, so the last
+    word has no earlier occurrence and the previous-token heads write a different predecessor at
+    the answer's position; ``wrong`` is ``X[k+1]``. Both heads of the circuit matter here.
+    """
     gen = torch.Generator().manual_seed(seed)
     k = 6
     words = without_replacement(gen, pairs, N_EVAL + 1, 0, len(TOKENS))
     out = []
     for row in words.tolist():
         x, other = [TOKENS[i] for i in row[:N_EVAL]], TOKENS[row[N_EVAL]]
-        bad = [*x[:k], other, *x[k + 1:]]
-        out.append({"clean": " ".join(x + x[:k]), "corrupt": " ".join(bad + x[:k]), "answer": x[k], "wrong": other})
+        at, wrong = (k, other) if replace == "answer" else (k - 1, x[k + 1])
+        bad = [*x[:at], other, *x[at + 1:]]
+        out.append({"clean": " ".join(x + x[:k]), "corrupt": " ".join(bad + x[:k]), "answer": x[k], "wrong": wrong})
     return out
 
 
@@ -230,7 +238,10 @@ def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
                         "the previous token, both layer-1 heads do induction), so the MLPs are the control.",
         "scan_must_find": {"sweep": "head", "dataset": "induction", "top2": heads["induction"]},
         "datasets": {"induction": "symmetric pairs: the word after the first occurrence of the last word is "
-                                  "replaced in the corrupt prompt; answer = clean continuation, wrong = corrupt one"},
+                                  "replaced in the corrupt prompt; answer = clean continuation, wrong = corrupt one",
+                     "previous": "symmetric pairs: the word before the first occurrence of the answer is replaced in "
+                                 "the corrupt prompt, so both the previous-token and the induction heads matter; "
+                                 "wrong = the word after the answer"},
         "versions": versions(),
     }
-    return save(out, hf, tok, card, {"induction": dataset(tok)})
+    return save(out, hf, tok, card, {"induction": dataset(tok), "previous": dataset(tok, seed=8, replace="previous")})

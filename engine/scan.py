@@ -1,0 +1,213 @@
+"""The main job: scan every component with AtP / AtP*, then confirm the hits exactly.
+
+``scan`` estimates every node of the requested sweeps in a fixed number of passes per batch of
+pairs (:mod:`causalscan.attribution`), ranks them by the mean over pairs of the per-pair
+``|estimate|`` (AtP) or the GradDrop score (AtP*), then re-measures the top ``confirm`` nodes and
+a random sample of the rest by batched exact patching in the same direction
+(:func:`causalscan.patch`) and reports how well the two agree. An optional false-negative
+diagnostic patches random subsets of the unconfirmed nodes jointly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+
+from causalscan import attribution
+from causalscan.attribution import Sweep
+from causalscan.data import as_dataset, stack
+from causalscan.errors import InputError
+from causalscan.load import load
+from causalscan.metrics import get as get_metric
+from causalscan.patching import Component, parse_sweep, patch, sweep_components, sweep_name
+from causalscan.results import ScanResult, SweepSlot
+
+METHODS = ("atp", "atp*")
+
+
+def scan(
+    model,
+    dataset,
+    sites: str | Sequence[str] = ("head", "neuron", "resid_pre"),
+    method: str = "atp*",
+    confirm: int = 32,
+    confirm_random: int | None = None,
+    direction: str = "noising",
+    metric="logit_diff",
+    batch_size: int = 8,
+    graddrop: bool | None = None,
+    fn_subsets: int = 0,
+    fn_p: float = 0.1,
+    seed: int = 0,
+    progress=None,
+) -> ScanResult:
+    """Estimate the effect of every component of ``sites`` on ``metric``, then confirm the top.
+
+    ``sites``: sweeps as in :func:`causalscan.patch` (``head`` ``[L, H]``, ``neuron`` ``[L, d_mlp]``,
+    ``resid_pre`` ``[L, T]``, ``q``/``k``/``v``, ``head:pos`` ...). ``method``: ``atp`` or
+    ``atp*`` (QK fix for q/k nodes, and GradDrop unless ``graddrop=False``). The AtP* ranking score
+    of a node is ``max(|AtP|, GradDrop)`` per pair: GradDrop exposes effects that cancel in the
+    total gradient, but on its own it also hides effects that run through a single downstream
+    block (every layer-0 node of a 2-layer model scores only its direct effect), so it may raise a
+    node's score, never lower it. The GradDrop score itself is kept (``graddrop/<sweep>``). ``confirm``: how many
+    top nodes to re-measure exactly (0: none), plus ``confirm_random`` (default ``confirm``)
+    drawn uniformly from the rest. ``fn_subsets``: random joint patches for the AtP*
+    false-negative diagnostic (0: skip), each unconfirmed node in a subset with probability
+    ``fn_p``. ``batch_size``: pairs per attribution pass.
+
+    >>> res = scan("induction", causalscan.zoo.dataset_path("induction"), sites="head", confirm=4)
+    >>> res.top(3)
+    """
+    t0 = time.perf_counter()
+    model = load(model)
+    ds = as_dataset(dataset)
+    if method not in METHODS:
+        raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
+    if direction not in ("noising", "denoising"):
+        raise InputError(f"direction must be noising or denoising, not {direction!r}", field="direction")
+    if batch_size < 1 or confirm < 0 or fn_subsets < 0:
+        raise InputError("batch_size must be >= 1, confirm and fn_subsets >= 0", field="batch_size")
+    star = method == "atp*"
+    graddrop = star if graddrop is None else graddrop
+    metric_name, metric_fn = get_metric(metric)
+    vocab = model.hf.get_input_embeddings().weight.shape[0]
+    pairs = ds.tokenize(model.tokenizer, vocab)
+    lengths = sorted({len(p.clean) for p in pairs})
+
+    sweeps, slots, comps = [], [], []
+    for spec in [sites] if isinstance(sites, str) else sites:
+        site, by_pos = parse_sweep(spec)
+        if by_pos and len(lengths) > 1:
+            raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, "
+                             f"found lengths {lengths}", file=ds.name, field="sites")
+        cs, shape = sweep_components(model, site, by_pos, lengths[0])
+        name = sweep_name(site, by_pos)
+        sweeps.append(Sweep(name, site, by_pos, shape))
+        slots.append(SweepSlot(name, len(comps), len(comps) + len(cs), shape))
+        comps += cs
+
+    n = len(pairs)
+    signed, score = torch.empty(n, len(comps)), torch.empty(n, len(comps))
+    gd_all = torch.empty(n, len(comps)) if graddrop else None
+    clean_m, corrupt_m = torch.empty(n), torch.empty(n)
+    noising = direction == "noising"
+    done = 0
+    for seq in lengths:
+        idx = [i for i, p in enumerate(pairs) if len(p.clean) == seq]
+        for lo in range(0, len(idx), batch_size):
+            rows = idx[lo:lo + batch_size]
+            b = stack([pairs[i] for i in rows], model.device)
+            base, other = (b["clean"], b["corrupt"]) if noising else (b["corrupt"], b["clean"])
+            ans, wrong = b["answer"], b["wrong"]
+
+            def fn(logits, clean_lp, ans=ans, wrong=wrong):
+                return metric_fn(logits, ans, wrong, clean_lp)
+
+            out = attribution.attribute(model.adapter, base, other, fn, sweeps, qk_fix=star, graddrop=graddrop,
+                                        base_is_clean=noising)
+            r = torch.tensor(rows)
+            signed[r] = torch.cat([out["signed"][sw.name].flatten(1) for sw in sweeps], 1)
+            sig = out["signed"]
+            gd = out.get("graddrop")
+            score[r] = torch.cat([(torch.maximum(sig[sw.name].abs(), gd[sw.name]) if gd else sig[sw.name].abs())
+                                  .flatten(1) for sw in sweeps], 1)
+            if gd:
+                gd_all[r] = torch.cat([gd[sw.name].flatten(1) for sw in sweeps], 1)
+            clean_m[r], corrupt_m[r] = (out["base"], out["other"]) if noising else (out["other"], out["base"])
+            done += len(rows)
+            if progress:
+                progress(f"attribution: {done}/{n} pairs")
+    t_attr = time.perf_counter() - t0
+
+    res = ScanResult(
+        model=model.name, dataset=ds.name, dataset_sha256=ds.sha256, direction=direction, metric=metric_name,
+        method=method, graddrop=gd_all, components=comps, slots=slots, signed=signed, score=score,
+        clean=clean_m, corrupt=corrupt_m, timings={"attribution_s": t_attr},
+    )
+    if confirm:
+        t1 = time.perf_counter()
+        _confirm(res, model, ds, metric, confirm, confirm if confirm_random is None else confirm_random, seed,
+                 progress)
+        res.timings["confirm_s"] = time.perf_counter() - t1
+    if fn_subsets:
+        from causalscan.negatives import false_negative_bound
+
+        t1 = time.perf_counter()
+        res.false_negatives = false_negative_bound(res, model, pairs, fn_subsets, p=fn_p, seed=seed)
+        res.timings["false_negatives_s"] = time.perf_counter() - t1
+    res.timings["total_s"] = time.perf_counter() - t0
+    return res
+
+
+def _confirm(res: ScanResult, model, ds, metric, k: int, n_random: int, seed: int, progress) -> None:
+    """Exact effects of the top ``k`` nodes and ``n_random`` others; agreement statistics."""
+    order = res.score.mean(0).argsort(descending=True)
+    k = min(k, len(order))
+    top, rest = order[:k], order[k:]
+    g = torch.Generator().manual_seed(seed)
+    sample = rest[torch.randperm(len(rest), generator=g)[:n_random]]
+    chosen = torch.cat([top, sample])
+    exact = patch(model, ds, components=[res.components[j] for j in chosen.tolist()], direction=res.direction,
+                  metric=metric,
+                  progress=(lambda n_fw: progress(f"confirm: {n_fw} forwards")) if progress else None)
+    res.confirmed = chosen
+    res.n_top = k
+    res.exact = exact.effect
+    res.agreement = agreement(res.score.mean(0)[chosen], res.signed.mean(0)[chosen], exact.effect, k)
+    res.timings["confirm_forwards"] = exact.timings["forwards"]
+
+
+def agreement(score: torch.Tensor, signed: torch.Tensor, exact: torch.Tensor, k: int) -> dict:
+    """How well estimates of the confirmed nodes agree with their exact effects.
+
+    ``score`` [n] (ranking score), ``signed`` [n] (signed mean estimate), ``exact`` [P, n]
+    (per-pair exact effects); the first ``k`` nodes are the estimated top-k, the rest a random
+    sample. ``spearman``: rank correlation of score and mean |exact| over all n; ``recall_at_k``:
+    share of the exact top-k (within the n) that the estimate put in its top-k; ``sign_agreement``:
+    share of nodes with |exact mean| > 1e-6 whose signed estimate has the same sign;
+    ``random_max_exact_abs``: the largest mean |exact| in the random sample (what a node outside
+    the top-k was seen to do), against ``top_min_exact_abs``.
+    """
+    ex_abs, ex_mean = exact.abs().mean(0), exact.mean(0)
+    n = len(score)
+    exact_top = set(ex_abs.argsort(descending=True)[:k].tolist())
+    live = ex_mean.abs() > 1e-6
+    out = {
+        "n": n,
+        "k": k,
+        "spearman": spearman(score, ex_abs),
+        "recall_at_k": len(exact_top & set(range(k))) / k if k else math.nan,
+        "sign_agreement": (torch.sign(signed[live]) == torch.sign(ex_mean[live])).float().mean().item()
+        if live.any() else math.nan,
+        "top_min_exact_abs": ex_abs[:k].min().item() if k else math.nan,
+        "random_max_exact_abs": ex_abs[k:].max().item() if n > k else math.nan,
+    }
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    if len(a) < 2:
+        return math.nan
+
+    def ranks(x):
+        x = x.double()
+        order = x.argsort()
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        for v in x.unique():  # average tied ranks
+            m = x == v
+            if m.sum() > 1:
+                r[m] = r[m].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.norm() * rb.norm()).item()
+    return (ra @ rb).item() / den if den else math.nan
+
+
+__all__ = ["METHODS", "Component", "agreement", "scan", "spearman"]
