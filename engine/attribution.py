@@ -109,7 +109,6 @@ def attribute(
     """
     n_layers = ad.n_layers
     p, seq = base_ids.shape
-    dev = base_ids.device
     fixed = {"q", "k"} if qk_fix else set()
     sites = {sw.site for sw in sweeps}
     tapped = [(s, layer) for s in sorted(sites - fixed) for layer in range(n_layers)]
@@ -166,8 +165,11 @@ def attribute(
                         store(site, layer, sw.by_pos, val)
         return hook
 
-    taps = [(s, layer, lambda x, h=site_hook(s, layer): _Tap.apply(x, h)) for s, layer in tapped]
-    taps += [("head", layer, lambda x, h=qk_hook(layer): _Tap.apply(x, h)) for layer in attn_layers]
+    def tap(hook):
+        return lambda x: _Tap.apply(x, hook)
+
+    taps = [(s, layer, tap(site_hook(s, layer))) for s, layer in tapped]
+    taps += [("head", layer, tap(qk_hook(layer))) for layer in attn_layers]
     if graddrop:
         taps += [(s, layer, lambda x, layer=layer: _Drop.apply(x, state, layer))
                  for layer in range(n_layers) for s in ("attn_out", "mlp_out")]
@@ -188,7 +190,7 @@ def attribute(
             for layer in range(n_layers):
                 state["drop"] = layer
                 base_m.sum().backward(retain_graph=layer < n_layers - 1)
-    del other_acts
+    other_acts.clear()
     with torch.no_grad():
         other_m = metric(other_logits, clean)
     out = {"signed": signed, "base": base_m.detach().float().cpu(), "other": other_m.float().cpu()}

@@ -81,8 +81,8 @@ def false_negative_bound(res, model, pairs: list[Pair], n_subsets: int, p: float
                     mask[r, :, idx[k]] = True
                 else:
                     mask[r, pos[k], idx[k]] = True
-            source = src_acts[(site, layer)][rows]
-            taps.append((site, layer, lambda x, m=mask.to(dev), s=source: ops.perturb(x, "patch", m, source=s)))
+            mask, source = mask.to(dev), src_acts[(site, layer)][rows]
+            taps.append((site, layer, lambda x, m=mask, s=source: ops.perturb(x, "patch", m, source=s)))
         logits = runner.forward(ad, base_ids[rows], taps)[:, -1]
         m = metric_fn(logits, b["answer"][rows], b["wrong"][rows], ref[rows]).float().cpu()
         eff = (m - base_m[rows].float().cpu()).view(len(subs), n_pairs).mean(1)

@@ -93,3 +93,46 @@ def patched_logits(model, ids, site, layer, index, position, source):
         else:
             view[:, sl, index] = source[:, sl, index]
     return run(model, ids, site, layer, edit)[:, -1]
+
+
+def grad(model, ids, site, layer, metric, drop_layer=None):
+    """``(activation, dmetric/dactivation)`` [B, T, C, D] at ``site`` of ``layer`` by plain autograd:
+    a zero probe is added to the raw module tensor and differentiated. ``metric(logits [B, V]) -> [B]``
+    is summed. ``drop_layer``: the outputs of that block's attention and MLP (its residual writes)
+    are detached, the GradDrop reference."""
+    import torch
+
+    ad = model.adapter
+    b, t = ids.shape
+    module, side = _module(ad, site, layer)
+    held = {}
+
+    def apply(raw):
+        held["probe"] = torch.zeros_like(raw, requires_grad=True)
+        view = _raw_view(ad, site, raw, b, t)
+        held["x"] = (view + held["pre"].reshape(view.shape) if site == "resid_mid" else view).detach().clone()
+        return raw + held["probe"]
+
+    hooks = [ad.blocks[layer].register_forward_pre_hook(
+        lambda m, a, k: held.__setitem__("pre", a[0] if a else k["hidden_states"]), with_kwargs=True)]
+    if side == "in":
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, a, k: ((apply(a[0]), *a[1:]), k) if a else (a, {**k, "hidden_states": apply(k["hidden_states"])}),
+            with_kwargs=True))
+    else:  # before any detach hook on the same module
+        hooks.append(module.register_forward_hook(
+            lambda m, a, o: (apply(o[0]), *o[1:]) if isinstance(o, tuple) else apply(o)))
+    if drop_layer is not None:
+        for s in ("attn_out", "mlp_out"):
+            mod, _ = _module(ad, s, drop_layer)
+            hooks.append(mod.register_forward_hook(
+                lambda m, a, o: (o[0].detach(), *o[1:]) if isinstance(o, tuple) else o.detach()))
+    try:
+        with torch.enable_grad():
+            logits = model.hf(input_ids=ids).logits[:, -1]
+            (g,) = torch.autograd.grad(metric(logits).sum(), held["probe"], allow_unused=True)
+        g = torch.zeros_like(held["probe"]) if g is None else g  # the probe's only path was detached
+    finally:
+        for h in hooks:
+            h.remove()
+    return held["x"], _raw_view(ad, site, g, b, t)

@@ -1,0 +1,101 @@
+"""The scan end to end: ground truth of the zoo's induction model, confirmation, outputs, CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import causalscan
+from causalscan import zoo
+from causalscan.cli import main
+
+
+@pytest.fixture(scope="module")
+def induction():
+    return causalscan.load("induction")
+
+
+def test_atp_star_finds_the_induction_circuit(induction):
+    """On pairs that move the answer's predecessor, both the previous-token and the induction heads
+    matter. Over all 4 heads and 256 neurons, AtP*'s top 3 hold both induction heads and a
+    previous-token head, all four card heads rank above every neuron, and exact patching agrees."""
+    card = induction.card["components"]
+    heads = {tuple(h) for h in card["induction"] + card["previous_token"]}
+    res = causalscan.scan(induction, zoo.dataset_path("induction", "previous"), sites=["head", "neuron"],
+                          method="atp*", confirm=4, confirm_random=12)
+    top = [(r["layer"], r["index"]) for r in res.top(4)]
+    assert all(r["site"] == "head" for r in res.top(4))
+    assert set(top) == heads
+    assert {tuple(h) for h in card["induction"]} <= set(top[:3])
+    assert set(top[:3]) & {tuple(h) for h in card["previous_token"]}
+    a = res.agreement
+    assert a["recall_at_k"] == 1.0  # the exact top 4 of the confirmed nodes are the estimated top 4
+    assert a["top_min_exact_abs"] > 10 * a["random_max_exact_abs"]
+    assert a["spearman"] > 0.5
+
+
+def test_confirmation_matches_patch(induction):
+    """Confirmed exact effects are those of an independent exact patch of the same components."""
+    ds = zoo.dataset_path("induction")
+    res = causalscan.scan(induction, ds, sites=["head"], method="atp", confirm=2, confirm_random=1)
+    comps = [res.components[j] for j in res.confirmed.tolist()]
+    ref = causalscan.patch(induction, ds, components=comps)
+    torch.testing.assert_close(res.exact, ref.effect)
+    assert {(c.layer, c.index) for c in comps[:2]} == {tuple(h) for h in induction.card["components"]["induction"]}
+
+
+def test_denoising_is_the_mirror(induction):
+    """Denoising: the base run is the corrupt prompt; baselines swap roles, not values."""
+    ds = zoo.dataset_path("induction")
+    noise = causalscan.scan(induction, ds, sites=["head"], method="atp", confirm=0)
+    deno = causalscan.scan(induction, ds, sites=["head"], method="atp", confirm=2, direction="denoising")
+    torch.testing.assert_close(noise.clean, deno.clean)
+    torch.testing.assert_close(noise.corrupt, deno.corrupt)
+    assert deno.top(1)[0]["layer"] == 1 and deno.top(1)[0]["exact"] > 0  # restoring an induction head helps
+
+
+def test_false_negative_bound_covers_a_hidden_head(induction):
+    """Confirm only the top 2 (the induction heads): the previous-token heads stay unconfirmed; the
+    bound must not claim that every missed node is smaller than the smaller of their effects."""
+    ds = zoo.dataset_path("induction", "previous")
+    res = causalscan.scan(induction, ds, sites=["head", "neuron"], method="atp", confirm=2, confirm_random=0,
+                          fn_subsets=48, fn_p=0.2)
+    fn = res.false_negatives
+    hidden = causalscan.patch(induction, ds, sites="head").summary()["exact_abs"][:2]  # layer-0 heads
+    assert fn["nodes"] == 258 and fn["subsets"] == 48
+    assert math.isfinite(fn["bound"]) and fn["bound"] >= hidden.min().item()
+
+
+def test_scan_outputs(induction, tmp_path):
+    res = causalscan.scan(induction, zoo.dataset_path("induction"), sites=["head", "resid_pre", "q"], confirm=3)
+    res.save(tmp_path)
+    doc = json.loads((tmp_path / "scan.json").read_text())  # strict JSON: NaN written as null
+    assert doc["kind"] == "scan" and doc["settings"]["method"] == "atp*"
+    assert doc["agreement"]["n"] == 6
+    t = load_file(str(tmp_path / "scores.safetensors"))
+    assert t["atp*/head"].shape == (2, 2) and t["atp*/resid_pre"].shape == (2, 19) and t["graddrop/q"].shape == (2, 2)
+    assert t["exact_abs/head"].isnan().sum() + t["exact_abs/resid_pre"].isnan().sum() + \
+        t["exact_abs/q"].isnan().sum() == 4 + 38 + 4 - 6
+    df = res.to_pandas()
+    assert len(df) == 4 + 38 + 4 and df["score"].is_monotonic_decreasing
+
+
+def test_cli_scan_default_is_the_induction_main_job(tmp_path, capsys):
+    assert main(["scan", "--confirm", "4", "--out", str(tmp_path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == "induction" and doc["dataset"]["pairs"] == 16
+    assert set(doc["settings"]["sweeps"]) == {"head", "neuron", "resid_pre"}
+    assert (tmp_path / "scores.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv", [
+    ["scan", "--data", "missing.jsonl"],
+    ["scan", "--model", "induction", "--data", "missing.jsonl"],
+    ["scan", "--model", "induction", "--sites", "heads"],
+    ["scan", "--model", "induction", "--batch-size", "0"],
+])
+def test_cli_scan_bad_input_exits_2(argv, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("causalscan: error:")
