@@ -22,8 +22,10 @@ def _progress(label: str):
     return report
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF directory, zoo name, or random:<family>[-<size>]")
+def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--model", required=default is None, default=default,
+                   help="HF directory, zoo name, or random:<family>[-<size>]"
+                   + (f" (default: {default})" if default else ""))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
@@ -69,18 +71,10 @@ def cmd_patch(args) -> dict:
     return doc
 
 
-def _default_zoo(args) -> None:
-    if args.model is None:
-        if args.data:
-            raise InputError("--data needs --model (the default model is the zoo's induction)", field="model")
-        args.model = "induction"
-
-
 def cmd_scan(args) -> dict:
     from causalscan.data import Dataset
     from causalscan.scan import scan
 
-    _default_zoo(args)
     ds = Dataset.from_jsonl(_data_path(args))
     model = _load(args)
 
@@ -167,10 +161,7 @@ def parser() -> argparse.ArgumentParser:
                         description="Scan every component of the sweeps with attribution patching (AtP, AtP*), "
                                     "then confirm the top nodes and a random sample by batched exact patching. "
                                     "With no --model and no --data: the zoo's induction model on its dataset.")
-    sp.add_argument("--model", default=None, help="HF directory, zoo name, or random:<family>[-<size>] "
-                    "(default: induction)")
-    sp.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _model_args(sp, default="induction")
     sp.add_argument("--data", default=None,
                     help="JSONL of prompt pairs (clean, corrupt, answer, wrong); default for a zoo model: its dataset")
     sp.add_argument("--sites", default="head,neuron,resid_pre",

@@ -92,6 +92,22 @@ def _default_budget(model: Model) -> int:
     return 1 << 30
 
 
+def build_sweeps(model: Model, sites: str | Sequence[str], lengths: list[int], dataset_name: str
+                 ) -> tuple[list[SweepSlot], list[Component]]:
+    """The slots and the flat component list of sweeps ``sites`` (by-position sweeps need one length)."""
+    slots: list[SweepSlot] = []
+    comps: list[Component] = []
+    for spec in [sites] if isinstance(sites, str) else sites:
+        site, by_pos = parse_sweep(spec)
+        if by_pos and len(lengths) > 1:
+            raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, "
+                             f"found lengths {lengths}", file=dataset_name, field="sites")
+        cs, shape = sweep_components(model, site, by_pos, lengths[0])
+        slots.append(SweepSlot(sweep_name(site, by_pos), len(comps), len(comps) + len(cs), shape))
+        comps += cs
+    return slots, comps
+
+
 @torch.no_grad()
 def patch(
     model,
@@ -140,14 +156,7 @@ def patch(
                 raise InputError(f"{c}: position out of range", field="components")
         slots.append(SweepSlot("components", 0, len(comps), (len(comps),)))
     else:
-        for spec in [sites] if isinstance(sites, str) else sites:
-            site, by_pos = parse_sweep(spec)
-            if by_pos and len(lengths) > 1:
-                raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, "
-                                 f"found lengths {lengths}", file=ds.name, field="sites")
-            cs, shape = sweep_components(model, site, by_pos, lengths[0])
-            slots.append(SweepSlot(sweep_name(site, by_pos), len(comps), len(comps) + len(cs), shape))
-            comps += cs
+        slots, comps = build_sweeps(model, sites, lengths, ds.name)
 
     n = len(pairs)
     patched = torch.empty(n, len(comps))

@@ -102,11 +102,16 @@ class PatchResult:
 
     def save(self, out_dir: str | Path, top: int = 50) -> Path:
         """Write ``scan.json`` and ``scores.safetensors`` into ``out_dir``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.float().cpu() for k, v in self.tensors().items()}, str(out / "scores.safetensors"))
-        (out / "scan.json").write_text(json.dumps(self.to_json(top), indent=2))
-        return out
+        return _write(out_dir, self.tensors(), self.to_json(top))
+
+
+def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict) -> Path:
+    """``scores.safetensors`` and ``scan.json`` (strict JSON: NaN as null) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().cpu() for k, v in tensors.items()}, str(out / "scores.safetensors"))
+    (out / "scan.json").write_text(json.dumps(_finite(doc), indent=2))
+    return out
 
 
 def _component_row(c) -> dict:
@@ -207,11 +212,7 @@ class ScanResult:
 
     def save(self, out_dir: str | Path, top: int = 50) -> Path:
         """Write ``scan.json`` and ``scores.safetensors`` into ``out_dir``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.float().cpu() for k, v in self.tensors().items()}, str(out / "scores.safetensors"))
-        (out / "scan.json").write_text(json.dumps(_finite(self.to_json(top)), indent=2))
-        return out
+        return _write(out_dir, self.tensors(), self.to_json(top))
 
 
 def _finite(doc):

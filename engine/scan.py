@@ -22,8 +22,8 @@ from causalscan.data import as_dataset, stack
 from causalscan.errors import InputError
 from causalscan.load import load
 from causalscan.metrics import get as get_metric
-from causalscan.patching import Component, parse_sweep, patch, sweep_components, sweep_name
-from causalscan.results import ScanResult, SweepSlot
+from causalscan.patching import Component, build_sweeps, patch
+from causalscan.results import ScanResult
 
 METHODS = ("atp", "atp*")
 
@@ -77,17 +77,8 @@ def scan(
     pairs = ds.tokenize(model.tokenizer, vocab)
     lengths = sorted({len(p.clean) for p in pairs})
 
-    sweeps, slots, comps = [], [], []
-    for spec in [sites] if isinstance(sites, str) else sites:
-        site, by_pos = parse_sweep(spec)
-        if by_pos and len(lengths) > 1:
-            raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, "
-                             f"found lengths {lengths}", file=ds.name, field="sites")
-        cs, shape = sweep_components(model, site, by_pos, lengths[0])
-        name = sweep_name(site, by_pos)
-        sweeps.append(Sweep(name, site, by_pos, shape))
-        slots.append(SweepSlot(name, len(comps), len(comps) + len(cs), shape))
-        comps += cs
+    slots, comps = build_sweeps(model, sites, lengths, ds.name)
+    sweeps = [Sweep(s.name, comps[s.start].site, comps[s.start].position is not None, s.shape) for s in slots]
 
     n = len(pairs)
     signed, score = torch.empty(n, len(comps)), torch.empty(n, len(comps))
