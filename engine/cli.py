@@ -30,6 +30,18 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
+def _sweep_args(p: argparse.ArgumentParser, sites: str, sites_help: str) -> None:
+    """Data, sweeps, direction, metric and output options shared by ``patch`` and ``scan``."""
+    p.add_argument("--data", default=None,
+                   help="JSONL of prompt pairs (clean, corrupt, answer, wrong); default for a zoo model: its dataset")
+    p.add_argument("--sites", default=sites, help=sites_help)
+    p.add_argument("--direction", default="noising", choices=["noising", "denoising"])
+    p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "prob", "kl"])
+    p.add_argument("--out", default=None, help="write scan.json and scores.safetensors here")
+    p.add_argument("--top", type=int, default=50, help="components listed in scan.json")
+    p.add_argument("--json", action="store_true", help="print the result document on stdout")
+
+
 def _load(args):
     import torch
 
@@ -144,17 +156,9 @@ def parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("patch", help="exact activation patching, many patches per forward",
                         description="Exact activation patching of whole sweeps, batched.")
     _model_args(pp)
-    pp.add_argument("--data", default=None,
-                    help="JSONL of prompt pairs (clean, corrupt, answer, wrong); default for a zoo model: its dataset")
-    pp.add_argument("--sites", default="head",
-                    help="comma-separated sweeps: head, head:pos, resid_pre (by position), mlp_out:all, "
-                         "neuron, q, k, v, ... (default: head)")
-    pp.add_argument("--direction", default="noising", choices=["noising", "denoising"])
-    pp.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "prob", "kl"])
-    pp.add_argument("--out", default=None, help="write scan.json and scores.safetensors here")
-    pp.add_argument("--top", type=int, default=50, help="components listed in scan.json")
+    _sweep_args(pp, "head", "comma-separated sweeps: head, head:pos, resid_pre (by position), mlp_out:all, "
+                            "neuron, q, k, v, ... (default: head)")
     pp.add_argument("--memory-budget-mb", type=int, default=None, help="memory per batched forward")
-    pp.add_argument("--json", action="store_true", help="print the result document on stdout")
     pp.set_defaults(fn=cmd_patch)
 
     sp = sub.add_parser("scan", help="AtP / AtP* scan of every component, confirmed by exact patching",
@@ -162,11 +166,8 @@ def parser() -> argparse.ArgumentParser:
                                     "then confirm the top nodes and a random sample by batched exact patching. "
                                     "With no --model and no --data: the zoo's induction model on its dataset.")
     _model_args(sp, default="induction")
-    sp.add_argument("--data", default=None,
-                    help="JSONL of prompt pairs (clean, corrupt, answer, wrong); default for a zoo model: its dataset")
-    sp.add_argument("--sites", default="head,neuron,resid_pre",
-                    help="comma-separated sweeps (default: head,neuron,resid_pre); also q, k, v, attn_out, "
-                         "mlp_out, resid_post, head:pos, ...")
+    _sweep_args(sp, "head,neuron,resid_pre", "comma-separated sweeps (default: head,neuron,resid_pre); also q, k, "
+                                             "v, attn_out, mlp_out, resid_post, head:pos, ...")
     sp.add_argument("--method", default="atp*", choices=["atp", "atp*"])
     sp.add_argument("--no-graddrop", action="store_true", help="atp*: QK fix only, one backward per batch")
     sp.add_argument("--confirm", type=int, default=32, help="top nodes re-measured by exact patching (0: none)")
@@ -174,13 +175,8 @@ def parser() -> argparse.ArgumentParser:
                     help="random other nodes re-measured (default: as many as --confirm)")
     sp.add_argument("--fn-subsets", type=int, default=0,
                     help="joint random patches for the false-negative bound (0: skip)")
-    sp.add_argument("--direction", default="noising", choices=["noising", "denoising"])
-    sp.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "prob", "kl"])
     sp.add_argument("--batch-size", type=int, default=8, help="prompt pairs per attribution pass")
     sp.add_argument("--seed", type=int, default=0, help="seed of the random confirmation sample")
-    sp.add_argument("--out", default=None, help="write scan.json and scores.safetensors here")
-    sp.add_argument("--top", type=int, default=50, help="components listed in scan.json")
-    sp.add_argument("--json", action="store_true", help="print the result document on stdout")
     sp.set_defaults(fn=cmd_scan)
 
     zp = sub.add_parser("zoo", help="bundled models with planted mechanisms: list, show NAME, train NAME",
