@@ -28,15 +28,14 @@ def t95(df: int) -> float:
 
 
 @torch.no_grad()
-def false_negative_bound(res, model, pairs: list[Pair], n_subsets: int, p: float = 0.1, seed: int = 0,
+def false_negative_bound(res, model, pairs: list[Pair], metric_fn, n_subsets: int, p: float = 0.1, seed: int = 0,
                          rows_per_forward: int = 64) -> dict:
-    """Joint random patches of the unconfirmed nodes of scan result ``res``; returns the bound.
+    """Joint random patches of the unconfirmed nodes of scan result ``res``, measured with the scan's
+    ``metric_fn`` (the signature of :mod:`causalscan.metrics`); returns the bound.
 
     ``{"bound": float, "node": str, "subsets": S, "p": p, "nodes": N}``; ``bound`` is the largest
     over nodes of ``|diff| + t95 * se`` (mean effect over pairs, metric units).
     """
-    from causalscan.metrics import get as get_metric
-
     ad, dev = model.adapter, model.device
     n = len(res.components)
     keep = torch.ones(n, dtype=torch.bool)
@@ -48,7 +47,6 @@ def false_negative_bound(res, model, pairs: list[Pair], n_subsets: int, p: float
     lengths = sorted({len(x.clean) for x in pairs})
     if len(lengths) > 1:
         pairs = [x for x in pairs if len(x.clean) == lengths[0]]
-    _, metric_fn = get_metric(res.metric if res.metric in ("logit_diff", "logprob", "prob", "kl") else "logit_diff")
     b = stack(pairs, dev)
     noising = res.direction == "noising"
     base_ids, src_ids = (b["clean"], b["corrupt"]) if noising else (b["corrupt"], b["clean"])

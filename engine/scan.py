@@ -127,7 +127,7 @@ def scan(
         from causalscan.negatives import false_negative_bound
 
         t1 = time.perf_counter()
-        res.false_negatives = false_negative_bound(res, model, pairs, fn_subsets, p=fn_p, seed=seed)
+        res.false_negatives = false_negative_bound(res, model, pairs, metric_fn, fn_subsets, p=fn_p, seed=seed)
         res.timings["false_negatives_s"] = time.perf_counter() - t1
     res.timings["total_s"] = time.perf_counter() - t0
     return res
