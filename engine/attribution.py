@@ -99,11 +99,14 @@ def attribute(
     base_is_clean: bool = True,
     qk_fix: bool = False,
     graddrop: bool = False,
+    base_noise: torch.Tensor | None = None,
+    other_noise: torch.Tensor | None = None,
 ) -> dict:
     """Scores of every sweep for pairs ``base_ids``/``other_ids`` [P, T].
 
     ``metric(logits [P, V], clean_logprobs [P, V]) -> [P]`` at the last position; the clean run is
     the base run when noising (``base_is_clean``), the other run when denoising.
+    ``base_noise``/``other_noise``: Gaussian corruption ``[P, T, d_embed]`` added to the embeddings.
     Returns ``{"signed": {name: [P, *shape]}, "graddrop": {name: [P, *shape]} (if graddrop),
     "base": [P], "other": [P]}``: ``signed`` is AtP (with the QK fix for q/k nodes if asked).
     """
@@ -117,7 +120,8 @@ def attribute(
     other_acts: dict = {}
     other_rec: dict = {}
     with torch.no_grad(), attention.recording(ad, attn_layers, other_rec):
-        other_logits = runner.forward(ad, other_ids, [runner.capture(ad, s, layer, other_acts) for s, layer in tapped])
+        other_logits = runner.forward(ad, other_ids, [runner.capture(ad, s, layer, other_acts) for s, layer in tapped],
+                                      noise=other_noise)
     other_logits = other_logits[:, -1]
 
     signed = {sw.name: torch.zeros(p, *sw.shape) for sw in sweeps}
@@ -180,7 +184,7 @@ def attribute(
     with _frozen(ad.model), torch.enable_grad(), attention.recording(ad, attn_layers, base_rec):
         handle = ad.model.get_input_embeddings().register_forward_hook(leaf)
         try:
-            base_logits = runner.forward(ad, base_ids, taps)[:, -1]
+            base_logits = runner.forward(ad, base_ids, taps, noise=base_noise)[:, -1]
         finally:
             handle.remove()
         clean = (base_logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)

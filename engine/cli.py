@@ -30,16 +30,27 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
-def _sweep_args(p: argparse.ArgumentParser, sites: str, sites_help: str) -> None:
-    """Data, sweeps, direction, metric and output options shared by ``patch`` and ``scan``."""
+def _data_args(p: argparse.ArgumentParser, metric: str = "logit_diff", out: str = "scan.json", top: int = 50) -> None:
+    """Data, corruption, metric and output options shared by ``patch``, ``scan`` and ``trace``."""
     p.add_argument("--data", default=None,
-                   help="JSONL of prompt pairs (clean, corrupt, answer, wrong); default for a zoo model: its dataset")
+                   help="JSONL of prompt pairs (clean, corrupt or noise_span, answer, wrong); default for a zoo "
+                        "model: its dataset")
+    p.add_argument("--metric", default=metric, choices=["logit_diff", "logprob", "prob", "kl"],
+                   help=f"default: {metric}")
+    p.add_argument("--samples", type=int, default=10, help="noise_span pairs: Gaussian noise draws per pair")
+    p.add_argument("--noise-scale", type=float, default=3.0,
+                   help="noise_span pairs: noise std in units of the span-token embedding std (ROME: 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (and of random samples)")
+    p.add_argument("--out", default=None, help=f"write {out} and scores.safetensors here")
+    p.add_argument("--top", type=int, default=top, help=f"rows listed in {out}")
+    p.add_argument("--json", action="store_true", help="print the result document on stdout")
+
+
+def _sweep_args(p: argparse.ArgumentParser, sites: str, sites_help: str) -> None:
+    """Sweeps and direction (``patch`` and ``scan``), with the data options."""
+    _data_args(p)
     p.add_argument("--sites", default=sites, help=sites_help)
     p.add_argument("--direction", default="noising", choices=["noising", "denoising"])
-    p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "prob", "kl"])
-    p.add_argument("--out", default=None, help="write scan.json and scores.safetensors here")
-    p.add_argument("--top", type=int, default=50, help="components listed in scan.json")
-    p.add_argument("--json", action="store_true", help="print the result document on stdout")
 
 
 def _load(args):
@@ -52,14 +63,14 @@ def _load(args):
     return causalscan.load(args.model, device=device, dtype=getattr(torch, args.dtype))
 
 
-def _data_path(args) -> str:
-    """``--data``, or the first dataset shipped with a zoo ``--model``."""
+def _data_path(args, prefer: str | None = None) -> str:
+    """``--data``, or a dataset shipped with a zoo ``--model`` (``prefer`` if it has one, else its first)."""
     if args.data:
         return args.data
     from causalscan import zoo
 
     if args.model in zoo.names():
-        return str(zoo.dataset_path(args.model))
+        return str(zoo.dataset_path(args.model, prefer if prefer in zoo.card(args.model)["datasets"] else None))
     raise InputError("--data is required unless --model is a zoo model", field="data")
 
 
@@ -71,7 +82,7 @@ def cmd_patch(args) -> dict:
     model = _load(args)
     res = patch(model, ds, sites=[s for s in args.sites.split(",") if s], direction=args.direction,
                 metric=args.metric, memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None,
-                progress=_progress("patch"))
+                progress=_progress("patch"), samples=args.samples, noise_scale=args.noise_scale, seed=args.seed)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -95,7 +106,7 @@ def cmd_scan(args) -> dict:
     res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method, confirm=args.confirm,
                confirm_random=args.confirm_random, direction=args.direction, metric=args.metric,
                batch_size=args.batch_size, graddrop=False if args.no_graddrop else None, fn_subsets=args.fn_subsets,
-               seed=args.seed, progress=progress)
+               seed=args.seed, progress=progress, samples=args.samples, noise_scale=args.noise_scale)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -116,6 +127,40 @@ def cmd_scan(args) -> dict:
             print(f"false negatives: no unconfirmed node above {fn['bound']:.4f} (95% one-sided, "
                   f"{fn['subsets']} joint patches)")
     return doc
+
+
+def cmd_trace(args) -> dict:
+    from causalscan.data import Dataset
+    from causalscan.tracing import trace
+
+    ds = Dataset.from_jsonl(_data_path(args, prefer="subjects"))
+    model = _load(args)
+    res = trace(model, ds, kinds=[k for k in args.kinds.split(",") if k], window=args.window, metric=args.metric,
+                samples=args.samples, noise_scale=args.noise_scale, seed=args.seed, progress=_progress("trace"))
+    doc = res.to_json(top=args.top)
+    if args.out:
+        res.save(args.out, top=args.top)
+        doc["out"] = str(args.out)
+    base = doc["baselines"]
+    print(f"trace: {len(res.clean)} pairs, {doc['timings']['forwards']} forwards, {doc['timings']['trace_s']:.2f}s; "
+          f"{res.metric} clean {base['clean']:.4f}, corrupt {base['corrupt']:.4f}", file=sys.stderr)
+    if not args.json:
+        print(_heatmaps(res))
+    return doc
+
+
+def _heatmaps(res) -> str:
+    """Each grid as text: share of ``clean - corrupt`` recovered, tokens x layers (noised tokens starred)."""
+    t, lines = res.tensors(), []
+    a, b = res.span or (0, 0)
+    names = [("*" if a <= i < b else "") + tok.strip() for i, tok in enumerate(res.tokens)]
+    width = max(len(n) for n in names) + 1
+    for grid in res.effects:
+        g = t[f"trace_norm/{grid}"]
+        lines.append(f"{grid} (recovered share; layers 0..{g.shape[1] - 1})")
+        for name, row in zip(names, g, strict=True):
+            lines.append(f"  {name:<{width}}" + " ".join(f"{v:5.2f}" for v in row.tolist()))
+    return "\n".join(lines)
 
 
 def cmd_zoo(args) -> dict:
@@ -175,9 +220,21 @@ def parser() -> argparse.ArgumentParser:
                     help="random other nodes re-measured (default: as many as --confirm)")
     sp.add_argument("--fn-subsets", type=int, default=0,
                     help="joint random patches for the false-negative bound (0: skip)")
-    sp.add_argument("--batch-size", type=int, default=8, help="prompt pairs per attribution pass")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the random confirmation sample")
+    sp.add_argument("--batch-size", type=int, default=8,
+                    help="rows per attribution pass (a noise_span pair is --samples rows)")
     sp.set_defaults(fn=cmd_scan)
+
+    tp = sub.add_parser("trace", help="ROME causal tracing: token x layer effects of restoring clean values",
+                        description="Causal tracing: restore the clean residual state, MLP or attention output at "
+                                    "each token and layer of the corrupt run (Gaussian noise on noise_span, or the "
+                                    "corrupt prompt). With no --model and no --data: the zoo's facts model on its "
+                                    "subjects dataset.")
+    _model_args(tp, default="facts")
+    _data_args(tp, metric="prob", out="trace.json", top=20)
+    tp.add_argument("--kinds", default="state,mlp,attn", help="comma-separated: state, mlp, attn")
+    tp.add_argument("--window", type=int, default=10,
+                    help="layers restored together for mlp and attn (ROME: 10; single-layer grids come too)")
+    tp.set_defaults(fn=cmd_trace)
 
     zp = sub.add_parser("zoo", help="bundled models with planted mechanisms: list, show NAME, train NAME",
                         description="The model zoo: list the bundled models, show a card, or re-run a recipe.")

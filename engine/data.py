@@ -3,6 +3,10 @@
 ``{"clean": "...", "corrupt": "...", "answer": " Mary", "wrong": " John"}``; ``clean_ids`` /
 ``corrupt_ids`` (token id lists) may replace the strings. Clean and corrupt must have equal token
 length; ``answer`` and ``wrong`` must each be one token (a string, or an int token id).
+
+Instead of ``corrupt``, ``noise_span`` selects Gaussian-noise corruption (ROME) of the tokens of a
+substring of ``clean`` (its first occurrence), or of token positions ``[start, end)`` given as a
+two-int list; :mod:`causalscan.corruption` draws the noise. A dataset uses one kind of corruption.
 Every error names the file, the line and the field.
 """
 
@@ -21,13 +25,15 @@ from causalscan.errors import InputError
 
 @dataclass(frozen=True)
 class Pair:
-    """One tokenized pair. ``wrong`` is -1 when the record has none."""
+    """One tokenized pair. ``wrong`` is -1 when the record has none. ``span``: token positions
+    ``[start, end)`` that Gaussian noise corrupts (then ``corrupt == clean``), else None."""
 
     clean: tuple[int, ...]
     corrupt: tuple[int, ...]
     answer: int
     wrong: int
     line: int
+    span: tuple[int, int] | None = None
 
 
 class Dataset:
@@ -46,6 +52,11 @@ class Dataset:
             raise InputError("dataset has no pairs", file=name)
         for rec, line in zip(self.records, self.lines, strict=True):
             self._check(rec, line)
+        noisy = ["noise_span" in r for r in self.records]
+        if any(noisy) and not all(noisy):
+            line = self.lines[noisy.index(not noisy[0])]
+            raise self._err("the dataset mixes noise_span and corrupt pairs; use one kind of corruption per "
+                            "dataset", line, "noise_span" if not noisy[0] else "corrupt")
 
     @classmethod
     def from_jsonl(cls, path: str | Path) -> Dataset:
@@ -78,12 +89,24 @@ class Dataset:
         return InputError(msg, file=self.name, line=line, field=field)
 
     def _check(self, rec: dict, line: int) -> None:
-        for side in ("clean", "corrupt"):
+        noise = "noise_span" in rec
+        if noise and ("corrupt" in rec or "corrupt_ids" in rec):
+            raise self._err("give corrupt or noise_span, not both", line, "noise_span")
+        if noise:
+            span = rec["noise_span"]
+            ints = isinstance(span, list) and len(span) == 2 and all(isinstance(i, int) for i in span)
+            if not (ints and 0 <= span[0] < span[1]) and not (isinstance(span, str) and span.strip()):
+                raise self._err("must be a non-empty substring of clean or token positions [start, end)",
+                                line, "noise_span")
+            if isinstance(span, str) and span not in rec.get("clean", span):
+                raise self._err(f"{span!r} is not a substring of clean", line, "noise_span")
+            if isinstance(span, str) and "clean" not in rec:
+                raise self._err("a string span needs the clean string; give token positions with clean_ids",
+                                line, "noise_span")
+        for side in ("clean",) if noise else ("clean", "corrupt"):
             if side not in rec and f"{side}_ids" not in rec:
-                if side == "corrupt" and "noise_span" in rec:
-                    raise self._err("Gaussian noise corruption is not supported yet; give 'corrupt' "
-                                    "(symmetric token replacement)", line, "noise_span")
-                raise self._err(f"missing (give {side!r} or {side + '_ids'!r})", line, side)
+                raise self._err(f"missing (give {side!r}, {side + '_ids'!r}"
+                                + (" or 'noise_span')" if side == "corrupt" else ")"), line, side)
             if side in rec and not isinstance(rec[side], str):
                 raise self._err("must be a string", line, side)
             ids = rec.get(f"{side}_ids")
@@ -100,13 +123,17 @@ class Dataset:
         out = []
         for rec, line in zip(self.records, self.lines, strict=True):
             ids = {}
-            for side in ("clean", "corrupt"):
+            noise = "noise_span" in rec
+            for side in ("clean",) if noise else ("clean", "corrupt"):
                 if f"{side}_ids" in rec:
                     ids[side] = tuple(rec[f"{side}_ids"])
                 else:
                     if tokenizer is None:
                         raise self._err("model has no tokenizer; give token ids instead", line, side)
                     ids[side] = tuple(tokenizer(rec[side])["input_ids"])
+            span = self._span(tokenizer, rec, ids["clean"], line) if noise else None
+            if noise:
+                ids["corrupt"] = ids["clean"]
             if len(ids["clean"]) != len(ids["corrupt"]):
                 raise self._err(f"clean has {len(ids['clean'])} tokens, corrupt has {len(ids['corrupt'])}: "
                                 "pairs must have equal token length", line, "corrupt")
@@ -115,8 +142,30 @@ class Dataset:
                 bad = [i for i in (t if isinstance(t, tuple) else (t,)) if vocab_size and not 0 <= i < vocab_size]
                 if bad:
                     raise self._err(f"token id {bad[0]} outside the vocabulary [0, {vocab_size})", line, f)
-            out.append(Pair(ids["clean"], ids["corrupt"], tok["answer"], tok.get("wrong", -1), line))
+            out.append(Pair(ids["clean"], ids["corrupt"], tok["answer"], tok.get("wrong", -1), line, span))
         return out
+
+    def _span(self, tokenizer, rec: dict, clean: tuple[int, ...], line: int) -> tuple[int, int]:
+        """Token positions ``[start, end)`` of ``noise_span`` in the clean prompt."""
+        span = rec["noise_span"]
+        if isinstance(span, list):
+            if span[1] > len(clean):
+                raise self._err(f"span {span} runs past the prompt's {len(clean)} tokens", line, "noise_span")
+            return span[0], span[1]
+        if "clean_ids" in rec or tokenizer is None:
+            raise self._err("a string span needs the clean string and a tokenizer; give token positions "
+                            "[start, end)", line, "noise_span")
+        a = rec["clean"].index(span)
+        b = a + len(span)
+        if getattr(tokenizer, "is_fast", False):
+            offsets = tokenizer(rec["clean"], return_offsets_mapping=True)["offset_mapping"]
+            hit = [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
+        else:  # prefix lengths: the tokens added by the span
+            n = len(tokenizer(rec["clean"][:a])["input_ids"])
+            hit = list(range(n, len(tokenizer(rec["clean"][:b])["input_ids"])))
+        if not hit:
+            raise self._err(f"{span!r} covers no token of clean", line, "noise_span")
+        return hit[0], hit[-1] + 1
 
     def _one_token(self, tokenizer, value, line: int, field: str) -> int:
         if isinstance(value, int):

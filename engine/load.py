@@ -48,6 +48,11 @@ class Model:
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding (token ids must lie below)."""
+        return self.hf.get_input_embeddings().weight.shape[0]
+
     def __repr__(self) -> str:
         return f"Model({self.name!r}, {self.adapter!r})"
 

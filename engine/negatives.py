@@ -16,7 +16,8 @@ import torch
 
 from causalscan import runner
 from causalscan.bindings import ops
-from causalscan.data import Pair, stack
+from causalscan.corruption import Rows
+from causalscan.data import stack
 
 # one-sided 95% Student t quantiles, df = 1..30; 1.645 beyond
 _T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
@@ -28,10 +29,11 @@ def t95(df: int) -> float:
 
 
 @torch.no_grad()
-def false_negative_bound(res, model, pairs: list[Pair], metric_fn, n_subsets: int, p: float = 0.1, seed: int = 0,
+def false_negative_bound(res, model, rows: Rows, metric_fn, n_subsets: int, p: float = 0.1, seed: int = 0,
                          rows_per_forward: int = 64) -> dict:
     """Joint random patches of the unconfirmed nodes of scan result ``res``, measured with the scan's
-    ``metric_fn`` (the signature of :mod:`causalscan.metrics`); returns the bound.
+    ``metric_fn`` (the signature of :mod:`causalscan.metrics`) on the scan's ``rows`` (of the first
+    token length); returns the bound.
 
     ``{"bound": float, "node": str, "subsets": S, "p": p, "nodes": N}``; ``bound`` is the largest
     over nodes of ``|diff| + t95 * se`` (mean effect over pairs, metric units).
@@ -44,17 +46,19 @@ def false_negative_bound(res, model, pairs: list[Pair], metric_fn, n_subsets: in
     nodes = keep.nonzero()[:, 0]
     g = torch.Generator().manual_seed(seed + 1)
     member = torch.rand(n_subsets, len(nodes), generator=g) < p  # [S, N]
-    lengths = sorted({len(x.clean) for x in pairs})
-    if len(lengths) > 1:
-        pairs = [x for x in pairs if len(x.clean) == lengths[0]]
-    b = stack(pairs, dev)
+    seq = min(len(x.clean) for x in rows.pairs)
+    idx = [i for i, x in enumerate(rows.pairs) if len(x.clean) == seq]
+    b = stack([rows.pairs[i] for i in idx], dev)
+    noise = rows.noise(idx, model.hf.get_input_embeddings().weight)
     noising = res.direction == "noising"
     base_ids, src_ids = (b["clean"], b["corrupt"]) if noising else (b["corrupt"], b["clean"])
+    base_noise, src_noise = (None, noise) if noising else (noise, None)
     comps = [res.components[j] for j in nodes.tolist()]
     sources = sorted({(c.site, c.layer) for c in comps})
     src_acts: dict = {}
-    src_logits = runner.forward(ad, src_ids, [runner.capture(ad, s, layer, src_acts) for s, layer in sources])[:, -1]
-    base_logits = runner.forward(ad, base_ids)[:, -1]
+    src_logits = runner.forward(ad, src_ids, [runner.capture(ad, s, layer, src_acts) for s, layer in sources],
+                                noise=src_noise)[:, -1]
+    base_logits = runner.forward(ad, base_ids, noise=base_noise)[:, -1]
     ref = torch.log_softmax((base_logits if noising else src_logits).float(), -1)
     base_m = metric_fn(base_logits, b["answer"], b["wrong"], ref)
 
@@ -66,24 +70,25 @@ def false_negative_bound(res, model, pairs: list[Pair], metric_fn, n_subsets: in
     per = max(1, rows_per_forward // n_pairs)
     for lo in range(0, n_subsets, per):
         subs = list(range(lo, min(n_subsets, lo + per)))
-        rows = torch.arange(n_pairs, device=dev).repeat(len(subs))
+        batch = torch.arange(n_pairs, device=dev).repeat(len(subs))
         sub_of_row = torch.tensor(subs).repeat_interleave(n_pairs)
         taps = []
         for (site, layer), cols in by_site.items():
-            mask = torch.zeros(len(rows), seq, ad.shape(site)[0], dtype=torch.bool)
+            mask = torch.zeros(len(batch), seq, ad.shape(site)[0], dtype=torch.bool)
             col, idx = torch.tensor([c[0] for c in cols]), torch.tensor([c[1] for c in cols])
             pos = [c[2] for c in cols]
-            on = member[sub_of_row][:, col]  # [rows, k]
+            on = member[sub_of_row][:, col]  # [batch, k]
             for r, k in on.nonzero().tolist():
                 if pos[k] is None:
                     mask[r, :, idx[k]] = True
                 else:
                     mask[r, pos[k], idx[k]] = True
-            mask, source = mask.to(dev), src_acts[(site, layer)][rows]
+            mask, source = mask.to(dev), src_acts[(site, layer)][batch]
             taps.append((site, layer, lambda x, m=mask, s=source: ops.perturb(x, "patch", m, source=s)))
-        logits = runner.forward(ad, base_ids[rows], taps)[:, -1]
-        m = metric_fn(logits, b["answer"][rows], b["wrong"][rows], ref[rows]).float().cpu()
-        eff = (m - base_m[rows].float().cpu()).view(len(subs), n_pairs).mean(1)
+        logits = runner.forward(ad, base_ids[batch], taps,
+                                noise=None if base_noise is None else base_noise[batch])[:, -1]
+        m = metric_fn(logits, b["answer"][batch], b["wrong"][batch], ref[batch]).float().cpu()
+        eff = (m - base_m[batch].float().cpu()).view(len(subs), n_pairs).mean(1)
         effect[torch.tensor(subs)] = eff
 
     best, best_node = 0.0, None

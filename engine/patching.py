@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from causalscan import runner
+from causalscan import corruption, runner
 from causalscan.adapters import SITES
 from causalscan.bindings import ops
-from causalscan.data import Pair, as_dataset, stack
+from causalscan.corruption import Rows
+from causalscan.data import as_dataset, stack
 from causalscan.errors import InputError
 from causalscan.load import Model, load
 from causalscan.metrics import get as get_metric
@@ -119,6 +120,9 @@ def patch(
     memory_budget: int | None = None,
     min_tokens: int | None = None,
     progress=None,
+    samples: int = corruption.SAMPLES,
+    noise_scale: float = corruption.SCALE,
+    seed: int = 0,
 ) -> PatchResult:
     """Exact effects of patching each component, every prompt pair, many patches per forward.
 
@@ -129,6 +133,8 @@ def patch(
     ``memory_budget``: bytes per forward (default: 1 GiB on CPU, half the free GPU memory).
     ``min_tokens``: merge start groups until a forward has this many row-positions (default
     2048 on CPU, 16384 on GPU; 0 never merges).
+    ``samples``, ``noise_scale``, ``seed``: Gaussian-noise corruption of ``noise_span`` pairs
+    (:mod:`causalscan.corruption`); every per-pair value is the mean over the samples.
 
     >>> res = patch(load("random:gpt2-tiny"), pairs, sites="head")
     >>> res.tensors()["exact/head"].shape
@@ -137,11 +143,9 @@ def patch(
     t0 = time.perf_counter()
     model = load(model)
     ds = as_dataset(dataset)
-    if direction not in ("noising", "denoising"):
-        raise InputError(f"direction must be noising or denoising, not {direction!r}", field="direction")
+    check_direction(direction)
     metric_name, metric_fn = get_metric(metric)
-    vocab = model.hf.get_input_embeddings().weight.shape[0]
-    pairs = ds.tokenize(model.tokenizer, vocab)
+    pairs = ds.tokenize(model.tokenizer, model.vocab_size)
     lengths = sorted({len(p.clean) for p in pairs})
 
     slots: list[SweepSlot] = []
@@ -149,50 +153,77 @@ def patch(
     if components is not None:
         comps = list(components)
         for c in comps:
-            model.adapter.check_site(c.site, c.layer)
-            if not 0 <= c.index < model.adapter.shape(c.site)[0]:
-                raise InputError(f"{c}: index out of range", field="components")
-            if c.position is not None and not 0 <= c.position < lengths[0]:
-                raise InputError(f"{c}: position out of range", field="components")
+            check_component(model, c, lengths[0])
         slots.append(SweepSlot("components", 0, len(comps), (len(comps),)))
     else:
         slots, comps = build_sweeps(model, sites, lengths, ds.name)
 
-    n = len(pairs)
-    patched = torch.empty(n, len(comps))
-    clean_m, corrupt_m = torch.empty(n), torch.empty(n)
-    n_forwards = 0
-    budget = memory_budget or _default_budget(model)
-    if min_tokens is None:
-        min_tokens = 16384 if model.device.type == "cuda" else 2048
-    for seq in lengths:
-        idx = [i for i, p in enumerate(pairs) if len(p.clean) == seq]
-        res = _patch_bucket(model, [pairs[i] for i in idx], comps, direction, metric_fn, budget, progress,
-                            min_tokens)
-        rows = torch.tensor(idx)
-        patched[rows], clean_m[rows], corrupt_m[rows] = res[0], res[1], res[2]
-        n_forwards += res[3]
+    rows = corruption.rows(model, pairs, samples, noise_scale, seed)
+    patched, clean_m, corrupt_m, n_forwards = measure(model, rows, [[c] for c in comps], direction, metric_fn,
+                                                      memory_budget, min_tokens, progress)
     return PatchResult(
         model=model.name, dataset=ds.name, dataset_sha256=ds.sha256, direction=direction, metric=metric_name,
         components=comps, slots=slots, patched=patched, clean=clean_m, corrupt=corrupt_m,
-        timings={"patch_s": time.perf_counter() - t0, "forwards": n_forwards},
+        timings={"patch_s": time.perf_counter() - t0, "forwards": n_forwards}, corruption=rows.settings(),
     )
 
 
-def plan(comps: list[Component], n_pairs: int, seq: int, min_tokens: int) -> list[tuple[int, int, list[int]]]:
-    """Forwards as ``(start_layer, start_pos, component ids)``.
+def check_direction(direction: str) -> None:
+    if direction not in ("noising", "denoising"):
+        raise InputError(f"direction must be noising or denoising, not {direction!r}", field="direction")
 
-    A patch at (layer, p) may start at any earlier layer and position: what is recomputed there
-    equals the base run. Groups of one start layer are merged, in position order, until a
+
+def check_component(model: Model, c: Component, seq: int) -> None:
+    model.adapter.check_site(c.site, c.layer)
+    if not 0 <= c.index < model.adapter.shape(c.site)[0]:
+        raise InputError(f"{c}: index out of range", field="components")
+    if c.position is not None and not 0 <= c.position < seq:
+        raise InputError(f"{c}: position out of range", field="components")
+
+
+@torch.no_grad()
+def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: str, metric_fn,
+            memory_budget: int | None = None, min_tokens: int | None = None, progress=None) -> tuple:
+    """The metric with each group of components patched together, per pair.
+
+    Returns ``patched`` [P, G], ``clean`` and ``corrupt`` [P] (means over each pair's rows) and the
+    number of forwards.
+    """
+    budget = memory_budget or _default_budget(model)
+    if min_tokens is None:
+        min_tokens = 16384 if model.device.type == "cuda" else 2048
+    n = len(rows.pairs)
+    patched = torch.empty(n, len(groups))
+    clean_m, corrupt_m = torch.empty(n), torch.empty(n)
+    n_forwards = 0
+    for seq in sorted({len(p.clean) for p in rows.pairs}):
+        idx = [i for i, p in enumerate(rows.pairs) if len(p.clean) == seq]
+        res = _patch_bucket(model, rows, idx, groups, direction, metric_fn, budget, progress, min_tokens)
+        r = torch.tensor(idx)
+        patched[r], clean_m[r], corrupt_m[r] = res[0], res[1], res[2]
+        n_forwards += res[3]
+    return rows.mean(patched), rows.mean(clean_m), rows.mean(corrupt_m), n_forwards
+
+
+def start(group: list[Component]) -> tuple[int, int]:
+    """The earliest (layer, position) a patch of ``group`` changes."""
+    return min(c.layer for c in group), min(c.position or 0 for c in group)
+
+
+def plan(starts: list[tuple[int, int]], n_pairs: int, seq: int, min_tokens: int) -> list[tuple[int, int, list[int]]]:
+    """Forwards as ``(start_layer, start_pos, group ids)`` for groups starting at ``starts``.
+
+    A patch starting at (layer, p) may start at any earlier layer and position: what is recomputed
+    there equals the base run. Groups of one start layer are merged, in position order, until a
     forward carries ``min_tokens`` row-positions, so by-position sweeps do not pay the
     per-forward overhead hundreds of times; a merged forward starts at its members' earliest
     position. Layers are never merged: starting a block earlier costs a whole block per row.
     """
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for j, c in enumerate(comps):
-        groups[(c.layer, c.position or 0)].append(j)
+    by_start: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for j, s in enumerate(starts):
+        by_start[s].append(j)
     out: list[tuple[int, int, list[int]]] = []
-    for (layer, pos), members in sorted(groups.items()):
+    for (layer, pos), members in sorted(by_start.items()):
         if out:
             l0, p0, acc = out[-1]
             if l0 == layer and n_pairs * len(acc) * (seq - p0) < min_tokens:
@@ -202,57 +233,65 @@ def plan(comps: list[Component], n_pairs: int, seq: int, min_tokens: int) -> lis
     return out
 
 
-def _patch_bucket(model: Model, pairs: list[Pair], comps: list[Component], direction: str, metric_fn, budget: int,
-                  progress, min_tokens: int) -> tuple:
-    """Patched metric [P, n] and clean/corrupt metrics [P] for equal-length pairs."""
+def _patch_bucket(model: Model, rows: Rows, idx: list[int], groups: list[list[Component]], direction: str,
+                  metric_fn, budget: int, progress, min_tokens: int) -> tuple:
+    """Patched metric [R, G] and clean/corrupt metrics [R] for rows ``idx`` (equal length)."""
     ad, dev = model.adapter, model.device
-    b = stack(pairs, dev)
-    base_ids, src_ids = (b["clean"], b["corrupt"]) if direction == "noising" else (b["corrupt"], b["clean"])
+    b = stack([rows.pairs[i] for i in idx], dev)
+    noise = rows.noise(idx, model.hf.get_input_embeddings().weight)
+    noising = direction == "noising"
+    base_ids, src_ids = (b["clean"], b["corrupt"]) if noising else (b["corrupt"], b["clean"])
+    base_noise, src_noise = (None, noise) if noising else (noise, None)
     seq = base_ids.shape[1]
-    sources = sorted({(c.site, c.layer) for c in comps})
-    starts = sorted({c.layer for c in comps})
-    base_logits, base_acts, kv = runner.run_with_cache(ad, base_ids, [("resid_pre", s) for s in starts])
+    starts = [start(g) for g in groups]
+    sources = sorted({(c.site, c.layer) for g in groups for c in g})
+    base_logits, base_acts, kv = runner.run_with_cache(ad, base_ids, [("resid_pre", s) for s in {s[0] for s in starts}],
+                                                       noise=base_noise)
     src_acts: dict = {}
-    src_logits = runner.forward(ad, src_ids, [runner.capture(ad, s, layer, src_acts) for s, layer in sources])
+    src_logits = runner.forward(ad, src_ids, [runner.capture(ad, s, layer, src_acts) for s, layer in sources],
+                                noise=src_noise)
     base_logits, src_logits = base_logits[:, -1], src_logits[:, -1]
-    clean_logits = base_logits if direction == "noising" else src_logits
+    clean_logits = base_logits if noising else src_logits
     ref = torch.log_softmax(clean_logits.float(), -1)
     ans, wrong = b["answer"], b["wrong"]
     base_m = metric_fn(base_logits, ans, wrong, ref)
     src_m = metric_fn(src_logits, ans, wrong, ref)
-    clean_m, corrupt_m = (base_m, src_m) if direction == "noising" else (src_m, base_m)
+    clean_m, corrupt_m = (base_m, src_m) if noising else (src_m, base_m)
 
-    out = torch.empty(len(pairs), len(comps))
+    n = len(idx)
+    out = torch.empty(n, len(groups))
     n_forwards = 0
-    for layer, pos, members in plan(comps, len(pairs), seq, min_tokens):
-        width = sum(ad.shape(s)[0] * ad.shape(s)[1] for s in {comps[j].site for j in members})
+    for layer, pos, members in plan(starts, n, seq, min_tokens):
+        sites = {c.site for j in members for c in groups[j]}
+        width = sum(ad.shape(s)[0] * ad.shape(s)[1] for s in sites)
         per_row = _row_bytes(model, seq, seq - pos, ad.n_layers - layer, width)
         chunk = max(1, budget // per_row)
-        pair_idx = torch.arange(len(pairs)).repeat_interleave(len(members))
-        comp_idx = torch.tensor(members).repeat(len(pairs))
+        pair_idx = torch.arange(n).repeat_interleave(len(members))
+        group_idx = torch.tensor(members).repeat(n)
         for lo in range(0, len(pair_idx), chunk):
-            pi, ci = pair_idx[lo:lo + chunk], comp_idx[lo:lo + chunk]
-            rows = pi.to(dev)
-            logits = _run_rows(model, comps, rows, ci, layer, pos, base_ids, base_acts, src_acts, kv)
-            out[pi, ci] = metric_fn(logits, ans[rows], wrong[rows], ref[rows]).float().cpu()
+            pi, gi = pair_idx[lo:lo + chunk], group_idx[lo:lo + chunk]
+            r = pi.to(dev)
+            logits = _run_rows(model, groups, r, gi, layer, pos, base_ids, base_acts, src_acts, kv)
+            out[pi, gi] = metric_fn(logits, ans[r], wrong[r], ref[r]).float().cpu()
             n_forwards += 1
             if progress:
                 progress(n_forwards)
     return out, clean_m.float().cpu(), corrupt_m.float().cpu(), n_forwards + 2
 
 
-def _run_rows(model, comps, pi, ci, layer, pos, base_ids, base_acts, src_acts, kv) -> torch.Tensor:
-    """One forward: row r is base pair ``pi[r]`` with component ``comps[ci[r]]`` patched."""
+def _run_rows(model, groups, pi, gi, layer, pos, base_ids, base_acts, src_acts, kv) -> torch.Tensor:
+    """One forward: row r is base row ``pi[r]`` with every component of ``groups[gi[r]]`` patched."""
     ad = model.adapter
-    rows, new = len(pi), base_ids.shape[1] - pos
+    n_rows, new = len(pi), base_ids.shape[1] - pos
+    by_site: dict[tuple[str, int], list[tuple[int, Component]]] = defaultdict(list)
+    for r, j in enumerate(gi.tolist()):
+        for c in groups[j]:
+            by_site[(c.site, c.layer)].append((r, c))
     taps = []
-    by_site: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
-    for r, j in enumerate(ci.tolist()):
-        by_site[(comps[j].site, comps[j].layer)].append((r, j))
-    for (site, lay), rows_comps in by_site.items():
-        mask = torch.zeros(rows, new, ad.shape(site)[0], dtype=torch.bool)
-        every = [(r, comps[j].index) for r, j in rows_comps if comps[j].position is None]
-        one = [(r, comps[j].position - pos, comps[j].index) for r, j in rows_comps if comps[j].position is not None]
+    for (site, lay), members in by_site.items():
+        mask = torch.zeros(n_rows, new, ad.shape(site)[0], dtype=torch.bool)
+        every = [(r, c.index) for r, c in members if c.position is None]
+        one = [(r, c.position - pos, c.index) for r, c in members if c.position is not None]
         if every:
             r, c = torch.tensor(every).T
             mask[r, :, c] = True

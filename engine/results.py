@@ -41,6 +41,7 @@ class PatchResult:
     clean: torch.Tensor
     corrupt: torch.Tensor
     timings: dict = field(default_factory=dict)
+    corruption: dict = field(default_factory=lambda: {"kind": "tokens"})
 
     @property
     def base(self) -> torch.Tensor:
@@ -92,7 +93,7 @@ class PatchResult:
             "kind": "patch",
             "model": self.model,
             "dataset": {"path": self.dataset, "sha256": self.dataset_sha256, "pairs": len(self.clean)},
-            "settings": {"direction": self.direction, "metric": self.metric,
+            "settings": {"direction": self.direction, "metric": self.metric, "corruption": self.corruption,
                          "sweeps": {s.name: list(s.shape) for s in self.slots}},
             "baselines": {"clean": self.clean.mean().item(), "corrupt": self.corrupt.mean().item()},
             "components": self.top(top),
@@ -105,12 +106,12 @@ class PatchResult:
         return _write(out_dir, self.tensors(), self.to_json(top))
 
 
-def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict) -> Path:
-    """``scores.safetensors`` and ``scan.json`` (strict JSON: NaN as null) into ``out_dir``."""
+def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict, name: str = "scan.json") -> Path:
+    """``scores.safetensors`` and ``name`` (strict JSON: NaN as null) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.float().cpu() for k, v in tensors.items()}, str(out / "scores.safetensors"))
-    (out / "scan.json").write_text(json.dumps(_finite(doc), indent=2))
+    (out / name).write_text(json.dumps(_finite(doc), indent=2))
     return out
 
 
@@ -148,6 +149,7 @@ class ScanResult:
     agreement: dict | None = None
     false_negatives: dict | None = None
     timings: dict = field(default_factory=dict)
+    corruption: dict = field(default_factory=lambda: {"kind": "tokens"})
 
     def summary(self) -> dict[str, torch.Tensor]:
         """Per node [n]: ``score`` (ranking), ``estimate`` (signed mean), and for confirmed nodes
@@ -199,7 +201,8 @@ class ScanResult:
             "model": self.model,
             "dataset": {"path": self.dataset, "sha256": self.dataset_sha256, "pairs": len(self.clean)},
             "settings": {"method": self.method, "graddrop": self.graddrop is not None, "direction": self.direction,
-                         "metric": self.metric, "sweeps": {s.name: list(s.shape) for s in self.slots},
+                         "metric": self.metric, "corruption": self.corruption,
+                         "sweeps": {s.name: list(s.shape) for s in self.slots},
                          "confirmed": {"top": self.n_top, "random": 0 if self.confirmed is None
                                        else len(self.confirmed) - self.n_top}},
             "baselines": {"clean": self.clean.mean().item(), "corrupt": self.corrupt.mean().item()},
@@ -224,3 +227,70 @@ def _finite(doc):
     if isinstance(doc, list):
         return [_finite(v) for v in doc]
     return doc
+
+
+@dataclass
+class TraceResult:
+    """Causal tracing: ``effects[grid]`` [P, T, L] of ``metric(restored) - metric(corrupt)`` per pair
+    (means over noise samples); ``clean``/``corrupt`` [P]; ``tokens``: the first pair's tokens,
+    ``span``: its noised token positions (None for token pairs)."""
+
+    model: str
+    dataset: str
+    dataset_sha256: str
+    metric: str
+    window: int
+    effects: dict[str, torch.Tensor]
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    tokens: list[str]
+    span: tuple[int, int] | None = None
+    corruption: dict = field(default_factory=lambda: {"kind": "tokens"})
+    timings: dict = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``trace/<grid>`` [T, L] mean effect and ``trace_norm/<grid>``: its share of clean - corrupt."""
+        gap = self.clean.mean().item() - self.corrupt.mean().item()
+        out = {}
+        for name, e in self.effects.items():
+            out[f"trace/{name}"] = e.mean(0)
+            out[f"trace_norm/{name}"] = e.mean(0) / gap if gap else torch.full_like(e[0], float("nan"))
+        return out
+
+    def top(self, k: int = 10, grid: str | None = None) -> list[dict]:
+        """The ``k`` restorations of largest mean effect (over every grid, or one)."""
+        t = self.tensors()
+        cells = [(name, pos, layer) for name in ([grid] if grid else self.effects)
+                 for pos in range(len(self.tokens)) for layer in range(self.effects[name].shape[-1])]
+        vals = torch.tensor([t[f"trace/{n}"][p, la].item() for n, p, la in cells])
+        return [{"grid": cells[j][0], "position": cells[j][1], "token": self.tokens[cells[j][1]],
+                 "layer": cells[j][2], "effect": vals[j].item(),
+                 "recovered": t[f"trace_norm/{cells[j][0]}"][cells[j][1], cells[j][2]].item()}
+                for j in vals.argsort(descending=True)[:k].tolist()]
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.top(sum(e[0].numel() for e in self.effects.values())))
+
+    def to_json(self, top: int = 20) -> dict:
+        from causalscan.versions import versions
+
+        return {
+            "kind": "trace",
+            "model": self.model,
+            "dataset": {"path": self.dataset, "sha256": self.dataset_sha256, "pairs": len(self.clean)},
+            "settings": {"metric": self.metric, "window": self.window, "corruption": self.corruption,
+                         "direction": "denoising"},
+            "baselines": {"clean": self.clean.mean().item(), "corrupt": self.corrupt.mean().item()},
+            "tokens": self.tokens,
+            "span": list(self.span) if self.span else None,
+            "grids": {k: v.tolist() for k, v in self.tensors().items() if k.startswith("trace/")},
+            "top": self.top(top),
+            "timings": self.timings,
+            "versions": versions(),
+        }
+
+    def save(self, out_dir: str | Path, top: int = 20) -> Path:
+        """Write ``trace.json`` and ``scores.safetensors`` into ``out_dir``."""
+        return _write(out_dir, self.tensors(), self.to_json(top), "trace.json")

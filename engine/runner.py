@@ -9,7 +9,9 @@ embeddings and the attention implementation are the model's; on top of it:
 - ``past``: keys and values of the first ``p`` positions (a :class:`KVPrefix` slice), so only the
   last ``T'`` positions are computed (causal attention leaves earlier positions unchanged);
 - ``stop``: return the residual entering block ``stop`` (``n_layers``: the last block's output)
-  instead of logits, skipping everything after it.
+  instead of logits, skipping everything after it;
+- ``noise``: ``[B, T, d_embed]`` added to the output of the input embedding module (Gaussian
+  corruption, :mod:`causalscan.corruption`).
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ def installed(
     start_layer: int = 0,
     resid: torch.Tensor | None = None,
     stop: int | None = None,
+    noise: torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Install taps (and the start/stop machinery) for the forwards run inside the block."""
+    """Install taps (and the start/stop/noise machinery) for the forwards run inside the block."""
     taps = list(taps)
     bt = {}  # (batch, seq) of the forward in flight, read at block inputs
 
@@ -103,6 +106,12 @@ def installed(
         def hold(handle):
             add(handle.remove)
 
+        if noise is not None:
+            def add_noise(mod, args, out):
+                if out.shape != noise.shape:
+                    raise ValueError(f"noise {tuple(noise.shape)} does not fit the embeddings {tuple(out.shape)}")
+                return out + noise
+            hold(ad.model.get_input_embeddings().register_forward_hook(add_noise))
         for i in range(start_layer):
             ad.blocks[i].forward = _identity_block
             add(ad.blocks[i].__dict__.pop, "forward", None)
@@ -179,6 +188,7 @@ def forward(
     stop: int | None = None,
     logits_to_keep: int = 1,
     use_cache: bool = False,
+    noise: torch.Tensor | None = None,
 ):
     """Run ``input_ids`` [B, T'] with taps; returns logits [B, keep, V] (or the residual at ``stop``).
 
@@ -186,7 +196,7 @@ def forward(
     """
     if resid is None and start_layer:
         raise ValueError("start_layer > 0 needs the residual entering that layer")
-    with installed(ad, taps, start_layer, resid, stop):
+    with installed(ad, taps, start_layer, resid, stop, noise):
         try:
             out = ad.model(input_ids=input_ids, past_key_values=past, use_cache=use_cache,
                            logits_to_keep=logits_to_keep)
@@ -205,10 +215,11 @@ def capture(ad: Adapter, site: str, layer: int, store: dict) -> TapSpec:
 
 
 def run_with_cache(
-    ad: Adapter, input_ids: torch.Tensor, sites: Iterable[tuple[str, int]], logits_to_keep: int = 1
+    ad: Adapter, input_ids: torch.Tensor, sites: Iterable[tuple[str, int]], logits_to_keep: int = 1,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict, KVPrefix]:
     """One forward returning logits, activations at ``sites`` and the key/value prefix."""
     store: dict = {}
     logits, cache = forward(ad, input_ids, [capture(ad, s, layer, store) for s, layer in sites],
-                            logits_to_keep=logits_to_keep, use_cache=True)
+                            logits_to_keep=logits_to_keep, use_cache=True, noise=noise)
     return logits, store, KVPrefix.from_cache(cache)

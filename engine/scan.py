@@ -16,13 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
-from causalscan import attribution
+from causalscan import attribution, corruption
 from causalscan.attribution import Sweep
 from causalscan.data import as_dataset, stack
 from causalscan.errors import InputError
 from causalscan.load import load
 from causalscan.metrics import get as get_metric
-from causalscan.patching import Component, build_sweeps, patch
+from causalscan.patching import Component, build_sweeps, check_direction, patch
 from causalscan.results import ScanResult
 
 METHODS = ("atp", "atp*")
@@ -43,6 +43,8 @@ def scan(
     fn_p: float = 0.1,
     seed: int = 0,
     progress=None,
+    samples: int = corruption.SAMPLES,
+    noise_scale: float = corruption.SCALE,
 ) -> ScanResult:
     """Estimate the effect of every component of ``sites`` on ``metric``, then confirm the top.
 
@@ -56,7 +58,9 @@ def scan(
     top nodes to re-measure exactly (0: none), plus ``confirm_random`` (default ``confirm``)
     drawn uniformly from the rest. ``fn_subsets``: random joint patches for the AtP*
     false-negative diagnostic (0: skip), each unconfirmed node in a subset with probability
-    ``fn_p``. ``batch_size``: pairs per attribution pass.
+    ``fn_p``. ``batch_size``: rows per attribution pass. ``samples``, ``noise_scale``: Gaussian
+    corruption of ``noise_span`` pairs (:mod:`causalscan.corruption`; each pair runs as ``samples``
+    rows, seeded by ``seed``, and its estimates are the means over them).
 
     >>> res = scan("induction", causalscan.zoo.dataset_path("induction"), sites="head", confirm=4)
     >>> res.top(3)
@@ -66,31 +70,32 @@ def scan(
     ds = as_dataset(dataset)
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
-    if direction not in ("noising", "denoising"):
-        raise InputError(f"direction must be noising or denoising, not {direction!r}", field="direction")
+    check_direction(direction)
     if batch_size < 1 or confirm < 0 or fn_subsets < 0:
         raise InputError("batch_size must be >= 1, confirm and fn_subsets >= 0", field="batch_size")
     star = method == "atp*"
     graddrop = star if graddrop is None else graddrop
     metric_name, metric_fn = get_metric(metric)
-    vocab = model.hf.get_input_embeddings().weight.shape[0]
-    pairs = ds.tokenize(model.tokenizer, vocab)
+    pairs = ds.tokenize(model.tokenizer, model.vocab_size)
     lengths = sorted({len(p.clean) for p in pairs})
 
     slots, comps = build_sweeps(model, sites, lengths, ds.name)
     sweeps = [Sweep(s.name, comps[s.start].site, comps[s.start].position is not None, s.shape) for s in slots]
 
-    n = len(pairs)
-    signed, score = torch.empty(n, len(comps)), torch.empty(n, len(comps))
-    gd_all = torch.empty(n, len(comps)) if graddrop else None
-    clean_m, corrupt_m = torch.empty(n), torch.empty(n)
+    rows = corruption.rows(model, pairs, samples, noise_scale, seed)
+    n_rows, per = len(rows.pairs), 1.0 / rows.samples
+    signed = torch.zeros(len(pairs), len(comps))
+    gd_all = torch.zeros(len(pairs), len(comps)) if graddrop else None
+    clean_m, corrupt_m = torch.zeros(len(pairs)), torch.zeros(len(pairs))
     noising = direction == "noising"
+    embed = model.hf.get_input_embeddings().weight
     done = 0
     for seq in lengths:
-        idx = [i for i, p in enumerate(pairs) if len(p.clean) == seq]
+        idx = [i for i, p in enumerate(rows.pairs) if len(p.clean) == seq]
         for lo in range(0, len(idx), batch_size):
-            rows = idx[lo:lo + batch_size]
-            b = stack([pairs[i] for i in rows], model.device)
+            batch = idx[lo:lo + batch_size]
+            b = stack([rows.pairs[i] for i in batch], model.device)
+            noise = rows.noise(batch, embed)
             base, other = (b["clean"], b["corrupt"]) if noising else (b["corrupt"], b["clean"])
             ans, wrong = b["answer"], b["wrong"]
 
@@ -98,42 +103,43 @@ def scan(
                 return metric_fn(logits, ans, wrong, clean_lp)
 
             out = attribution.attribute(model.adapter, base, other, fn, sweeps, qk_fix=star, graddrop=graddrop,
-                                        base_is_clean=noising)
-            r = torch.tensor(rows)
-            signed[r] = torch.cat([out["signed"][sw.name].flatten(1) for sw in sweeps], 1)
-            sig = out["signed"]
-            gd = out.get("graddrop")
-            score[r] = torch.cat([(torch.maximum(sig[sw.name].abs(), gd[sw.name]) if gd else sig[sw.name].abs())
-                                  .flatten(1) for sw in sweeps], 1)
-            if gd:
-                gd_all[r] = torch.cat([gd[sw.name].flatten(1) for sw in sweeps], 1)
-            clean_m[r], corrupt_m[r] = (out["base"], out["other"]) if noising else (out["other"], out["base"])
-            done += len(rows)
+                                        base_is_clean=noising, base_noise=None if noising else noise,
+                                        other_noise=noise if noising else None)
+            owner = rows.owner[batch]
+            signed.index_add_(0, owner, per * torch.cat([out["signed"][sw.name].flatten(1) for sw in sweeps], 1))
+            if graddrop:
+                gd_all.index_add_(0, owner, per * torch.cat([out["graddrop"][sw.name].flatten(1) for sw in sweeps], 1))
+            cm, km = (out["base"], out["other"]) if noising else (out["other"], out["base"])
+            clean_m.index_add_(0, owner, per * cm)
+            corrupt_m.index_add_(0, owner, per * km)
+            done += len(batch)
             if progress:
-                progress(f"attribution: {done}/{n} pairs")
+                progress(f"attribution: {done}/{n_rows} rows")
+    score = torch.maximum(signed.abs(), gd_all) if graddrop else signed.abs()
     t_attr = time.perf_counter() - t0
 
     res = ScanResult(
         model=model.name, dataset=ds.name, dataset_sha256=ds.sha256, direction=direction, metric=metric_name,
         method=method, graddrop=gd_all, components=comps, slots=slots, signed=signed, score=score,
-        clean=clean_m, corrupt=corrupt_m, timings={"attribution_s": t_attr},
+        clean=clean_m, corrupt=corrupt_m, timings={"attribution_s": t_attr}, corruption=rows.settings(),
     )
     if confirm:
         t1 = time.perf_counter()
         _confirm(res, model, ds, metric, confirm, confirm if confirm_random is None else confirm_random, seed,
-                 progress)
+                 progress, samples, noise_scale)
         res.timings["confirm_s"] = time.perf_counter() - t1
     if fn_subsets:
         from causalscan.negatives import false_negative_bound
 
         t1 = time.perf_counter()
-        res.false_negatives = false_negative_bound(res, model, pairs, metric_fn, fn_subsets, p=fn_p, seed=seed)
+        res.false_negatives = false_negative_bound(res, model, rows, metric_fn, fn_subsets, p=fn_p, seed=seed)
         res.timings["false_negatives_s"] = time.perf_counter() - t1
     res.timings["total_s"] = time.perf_counter() - t0
     return res
 
 
-def _confirm(res: ScanResult, model, ds, metric, k: int, n_random: int, seed: int, progress) -> None:
+def _confirm(res: ScanResult, model, ds, metric, k: int, n_random: int, seed: int, progress, samples: int,
+             noise_scale: float) -> None:
     """Exact effects of the top ``k`` nodes and ``n_random`` others; agreement statistics."""
     order = res.score.mean(0).argsort(descending=True)
     k = min(k, len(order))
@@ -142,7 +148,7 @@ def _confirm(res: ScanResult, model, ds, metric, k: int, n_random: int, seed: in
     sample = rest[torch.randperm(len(rest), generator=g)[:n_random]]
     chosen = torch.cat([top, sample])
     exact = patch(model, ds, components=[res.components[j] for j in chosen.tolist()], direction=res.direction,
-                  metric=metric,
+                  metric=metric, samples=samples, noise_scale=noise_scale, seed=seed,
                   progress=(lambda n_fw: progress(f"confirm: {n_fw} forwards")) if progress else None)
     res.confirmed = chosen
     res.n_top = k

@@ -136,3 +136,53 @@ def grad(model, ids, site, layer, metric, drop_layer=None):
         for h in hooks:
             h.remove()
     return held["x"], _raw_view(ad, site, g, b, t)
+
+
+class embed_noise:
+    """Context: add ``noise`` [B, T, D] to the output of the input embedding module (plain hook)."""
+
+    def __init__(self, model, noise):
+        self.emb, self.noise = model.hf.get_input_embeddings(), noise
+
+    def __enter__(self):
+        self.h = self.emb.register_forward_hook(lambda m, a, o: o + self.noise)
+
+    def __exit__(self, *exc):
+        self.h.remove()
+
+
+def restored_logits(model, ids, restores, clean):
+    """Logits at the last position with clean values put back: ``restores`` lists
+    ``(site, layer, position)`` for ``attn_out``, ``mlp_out`` (module outputs) and ``resid_post``
+    (block output); ``clean[(site, layer)]`` is the clean run's raw module output [B, T, D]."""
+    handles = []
+    for site, layer, pos in restores:
+        blk = model.adapter.blocks[layer]
+        module = blk if site == "resid_post" else _module(model.adapter, site, layer)[0]
+
+        def put(m, a, o, key=(site, layer), pos=pos):
+            x = (o[0] if isinstance(o, tuple) else o).clone()
+            x[:, pos] = clean[key][:, pos]
+            return (x, *o[1:]) if isinstance(o, tuple) else x
+        handles.append(module.register_forward_hook(put))
+    try:
+        return model.hf(input_ids=ids).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def module_outputs(model, ids, sites):
+    """Raw outputs [B, T, D] of ``(site, layer)`` modules (resid_post: the block) in a plain forward."""
+    out, handles = {}, []
+    for site, layer in sites:
+        blk = model.adapter.blocks[layer]
+        module = blk if site == "resid_post" else _module(model.adapter, site, layer)[0]
+        handles.append(module.register_forward_hook(
+            lambda m, a, o, key=(site, layer): out.__setitem__(key, (o[0] if isinstance(o, tuple) else o).clone())))
+    try:
+        model.hf(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return out

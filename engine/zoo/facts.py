@@ -79,53 +79,24 @@ def accuracy(model, seed: int = 0) -> dict:
             "p_answer": logits.softmax(-1).gather(-1, ids[:, -1:]).mean().item()}
 
 
-@torch.no_grad()
-def trace(model, seed: int = 0, n_facts: int = 96, samples: int = NOISE_SAMPLES, noise_seed: int = 5) -> dict:
-    """ROME causal tracing over the first ``n_facts`` facts: subject embeddings get Gaussian noise of
-    std ``NOISE_SCALE x`` the std of subject-word embedding entries (``samples`` draws), and the clean
-    value of one (kind, token, layer) is restored. Returns p(answer) clean and corrupt, and per kind
-    (``state`` = resid_post, ``mlp`` = mlp_out, ``attn`` = attn_out) the mean indirect effect
-    ``p_restored - p_corrupt`` as a [tokens, layers] list."""
-    from causalscan import runner
+def subjects(n_facts: int = 96, seed: int = 0) -> list[dict]:
+    """Tracing records: the first ``n_facts`` facts, Gaussian noise on the two subject words."""
+    return [{"clean": f"{s} {r}", "noise_span": s, "answer": a} for s, r, a in facts(seed)[:n_facts]]
 
-    ad = model.adapter
-    ids = encode(facts(seed)[:n_facts]).to(model.device)
-    prompt, answer = ids[:, :-1], ids[:, -1]
-    n, t = prompt.shape
-    emb = model.hf.get_input_embeddings().weight
-    std = NOISE_SCALE * emb[torch.tensor([ID[w] for w in (*FIRST, *LAST)])].std().item()
-    gen = torch.Generator().manual_seed(noise_seed)
-    noise = (torch.randn(samples, 2, ad.d_model, generator=gen) * std).to(emb)  # subject tokens 1, 2
-    noise = noise.repeat(n, 1, 1)  # row = fact * samples + sample
-    rows = prompt.repeat_interleave(samples, 0)
-    sites = {"state": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
-    taps = [(s, layer) for s in sites.values() for layer in range(ad.n_layers)]
-    _, clean, _ = runner.run_with_cache(ad, prompt, taps)
 
-    def corrupt(x):  # [B, T, 1, D]
-        x = x.clone()
-        x[:, 1:3, 0] += noise
-        return x
+def trace(model, n_facts: int = 96, samples: int = NOISE_SAMPLES, noise_seed: int = 5) -> dict:
+    """ROME causal tracing (:func:`causalscan.trace`, one layer restored at a time) over the first
+    ``n_facts`` facts: subject embeddings get Gaussian noise of std ``NOISE_SCALE x`` the std of the
+    subject-word embedding entries (``samples`` draws, seed ``noise_seed``), metric p(answer). Returns
+    p(answer) clean and corrupt, and per kind (``state`` = resid_post, ``mlp`` = mlp_out, ``attn`` =
+    attn_out) the mean indirect effect ``p_restored - p_corrupt`` as a [tokens, layers] list."""
+    from causalscan.tracing import trace as causal_trace
 
-    def p_answer(extra=()):
-        logits = runner.forward(ad, rows, [("resid_pre", 0, corrupt), *extra])[:, -1].float()
-        p = logits.softmax(-1).gather(-1, answer.repeat_interleave(samples)[:, None])[:, 0]
-        return p.mean().item()
-
-    def restore(site, layer, pos):
-        src = clean[(site, layer)].repeat_interleave(samples, 0)
-
-        def fn(x):
-            x = x.clone()
-            x[:, pos] = src[:, pos]
-            return x
-        return site, layer, fn
-
-    p_clean = model.hf(input_ids=prompt).logits[:, -1].float().softmax(-1).gather(-1, answer[:, None]).mean().item()
-    p_corrupt = p_answer()
-    effects = {kind: [[p_answer([restore(site, layer, pos)]) - p_corrupt for layer in range(ad.n_layers)]
-                      for pos in range(t)] for kind, site in sites.items()}
-    return {"p_clean": p_clean, "p_corrupt": p_corrupt, "noise_std": std, "effects": effects}
+    tr = causal_trace(model, subjects(n_facts), window=1, metric="prob", samples=samples, noise_scale=NOISE_SCALE,
+                      seed=noise_seed)
+    return {"p_clean": tr.clean.mean().item(), "p_corrupt": tr.corrupt.mean().item(),
+            "noise_std": tr.corruption["std"],
+            "effects": {k: tr.effects[k].mean(0).tolist() for k in ("state", "mlp", "attn")}}
 
 
 def peaks(tr: dict) -> dict:
@@ -183,25 +154,17 @@ def dataset(pairs: int = 24, seed: int = 0, pick_seed: int = 3) -> list[dict]:
     return out
 
 
-def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
-    """Train, measure and write the ``facts`` directory to ``out``."""
+def make_card(hf, acc: dict, tr: dict, training: dict) -> dict:
+    """The card of a trained ``facts`` model from its measurements."""
     from causalscan.versions import versions
 
-    tok, cfg = tokenizer(), config()
-    model, recipe = train_new(transformers.LlamaForCausalLM, cfg, make_sampler(), tok,
-                              steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet)
-    hf = model.hf
-    acc, tr = accuracy(model), trace(model)
     r4 = lambda rows: [[round(s, 4) for s in r] for r in rows]  # noqa: E731
-    card = {
+    return {
         "name": "facts",
         "summary": f"4-layer Llama recalling {N_SUBJECTS * len(RELATIONS)} synthetic subject -> attribute facts",
         "architecture": {"family": "llama", "n_layers": 4, "n_heads": 4, "d_model": 128, "d_mlp": 512,
                          "vocab": len(ID), "params": n_params(hf)},
-        "training": {"recipe": "causalscan zoo train facts", **recipe,
-                     "data": f"{N_SUBJECTS} subjects (two made-up words, seed 0) x {len(RELATIONS)} relations "
-                             f"({', '.join(RELATIONS)}), attributes drawn uniformly from 10 each; prompts "
-                             "'<bos> first last relation relation' -> attribute; loss on the attribute only"},
+        "training": training,
         "mechanism": "Recall of a memorised (subject, relation) -> attribute table. " + describe(peaks(tr)),
         "components": {"trace_peaks": peaks(tr)},
         "criteria": {"min_accuracy": 0.95, "max_p_corrupt": 0.5},
@@ -209,10 +172,24 @@ def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
                     "p_corrupt": round(tr["p_corrupt"], 4), "noise_std": round(tr["noise_std"], 4),
                     "tokens": list(TOKEN_NAMES),
                     "indirect_effect": {k: r4(v) for k, v in tr["effects"].items()}},
-        "verification": f"tracing over the first 96 facts, {NOISE_SAMPLES} noise draws (seed 5) of std "
-                        f"{NOISE_SCALE} x the std of subject-word embeddings, one token and layer restored at a "
-                        "time (window 1); indirect_effect is [token][layer] of p_restored - p_corrupt",
-        "datasets": {"facts": "symmetric pairs: same relation, two subjects with different attributes"},
+        "verification": f"causalscan.trace over the first 96 facts (the subjects dataset), {NOISE_SAMPLES} noise "
+                        f"draws (seed 5) of std {NOISE_SCALE} x the std of the subject-token embedding entries, one "
+                        "token and layer restored at a time (window 1); indirect_effect is [token][layer] of "
+                        "p_restored - p_corrupt",
+        "datasets": {"facts": "symmetric pairs: same relation, two subjects with different attributes",
+                     "subjects": "96 facts with Gaussian noise on the subject (noise_span), for causal tracing"},
         "versions": versions(),
     }
-    return save(out, hf, tok, card, {"facts": dataset()})
+
+
+def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
+    """Train, measure and write the ``facts`` directory to ``out``."""
+    tok, cfg = tokenizer(), config()
+    model, recipe = train_new(transformers.LlamaForCausalLM, cfg, make_sampler(), tok,
+                              steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet)
+    training = {"recipe": "causalscan zoo train facts", **recipe,
+                "data": f"{N_SUBJECTS} subjects (two made-up words, seed 0) x {len(RELATIONS)} relations "
+                        f"({', '.join(RELATIONS)}), attributes drawn uniformly from 10 each; prompts "
+                        "'<bos> first last relation relation' -> attribute; loss on the attribute only"}
+    card = make_card(model.hf, accuracy(model), trace(model), training)
+    return save(out, model.hf, tok, card, {"facts": dataset(), "subjects": subjects()})
