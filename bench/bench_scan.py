@@ -10,8 +10,9 @@ Variants, each in its own process (so CPU peak memory is that variant's own):
 
 Sites: all heads, all neurons, all residual positions (resid_pre). Random Llama shapes from tiny
 to 1b; fp32 on CPU, bf16 on CUDA. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the
-process's peak RSS above its level after loading on CPU. Prints ratios to ``plain`` and saves them
-with the machine to bench/results/.
+process's peak RSS above its level after loading on CPU, from a run with glibc's mmap threshold fixed
+at 64 KiB so freed tensors leave the RSS (times from a run with the default allocator). Prints
+ratios to ``plain`` and saves them with the machine to bench/results/.
 
     python bench/bench_scan.py [--sizes tiny,small,medium,1b] [--pairs 4] [--seq 32] [--repeats 3]
         [--variants plain,atp,atp*-qk,atp*,cache] [--out FILE]
@@ -33,6 +34,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("plain", "atp", "atp*-qk", "atp*", "cache")
+# memory runs only: glibc with a fixed mmap threshold maps every tensor above 64 KiB on allocation
+# and unmaps it on free, so peak RSS follows the live tensors instead of the allocator's cached heap
+# (it slows allocation, so times come from a second run with the default allocator)
+MEMORY_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 SITES = ("head", "neuron", "resid_pre")
 
 
@@ -141,10 +146,11 @@ def main() -> None:
     rows = []
     for size in args.sizes.split(","):
         for variant in args.variants.split(","):
-            out = subprocess.run([sys.executable, __file__, "--one", size, variant, "--pairs", str(args.pairs),
-                                  "--seq", str(args.seq), "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            cmd = [sys.executable, __file__, "--one", size, variant, "--pairs", str(args.pairs), "--seq",
+                   str(args.seq), "--repeats", str(args.repeats)]
+            timed, sized = (json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                                       .stdout.strip().splitlines()[-1]) for env in (None, MEMORY_ENV))
+            rows.append({**timed, "peak_bytes": sized["peak_bytes"]})
         plain = next(r for r in rows if r["size"] == size and r["variant"] == "plain")
         for r in rows:
             if r["size"] == size:

@@ -31,8 +31,10 @@ def perturb(
     return perturb_ref(x, op, mask, source=source, vector=vector, alpha=alpha, direction=direction)
 
 
-def attribute(base: torch.Tensor, other: torch.Tensor, grad: torch.Tensor, by_pos: bool = True) -> torch.Tensor:
-    """``sum_D (other - base) * grad`` of ``[B, T, C, D]`` tensors -> ``[B, T, C]`` or ``[B, C]`` (fp32).
+def attribute(base: torch.Tensor | None, other: torch.Tensor, grad: torch.Tensor, by_pos: bool = True
+              ) -> torch.Tensor:
+    """``sum_D (other - base) * grad`` of ``[B, T, C, D]`` tensors -> ``[B, T, C]`` or ``[B, C]`` (fp32);
+    ``base=None``: ``other`` is the difference already.
 
     See :mod:`causalscan.kernels.attribute`.
     """

@@ -2,10 +2,11 @@
 
 One no-grad forward of the *other* prompts (corrupt when noising, clean when denoising) keeps
 the activations of the scanned sites; one forward of the *base* prompts builds the graph, with an
-identity autograd function at every scanned site; one backward of the metric (summed over
-pairs) then reduces ``(a_other - a_base) . grad`` to per-component scores inside each site's
-backward (``ops.attribute``), so no gradient tensor outlives its layer and no gradient cache is
-kept. Parameters are frozen for the duration: the backward computes activation gradients only.
+identity autograd function at every scanned site, which keeps ``a_other - a_base`` (the other
+run's activation is freed as soon as the base run passes the site); one backward of the metric
+(summed over pairs) then reduces ``(a_other - a_base) . grad`` to per-component scores inside
+each site's backward (``ops.attribute``), so no gradient tensor outlives its layer and no
+gradient cache is kept. Parameters are frozen for the duration: the backward computes activation gradients only.
 
 AtP* adds
 - the QK fix: scores of ``q`` and ``k`` nodes come from the exact attention pattern under the
@@ -45,19 +46,23 @@ class Sweep:
 
 
 class _Tap(torch.autograd.Function):
-    """Identity in the forward; hands ``(x, grad)`` to ``hook`` in the backward."""
+    """Identity in the forward; hands ``(keep, grad)`` to ``hook`` in the backward, where ``keep`` is
+    ``other - x`` (or ``x`` itself when ``other`` is None): the one tensor kept for the backward."""
 
     @staticmethod
-    def forward(ctx, x, hook):
+    def forward(ctx, x, other, hook):
         ctx.hook = hook
-        ctx.save_for_backward(x)
+        if other is None:
+            ctx.save_for_backward(x)
+        else:
+            ctx.delta = other - x
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        ctx.hook(x, grad)
-        return grad, None
+        keep = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.delta
+        ctx.hook(keep, grad)
+        return grad, None, None
 
 
 class _Drop(torch.autograd.Function):
@@ -146,11 +151,11 @@ def attribute(
     def site_hook(site: str, layer: int):
         modes = {sw.by_pos for sw in sweeps if sw.site == site}
 
-        def hook(x, grad):
+        def hook(delta, grad):
             if not wanted(site, layer):
                 return
             for by_pos in modes:
-                store(site, layer, by_pos, ops.attribute(x, other_acts[(site, layer)], grad, by_pos))
+                store(site, layer, by_pos, ops.attribute(None, delta, grad, by_pos))
         return hook
 
     base_rec: dict = {}
@@ -169,10 +174,11 @@ def attribute(
                         store(site, layer, sw.by_pos, val)
         return hook
 
-    def tap(hook):
-        return lambda x: _Tap.apply(x, hook)
+    def tap(hook, key=None):
+        """The other run's activation at ``key`` is dropped once the base run has taken its difference."""
+        return lambda x: _Tap.apply(x, None if key is None else other_acts.pop(key), hook)
 
-    taps = [(s, layer, tap(site_hook(s, layer))) for s, layer in tapped]
+    taps = [(s, layer, tap(site_hook(s, layer), (s, layer))) for s, layer in tapped]
     taps += [("head", layer, tap(qk_hook(layer))) for layer in attn_layers]
     if graddrop:
         taps += [(s, layer, lambda x, layer=layer: _Drop.apply(x, state, layer))
