@@ -106,7 +106,8 @@ def cmd_scan(args) -> dict:
     res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method, confirm=args.confirm,
                confirm_random=args.confirm_random, direction=args.direction, metric=args.metric,
                batch_size=args.batch_size, graddrop=False if args.no_graddrop else None, fn_subsets=args.fn_subsets,
-               seed=args.seed, progress=progress, samples=args.samples, noise_scale=args.noise_scale)
+               seed=args.seed, progress=progress, samples=args.samples, noise_scale=args.noise_scale,
+               checkpoint=args.out)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -209,7 +210,9 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("scan", help="AtP / AtP* scan of every component, confirmed by exact patching",
                         description="Scan every component of the sweeps with attribution patching (AtP, AtP*), "
                                     "then confirm the top nodes and a random sample by batched exact patching. "
-                                    "With no --model and no --data: the zoo's induction model on its dataset.")
+                                    "With no --model and no --data: the zoo's induction model on its dataset. "
+                                    "With --out, partial attribution sums are written there as the scan goes "
+                                    "and a rerun with the same settings resumes from them.")
     _model_args(sp, default="induction")
     _sweep_args(sp, "head,neuron,resid_pre", "comma-separated sweeps (default: head,neuron,resid_pre); also q, k, "
                                              "v, attn_out, mlp_out, resid_post, head:pos, ...")

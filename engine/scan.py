@@ -13,11 +13,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from causalscan import attribution, corruption
 from causalscan.attribution import Sweep
+from causalscan.checkpoint import Checkpoint, fingerprint
+from causalscan.checkpoint import key as checkpoint_key
 from causalscan.data import as_dataset, stack
 from causalscan.errors import InputError
 from causalscan.load import load
@@ -45,6 +48,8 @@ def scan(
     progress=None,
     samples: int = corruption.SAMPLES,
     noise_scale: float = corruption.SCALE,
+    checkpoint: str | Path | None = None,
+    checkpoint_every_s: float = 30.0,
 ) -> ScanResult:
     """Estimate the effect of every component of ``sites`` on ``metric``, then confirm the top.
 
@@ -60,7 +65,10 @@ def scan(
     false-negative diagnostic (0: skip), each unconfirmed node in a subset with probability
     ``fn_p``. ``batch_size``: rows per attribution pass. ``samples``, ``noise_scale``: Gaussian
     corruption of ``noise_span`` pairs (:mod:`causalscan.corruption`; each pair runs as ``samples``
-    rows, seeded by ``seed``, and its estimates are the means over them).
+    rows, seeded by ``seed``, and its estimates are the means over them). ``checkpoint``: a
+    directory where the attribution stage writes its partial sums as it goes (at most every
+    ``checkpoint_every_s``); a scan with the same model weights, data and settings resumes from
+    them, and the file is removed when the scan completes.
 
     >>> res = scan("induction", causalscan.zoo.dataset_path("induction"), sites="head", confirm=4)
     >>> res.top(3)
@@ -83,38 +91,54 @@ def scan(
     sweeps = [Sweep(s.name, comps[s.start].site, comps[s.start].position is not None, s.shape) for s in slots]
 
     rows = corruption.rows(model, pairs, samples, noise_scale, seed)
-    n_rows, per = len(rows.pairs), 1.0 / rows.samples
-    signed = torch.zeros(len(pairs), len(comps))
-    gd_all = torch.zeros(len(pairs), len(comps)) if graddrop else None
-    clean_m, corrupt_m = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    per = 1.0 / rows.samples
+    acc = {"signed": torch.zeros(len(pairs), len(comps)), "clean": torch.zeros(len(pairs)),
+           "corrupt": torch.zeros(len(pairs))}
+    if graddrop:
+        acc["graddrop"] = torch.zeros(len(pairs), len(comps))
+    batches = [idx[lo:lo + batch_size]
+               for idx in ([i for i, p in enumerate(rows.pairs) if len(p.clean) == seq] for seq in lengths)
+               for lo in range(0, len(idx), batch_size)]
+    ck, done = None, set()
+    if checkpoint is not None:
+        settings = {"model": model.name, "weights": fingerprint(model.hf), "data": ds.sha256, "nodes": len(comps),
+                    "sites": list(sites) if not isinstance(sites, str) else sites, "method": method,
+                    "graddrop": graddrop, "direction": direction, "metric": metric_name, "samples": samples,
+                    "noise_scale": noise_scale, "seed": seed, "batch_size": batch_size}
+        ck = Checkpoint(checkpoint, "scan", checkpoint_key(settings), checkpoint_every_s)
+        saved = ck.load()
+        if saved:
+            acc, done = saved
+            if progress:
+                progress(f"resuming from {ck.path}: {len(done)}/{len(batches)} batches done")
     noising = direction == "noising"
     embed = model.hf.get_input_embeddings().weight
-    done = 0
-    for seq in lengths:
-        idx = [i for i, p in enumerate(rows.pairs) if len(p.clean) == seq]
-        for lo in range(0, len(idx), batch_size):
-            batch = idx[lo:lo + batch_size]
-            b = stack([rows.pairs[i] for i in batch], model.device)
-            noise = rows.noise(batch, embed)
-            base, other = (b["clean"], b["corrupt"]) if noising else (b["corrupt"], b["clean"])
-            ans, wrong = b["answer"], b["wrong"]
+    for bi, batch in enumerate(batches):
+        if bi in done:
+            continue
+        b = stack([rows.pairs[i] for i in batch], model.device)
+        noise = rows.noise(batch, embed)
+        base, other = (b["clean"], b["corrupt"]) if noising else (b["corrupt"], b["clean"])
+        ans, wrong = b["answer"], b["wrong"]
 
-            def fn(logits, clean_lp, ans=ans, wrong=wrong):
-                return metric_fn(logits, ans, wrong, clean_lp)
+        def fn(logits, clean_lp, ans=ans, wrong=wrong):
+            return metric_fn(logits, ans, wrong, clean_lp)
 
-            out = attribution.attribute(model.adapter, base, other, fn, sweeps, qk_fix=star, graddrop=graddrop,
-                                        base_is_clean=noising, base_noise=None if noising else noise,
-                                        other_noise=noise if noising else None)
-            owner = rows.owner[batch]
-            signed.index_add_(0, owner, per * torch.cat([out["signed"][sw.name].flatten(1) for sw in sweeps], 1))
-            if graddrop:
-                gd_all.index_add_(0, owner, per * torch.cat([out["graddrop"][sw.name].flatten(1) for sw in sweeps], 1))
-            cm, km = (out["base"], out["other"]) if noising else (out["other"], out["base"])
-            clean_m.index_add_(0, owner, per * cm)
-            corrupt_m.index_add_(0, owner, per * km)
-            done += len(batch)
-            if progress:
-                progress(f"attribution: {done}/{n_rows} rows")
+        out = attribution.attribute(model.adapter, base, other, fn, sweeps, qk_fix=star, graddrop=graddrop,
+                                    base_is_clean=noising, base_noise=None if noising else noise,
+                                    other_noise=noise if noising else None)
+        owner = rows.owner[batch]
+        for name in ("signed", "graddrop") if graddrop else ("signed",):
+            acc[name].index_add_(0, owner, per * torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1))
+        cm, km = (out["base"], out["other"]) if noising else (out["other"], out["base"])
+        acc["clean"].index_add_(0, owner, per * cm)
+        acc["corrupt"].index_add_(0, owner, per * km)
+        done.add(bi)
+        if ck:
+            ck.save(acc, done, force=len(done) == len(batches))
+        if progress:
+            progress(f"attribution: {len(done)}/{len(batches)} batches")
+    signed, gd_all, clean_m, corrupt_m = acc["signed"], acc.get("graddrop"), acc["clean"], acc["corrupt"]
     score = torch.maximum(signed.abs(), gd_all) if graddrop else signed.abs()
     t_attr = time.perf_counter() - t0
 
@@ -135,6 +159,8 @@ def scan(
         res.false_negatives = false_negative_bound(res, model, rows, metric_fn, fn_subsets, p=fn_p, seed=seed)
         res.timings["false_negatives_s"] = time.perf_counter() - t1
     res.timings["total_s"] = time.perf_counter() - t0
+    if ck:
+        ck.remove()
     return res
 
 

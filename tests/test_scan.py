@@ -99,3 +99,38 @@ def test_cli_scan_default_is_the_induction_main_job(tmp_path, capsys):
 def test_cli_scan_bad_input_exits_2(argv, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("causalscan: error:")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_scan_resumes(induction, tmp_path):
+    """A scan killed after two batches resumes from its checkpoint: it runs only the missing batches and
+    ends with the numbers of an uninterrupted scan; other settings start afresh."""
+    data = causalscan.zoo.dataset_path("induction", "previous")
+    kw = dict(sites="head", method="atp*", confirm=2, batch_size=4, checkpoint_every_s=0.0)
+    full = causalscan.scan(induction, data, **kw)
+    seen = []
+
+    def die_after_two(msg):
+        seen.append(msg)
+        if msg.startswith("attribution: 2/"):
+            raise _Stop
+    with pytest.raises(_Stop):
+        causalscan.scan(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
+    assert (tmp_path / "scan.partial.safetensors").is_file()
+    seen.clear()
+    res = causalscan.scan(induction, data, checkpoint=tmp_path, progress=seen.append, **kw)
+    assert seen[0].startswith("resuming") and "2/4 batches done" in seen[0]
+    assert sum(m.startswith("attribution:") for m in seen) == 2
+    for name in ("signed", "score", "graddrop", "clean", "corrupt", "exact"):
+        assert torch.equal(getattr(res, name), getattr(full, name)), name
+    assert not (tmp_path / "scan.partial.safetensors").exists()
+
+    with pytest.raises(_Stop):
+        causalscan.scan(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
+    seen.clear()
+    causalscan.scan(induction, data, checkpoint=tmp_path, progress=seen.append, **{**kw, "method": "atp"})
+    assert not any(m.startswith("resuming") for m in seen)  # other settings: no resume
+    assert sum(m.startswith("attribution:") for m in seen) == 4
