@@ -92,17 +92,6 @@ class Dataset:
         noise = "noise_span" in rec
         if noise and ("corrupt" in rec or "corrupt_ids" in rec):
             raise self._err("give corrupt or noise_span, not both", line, "noise_span")
-        if noise:
-            span = rec["noise_span"]
-            ints = isinstance(span, list) and len(span) == 2 and all(isinstance(i, int) for i in span)
-            if not (ints and 0 <= span[0] < span[1]) and not (isinstance(span, str) and span.strip()):
-                raise self._err("must be a non-empty substring of clean or token positions [start, end)",
-                                line, "noise_span")
-            if isinstance(span, str) and span not in rec.get("clean", span):
-                raise self._err(f"{span!r} is not a substring of clean", line, "noise_span")
-            if isinstance(span, str) and "clean" not in rec:
-                raise self._err("a string span needs the clean string; give token positions with clean_ids",
-                                line, "noise_span")
         for side in ("clean",) if noise else ("clean", "corrupt"):
             if side not in rec and f"{side}_ids" not in rec:
                 raise self._err(f"missing (give {side!r}, {side + '_ids'!r}"
@@ -112,6 +101,17 @@ class Dataset:
             ids = rec.get(f"{side}_ids")
             if ids is not None and not (isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)):
                 raise self._err("must be a non-empty list of token ids", line, f"{side}_ids")
+        if noise:
+            span = rec["noise_span"]
+            ints = isinstance(span, list) and len(span) == 2 and all(isinstance(i, int) for i in span)
+            if not (ints and 0 <= span[0] < span[1]) and not (isinstance(span, str) and span.strip()):
+                raise self._err("must be a non-empty substring of clean or token positions [start, end)",
+                                line, "noise_span")
+            if isinstance(span, str) and ("clean" not in rec or "clean_ids" in rec):
+                raise self._err("a string span needs the clean string (not clean_ids); give token positions "
+                                "[start, end)", line, "noise_span")
+            if isinstance(span, str) and span not in rec["clean"]:
+                raise self._err(f"{span!r} is not a substring of clean", line, "noise_span")
         if "answer" not in rec:
             raise self._err("missing", line, "answer")
         for f in ("answer", "wrong"):
@@ -152,9 +152,8 @@ class Dataset:
             if span[1] > len(clean):
                 raise self._err(f"span {span} runs past the prompt's {len(clean)} tokens", line, "noise_span")
             return span[0], span[1]
-        if "clean_ids" in rec or tokenizer is None:
-            raise self._err("a string span needs the clean string and a tokenizer; give token positions "
-                            "[start, end)", line, "noise_span")
+        if tokenizer is None:
+            raise self._err("model has no tokenizer; give token positions [start, end)", line, "noise_span")
         a = rec["clean"].index(span)
         b = a + len(span)
         if getattr(tokenizer, "is_fast", False):

@@ -40,6 +40,7 @@ def test_noise_span_positions(tiny):
     ({**NOISY[0], "noise_span": [3, 3]}, "noise_span", "non-empty"),
     ({**NOISY[0], "noise_span": [0, 99]}, "noise_span", "runs past"),
     ({"clean_ids": [1, 5, 6], "noise_span": "x", "answer": 9}, "noise_span", "clean string"),
+    ({"clean": 5, "noise_span": "x", "answer": 9}, "clean", "must be a string"),
     ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the"}, "corrupt", "mixes"),
 ])
 def test_bad_noise_records(tiny, tmp_path, rec, field, msg):
