@@ -14,9 +14,22 @@ from dataclasses import dataclass
 
 import torch
 
-from causalscan.data import Pair
+from causalscan.data import Pair, stack
 
 SAMPLES, SCALE = 10, 3.0
+
+
+@dataclass
+class Batch:
+    """Rows of one forward, split by direction: the ``base`` run and the ``other`` run ``[B, T]``
+    with their embedding noise (None where that run is not noised), ``answer``/``wrong`` [B]."""
+
+    base: torch.Tensor
+    other: torch.Tensor
+    base_noise: torch.Tensor | None
+    other_noise: torch.Tensor | None
+    answer: torch.Tensor
+    wrong: torch.Tensor
 
 
 @dataclass
@@ -46,6 +59,15 @@ class Rows:
             a, b = self.pairs[r].span
             out[i, a:b] = self.draws[r].to(out)
         return out
+
+    def batch(self, rows: list[int], noising: bool, embed: torch.Tensor) -> Batch:
+        """Rows ``rows`` (equal length) on ``embed``'s device: the base run is clean when ``noising``,
+        corrupt (token replacement or noise) otherwise."""
+        b = stack([self.pairs[r] for r in rows], embed.device)
+        noise = self.noise(rows, embed)
+        if noising:
+            return Batch(b["clean"], b["corrupt"], None, noise, b["answer"], b["wrong"])
+        return Batch(b["corrupt"], b["clean"], noise, None, b["answer"], b["wrong"])
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """Per-row values ``[R, ...]`` -> per-pair means ``[P, ...]``."""

@@ -17,7 +17,6 @@ import torch
 from causalscan import runner
 from causalscan.bindings import ops
 from causalscan.corruption import Rows
-from causalscan.data import stack
 
 # one-sided 95% Student t quantiles, df = 1..30; 1.645 beyond
 _T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
@@ -48,19 +47,17 @@ def false_negative_bound(res, model, rows: Rows, metric_fn, n_subsets: int, p: f
     member = torch.rand(n_subsets, len(nodes), generator=g) < p  # [S, N]
     seq = min(len(x.clean) for x in rows.pairs)
     idx = [i for i, x in enumerate(rows.pairs) if len(x.clean) == seq]
-    b = stack([rows.pairs[i] for i in idx], dev)
-    noise = rows.noise(idx, model.hf.get_input_embeddings().weight)
     noising = res.direction == "noising"
-    base_ids, src_ids = (b["clean"], b["corrupt"]) if noising else (b["corrupt"], b["clean"])
-    base_noise, src_noise = (None, noise) if noising else (noise, None)
+    b = rows.batch(idx, noising, model.hf.get_input_embeddings().weight)
+    base_ids, base_noise = b.base, b.base_noise
     comps = [res.components[j] for j in nodes.tolist()]
     sources = sorted({(c.site, c.layer) for c in comps})
     src_acts: dict = {}
-    src_logits = runner.forward(ad, src_ids, [runner.capture(ad, s, layer, src_acts) for s, layer in sources],
-                                noise=src_noise)[:, -1]
+    src_logits = runner.forward(ad, b.other, [runner.capture(ad, s, layer, src_acts) for s, layer in sources],
+                                noise=b.other_noise)[:, -1]
     base_logits = runner.forward(ad, base_ids, noise=base_noise)[:, -1]
     ref = torch.log_softmax((base_logits if noising else src_logits).float(), -1)
-    base_m = metric_fn(base_logits, b["answer"], b["wrong"], ref)
+    base_m = metric_fn(base_logits, b.answer, b.wrong, ref)
 
     by_site = defaultdict(list)  # (site, layer) -> [(node column, index, position)]
     for col, c in enumerate(comps):
@@ -87,7 +84,7 @@ def false_negative_bound(res, model, rows: Rows, metric_fn, n_subsets: int, p: f
             taps.append((site, layer, lambda x, m=mask, s=source: ops.perturb(x, "patch", m, source=s)))
         logits = runner.forward(ad, base_ids[batch], taps,
                                 noise=None if base_noise is None else base_noise[batch])[:, -1]
-        m = metric_fn(logits, b["answer"][batch], b["wrong"][batch], ref[batch]).float().cpu()
+        m = metric_fn(logits, b.answer[batch], b.wrong[batch], ref[batch]).float().cpu()
         eff = (m - base_m[batch].float().cpu()).view(len(subs), n_pairs).mean(1)
         effect[torch.tensor(subs)] = eff
 

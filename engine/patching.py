@@ -21,7 +21,7 @@ from causalscan import corruption, runner
 from causalscan.adapters import SITES
 from causalscan.bindings import ops
 from causalscan.corruption import Rows
-from causalscan.data import as_dataset, stack
+from causalscan.data import as_dataset
 from causalscan.errors import InputError
 from causalscan.load import Model, load
 from causalscan.metrics import get as get_metric
@@ -237,23 +237,21 @@ def _patch_bucket(model: Model, rows: Rows, idx: list[int], groups: list[list[Co
                   metric_fn, budget: int, progress, min_tokens: int) -> tuple:
     """Patched metric [R, G] and clean/corrupt metrics [R] for rows ``idx`` (equal length)."""
     ad, dev = model.adapter, model.device
-    b = stack([rows.pairs[i] for i in idx], dev)
-    noise = rows.noise(idx, model.hf.get_input_embeddings().weight)
     noising = direction == "noising"
-    base_ids, src_ids = (b["clean"], b["corrupt"]) if noising else (b["corrupt"], b["clean"])
-    base_noise, src_noise = (None, noise) if noising else (noise, None)
+    b = rows.batch(idx, noising, model.hf.get_input_embeddings().weight)
+    base_ids = b.base
     seq = base_ids.shape[1]
     starts = [start(g) for g in groups]
     sources = sorted({(c.site, c.layer) for g in groups for c in g})
     base_logits, base_acts, kv = runner.run_with_cache(ad, base_ids, [("resid_pre", s) for s in {s[0] for s in starts}],
-                                                       noise=base_noise)
+                                                       noise=b.base_noise)
     src_acts: dict = {}
-    src_logits = runner.forward(ad, src_ids, [runner.capture(ad, s, layer, src_acts) for s, layer in sources],
-                                noise=src_noise)
+    src_logits = runner.forward(ad, b.other, [runner.capture(ad, s, layer, src_acts) for s, layer in sources],
+                                noise=b.other_noise)
     base_logits, src_logits = base_logits[:, -1], src_logits[:, -1]
     clean_logits = base_logits if noising else src_logits
     ref = torch.log_softmax(clean_logits.float(), -1)
-    ans, wrong = b["answer"], b["wrong"]
+    ans, wrong = b.answer, b.wrong
     base_m = metric_fn(base_logits, ans, wrong, ref)
     src_m = metric_fn(src_logits, ans, wrong, ref)
     clean_m, corrupt_m = (base_m, src_m) if noising else (src_m, base_m)

@@ -21,7 +21,7 @@ from causalscan import attribution, corruption
 from causalscan.attribution import Sweep
 from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
-from causalscan.data import as_dataset, stack
+from causalscan.data import as_dataset
 from causalscan.errors import InputError
 from causalscan.load import load
 from causalscan.metrics import get as get_metric
@@ -116,17 +116,13 @@ def scan(
     for bi, batch in enumerate(batches):
         if bi in done:
             continue
-        b = stack([rows.pairs[i] for i in batch], model.device)
-        noise = rows.noise(batch, embed)
-        base, other = (b["clean"], b["corrupt"]) if noising else (b["corrupt"], b["clean"])
-        ans, wrong = b["answer"], b["wrong"]
+        b = rows.batch(batch, noising, embed)
 
-        def fn(logits, clean_lp, ans=ans, wrong=wrong):
-            return metric_fn(logits, ans, wrong, clean_lp)
+        def fn(logits, clean_lp, b=b):
+            return metric_fn(logits, b.answer, b.wrong, clean_lp)
 
-        out = attribution.attribute(model.adapter, base, other, fn, sweeps, qk_fix=star, graddrop=graddrop,
-                                    base_is_clean=noising, base_noise=None if noising else noise,
-                                    other_noise=noise if noising else None)
+        out = attribution.attribute(model.adapter, b.base, b.other, fn, sweeps, qk_fix=star, graddrop=graddrop,
+                                    base_is_clean=noising, base_noise=b.base_noise, other_noise=b.other_noise)
         owner = rows.owner[batch]
         for name in ("signed", "graddrop") if graddrop else ("signed",):
             acc[name].index_add_(0, owner, per * torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1))
