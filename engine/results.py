@@ -73,13 +73,9 @@ class PatchResult:
         """The ``k`` components of largest mean |effect|, with their statistics."""
         summ = self.summary()
         order = summ["exact_abs"].argsort(descending=True)[:k]
-        return [
-            {"component": str(self.components[j]), "site": self.components[j].site, "layer": self.components[j].layer,
-             "index": self.components[j].index, "position": self.components[j].position,
-             "exact": summ["exact"][j].item(), "exact_abs": summ["exact_abs"][j].item(),
-             "exact_norm": summ["exact_norm"][j].item()}
-            for j in order.tolist()
-        ]
+        return [{**_component_row(self.components[j]), "exact": summ["exact"][j].item(),
+                 "exact_abs": summ["exact_abs"][j].item(), "exact_norm": summ["exact_norm"][j].item()}
+                for j in order.tolist()]
 
     def to_pandas(self):
         import pandas as pd
@@ -87,23 +83,29 @@ class PatchResult:
         return pd.DataFrame(self.top(len(self.components)))
 
     def to_json(self, top: int = 50) -> dict:
-        from causalscan.versions import versions
-
-        return {
-            "kind": "patch",
-            "model": self.model,
-            "dataset": {"path": self.dataset, "sha256": self.dataset_sha256, "pairs": len(self.clean)},
-            "settings": {"direction": self.direction, "metric": self.metric, "corruption": self.corruption,
-                         "sweeps": {s.name: list(s.shape) for s in self.slots}},
-            "baselines": {"clean": self.clean.mean().item(), "corrupt": self.corrupt.mean().item()},
-            "components": self.top(top),
-            "timings": self.timings,
-            "versions": versions(),
-        }
+        settings = {"direction": self.direction, "sweeps": {s.name: list(s.shape) for s in self.slots}}
+        return _document("patch", self, settings, components=self.top(top))
 
     def save(self, out_dir: str | Path, top: int = 50) -> Path:
         """Write ``scan.json`` and ``scores.safetensors`` into ``out_dir``."""
         return _write(out_dir, self.tensors(), self.to_json(top))
+
+
+def _document(kind: str, res, settings: dict, **body) -> dict:
+    """The JSON document of a result: what ran on what (model, dataset, settings with the metric and
+    corruption, baselines), the result's own ``body``, timings and versions."""
+    from causalscan.versions import versions
+
+    return {
+        "kind": kind,
+        "model": res.model,
+        "dataset": {"path": res.dataset, "sha256": res.dataset_sha256, "pairs": len(res.clean)},
+        "settings": {**settings, "metric": res.metric, "corruption": res.corruption},
+        "baselines": {"clean": res.clean.mean().item(), "corrupt": res.corrupt.mean().item()},
+        **body,
+        "timings": res.timings,
+        "versions": versions(),
+    }
 
 
 def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict, name: str = "scan.json") -> Path:
@@ -194,24 +196,12 @@ class ScanResult:
         return pd.DataFrame(self.top(len(self.components)))
 
     def to_json(self, top: int = 50) -> dict:
-        from causalscan.versions import versions
-
-        return {
-            "kind": "scan",
-            "model": self.model,
-            "dataset": {"path": self.dataset, "sha256": self.dataset_sha256, "pairs": len(self.clean)},
-            "settings": {"method": self.method, "graddrop": self.graddrop is not None, "direction": self.direction,
-                         "metric": self.metric, "corruption": self.corruption,
-                         "sweeps": {s.name: list(s.shape) for s in self.slots},
-                         "confirmed": {"top": self.n_top, "random": 0 if self.confirmed is None
-                                       else len(self.confirmed) - self.n_top}},
-            "baselines": {"clean": self.clean.mean().item(), "corrupt": self.corrupt.mean().item()},
-            "components": self.top(top),
-            "agreement": self.agreement,
-            "false_negatives": self.false_negatives,
-            "timings": self.timings,
-            "versions": versions(),
-        }
+        settings = {"method": self.method, "graddrop": self.graddrop is not None, "direction": self.direction,
+                    "sweeps": {s.name: list(s.shape) for s in self.slots},
+                    "confirmed": {"top": self.n_top,
+                                  "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top}}
+        return _document("scan", self, settings, components=self.top(top), agreement=self.agreement,
+                         false_negatives=self.false_negatives)
 
     def save(self, out_dir: str | Path, top: int = 50) -> Path:
         """Write ``scan.json`` and ``scores.safetensors`` into ``out_dir``."""
@@ -274,22 +264,10 @@ class TraceResult:
         return pd.DataFrame(self.top(sum(e[0].numel() for e in self.effects.values())))
 
     def to_json(self, top: int = 20) -> dict:
-        from causalscan.versions import versions
-
-        return {
-            "kind": "trace",
-            "model": self.model,
-            "dataset": {"path": self.dataset, "sha256": self.dataset_sha256, "pairs": len(self.clean)},
-            "settings": {"metric": self.metric, "window": self.window, "corruption": self.corruption,
-                         "direction": "denoising"},
-            "baselines": {"clean": self.clean.mean().item(), "corrupt": self.corrupt.mean().item()},
-            "tokens": self.tokens,
-            "span": list(self.span) if self.span else None,
-            "grids": {k: v.tolist() for k, v in self.tensors().items() if k.startswith("trace/")},
-            "top": self.top(top),
-            "timings": self.timings,
-            "versions": versions(),
-        }
+        return _document("trace", self, {"window": self.window, "direction": "denoising"}, tokens=self.tokens,
+                         span=list(self.span) if self.span else None,
+                         grids={k: v.tolist() for k, v in self.tensors().items() if k.startswith("trace/")},
+                         top=self.top(top))
 
     def save(self, out_dir: str | Path, top: int = 20) -> Path:
         """Write ``trace.json`` and ``scores.safetensors`` into ``out_dir``."""
