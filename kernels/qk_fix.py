@@ -18,12 +18,22 @@ of ``g`` over the other keys and ``A'_ts - A_ts = A (1 - A) expm1(D) / ((1 - A) 
 (numerator and denominator divided by ``exp(D)`` when ``D > 0``, so nothing overflows);
 for each row's largest weight, ``1 - A`` and ``m`` are summed over the other keys instead of
 subtracted (a saturated key pushed down is the case the fix exists for, and ``1 - A`` cancels
-there). This file is the reference: the CPU path and the oracle of the Triton kernel.
+there).
+
+``qk_fix_ref`` is the reference: the CPU path and the oracle of the two Triton kernels, which never
+hold a ``[T, T]`` matrix. ``qk_fix_rows_kernel`` streams key blocks past a block of queries with
+online softmaxes (clean, patched query, every key patched) and keeps, per query row, the max
+score, the argmax key, ``sum_{j != top} exp(s_j - max)`` and the same weighted by ``g``: enough
+for ``I_Q``, the every-key effect and the row terms of the key form. ``qk_fix_keys_kernel`` then
+streams query blocks past a block of keys, rebuilds ``A``, ``g`` and ``D`` tile by tile and sums
+``I_K`` over the queries and the GQA group. Scores accumulate in fp32.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def _scores(q, k, scaling: float, softcap: float | None) -> torch.Tensor:
@@ -80,3 +90,194 @@ def qk_fix_ref(
         a_k = torch.softmax(raw_k + bias, -1)
         out["k_all"] = ((a_k - a) * g).sum((-1, -2)).unflatten(1, (hkv, grp)).sum(2)  # [B, Hkv]
     return out
+
+
+@triton.jit
+def _tl_expm1_neg(x):
+    """``expm1(x)`` for ``x <= 0`` without the cancellation of ``exp(x) - 1`` near 0."""
+    small = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0)))))
+    return tl.where(x > -0.1, small, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _tl_scores(q, k, scaling, softcap, F32_DOT: tl.constexpr, SOFTCAP: tl.constexpr):
+    """``q`` [BT, BDH] . ``k`` [BS, BDH] -> [BT, BS] fp32, the model's score before the bias."""
+    if F32_DOT:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scaling
+    if SOFTCAP:
+        e = tl.exp(-2.0 * tl.abs(s / softcap))
+        th = (1.0 - e) / (1.0 + e)
+        s = softcap * tl.where(s < 0, -th, th)
+    return s
+
+
+@triton.jit
+def _tl_g(dz, v, F32_DOT: tl.constexpr):
+    """``g_tj = dz_t . v_j``: [BT, BDH] x [BS, BDH] -> [BT, BS] fp32."""
+    if F32_DOT:
+        return tl.dot(dz.to(tl.float32), tl.trans(v.to(tl.float32)), input_precision="ieee")
+    return tl.dot(dz, tl.trans(v))
+
+
+@triton.jit
+def qk_fix_rows_kernel(
+    iq_ptr, iall_ptr, mx_ptr, top_ptr, lrest_ptr, grest_ptr, srow_ptr,
+    q_ptr, k_ptr, v_ptr, dz_ptr, bias_ptr, qo_ptr, ko_ptr,
+    TQ, TK, H, G, DH, scaling, softcap,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sz_b, sz_t, sz_h, sz_d,
+    sB_b, sB_h, sB_t, sB_s,
+    HAS_Q: tl.constexpr, HAS_K: tl.constexpr, SOFTCAP: tl.constexpr, F32_DOT: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BDH: tl.constexpr,
+):
+    """Grid ``(B * H, cdiv(TQ, BT))``. Row outputs ``[B, H, TQ]`` fp32 (contiguous): ``iq`` (query
+    patched), ``iall`` (every key patched), and the clean row's ``mx``, ``top``, ``lrest``,
+    ``grest``, ``srow`` (``S_t``). ``q``/``qo`` share strides, as do ``k``/``ko``."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    t = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT).to(tl.int64)  # [BT]
+    tok = t < TQ
+    dd = tl.arange(0, BDH).to(tl.int64)
+    qm = tok[:, None] & (dd < DH)[None, :]
+    q_off = b * sq_b + h * sq_h + t[:, None] * sq_t + dd[None, :] * sq_d
+    q = tl.load(q_ptr + q_off, mask=qm, other=0.0)  # [BT, BDH]
+    dz = tl.load(dz_ptr + b * sz_b + t[:, None] * sz_t + h * sz_h + dd[None, :] * sz_d, mask=qm, other=0.0)
+    if HAS_Q:
+        qo = tl.load(qo_ptr + q_off, mask=qm, other=0.0)
+    ninf = float("-inf")
+    mx = tl.full([BT], ninf, tl.float32)  # clean: running max, argmax, rest sums, g at the max
+    top = tl.zeros([BT], tl.int64)
+    lrest = tl.zeros([BT], tl.float32)
+    grest = tl.zeros([BT], tl.float32)
+    gtop = tl.zeros([BT], tl.float32)
+    mq = tl.full([BT], ninf, tl.float32)  # patched query / every key patched: plain online softmax
+    lq = tl.zeros([BT], tl.float32)
+    aq = tl.zeros([BT], tl.float32)
+    mk = tl.full([BT], ninf, tl.float32)
+    lk = tl.zeros([BT], tl.float32)
+    ak = tl.zeros([BT], tl.float32)
+    for s0 in range(0, TK, BS):
+        s = s0 + tl.arange(0, BS).to(tl.int64)  # [BS]
+        sok = s < TK
+        km = sok[:, None] & (dd < DH)[None, :]
+        k_off = b * sk_b + hk * sk_h + s[:, None] * sk_t + dd[None, :] * sk_d
+        k = tl.load(k_ptr + k_off, mask=km, other=0.0)  # [BS, BDH]
+        v = tl.load(v_ptr + b * sv_b + hk * sv_h + s[:, None] * sv_t + dd[None, :] * sv_d, mask=km, other=0.0)
+        ok = tok[:, None] & sok[None, :]
+        bias = tl.load(bias_ptr + b * sB_b + h * sB_h + t[:, None] * sB_t + s[None, :] * sB_s, mask=ok,
+                       other=ninf)  # [BT, BS]
+        g = _tl_g(dz, v, F32_DOT)
+        sc = _tl_scores(q, k, scaling, softcap, F32_DOT, SOFTCAP) + bias
+        bm = tl.max(sc, 1)
+        bi = tl.argmax(sc, 1)  # first max of the block
+        mn = tl.maximum(mx, bm)
+        new = bm > mx
+        base = tl.where(mn == ninf, 0.0, mn)
+        e = tl.exp(sc - base[:, None])
+        at_bi = s[None, :] == (s0 + bi)[:, None]
+        e_ex = tl.where(new[:, None] & at_bi, 0.0, e)
+        scale = tl.where(mx == ninf, 0.0, tl.exp(mx - base))
+        lrest = tl.where(new, (lrest + 1.0) * scale, lrest) + tl.sum(e_ex, 1)
+        grest = tl.where(new, (grest + gtop) * scale, grest) + tl.sum(e_ex * g, 1)
+        gtop = tl.where(new, tl.sum(tl.where(at_bi, g, 0.0), 1), gtop)
+        top = tl.where(new, s0 + bi, top)
+        mx = mn
+        if HAS_Q:
+            sc = _tl_scores(qo, k, scaling, softcap, F32_DOT, SOFTCAP) + bias
+            mn = tl.maximum(mq, tl.max(sc, 1))
+            base = tl.where(mn == ninf, 0.0, mn)
+            scale = tl.where(mq == ninf, 0.0, tl.exp(mq - base))
+            e = tl.exp(sc - base[:, None])
+            lq = lq * scale + tl.sum(e, 1)
+            aq = aq * scale + tl.sum(e * g, 1)
+            mq = mn
+        if HAS_K:
+            ko = tl.load(ko_ptr + k_off, mask=km, other=0.0)
+            sc = _tl_scores(q, ko, scaling, softcap, F32_DOT, SOFTCAP) + bias
+            mn = tl.maximum(mk, tl.max(sc, 1))
+            base = tl.where(mn == ninf, 0.0, mn)
+            scale = tl.where(mk == ninf, 0.0, tl.exp(mk - base))
+            e = tl.exp(sc - base[:, None])
+            lk = lk * scale + tl.sum(e, 1)
+            ak = ak * scale + tl.sum(e * g, 1)
+            mk = mn
+    srow = (gtop + grest) / (1.0 + lrest)  # S_t = sum_j A_tj g_tj
+    o = bh * TQ + t
+    if HAS_Q:
+        tl.store(iq_ptr + o, aq / tl.where(lq > 0, lq, 1.0) - srow, mask=tok)
+    if HAS_K:
+        tl.store(iall_ptr + o, ak / tl.where(lk > 0, lk, 1.0) - srow, mask=tok)
+        tl.store(mx_ptr + o, mx, mask=tok)
+        tl.store(top_ptr + o, top, mask=tok)
+        tl.store(lrest_ptr + o, lrest, mask=tok)
+        tl.store(grest_ptr + o, grest, mask=tok)
+        tl.store(srow_ptr + o, srow, mask=tok)
+
+
+@triton.jit
+def qk_fix_keys_kernel(
+    ik_ptr, mx_ptr, top_ptr, lrest_ptr, grest_ptr, srow_ptr,
+    q_ptr, k_ptr, v_ptr, dz_ptr, bias_ptr, ko_ptr,
+    TQ, TK, H, HKV, G, DH, scaling, softcap,
+    sq_b, sq_h, sq_t, sq_d,
+    sk_b, sk_h, sk_t, sk_d,
+    sv_b, sv_h, sv_t, sv_d,
+    sz_b, sz_t, sz_h, sz_d,
+    sB_b, sB_h, sB_t, sB_s,
+    SOFTCAP: tl.constexpr, F32_DOT: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BDH: tl.constexpr,
+):
+    """Grid ``(B * HKV, cdiv(TK, BS))``: ``ik`` [B, TK, HKV] fp32, the key patched at one position,
+    summed over the queries and the ``G`` query heads that share the key head."""
+    bk = tl.program_id(0).to(tl.int64)
+    b = bk // HKV
+    hk = bk % HKV
+    s = tl.program_id(1).to(tl.int64) * BS + tl.arange(0, BS).to(tl.int64)  # [BS]
+    sok = s < TK
+    dd = tl.arange(0, BDH).to(tl.int64)
+    km = sok[:, None] & (dd < DH)[None, :]
+    k_off = b * sk_b + hk * sk_h + s[:, None] * sk_t + dd[None, :] * sk_d
+    k = tl.load(k_ptr + k_off, mask=km, other=0.0)  # [BS, BDH]
+    ko = tl.load(ko_ptr + k_off, mask=km, other=0.0)
+    v = tl.load(v_ptr + b * sv_b + hk * sv_h + s[:, None] * sv_t + dd[None, :] * sv_d, mask=km, other=0.0)
+    acc = tl.zeros([BS], tl.float32)
+    for gi in range(0, G):
+        h = hk * G + gi
+        for t0 in range(0, TQ, BT):
+            t = t0 + tl.arange(0, BT).to(tl.int64)  # [BT]
+            tok = t < TQ
+            qm = tok[:, None] & (dd < DH)[None, :]
+            q = tl.load(q_ptr + b * sq_b + h * sq_h + t[:, None] * sq_t + dd[None, :] * sq_d, mask=qm, other=0.0)
+            dz = tl.load(dz_ptr + b * sz_b + t[:, None] * sz_t + h * sz_h + dd[None, :] * sz_d, mask=qm, other=0.0)
+            o = (b * H + h) * TQ + t
+            mx = tl.load(mx_ptr + o, mask=tok, other=0.0)
+            mx = tl.where(mx == float("-inf"), 0.0, mx)
+            top = tl.load(top_ptr + o, mask=tok, other=-1)
+            lrest = tl.load(lrest_ptr + o, mask=tok, other=0.0)
+            grest = tl.load(grest_ptr + o, mask=tok, other=0.0)
+            srow = tl.load(srow_ptr + o, mask=tok, other=0.0)
+            ok = tok[:, None] & sok[None, :]
+            bias = tl.load(bias_ptr + b * sB_b + h * sB_h + t[:, None] * sB_t + s[None, :] * sB_s, mask=ok,
+                           other=float("-inf"))
+            raw = _tl_scores(q, k, scaling, softcap, F32_DOT, SOFTCAP)  # [BT, BS]
+            d = _tl_scores(q, ko, scaling, softcap, F32_DOT, SOFTCAP) - raw  # D_ts
+            g = _tl_g(dz, v, F32_DOT)
+            a = tl.exp(raw + bias - mx[:, None]) / (1.0 + lrest)[:, None]  # A_ts
+            is_top = s[None, :] == top[:, None]
+            rest_top = lrest / (1.0 + lrest)
+            m_top = grest / tl.where(lrest > 0, lrest, 1.0)
+            rest = tl.where(is_top, rest_top[:, None], 1.0 - a)
+            m = tl.where(is_top, m_top[:, None], (srow[:, None] - a * g) / tl.maximum(1.0 - a, 1e-30))
+            e = tl.exp(-tl.abs(d))
+            em = _tl_expm1_neg(-tl.abs(d))  # expm1(-|D|)
+            den = tl.where(d <= 0, rest + a * e, rest * e + a)
+            delta = tl.where(d <= 0, 1.0, -1.0) * a * rest * em / tl.where(den > 0, den, 1.0)
+            acc += tl.sum(tl.where((rest > 0) & (a > 0), delta * (g - m), 0.0), 0)
+    tl.store(ik_ptr + (b * TK + s) * HKV + hk, acc, mask=sok)
