@@ -129,17 +129,17 @@ def attribute(
                                       noise=other_noise)
     other_logits = other_logits[:, -1]
 
-    signed = {sw.name: torch.zeros(p, *sw.shape) for sw in sweeps}
-    gd = {sw.name: torch.zeros(p, *sw.shape) for sw in sweeps} if graddrop else None
+    dev = base_ids.device  # scores stay on the device until the passes are done: no sync per layer
+    signed = {sw.name: torch.zeros(p, *sw.shape, device=dev) for sw in sweeps}
+    gd = {sw.name: torch.zeros(p, *sw.shape, device=dev) for sw in sweeps} if graddrop else None
     state = {"drop": None}
 
     def store(site: str, layer: int, by_pos: bool, score: torch.Tensor) -> None:
         """``score`` [P, T, C] or [P, C] of one layer into every sweep of ``site`` with ``by_pos``."""
-        score = score.float().cpu()
         for sw in sweeps:
             if sw.site != site or sw.by_pos != by_pos:
                 continue
-            val = score.reshape(p, *sw.shape[1:])
+            val = score.float().reshape(p, *sw.shape[1:])
             if state["drop"] is None:
                 signed[sw.name][:, layer] = val
             else:
@@ -151,11 +151,18 @@ def attribute(
     def site_hook(site: str, layer: int):
         modes = {sw.by_pos for sw in sweeps if sw.site == site}
 
-        def hook(delta, grad):
+        def hook(delta, grad):  # [P, T, C, D] each
             if not wanted(site, layer):
                 return
             for by_pos in modes:
-                store(site, layer, by_pos, ops.attribute(None, delta, grad, by_pos))
+                if state["drop"] is None:
+                    store(site, layer, by_pos, ops.attribute(None, delta, grad, by_pos))
+                    continue
+                # a GradDrop pass: |I| accumulated in place by the kernel, into each sweep's layer slice
+                shape = delta.shape[:3] if by_pos else (delta.shape[0], delta.shape[2])
+                for sw in sweeps:
+                    if sw.site == site and sw.by_pos == by_pos:
+                        ops.attribute(None, delta, grad, by_pos, abs=True, out=gd[sw.name][:, layer].view(shape))
         return hook
 
     base_rec: dict = {}
@@ -203,10 +210,11 @@ def attribute(
     other_acts.clear()
     with torch.no_grad():
         other_m = metric(other_logits, clean)
+    signed = {name: v.cpu() for name, v in signed.items()}
     out = {"signed": signed, "base": base_m.detach().float().cpu(), "other": other_m.float().cpu()}
     if graddrop:
         for sw in sweeps:
-            out.setdefault("graddrop", {})[sw.name] = _graddrop_mean(sw, signed[sw.name], gd[sw.name], n_layers)
+            out.setdefault("graddrop", {})[sw.name] = _graddrop_mean(sw, signed[sw.name], gd[sw.name].cpu(), n_layers)
     return out
 
 
