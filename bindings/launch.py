@@ -24,11 +24,13 @@ def interpreting() -> bool:
 
 # Elements per program (a GPU wants many small programs, the interpreter few large ones), and the
 # query/key block of qk_fix. Tests shrink them to exercise every loop and boundary.
-TILE = {"gpu": 2048, "interpreter": 1 << 16, "qk": 64}
+# ``programs``: how many programs a launch should have at least (the GPU's SMs several times over)
+# before a reduction over positions is split into chunks.
+TILE = {"gpu": 2048, "interpreter": 1 << 16, "qk": 64, "programs_gpu": 1024, "programs_interpreter": 1}
 
 
-def _tile() -> int:
-    return TILE["interpreter" if interpreting() else "gpu"]
+def _tile(what: str = "") -> int:
+    return TILE[what + ("interpreter" if interpreting() else "gpu")]
 
 
 def _p2(n: int) -> int:
@@ -71,16 +73,34 @@ def attribute_fwd(base, other, grad, by_pos=True, abs=False, out=None) -> torch.
         return out
     if t == 0 or d == 0:
         return out if accum else out.zero_()
-    so = out.stride() if by_pos else (out.stride(0), 0, out.stride(1))
     bd = min(_p2(d), 256)
     br = min(_p2(b * c), max(1, _tile() // bd))
     bt = min(_p2(t), max(1, _tile() // (bd * br)))
-    grid = (triton.cdiv(b * c, br), triton.cdiv(t, bt) if by_pos else 1)
+    row_programs = triton.cdiv(b * c, br)
     base_ = other if base is None else base
-    attribute_fwd_kernel[grid](
-        out, base_, other, grad, b * c, t, c, d, *so, *base_.stride(), *other.stride(), *grad.stride(),
-        HAS_BASE=base is not None, BY_POS=by_pos, ABS=abs, ACCUM=accum, BT=bt, BR=br, BD=bd,
-    )
+    strides = (*base_.stride(), *other.stride(), *grad.stride())
+    flags = dict(HAS_BASE=base is not None, BT=bt, BR=br, BD=bd)
+    if by_pos:
+        attribute_fwd_kernel[(row_programs, triton.cdiv(t, bt))](
+            out, base_, other, grad, b * c, t, c, d, bt, *out.stride(), 0, *strides,
+            BY_POS=True, ABS=abs, ACCUM=accum, **flags)
+        return out
+    # summed over positions: split T into chunks when the rows alone give too few programs
+    chunks = max(1, min(_tile("programs_") // row_programs, triton.cdiv(t, bt)))
+    t_per = triton.cdiv(triton.cdiv(t, chunks), bt) * bt
+    chunks = triton.cdiv(t, t_per)
+    if chunks == 1:
+        attribute_fwd_kernel[(row_programs, 1)](
+            out, base_, other, grad, b * c, t, c, d, t_per, out.stride(0), 0, out.stride(1), 0, *strides,
+            BY_POS=False, ABS=abs, ACCUM=accum, **flags)
+        return out
+    part = torch.empty(chunks, b, c, dtype=torch.float32, device=other.device)  # [K, B, C]
+    attribute_fwd_kernel[(row_programs, chunks)](
+        part, base_, other, grad, b * c, t, c, d, t_per, c, 0, 1, b * c, *strides,
+        BY_POS=False, ABS=False, ACCUM=False, **flags)
+    s = part.sum(0)
+    s = s.abs() if abs else s
+    return out.add_(s) if accum else out.copy_(s)
     return out
 
 

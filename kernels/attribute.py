@@ -49,16 +49,17 @@ def check_attribute(base, other, grad, by_pos, out) -> None:
 @triton.jit
 def attribute_fwd_kernel(
     out_ptr, base_ptr, other_ptr, grad_ptr,
-    n_rows, T, C, D,
-    so_b, so_t, so_c,
+    n_rows, T, C, D, T_PER,
+    so_b, so_t, so_c, so_k,
     sb_b, sb_t, sb_c, sb_d,
     sx_b, sx_t, sx_c, sx_d,
     sg_b, sg_t, sg_c, sg_d,
     HAS_BASE: tl.constexpr, BY_POS: tl.constexpr, ABS: tl.constexpr, ACCUM: tl.constexpr,
     BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
 ):
-    """Grid ``(cdiv(B * C, BR), cdiv(T, BT) if BY_POS else 1)``: a program owns ``BR`` rows ``(b, c)``
-    and ``BT`` positions (``BY_POS``) or all of them, looping over ``T`` and ``D`` in [BT, BR, BD] tiles."""
+    """Grid ``(cdiv(B * C, BR), cdiv(T, T_PER))``: a program owns ``BR`` rows ``(b, c)`` and the positions
+    ``[k T_PER, (k + 1) T_PER)``, looping over them and ``D`` in [BT, BR, BD] tiles. ``BY_POS``
+    (``T_PER == BT``) writes per position; otherwise chunk ``k`` writes its sum at ``out + k so_k``."""
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)  # [BR]
     rok = r < n_rows
     b = r // C
@@ -66,16 +67,13 @@ def attribute_fwd_kernel(
     xr = (b * sx_b + c * sx_c)[None, :, None]  # [1, BR, 1]
     gr = (b * sg_b + c * sg_c)[None, :, None]
     br = (b * sb_b + c * sb_c)[None, :, None]
-    if BY_POS:
-        t_lo = tl.program_id(1).to(tl.int64) * BT
-        t_hi = t_lo + BT
-    else:
-        t_lo = 0
-        t_hi = T
+    k = tl.program_id(1).to(tl.int64)
+    t_lo = k * T_PER
+    t_hi = tl.minimum(t_lo + T_PER, T)
     acc = tl.zeros([BT, BR], tl.float32)
     for t0 in range(t_lo, t_hi, BT):
         t = t0 + tl.arange(0, BT).to(tl.int64)  # [BT]
-        tr = ((t < T)[:, None] & rok[None, :])[:, :, None]  # [BT, BR, 1]
+        tr = ((t < t_hi)[:, None] & rok[None, :])[:, :, None]  # [BT, BR, 1]
         t3 = t[:, None, None]
         for d0 in range(0, D, BD):
             d = (d0 + tl.arange(0, BD).to(tl.int64))[None, None, :]  # [1, 1, BD]
@@ -97,6 +95,7 @@ def attribute_fwd_kernel(
     else:
         s = tl.sum(acc, 0)  # [BR]
         s = tl.abs(s) if ABS else s
+        o = out_ptr + k * so_k + orow
         if ACCUM:
-            s += tl.load(out_ptr + orow, mask=rok, other=0.0)
-        tl.store(out_ptr + orow, s, mask=rok)
+            s += tl.load(o, mask=rok, other=0.0)
+        tl.store(o, s, mask=rok)

@@ -39,6 +39,7 @@ def small_tiles(monkeypatch):
     """Tiles small enough that every launch runs several programs and every loop several steps."""
     monkeypatch.setitem(launch.TILE, "interpreter", 64)
     monkeypatch.setitem(launch.TILE, "qk", 16)
+    monkeypatch.setitem(launch.TILE, "programs_interpreter", 8)  # sums over positions split into chunks
 
 
 def assert_as_good(got, ref, low=None, rtol=2e-5):
