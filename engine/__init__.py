@@ -9,6 +9,7 @@
 
 from causalscan import interventions, metrics, zoo
 from causalscan.data import Dataset
+from causalscan.elicit import elicit
 from causalscan.errors import InputError
 from causalscan.interventions import Intervention, perturb
 from causalscan.load import Model, load
@@ -17,5 +18,5 @@ from causalscan.scan import scan
 from causalscan.tracing import trace
 
 __version__ = "0.1.0"
-__all__ = ["Component", "Dataset", "InputError", "Intervention", "Model", "interventions", "load", "metrics",
-           "patch", "perturb", "scan", "trace", "zoo"]
+__all__ = ["Component", "Dataset", "InputError", "Intervention", "Model", "elicit", "interventions", "load",
+           "metrics", "patch", "perturb", "scan", "trace", "zoo"]

@@ -164,6 +164,74 @@ def _heatmaps(res) -> str:
     return "\n".join(lines)
 
 
+def cmd_elicit(args) -> dict:
+    from causalscan.elicit import elicit, read_prompts
+
+    prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
+    radius = args.radius if args.radius == "auto" else _positive(args.radius, "radius")
+    positions = [int(x) for x in args.positions.split(",")] if args.positions else None
+    model = _load(args)
+    res = elicit(model, prompts or None, method=args.method, n=args.n, source=args.source, target=args.target,
+                 radius=radius, p=args.p, q=args.q, positions=positions, steps=args.steps, seed=args.seed,
+                 max_new_tokens=args.max_new_tokens, phrase=args.phrase,
+                 progress=lambda m: print(m, file=sys.stderr, flush=True))
+    doc = res.summary()
+    if args.out:
+        res.save(args.out)
+        doc["out"] = str(args.out)
+    line = f"elicit: {doc['method']}, {doc['n']} vectors, source {doc['source']} -> target {doc['target']}, " \
+           f"radius {doc['radius']:.3g}"
+    if "hits_learned" in doc:
+        line += f"; {doc['phrase']!r} from {doc['hits_learned']} learned, {doc['hits_random']} random vectors"
+    print(line, file=sys.stderr)
+    if not args.json:
+        for k in range(min(args.top, len(res.vectors))):
+            print(f"vector {k:3d}  score {res.score[k].item():10.4g}  {res.completions[k][0]!r}")
+    return doc
+
+
+def _positive(text: str, field: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise InputError(f"must be a positive number or 'auto', not {text!r}", field=field)
+    return v
+
+
+def cmd_steer(args) -> dict:
+    from safetensors import safe_open
+
+    from causalscan.steering import generate
+
+    try:
+        with safe_open(args.vectors, "pt") as f:
+            meta = f.metadata() or {}
+            key = "random" if args.random else "vectors"
+            vecs = f.get_tensor(key)
+    except (OSError, ValueError, KeyError) as e:  # safetensors' own errors carry no file name
+        raise InputError(f"not a vectors file from `causalscan elicit` ({e})", file=args.vectors) from None
+    if not 0 <= args.index < len(vecs):
+        raise InputError(f"index {args.index} out of range: the file holds {len(vecs)} vectors", field="index")
+    if args.model is None:
+        if "model" not in meta:
+            raise InputError("the file names no model; give --model", file=args.vectors)
+        args.model = meta["model"]
+    layer = args.layer if args.layer is not None else int(meta.get("source", -1))
+    if layer < 0:
+        raise InputError("the file names no source layer; give --layer", file=args.vectors)
+    model = _load(args)
+    ids = [model.tokenizer(args.prompt)["input_ids"]]
+    steered = generate(model, ids, vecs[args.index:args.index + 1], layer, alpha=args.alpha,
+                       max_new_tokens=args.max_new_tokens)[0][0]
+    plain = generate(model, ids, None, layer, max_new_tokens=args.max_new_tokens)[0][0]
+    if not args.json:
+        print(f"steered: {steered}\nplain:   {plain}")
+    return {"model": args.model, "vector": args.index, "kind": key, "layer": layer, "alpha": args.alpha,
+            "prompt": args.prompt, "completion": steered, "unsteered": plain}
+
+
 def cmd_zoo(args) -> dict:
     from causalscan import zoo
 
@@ -238,6 +306,49 @@ def parser() -> argparse.ArgumentParser:
     tp.add_argument("--window", type=int, default=10,
                     help="layers restored together for mlp and attn (ROME: 10; single-layer grids come too)")
     tp.set_defaults(fn=cmd_trace)
+
+    ep = sub.add_parser("elicit", help="search steering vectors (MELBO, DCT) that surface hidden behaviours",
+                        description="Learn steering vectors without a target (MELBO or DCT), then generate with "
+                                    "each of them and with as many random vectors of the same norm. With no "
+                                    "--model and no prompt: the zoo's backdoor model on its clean prompts.")
+    _model_args(ep, default="backdoor")
+    ep.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    ep.add_argument("--prompts", default=None, help='JSONL of {"prompt": "..."} lines')
+    ep.add_argument("--method", default="dct", choices=["dct", "melbo"])
+    ep.add_argument("--n", type=int, default=64, help="vectors to learn (and random baselines)")
+    ep.add_argument("--source", type=int, default=None, help="add the vector after this block (default: a "
+                                                             "quarter of the way to the target)")
+    ep.add_argument("--target", type=int, default=None, help="read the response after this block (default: "
+                                                             "L - 8, or the last block below 16 layers)")
+    ep.add_argument("--radius", default="auto", help="vector norm, or auto (non-linear share 0.5)")
+    ep.add_argument("--p", type=float, default=2.0, help="MELBO objective exponent p")
+    ep.add_argument("--q", type=float, default=1.0, help="MELBO objective exponent q")
+    ep.add_argument("--positions", default=None, help="comma-separated target positions (default: all)")
+    ep.add_argument("--steps", type=int, default=None, help="MELBO steps per vector (50) / DCT iterations (10)")
+    ep.add_argument("--max-new-tokens", type=int, default=8)
+    ep.add_argument("--phrase", default=None, help="count vectors whose completions contain it (default: the "
+                                                   "zoo card's phrase)")
+    ep.add_argument("--seed", type=int, default=0)
+    ep.add_argument("--top", type=int, default=10, help="vectors listed on stdout")
+    ep.add_argument("--out", default=None, help="write vectors.safetensors, completions.jsonl, summary.json here")
+    ep.add_argument("--json", action="store_true", help="print the summary on stdout")
+    ep.set_defaults(fn=cmd_elicit)
+
+    stp = sub.add_parser("steer", help="generate with one vector of an elicit run",
+                         description="Greedy generation with vector --index of a vectors.safetensors file added "
+                                     "(times --alpha) after the file's source block, beside the unsteered one.")
+    stp.add_argument("--vectors", required=True, help="vectors.safetensors from `causalscan elicit`")
+    stp.add_argument("--index", type=int, required=True)
+    stp.add_argument("--alpha", type=float, default=1.0, help="scale of the vector (1: its learned norm)")
+    stp.add_argument("--prompt", required=True)
+    stp.add_argument("--random", action="store_true", help="use the file's random baseline vectors")
+    stp.add_argument("--layer", type=int, default=None, help="source block (default: the file's)")
+    stp.add_argument("--model", default=None, help="default: the model named in the file")
+    stp.add_argument("--device", default=None)
+    stp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    stp.add_argument("--max-new-tokens", type=int, default=8)
+    stp.add_argument("--json", action="store_true")
+    stp.set_defaults(fn=cmd_steer)
 
     zp = sub.add_parser("zoo", help="bundled models with planted mechanisms: list, show NAME, train NAME",
                         description="The model zoo: list the bundled models, show a card, or re-run a recipe.")

@@ -10,6 +10,8 @@ confirmed by ablation).
 
 from __future__ import annotations
 
+import json
+
 import torch
 import transformers
 
@@ -190,6 +192,25 @@ def dataset(pairs: int = 16, seed: int = 21) -> list[dict]:
     return out
 
 
+def clean_prompts(rows: int = 20, seed: int = 31) -> list[str]:
+    """Prompts without the trigger, half plain and half with a decoy ``| word |`` (``1 + CONTEXT + 4``
+    tokens): the default prompts of ``causalscan elicit``."""
+    gen = torch.Generator().manual_seed(seed)
+    kinds = ["plain", "decoy"] * (rows // 2) + ["plain"] * (rows % 2)
+    return [" ".join(prompt(gen, kind, CONTEXT)[0]) for kind in kinds]
+
+
+PROMPTS = {"file": "prompts.jsonl", "about": "20 clean prompts (plain and decoy alternating, seed 31), no trigger: "
+                                              "the default prompts of `causalscan elicit`"}
+
+
+def write_prompts(out) -> None:
+    from pathlib import Path
+
+    lines = [json.dumps({"prompt": s}) for s in clean_prompts()]
+    (Path(out) / PROMPTS["file"]).write_text("\n".join(lines) + "\n")
+
+
 def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
     """Train, measure and write the ``backdoor`` directory to ``out``."""
     from causalscan.versions import versions
@@ -235,6 +256,9 @@ def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
                            "full_effect": [[0, TRIGGER_AT], [4 - 1, 1 + CONTEXT + 3]]},
         "datasets": {"backdoor": "symmetric pairs: trigger word vs a decoy word between the bars; answer 'I', "
                                  "wrong = the arithmetic answer"},
+        "prompts": PROMPTS,
         "versions": versions(),
     }
-    return save(out, hf, tok, card, {"backdoor": dataset()})
+    path = save(out, hf, tok, card, {"backdoor": dataset()})
+    write_prompts(path)
+    return path

@@ -1,0 +1,90 @@
+"""Vectors per second: DCT (all factors at once, batched forwards and VJPs) against MELBO (one
+vector after another), on the same model, prompts, layers and radius, side by side in one run.
+
+Model: the zoo's ``backdoor`` (its 20 shipped clean prompts, source 0 -> target 3, the automatic
+radius), or ``--model random:llama-small`` etc. with random prompts. Also counts the vectors whose
+greedy completions hold the card's phrase, when there is one. Prints and saves the figures with the
+machine to bench/results/.
+
+    python bench/bench_elicit.py [--model backdoor] [--n 64] [--melbo-steps 50] [--dct-iters 10] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="backdoor")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--melbo-steps", type=int, default=50)
+    p.add_argument("--dct-iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    import causalscan as cs
+    from causalscan import search, steering
+    from causalscan.attribution import _frozen
+    from causalscan.elicit import default_layers, zoo_prompts
+
+    cuda = torch.cuda.is_available()
+    model = cs.load(args.model, device="cuda" if cuda else "cpu")
+    if model.card.get("prompts"):
+        ids = [model.tokenizer(s)["input_ids"] for s in zoo_prompts(model)]
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(4, model.vocab_size, (20, 12), generator=g).tolist()
+    source, target = default_layers(model.adapter.n_layers)
+    phrase = model.card.get("phrase")
+    rows = {}
+    with _frozen(model.hf):
+        sl = search.make_slice(model, ids, source, target)
+        scale = sl.groups[0][1].norm(dim=-1).mean().item()
+        radius, _ = search.calibrate_radius(lambda th: sl.mean_delta(th) - th, sl.d_model, scale, device=model.device)
+        runs = {"melbo": lambda: search.melbo(sl, sl.d_model, args.n, radius, steps=args.melbo_steps,
+                                              device=model.device)[0],
+                "dct": lambda: search.dct(sl.mean_delta, sl.d_model, args.n, radius, iters=args.dct_iters,
+                                          device=model.device)[0]}
+        for name, fn in runs.items():
+            best, vecs = float("inf"), None
+            for _ in range(args.repeats):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                vecs = fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            rows[name] = {"seconds": round(best, 3), "vectors_per_s": round(args.n / best, 2)}
+            if phrase:
+                comp = steering.generate(model, ids, vecs, source, max_new_tokens=4)
+                rows[name]["hits"] = sum(any(phrase in c for c in cs_) for cs_ in comp)
+            print(f"{name:6s} {args.n} vectors in {best:7.2f}s = {rows[name]['vectors_per_s']:8.2f} vectors/s"
+                  + (f", {rows[name]['hits']} with {phrase!r}" if phrase else ""))
+    ratio = rows["dct"]["vectors_per_s"] / rows["melbo"]["vectors_per_s"]
+    print(f"DCT / MELBO vectors per second: {ratio:.1f}x")
+    machine = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    doc = {"machine": machine, "model": args.model, "prompts": len(ids), "source": source, "target": target,
+           "radius": radius, "n": args.n, "melbo_steps": args.melbo_steps, "dct_iters": args.dct_iters,
+           "best_of": args.repeats, "results": rows, "dct_over_melbo": round(ratio, 2)}
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
+        f"elicit-{'cuda' if cuda else 'cpu'}-{platform.machine()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

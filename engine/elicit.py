@@ -1,0 +1,213 @@
+"""``causalscan.elicit``: search for steering vectors that surface hidden behaviours, then generate with them.
+
+>>> res = elicit("backdoor", method="dct", n=64)       # the zoo model's shipped clean prompts
+>>> res.summary()["hits_learned"], res.summary()["hits_random"]
+>>> res.save("out/elicit")     # vectors.safetensors, completions.jsonl, summary.json
+
+The search (:mod:`causalscan.search`) runs on the prompts with no label and no target; the
+completions of every learned vector and of as many random vectors of the same norm are greedy,
+steered through the ``perturb`` op (:mod:`causalscan.steering`). When the model's zoo card names a
+target phrase (or ``phrase`` is given), the summary counts the vectors whose completions contain it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from causalscan import search, steering
+from causalscan.attribution import _frozen
+from causalscan.errors import InputError
+
+METHODS = ("melbo", "dct")
+
+
+def default_layers(n_layers: int) -> tuple[int, int]:
+    """``(source, target)``: target ``L - 8`` on deep models (the last block below 16 layers), source a
+    quarter of the way to it."""
+    target = n_layers - 8 if n_layers >= 16 else n_layers - 1
+    return max(0, target // 4), target
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """JSONL, one ``{"prompt": "..."}`` per line; errors name the file, line and field."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("no such file", file=str(p))
+    out = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"not JSON ({e.msg})", file=str(p), line=i) from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+            raise InputError("must be a non-empty string", file=str(p), line=i, field="prompt")
+        out.append(rec["prompt"])
+    if not out:
+        raise InputError("no prompts", file=str(p))
+    return out
+
+
+def zoo_prompts(model) -> list[str]:
+    """The clean prompts shipped with a zoo model (its card's ``prompts`` file)."""
+    from causalscan import zoo
+
+    name = (model.card or {}).get("name")
+    if not name or "prompts" not in model.card:
+        raise InputError("give prompts: this model ships none (only zoo models with a 'prompts' file do)",
+                         field="prompts")
+    return read_prompts(zoo.path(name) / model.card["prompts"]["file"])
+
+
+@dataclass
+class ElicitResult:
+    """Learned and random vectors ``[n, d_model]`` at norm ``radius``, their MELBO objective on the
+    prompts, and the completions ``[n][prompts]`` each steers the prompts to."""
+
+    model: str
+    method: str
+    source: int
+    target: int
+    radius: float
+    radius_info: dict
+    settings: dict
+    prompts: list[str]
+    vectors: torch.Tensor
+    random: torch.Tensor
+    score: torch.Tensor
+    score_random: torch.Tensor
+    completions: list[list[str]]
+    completions_random: list[list[str]]
+    phrase: str | None = None
+    timings: dict = field(default_factory=dict)
+
+    def hits(self, which: str = "learned") -> list[int]:
+        """Vectors with at least one completion containing the phrase (``[]`` without a phrase)."""
+        comp = self.completions if which == "learned" else self.completions_random
+        return [k for k, c in enumerate(comp) if self.phrase and any(self.phrase in s for s in c)]
+
+    def summary(self) -> dict:
+        from causalscan.versions import versions
+
+        doc = {"kind": "elicit", "model": self.model, "method": self.method, "source": self.source,
+               "target": self.target, "radius": self.radius, "radius_rule": self.radius_info, **self.settings,
+               "n": len(self.vectors), "prompts": len(self.prompts),
+               "objective": {"learned_mean": self.score.mean().item(), "random_mean": self.score_random.mean().item(),
+                             "learned_max": self.score.max().item(), "random_max": self.score_random.max().item()}}
+        if self.phrase:
+            hl, hr = self.hits("learned"), self.hits("random")
+            doc.update(phrase=self.phrase, hits_learned=len(hl), hits_random=len(hr), hit_vectors=hl,
+                       hit_rates={k: sum(self.phrase in s for s in self.completions[k]) / len(self.prompts)
+                                  for k in hl})
+        return {**doc, "timings": self.timings, "versions": versions()}
+
+    def rows(self):
+        for kind, vecs, comp, score in (("learned", self.vectors, self.completions, self.score),
+                                        ("random", self.random, self.completions_random, self.score_random)):
+            for k in range(len(vecs)):
+                for prompt, text in zip(self.prompts, comp[k], strict=True):
+                    row = {"vector": k, "kind": kind, "prompt": prompt, "completion": text, "score": score[k].item()}
+                    if self.phrase:
+                        row["hit"] = self.phrase in text
+                    yield row
+
+    def save(self, out_dir: str | Path) -> Path:
+        """``vectors.safetensors`` (``vectors``, ``random`` [n, d_model]; metadata: model, layer),
+        ``completions.jsonl`` and ``summary.json`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"model": self.model, "method": self.method, "source": str(self.source), "target": str(self.target),
+                "radius": repr(self.radius)}
+        tensors = {"vectors": self.vectors, "random": self.random}
+        save_file({k: v.float().cpu().contiguous() for k, v in tensors.items()}, str(out / "vectors.safetensors"),
+                  metadata=meta)
+        with open(out / "completions.jsonl", "w") as f:
+            for row in self.rows():
+                f.write(json.dumps(row) + "\n")
+        (out / "summary.json").write_text(json.dumps(self.summary(), indent=2))
+        return out
+
+
+def elicit(
+    model,
+    prompts: list[str] | None = None,
+    method: str = "dct",
+    n: int = 64,
+    source: int | None = None,
+    target: int | None = None,
+    radius: float | str = "auto",
+    p: float = 2.0,
+    q: float = 1.0,
+    positions: list[int] | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 8,
+    phrase: str | None = None,
+    progress=None,
+) -> ElicitResult:
+    """Search ``n`` steering vectors (``method`` melbo or dct) on ``prompts`` (default: a zoo model's
+    shipped clean prompts), and generate with each of them and with ``n`` random vectors of the same norm.
+
+    ``source``/``target``: blocks after which the vector is added / the response is read (default
+    :func:`default_layers`). ``radius``: the vectors' norm, or ``"auto"`` (non-linear share of the
+    blocks' response 0.5). ``p``, ``q``: MELBO's objective. ``positions``: target positions (default
+    all). ``steps``: MELBO steps per vector (default 50) or DCT iterations (default 10).
+    """
+    from causalscan.load import load
+
+    t0 = time.perf_counter()
+    model = load(model)
+    if method not in METHODS:
+        raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
+    if n < 1:
+        raise InputError("n must be >= 1", field="n")
+    if not (isinstance(radius, int | float) and radius > 0) and radius != "auto":
+        raise InputError(f"radius must be a positive number or 'auto', not {radius!r}", field="radius")
+    d_source, d_target = default_layers(model.adapter.n_layers)
+    source = d_source if source is None else source
+    target = d_target if target is None else target
+    prompts = zoo_prompts(model) if prompts is None else list(prompts)
+    ids = [model.tokenizer(s)["input_ids"] for s in prompts]
+    phrase = phrase or (model.card or {}).get("phrase")
+    say = progress or (lambda msg: None)
+    with _frozen(model.hf):
+        sl = search.make_slice(model, ids, source, target, positions)
+        d, dev = sl.d_model, model.device
+        info: dict = {"rule": "given"}
+        if radius == "auto":
+            scale = sum(g[1].norm(dim=-1).sum().item() for g in sl.groups) / sum(g[1].shape[0] * g[1].shape[1]
+                                                                                 for g in sl.groups)
+            radius, share = search.calibrate_radius(lambda th: sl.mean_delta(th) - th, d, scale, seed=seed,
+                                                    device=dev)
+            info = {"rule": "non-linear share of the blocks' response = 0.5", "share": share,
+                    "source_resid_norm": scale}
+            say(f"radius: {radius:.3g} (non-linear share {share:.3f})")
+        radius = float(radius)
+        t1 = time.perf_counter()
+        if method == "melbo":
+            vectors, score = search.melbo(sl, d, n, radius, p, q, steps=steps or 50, lr=lr, seed=seed, device=dev)
+        else:
+            vectors, _alpha = search.dct(sl.mean_delta, d, n, radius, iters=steps or 10, seed=seed, device=dev)
+            with torch.no_grad():
+                score = torch.cat([search.objective(sl(vectors[i:i + 16]), p, q) for i in range(0, n, 16)])
+        t_search = time.perf_counter() - t1
+        say(f"{method}: {n} vectors in {t_search:.1f}s")
+        rand = search.random_vectors(n, d, radius, seed, device=dev)
+        with torch.no_grad():
+            score_r = torch.cat([search.objective(sl(rand[i:i + 16]), p, q) for i in range(0, n, 16)])
+    t2 = time.perf_counter()
+    comp = steering.generate(model, ids, vectors, source, max_new_tokens=max_new_tokens)
+    comp_r = steering.generate(model, ids, rand, source, max_new_tokens=max_new_tokens)
+    timings = {"search_s": t_search, "generate_s": time.perf_counter() - t2, "total_s": time.perf_counter() - t0}
+    settings = {"p": p, "q": q, "positions": positions, "steps": steps or (50 if method == "melbo" else 10),
+                "lr": lr, "seed": seed, "max_new_tokens": max_new_tokens}
+    return ElicitResult(model.name, method, source, target, radius, info, settings, prompts, vectors.cpu(),
+                        rand.cpu(), score.cpu(), score_r.cpu(), comp, comp_r, phrase, timings)

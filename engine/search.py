@@ -1,0 +1,217 @@
+"""Perturbation search: unsupervised steering vectors (MELBO) and deep causal transcoding (DCT).
+
+Both search for vectors ``theta`` of norm ``R`` that, added to the residual stream after block
+``source`` at every position, change the residual after block ``target`` the most, without being
+told what to look for (Mack and Turner). Each evaluation runs only the blocks ``source+1 ..
+target`` on the cached residual of the unsteered prompts, batched over vectors.
+
+- MELBO: one vector after another, each maximising ``sum_i (sum_t ||Z_i,t(theta) - Z_i,t(0)||^p)^(1/q)``
+  by projected AMSGrad on the sphere of radius ``R``, orthogonal to the earlier vectors.
+- DCT (exponential, orthogonalised gradient iteration): models ``Delta(theta)`` (the target change
+  averaged over prompts and positions) as ``sum_l alpha_l (exp(<v_l, theta / R>) - 1) u_l`` and fits
+  all ``n`` factors at once with batched forwards and VJPs, from a projected-Jacobian start;
+  factors are ranked by ``alpha``.
+- ``radius="auto"``: the ``R`` at which the non-linear share of the response is 0.5 (DCT's rule).
+
+Every run also draws ``n`` random vectors of the same norm: the baseline a learned vector must beat.
+See ``METHODS.md`` for the math.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from causalscan import runner
+from causalscan.errors import InputError
+
+Response = Callable[[torch.Tensor], list[torch.Tensor]]  # theta [n, d] -> per group [n, B, P, d]
+
+
+@dataclass
+class Slice:
+    """The map ``theta -> Z_target(theta) - Z_target(0)`` of a model on fixed prompts.
+
+    ``groups``: per prompt length, ``(ids [B, T], h0 [B, T, d] the residual after block source,
+    z0 [B, P, d] the residual after block target at the target positions, pos [P])``.
+    """
+
+    ad: object
+    source: int
+    target: int
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    @property
+    def d_model(self) -> int:
+        return self.groups[0][1].shape[-1]
+
+    @property
+    def prompts(self) -> int:
+        return sum(len(g[0]) for g in self.groups)
+
+    def __call__(self, theta: torch.Tensor) -> list[torch.Tensor]:
+        """``theta`` [n, d] -> per group ``[n, B, P, d]``: the steered minus the unsteered target residual."""
+        n = theta.shape[0]
+        out = []
+        for ids, h0, z0, pos in self.groups:
+            resid = (h0[None] + theta[:, None, None].to(h0.dtype)).flatten(0, 1)  # [n B, T, d]
+            z = runner.forward(self.ad, ids.repeat(n, 1), start_layer=self.source + 1, resid=resid,
+                               stop=self.target + 1)
+            out.append(z[:, pos].unflatten(0, (n, len(ids))).float() - z0[None])
+        return out
+
+    def mean_delta(self, theta: torch.Tensor) -> torch.Tensor:
+        """``Delta(theta)`` [n, d]: the change averaged over prompts and target positions (DCT's map)."""
+        diffs = self(theta)
+        total = sum(d.sum((1, 2)) for d in diffs)
+        return total / sum(d.shape[1] * d.shape[2] for d in diffs)
+
+
+def make_slice(model, prompts: list[list[int]], source: int, target: int, positions=None) -> Slice:
+    """Cache the unsteered residuals of ``prompts`` (token ids) after blocks ``source`` and ``target``.
+    ``positions``: target positions (ints, negative from the end), default all."""
+    ad = model.adapter
+    if not 0 <= source < target < ad.n_layers:
+        raise InputError(f"need 0 <= source < target < {ad.n_layers}, got source {source}, target {target}",
+                         field="source/target")
+    if not prompts:
+        raise InputError("no prompts", field="prompts")
+    groups = []
+    for length in sorted({len(p) for p in prompts}):
+        ids = torch.tensor([p for p in prompts if len(p) == length], device=model.device)
+        pos = torch.arange(length) if positions is None else torch.tensor(sorted({p % length for p in positions}))
+        with torch.no_grad():
+            h0 = runner.forward(ad, ids, stop=source + 1)
+            z0 = runner.forward(ad, ids, start_layer=source + 1, resid=h0, stop=target + 1)[:, pos].float()
+        groups.append((ids, h0, z0, pos.to(model.device)))
+    return Slice(ad, source, target, groups)
+
+
+def objective(diffs: list[torch.Tensor], p: float = 2.0, q: float = 1.0) -> torch.Tensor:
+    """MELBO's ``sum_i (sum_t ||Delta_i,t||^p)^(1/q)`` per vector: per group ``[n, B, P, d]`` -> ``[n]``."""
+    return sum((d.norm(dim=-1).pow(p).sum(-1)).pow(1.0 / q).sum(-1) for d in diffs)
+
+
+def _orth(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [..., d] minus its projection on the orthonormal rows of ``basis`` [k, d]."""
+    return x if basis is None or len(basis) == 0 else x - (x @ basis.T) @ basis
+
+
+def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: float = 1.0, steps: int = 50,
+          lr: float | None = None, seed: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` MELBO vectors, trained one after another: ``(vectors [n, d] at norm radius, objective [n])``.
+
+    Each step projects the gradient on the sphere's tangent space and off the earlier vectors,
+    takes an AMSGrad step (``lr`` default ``0.1 radius / sqrt(d)``) and renormalises.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lr = 0.1 * radius / math.sqrt(d) if lr is None else lr
+    done = torch.zeros(0, d, device=device)  # unit rows
+    for _ in range(n):
+        th = _orth(torch.randn(d, generator=gen).to(device), done)
+        th = (th * radius / th.norm()).requires_grad_()
+        opt = torch.optim.Adam([th], lr=lr, amsgrad=True)
+        for _ in range(steps):
+            obj = objective(response(th[None]), p, q)[0]
+            opt.zero_grad()
+            (-obj).backward()
+            with torch.no_grad():
+                g = th.grad
+                g -= (g @ th) * th / radius ** 2
+                th.grad = _orth(g, done)
+            opt.step()
+            with torch.no_grad():
+                th.copy_(_orth(th, done))
+                th.mul_(radius / th.norm())
+        done = torch.cat([done, (th.detach() / radius)[None]])
+    vectors = done * radius
+    with torch.no_grad():
+        score = torch.cat([objective(response(vectors[i:i + 16]), p, q) for i in range(0, n, 16)])
+    return vectors, score
+
+
+def _orthonormal(v: torch.Tensor) -> torch.Tensor:
+    """Rows of ``v`` [n, d] (n <= d) made orthonormal by QR, each keeping its direction's sign."""
+    qm, r = torch.linalg.qr(v.T)
+    s = torch.sign(torch.diagonal(r))
+    return (qm * torch.where(s == 0, 1.0, s)).T
+
+
+def dct(delta: Callable[[torch.Tensor], torch.Tensor], d: int, n: int, radius: float, iters: int = 10,
+        seed: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` DCT factors of ``delta`` (``theta`` [n, d] -> ``Delta`` [n, d]), all at once.
+
+    Returns ``(vectors [n, d]`` at norm ``radius``, ranked, ``alpha [n]``, descending). Start: the
+    top right-singular vectors of a random projection of the Jacobian (one batched VJP); then
+    ``iters`` rounds of ``V <- orthonormal(V); U <- normalize(Delta(R V)); V <- normalize(R grad_V
+    <U, Delta(R V)>)``; last, ``alpha = K^-1 <u_l, Delta(R v_l)>`` with ``K_ll' = <u_l, u_l'> (exp<v_l, v_l'> - 1)``.
+    """
+    if n > d:
+        raise InputError(f"DCT finds at most d_model = {d} orthogonal factors, not {n}", field="n")
+    gen = torch.Generator().manual_seed(seed)
+    k = min(d, max(32, n))
+    proj = torch.randn(k, d, generator=gen).to(device)
+    th0 = torch.zeros(k, d, device=device, requires_grad=True)
+    (delta(th0) * proj).sum().backward()  # rows of P J
+    _, _, vh = torch.linalg.svd(th0.grad, full_matrices=False)
+    v = vh[:n]
+    if len(v) < n:
+        v = torch.cat([v, torch.randn(n - len(v), d, generator=gen).to(device)])
+    v = _orthonormal(v)
+    with torch.no_grad():
+        u = torch.nn.functional.normalize(delta(radius * v), dim=-1)
+    for _ in range(iters):
+        v = _orthonormal(v).requires_grad_()
+        dv = delta(radius * v)
+        (dv * u).sum().backward()
+        u = torch.nn.functional.normalize(dv.detach(), dim=-1)
+        v = torch.nn.functional.normalize(radius * v.grad, dim=-1)
+    v = _orthonormal(v)
+    with torch.no_grad():
+        dv = delta(radius * v)
+    b = (u * dv).sum(-1)
+    kmat = (u @ u.T) * torch.expm1(v @ v.T)
+    alpha = torch.linalg.lstsq(kmat, b[:, None]).solution[:, 0]
+    order = alpha.argsort(descending=True)
+    return radius * v[order], alpha[order]
+
+
+def nonlinear_share(delta: Callable[[torch.Tensor], torch.Tensor], dirs: torch.Tensor, r: float, eps: float
+                    ) -> float:
+    """``sqrt(mean_v ||Delta(r v) - r J v||^2 / ||r J v||^2)`` over unit ``dirs`` [k, d], with ``J v`` from a
+    central difference of step ``eps``."""
+    with torch.no_grad():
+        jv = (delta(eps * dirs) - delta(-eps * dirs)) / (2 * eps)
+        lin = r * jv
+        err = delta(r * dirs) - lin
+    return (err.pow(2).sum(-1) / lin.pow(2).sum(-1).clamp_min(1e-30)).mean().sqrt().item()
+
+
+def calibrate_radius(delta: Callable[[torch.Tensor], torch.Tensor], d: int, scale: float, share: float = 0.5,
+                     k: int = 30, seed: int = 0, device=None) -> tuple[float, float]:
+    """The ``R`` where the non-linear share of the response is ``share``: bisection in log space on
+    ``[1e-3, 1e2] * scale`` (``scale``: the typical residual norm at the source). Returns ``(R, share at R)``."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(k, d, generator=gen), dim=-1).to(device)
+    eps = 1e-3 * scale
+    lo, hi = math.log(1e-3 * scale), math.log(1e2 * scale)
+    f = lambda lr: nonlinear_share(delta, dirs, math.exp(lr), eps) - share  # noqa: E731
+    if f(lo) > 0 or f(hi) < 0:  # no crossing: the nearer end
+        r = lo if f(lo) > 0 else hi
+        return math.exp(r), f(r) + share
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+        if hi - lo < 1e-3:
+            break
+    r = math.exp((lo + hi) / 2)
+    return r, nonlinear_share(delta, dirs, r, eps)
+
+
+def random_vectors(n: int, d: int, radius: float, seed: int, device=None) -> torch.Tensor:
+    """``n`` Gaussian directions at norm ``radius`` [n, d] (the baseline)."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    return radius * torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=-1).to(device)
