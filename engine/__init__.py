@@ -7,7 +7,7 @@
 >>> tr = cs.trace("facts", cs.zoo.dataset_path("facts", "subjects"), window=1)   # ROME causal tracing
 """
 
-from causalscan import interventions, metrics, zoo
+from causalscan import interventions, metrics, steering, zoo
 from causalscan.data import Dataset
 from causalscan.elicit import elicit
 from causalscan.errors import InputError
@@ -19,4 +19,4 @@ from causalscan.tracing import trace
 
 __version__ = "0.1.0"
 __all__ = ["Component", "Dataset", "InputError", "Intervention", "Model", "elicit", "interventions", "load",
-           "metrics", "patch", "perturb", "scan", "trace", "zoo"]
+           "metrics", "patch", "perturb", "scan", "steering", "trace", "zoo"]
