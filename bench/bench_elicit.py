@@ -35,7 +35,7 @@ def main() -> None:
 
     import causalscan as cs
     from causalscan import search, steering
-    from causalscan.attribution import _frozen
+    from causalscan.attribution import frozen
     from causalscan.elicit import default_layers, zoo_prompts
 
     cuda = torch.cuda.is_available()
@@ -48,7 +48,7 @@ def main() -> None:
     source, target = default_layers(model.adapter.n_layers)
     phrase = model.card.get("phrase")
     rows = {}
-    with _frozen(model.hf):
+    with frozen(model.hf):
         sl = search.make_slice(model, ids, source, target)
         scale = sl.groups[0][1].norm(dim=-1).mean().item()
         radius, _ = search.calibrate_radius(lambda th: sl.mean_delta(th) - th, sl.d_model, scale, device=model.device)

@@ -77,7 +77,7 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
     def plain():
         with torch.no_grad():
             runner.forward(ad, corrupt)
-        with attribution._frozen(model.hf), torch.enable_grad():
+        with attribution.frozen(model.hf), torch.enable_grad():
             h = model.hf.get_input_embeddings().register_forward_hook(leaf)
             try:
                 m = metric(runner.forward(ad, clean)[:, -1])
@@ -100,7 +100,7 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
                 x.register_hook(lambda gr: grads.__setitem__((s, layer), gr))
                 return x
             return s, layer, fn
-        with attribution._frozen(model.hf), torch.enable_grad():
+        with attribution.frozen(model.hf), torch.enable_grad():
             h = model.hf.get_input_embeddings().register_forward_hook(leaf)
             try:
                 m = metric(runner.forward(ad, clean, [keep(s, layer) for s, layer in taps_sites])[:, -1])

@@ -84,7 +84,8 @@ def first_affected(site: str, layer: int) -> int:
 
 
 @contextmanager
-def _frozen(model: torch.nn.Module):
+def frozen(model: torch.nn.Module):
+    """Parameters without ``requires_grad`` for the duration: backwards compute activation gradients only."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -194,7 +195,7 @@ def attribute(
     def leaf(mod, args, out):
         return out.detach().requires_grad_()
 
-    with _frozen(ad.model), torch.enable_grad(), attention.recording(ad, attn_layers, base_rec):
+    with frozen(ad.model), torch.enable_grad(), attention.recording(ad, attn_layers, base_rec):
         handle = ad.model.get_input_embeddings().register_forward_hook(leaf)
         try:
             base_logits = runner.forward(ad, base_ids, taps, noise=base_noise)[:, -1]

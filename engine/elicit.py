@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from causalscan import search, steering
-from causalscan.attribution import _frozen
+from causalscan.attribution import frozen
 from causalscan.errors import InputError
 
 METHODS = ("melbo", "dct")
@@ -178,7 +178,7 @@ def elicit(
     ids = [model.tokenizer(s)["input_ids"] for s in prompts]
     phrase = phrase or (model.card or {}).get("phrase")
     say = progress or (lambda msg: None)
-    with _frozen(model.hf):
+    with frozen(model.hf):
         sl = search.make_slice(model, ids, source, target, positions)
         d, dev = sl.d_model, model.device
         info: dict = {"rule": "given"}
