@@ -36,6 +36,26 @@ class Pair:
     span: tuple[int, int] | None = None
 
 
+def read_jsonl(path: str | Path) -> tuple[list[dict], list[int]]:
+    """The JSON objects of a JSONL file and their line numbers (blank lines skipped); errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", file=str(path))
+    records, lines = [], []
+    for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"invalid JSON ({e.msg})", file=str(path), line=i) from None
+        if not isinstance(rec, dict):
+            raise InputError("each line must be a JSON object", file=str(path), line=i)
+        records.append(rec)
+        lines.append(i)
+    return records, lines
+
+
 class Dataset:
     """Records of prompt pairs, from a JSONL file or a list of dicts.
 
@@ -60,21 +80,7 @@ class Dataset:
 
     @classmethod
     def from_jsonl(cls, path: str | Path) -> Dataset:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError("no such file", file=str(path))
-        records, lines = [], []
-        for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(f"invalid JSON ({e.msg})", file=str(path), line=i) from None
-            if not isinstance(rec, dict):
-                raise InputError("each line must be a JSON object", file=str(path), line=i)
-            records.append(rec)
-            lines.append(i)
+        records, lines = read_jsonl(path)
         return cls(records, name=str(path), lines=lines)
 
     def __len__(self) -> int:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from causalscan import search, steering
 from causalscan.attribution import frozen
+from causalscan.data import read_jsonl
 from causalscan.errors import InputError
 
 METHODS = ("melbo", "dct")
@@ -36,23 +37,13 @@ def default_layers(n_layers: int) -> tuple[int, int]:
 
 def read_prompts(path: str | Path) -> list[str]:
     """JSONL, one ``{"prompt": "..."}`` per line; errors name the file, line and field."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("no such file", file=str(p))
-    out = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"not JSON ({e.msg})", file=str(p), line=i) from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-            raise InputError("must be a non-empty string", file=str(p), line=i, field="prompt")
-        out.append(rec["prompt"])
-    if not out:
-        raise InputError("no prompts", file=str(p))
-    return out
+    records, lines = read_jsonl(path)
+    for rec, i in zip(records, lines, strict=True):
+        if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+            raise InputError("must be a non-empty string", file=str(path), line=i, field="prompt")
+    if not records:
+        raise InputError("no prompts", file=str(path))
+    return [rec["prompt"] for rec in records]
 
 
 def zoo_prompts(model) -> list[str]:

@@ -123,6 +123,17 @@ def _tl_g(dz, v, F32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _tl_online(m, total, acc, sc, g):
+    """One key block of an online softmax: running max ``m``, sum ``total`` and ``sum e g`` [BT] updated
+    with scores ``sc`` and weights ``g`` [BT, BS]."""
+    mn = tl.maximum(m, tl.max(sc, 1))
+    base = tl.where(mn == float("-inf"), 0.0, mn)
+    scale = tl.where(m == float("-inf"), 0.0, tl.exp(m - base))
+    e = tl.exp(sc - base[:, None])
+    return mn, total * scale + tl.sum(e, 1), acc * scale + tl.sum(e * g, 1)
+
+
+@triton.jit
 def qk_fix_rows_kernel(
     iq_ptr, iall_ptr, mx_ptr, top_ptr, lrest_ptr, grest_ptr, srow_ptr,
     q_ptr, k_ptr, v_ptr, dz_ptr, bias_ptr, qo_ptr, ko_ptr,
@@ -190,24 +201,10 @@ def qk_fix_rows_kernel(
         top = tl.where(new, s0 + bi, top)
         mx = mn
         if HAS_Q:
-            sc = _tl_scores(qo, k, scaling, softcap, F32_DOT, SOFTCAP) + bias
-            mn = tl.maximum(mq, tl.max(sc, 1))
-            base = tl.where(mn == ninf, 0.0, mn)
-            scale = tl.where(mq == ninf, 0.0, tl.exp(mq - base))
-            e = tl.exp(sc - base[:, None])
-            lq = lq * scale + tl.sum(e, 1)
-            aq = aq * scale + tl.sum(e * g, 1)
-            mq = mn
+            mq, lq, aq = _tl_online(mq, lq, aq, _tl_scores(qo, k, scaling, softcap, F32_DOT, SOFTCAP) + bias, g)
         if HAS_K:
             ko = tl.load(ko_ptr + k_off, mask=km, other=0.0)
-            sc = _tl_scores(q, ko, scaling, softcap, F32_DOT, SOFTCAP) + bias
-            mn = tl.maximum(mk, tl.max(sc, 1))
-            base = tl.where(mn == ninf, 0.0, mn)
-            scale = tl.where(mk == ninf, 0.0, tl.exp(mk - base))
-            e = tl.exp(sc - base[:, None])
-            lk = lk * scale + tl.sum(e, 1)
-            ak = ak * scale + tl.sum(e * g, 1)
-            mk = mn
+            mk, lk, ak = _tl_online(mk, lk, ak, _tl_scores(q, ko, scaling, softcap, F32_DOT, SOFTCAP) + bias, g)
     srow = (gtop + grest) / (1.0 + lrest)  # S_t = sum_j A_tj g_tj
     o = bh * TQ + t
     if HAS_Q:
