@@ -86,6 +86,7 @@ def _perturb_setup(ctx, inputs, output):
     x, op, mask, source, vector, alpha, direction = inputs
     ctx.op = op
     ctx.source_shape = None if source is None else source.shape
+    ctx.source_dtype = None if source is None else source.dtype
     need_x = any(p is not None and p.requires_grad for p in (alpha, direction))
     ctx.save_for_backward(x if need_x else None, mask, vector, alpha, direction)
     ctx.x_shape = x.shape
@@ -129,7 +130,7 @@ def _perturb_backward(ctx, gy):
     if ga is not None and alpha is not None:
         ga = ga.sum_to_size(alpha.shape).to(alpha.dtype)
     if gsrc is not None:
-        gsrc = gsrc.to(gy.dtype)
+        gsrc = gsrc.to(ctx.source_dtype)
     return gx, None, None, gsrc, gvec, ga, gu
 
 
