@@ -120,7 +120,9 @@ def qk_fix_fwd(q, k, v, dz, bias, scaling, softcap=None, q_other=None, k_other=N
     iq, iall, mx, lrest, grest, srow = rows
     top = torch.empty(b, h, tq, dtype=torch.int64, device=dev)
     f32_dot = q.dtype == torch.float32 or interpreting()
-    bt = bs = min(TILE["qk"], max(16, _p2(max(tq, tk))))  # tl.dot wants >= 16
+    # tl.dot wants >= 16; an fp32 (ieee) dot unrolls to FMAs, so GPU blocks are halved for it
+    block = TILE["qk"] // 2 if f32_dot and not interpreting() else TILE["qk"]
+    bt = bs = min(block, max(16, _p2(max(tq, tk))))
     bdh = max(16, _p2(dh))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dz.stride(), *bias.stride())
     common = dict(SOFTCAP=bool(softcap), F32_DOT=f32_dot, BT=bt, BS=bs, BDH=bdh)
