@@ -173,7 +173,7 @@ def cmd_elicit(args) -> dict:
     model = _load(args)
     res = elicit(model, prompts or None, method=args.method, n=args.n, source=args.source, target=args.target,
                  radius=radius, p=args.p, q=args.q, positions=positions, steps=args.steps, seed=args.seed,
-                 max_new_tokens=args.max_new_tokens, phrase=args.phrase,
+                 max_new_tokens=args.max_new_tokens, phrase=args.phrase, checkpoint=args.out,
                  progress=lambda m: print(m, file=sys.stderr, flush=True))
     doc = res.summary()
     if args.out:
@@ -330,7 +330,8 @@ def parser() -> argparse.ArgumentParser:
                                                    "zoo card's phrase)")
     ep.add_argument("--seed", type=int, default=0)
     ep.add_argument("--top", type=int, default=10, help="vectors listed on stdout")
-    ep.add_argument("--out", default=None, help="write vectors.safetensors, completions.jsonl, summary.json here")
+    ep.add_argument("--out", default=None, help="write vectors.safetensors, completions.jsonl, summary.json here "
+                                                "(MELBO writes its finished vectors there as it goes, and resumes)")
     ep.add_argument("--json", action="store_true", help="print the summary on stdout")
     ep.set_defaults(fn=cmd_elicit)
 

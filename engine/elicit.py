@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 
 from causalscan import search, steering
 from causalscan.attribution import frozen
+from causalscan.checkpoint import Checkpoint, fingerprint
+from causalscan.checkpoint import key as checkpoint_key
 from causalscan.data import read_jsonl
 from causalscan.errors import InputError
 
@@ -143,6 +145,8 @@ def elicit(
     max_new_tokens: int = 8,
     phrase: str | None = None,
     progress=None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every_s: float = 30.0,
 ) -> ElicitResult:
     """Search ``n`` steering vectors (``method`` melbo or dct) on ``prompts`` (default: a zoo model's
     shipped clean prompts), and generate with each of them and with ``n`` random vectors of the same norm.
@@ -151,6 +155,8 @@ def elicit(
     :func:`default_layers`). ``radius``: the vectors' norm, or ``"auto"`` (non-linear share of the
     blocks' response 0.5). ``p``, ``q``: MELBO's objective. ``positions``: target positions (default
     all). ``steps``: MELBO steps per vector (default 50) or DCT iterations (default 10).
+    ``checkpoint``: a directory where MELBO writes its finished vectors as it goes (at most every
+    ``checkpoint_every_s``); a rerun with the same model, prompts and settings resumes after them.
     """
     from causalscan.load import load
 
@@ -184,7 +190,16 @@ def elicit(
         radius = float(radius)
         t1 = time.perf_counter()
         if method == "melbo":
-            vectors, score = search.melbo(sl, d, n, radius, p, q, steps=steps or 50, lr=lr, seed=seed, device=dev)
+            ck = None
+            if checkpoint is not None:
+                key = checkpoint_key({"model": model.name, "weights": fingerprint(model.hf), "prompts": prompts,
+                                      "n": n, "source": source, "target": target, "radius": radius, "p": p, "q": q,
+                                      "positions": positions, "steps": steps, "lr": lr, "seed": seed})
+                ck = Checkpoint(checkpoint, "elicit", key, checkpoint_every_s)
+            vectors, score = search.melbo(sl, d, n, radius, p, q, steps=steps or 50, lr=lr, seed=seed, device=dev,
+                                          checkpoint=ck, progress=progress)
+            if ck:
+                ck.remove()
         else:
             vectors, _alpha = search.dct(sl.mean_delta, d, n, radius, iters=steps or 10, seed=seed, device=dev)
             with torch.no_grad():

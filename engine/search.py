@@ -101,16 +101,25 @@ def _orth(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
 
 
 def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: float = 1.0, steps: int = 50,
-          lr: float | None = None, seed: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+          lr: float | None = None, seed: int = 0, device=None, checkpoint=None, progress=None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` MELBO vectors, trained one after another: ``(vectors [n, d] at norm radius, objective [n])``.
 
     Each step projects the gradient on the sphere's tangent space and off the earlier vectors,
     takes an AMSGrad step (``lr`` default ``0.1 radius / sqrt(d)``) and renormalises.
+    ``checkpoint``: a :class:`causalscan.checkpoint.Checkpoint` that holds the finished vectors; a
+    rerun resumes after them with the same random draws (``progress(msg)`` says so).
     """
     gen = torch.Generator().manual_seed(seed)
     lr = 0.1 * radius / math.sqrt(d) if lr is None else lr
     done = torch.zeros(0, d, device=device)  # unit rows
-    for _ in range(n):
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved:
+        done = saved[0]["unit"].to(device)
+        torch.randn(len(done), d, generator=gen)  # the draws of the finished vectors' starts
+        if progress:
+            progress(f"resuming from {checkpoint.path}: {len(done)}/{n} vectors done")
+    for _ in range(len(done), n):
         th = _orth(torch.randn(d, generator=gen).to(device), done)
         th = (th * radius / th.norm()).requires_grad_()
         opt = torch.optim.Adam([th], lr=lr, amsgrad=True)
@@ -127,6 +136,10 @@ def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: 
                 th.copy_(_orth(th, done))
                 th.mul_(radius / th.norm())
         done = torch.cat([done, (th.detach() / radius)[None]])
+        if checkpoint is not None:
+            checkpoint.save({"unit": done.cpu()}, set(range(len(done))), force=len(done) == n)
+        if progress:
+            progress(f"melbo: {len(done)}/{n} vectors")
     vectors = done * radius
     with torch.no_grad():
         score = torch.cat([objective(response(vectors[i:i + 16]), p, q) for i in range(0, n, 16)])

@@ -83,6 +83,39 @@ def test_melbo_vectors_stay_on_the_sphere_and_orthogonal(llama):
     assert score.min() > search.objective(sl(rand)).max()
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_interrupted_melbo_resumes(tmp_path):
+    """MELBO killed after 2 of 4 vectors resumes from its checkpoint, trains only the other 2 and ends
+    with the vectors of an uninterrupted run; other settings start afresh."""
+    model = causalscan.load("backdoor")
+    kw = dict(prompts=bd.clean_prompts(4, seed=8), method="melbo", n=4, steps=3, radius=40.0, max_new_tokens=2,
+              checkpoint_every_s=0.0)
+    full = elicit(model, **kw)
+    seen = []
+
+    def die_after_two(msg):
+        seen.append(msg)
+        if msg == "melbo: 2/4 vectors":
+            raise _Stop
+    with pytest.raises(_Stop):
+        elicit(model, checkpoint=tmp_path, progress=die_after_two, **kw)
+    assert (tmp_path / "elicit.partial.safetensors").is_file()
+    seen.clear()
+    res = elicit(model, checkpoint=tmp_path, progress=seen.append, **kw)
+    assert any(m.startswith("resuming") and "2/4 vectors done" in m for m in seen)
+    assert sum(m.startswith("melbo: ") and m.endswith("/4 vectors") for m in seen) == 2
+    assert torch.equal(res.vectors, full.vectors) and res.completions == full.completions
+    assert not (tmp_path / "elicit.partial.safetensors").exists()
+    with pytest.raises(_Stop):
+        elicit(model, checkpoint=tmp_path, progress=die_after_two, **kw)
+    seen.clear()
+    elicit(model, checkpoint=tmp_path, progress=seen.append, **{**kw, "seed": 1})
+    assert not any(m.startswith("resuming") for m in seen)
+
+
 def test_dct_recovers_planted_exponential_factors():
     """``Delta(theta) = sum_l alpha_l (exp(<v_l, theta>) - 1) u_l`` with 6 planted orthonormal ``v_l``."""
     d, m = 32, 6
