@@ -153,38 +153,51 @@ def _orthonormal(v: torch.Tensor) -> torch.Tensor:
     return (qm * torch.where(s == 0, 1.0, s)).T
 
 
+def _vjp_rows(delta, theta: torch.Tensor, w: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Delta(theta), grad_theta sum_rows <w, Delta(theta)>)`` for ``theta``, ``w`` [n, d], ``batch``
+    rows per forward and backward (rows are independent, so each chunk's graph is freed at once)."""
+    outs, grads = [], []
+    for lo in range(0, len(theta), batch):
+        th = theta[lo:lo + batch].detach().requires_grad_()
+        out = delta(th)
+        (out * w[lo:lo + batch]).sum().backward()
+        outs.append(out.detach())
+        grads.append(th.grad)
+    return torch.cat(outs), torch.cat(grads)
+
+
 def dct(delta: Callable[[torch.Tensor], torch.Tensor], d: int, n: int, radius: float, iters: int = 10,
-        seed: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        seed: int = 0, device=None, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` DCT factors of ``delta`` (``theta`` [n, d] -> ``Delta`` [n, d]), all at once.
 
     Returns ``(vectors [n, d]`` at norm ``radius``, ranked, ``alpha [n]``, descending). Start: the
-    top right-singular vectors of a random projection of the Jacobian (one batched VJP); then
+    top right-singular vectors of a random projection of the Jacobian (batched VJPs); then
     ``iters`` rounds of ``V <- orthonormal(V); U <- normalize(Delta(R V)); V <- normalize(R grad_V
     <U, Delta(R V)>)``; last, ``alpha = K^-1 <u_l, Delta(R v_l)>`` with ``K_ll' = <u_l, u_l'> (exp<v_l, v_l'> - 1)``.
+    ``batch``: factors per forward/backward (memory).
     """
     if n > d:
         raise InputError(f"DCT finds at most d_model = {d} orthogonal factors, not {n}", field="n")
     gen = torch.Generator().manual_seed(seed)
     k = min(d, max(32, n))
     proj = torch.randn(k, d, generator=gen).to(device)
-    th0 = torch.zeros(k, d, device=device, requires_grad=True)
-    (delta(th0) * proj).sum().backward()  # rows of P J
-    _, _, vh = torch.linalg.svd(th0.grad, full_matrices=False)
+    _, pj = _vjp_rows(delta, torch.zeros(k, d, device=device), proj, batch)  # rows of P J
+    _, _, vh = torch.linalg.svd(pj, full_matrices=False)
     v = vh[:n]
     if len(v) < n:
         v = torch.cat([v, torch.randn(n - len(v), d, generator=gen).to(device)])
     v = _orthonormal(v)
     with torch.no_grad():
-        u = torch.nn.functional.normalize(delta(radius * v), dim=-1)
+        u = torch.nn.functional.normalize(torch.cat([delta(radius * v[i:i + batch]) for i in range(0, n, batch)]),
+                                          dim=-1)
     for _ in range(iters):
-        v = _orthonormal(v).requires_grad_()
-        dv = delta(radius * v)
-        (dv * u).sum().backward()
-        u = torch.nn.functional.normalize(dv.detach(), dim=-1)
-        v = torch.nn.functional.normalize(radius * v.grad, dim=-1)
+        v = _orthonormal(v)
+        dv, gv = _vjp_rows(delta, radius * v, u, batch)
+        u = torch.nn.functional.normalize(dv, dim=-1)
+        v = torch.nn.functional.normalize(radius * gv, dim=-1)  # grad in v = R grad in theta
     v = _orthonormal(v)
     with torch.no_grad():
-        dv = delta(radius * v)
+        dv = torch.cat([delta(radius * v[i:i + batch]) for i in range(0, n, batch)])
     b = (u * dv).sum(-1)
     kmat = (u @ u.T) * torch.expm1(v @ v.T)
     alpha = torch.linalg.lstsq(kmat, b[:, None]).solution[:, 0]
