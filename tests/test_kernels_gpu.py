@@ -1,13 +1,12 @@
 """The Triton kernels compiled for a GPU (skipped without CUDA), at scan-sized shapes.
 
 bf16 is the dtype that matters there and the interpreter cannot run it. A kernel may be at most
-twice as wrong as PyTorch at the same dtype, both measured against an fp32 reference."""
+twice as wrong as PyTorch at the same dtype, both measured against an fp32 reference. (The whole
+scan on CUDA is the ``cuda`` case of ``test_kernels.py::test_scan_through_triton_equals_reference``.)"""
 
 import pytest
 import torch
 
-import causalscan
-from causalscan import zoo
 from causalscan.bindings import ops
 from causalscan.kernels.attribute import attribute_ref
 from causalscan.kernels.perturb import perturb_ref
@@ -84,17 +83,3 @@ def test_qk_fix_bf16():
     low = qk_fix_ref(*low_in, bias, dh ** -0.5, None, q_other.to(BF16), k_other.to(BF16))
     for name in ref:  # the bf16 rounding of the inputs dominates both; fp32 math after it
         as_good(got[name], ref[name], low[name], atol=1e-4 * ref[name].abs().max())
-
-
-def test_scan_on_gpu_equals_reference(monkeypatch):
-    model = causalscan.load("induction", device="cuda")
-    kw = dict(sites=["head", "q:pos", "k", "neuron", "resid_pre:pos"], method="atp*", confirm=3, confirm_random=2)
-    ds = zoo.dataset_path("induction", "previous")
-    res = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("CAUSALSCAN_BACKEND", backend)
-        res[backend] = causalscan.scan(model, ds, **kw)
-    a, b = res["torch"], res["triton"]
-    for name in ("signed", "graddrop", "score"):
-        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(b.exact, a.exact, rtol=1e-3, atol=1e-5)
