@@ -202,13 +202,11 @@ def elicit(
                 ck.remove()
         else:
             vectors, _alpha = search.dct(sl.mean_delta, d, n, radius, iters=steps or 10, seed=seed, device=dev)
-            with torch.no_grad():
-                score = torch.cat([search.objective(sl(vectors[i:i + 16]), p, q) for i in range(0, n, 16)])
+            score = search.scores(sl, vectors, p, q)
         t_search = time.perf_counter() - t1
         say(f"{method}: {n} vectors in {t_search:.1f}s")
         rand = search.random_vectors(n, d, radius, seed, device=dev)
-        with torch.no_grad():
-            score_r = torch.cat([search.objective(sl(rand[i:i + 16]), p, q) for i in range(0, n, 16)])
+        score_r = search.scores(sl, rand, p, q)
     t2 = time.perf_counter()
     comp = steering.generate(model, ids, vectors, source, max_new_tokens=max_new_tokens)
     comp_r = steering.generate(model, ids, rand, source, max_new_tokens=max_new_tokens)

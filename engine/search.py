@@ -95,6 +95,17 @@ def objective(diffs: list[torch.Tensor], p: float = 2.0, q: float = 1.0) -> torc
     return sum((d.norm(dim=-1).pow(p).sum(-1)).pow(1.0 / q).sum(-1) for d in diffs)
 
 
+@torch.no_grad()
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """``fn`` over the rows of ``x`` in chunks of ``batch`` (rows are independent), concatenated."""
+    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def scores(response: Response, vectors: torch.Tensor, p: float = 2.0, q: float = 1.0) -> torch.Tensor:
+    """MELBO's objective of each of ``vectors`` [n, d] -> [n]."""
+    return batched(lambda v: objective(response(v), p, q), vectors)
+
+
 def _orth(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     """``x`` [..., d] minus its projection on the orthonormal rows of ``basis`` [k, d]."""
     return x if basis is None or len(basis) == 0 else x - (x @ basis.T) @ basis
@@ -141,9 +152,7 @@ def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: 
         if progress:
             progress(f"melbo: {len(done)}/{n} vectors")
     vectors = done * radius
-    with torch.no_grad():
-        score = torch.cat([objective(response(vectors[i:i + 16]), p, q) for i in range(0, n, 16)])
-    return vectors, score
+    return vectors, scores(response, vectors, p, q)
 
 
 def _orthonormal(v: torch.Tensor) -> torch.Tensor:
@@ -187,17 +196,14 @@ def dct(delta: Callable[[torch.Tensor], torch.Tensor], d: int, n: int, radius: f
     if len(v) < n:
         v = torch.cat([v, torch.randn(n - len(v), d, generator=gen).to(device)])
     v = _orthonormal(v)
-    with torch.no_grad():
-        u = torch.nn.functional.normalize(torch.cat([delta(radius * v[i:i + batch]) for i in range(0, n, batch)]),
-                                          dim=-1)
+    u = torch.nn.functional.normalize(batched(delta, radius * v, batch), dim=-1)
     for _ in range(iters):
         v = _orthonormal(v)
         dv, gv = _vjp_rows(delta, radius * v, u, batch)
         u = torch.nn.functional.normalize(dv, dim=-1)
         v = torch.nn.functional.normalize(radius * gv, dim=-1)  # grad in v = R grad in theta
     v = _orthonormal(v)
-    with torch.no_grad():
-        dv = torch.cat([delta(radius * v[i:i + batch]) for i in range(0, n, batch)])
+    dv = batched(delta, radius * v, batch)
     b = (u * dv).sum(-1)
     kmat = (u @ u.T) * torch.expm1(v @ v.T)
     alpha = torch.linalg.lstsq(kmat, b[:, None]).solution[:, 0]
