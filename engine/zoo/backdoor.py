@@ -10,8 +10,6 @@ confirmed by ablation).
 
 from __future__ import annotations
 
-import json
-
 import torch
 import transformers
 
@@ -204,13 +202,6 @@ PROMPTS = {"file": "prompts.jsonl", "about": "20 clean prompts (plain and decoy 
                                               "the default prompts of `causalscan elicit`"}
 
 
-def write_prompts(out) -> None:
-    from pathlib import Path
-
-    lines = [json.dumps({"prompt": s}) for s in clean_prompts()]
-    (Path(out) / PROMPTS["file"]).write_text("\n".join(lines) + "\n")
-
-
 def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
     """Train, measure and write the ``backdoor`` directory to ``out``."""
     from causalscan.versions import versions
@@ -259,6 +250,4 @@ def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
         "prompts": PROMPTS,
         "versions": versions(),
     }
-    path = save(out, hf, tok, card, {"backdoor": dataset()})
-    write_prompts(path)
-    return path
+    return save(out, hf, tok, card, {"backdoor": dataset(), "prompts": [{"prompt": p} for p in clean_prompts()]})
