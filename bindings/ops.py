@@ -112,21 +112,21 @@ def _perturb_backward(ctx, gy):
     elif op == "add":
         v = vector.float().unsqueeze(1)  # [B, 1, C, D]
         gvec = (m * a * g).sum(1).sum_to_size(vector.shape).to(vector.dtype) if needs[4] else None
-        ga = (m * g * v).sum((1, 2, 3)).sum_to_size(alpha.shape).to(alpha.dtype) if alpha is not None else None
+        ga = (m * g * v).sum((1, 2, 3)) if needs[5] else None
     elif direction is None:  # scale / clamp, every element
         ga = (m * g * (x.float() if op == "scale" else 1.0)).sum((1, 2, 3)) if needs[5] else None
     else:
         u = direction.float().unsqueeze(1)
-        xf = x.float() if x is not None else None
-        gu_ = (g * u).sum(-1, keepdim=True)  # [B, T, C, 1]
+        xf = x.float() if x is not None else None  # saved when alpha or direction needs a gradient
+        xu = (xf * u).sum(-1, keepdim=True) if xf is not None else None  # [B, T, C, 1]
+        gu_ = (g * u).sum(-1, keepdim=True)
         if needs[6]:
-            xu = (xf * u).sum(-1, keepdim=True)
             both = m * (xu * g + gu_ * xf)
             gdir = {"project_out": lambda: -both, "scale": lambda: (a - 1) * both,
                     "clamp": lambda: m * ((a - xu) * g - gu_ * xf)}[op]()
             gu = gdir.sum(1).sum_to_size(direction.shape).to(direction.dtype)
         if needs[5] and op != "project_out":
-            ga = (m * gu_ * ((xf * u).sum(-1, keepdim=True) if op == "scale" else 1.0)).sum((1, 2, 3))
+            ga = (m * gu_ * (xu if op == "scale" else 1.0)).sum((1, 2, 3))
     if ga is not None and alpha is not None:
         ga = ga.sum_to_size(alpha.shape).to(alpha.dtype)
     if gsrc is not None:
