@@ -63,11 +63,7 @@ class PatchResult:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``{"exact/head": [L, H], "exact_abs/head": ..., "exact_norm/head": ...}`` per sweep."""
-        out = {}
-        for kind, vec in self.summary().items():
-            for s in self.slots:
-                out[f"{kind}/{s.name}"] = vec[s.start:s.stop].reshape(s.shape).contiguous()
-        return out
+        return _per_slot(self.summary(), self.slots)
 
     def top(self, k: int = 10) -> list[dict]:
         """The ``k`` components of largest mean |effect|, with their statistics."""
@@ -115,6 +111,13 @@ def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict, nam
     save_file({k: v.float().cpu() for k, v in tensors.items()}, str(out / "scores.safetensors"))
     (out / name).write_text(json.dumps(_finite(doc), indent=2))
     return out
+
+
+def _per_slot(vectors: dict[str, torch.Tensor], slots, names: dict[str, str] | None = None) -> dict:
+    """``{"<kind>/<sweep>": [sweep shape]}``: each per-component vector [n] cut into its sweeps' slots
+    (``kind`` renamed by ``names``)."""
+    return {f"{(names or {}).get(kind, kind)}/{s.name}": vec[s.start:s.stop].reshape(s.shape).contiguous()
+            for kind, vec in vectors.items() for s in slots}
 
 
 def _component_row(c) -> dict:
@@ -171,11 +174,7 @@ class ScanResult:
         "exact_abs/head": ...}`` (exact effects NaN where not confirmed)."""
         names = {"score": self.method, "estimate": f"{self.method}_signed", "exact": "exact", "exact_abs": "exact_abs",
                  "graddrop": "graddrop"}
-        out = {}
-        for kind, vec in self.summary().items():
-            for s in self.slots:
-                out[f"{names[kind]}/{s.name}"] = vec[s.start:s.stop].reshape(s.shape).contiguous()
-        return out
+        return _per_slot(self.summary(), self.slots, names)
 
     def top(self, k: int = 10) -> list[dict]:
         """The ``k`` nodes of highest score, with estimate and (if confirmed) exact effect."""
