@@ -50,8 +50,7 @@ def main() -> None:
     rows = {}
     with frozen(model.hf):
         sl = search.make_slice(model, ids, source, target)
-        scale = sl.groups[0][1].norm(dim=-1).mean().item()
-        radius, _ = search.calibrate_radius(lambda th: sl.mean_delta(th) - th, sl.d_model, scale, device=model.device)
+        radius, _ = search.auto_radius(sl, device=model.device)
         runs = {"melbo": lambda: search.melbo(sl, sl.d_model, args.n, radius, steps=args.melbo_steps,
                                               device=model.device)[0],
                 "dct": lambda: search.dct(sl.mean_delta, sl.d_model, args.n, radius, iters=args.dct_iters,

@@ -180,13 +180,8 @@ def elicit(
         d, dev = sl.d_model, model.device
         info: dict = {"rule": "given"}
         if radius == "auto":
-            scale = sum(g[1].norm(dim=-1).sum().item() for g in sl.groups) / sum(g[1].shape[0] * g[1].shape[1]
-                                                                                 for g in sl.groups)
-            radius, share = search.calibrate_radius(lambda th: sl.mean_delta(th) - th, d, scale, seed=seed,
-                                                    device=dev)
-            info = {"rule": "non-linear share of the blocks' response = 0.5", "share": share,
-                    "source_resid_norm": scale}
-            say(f"radius: {radius:.3g} (non-linear share {share:.3f})")
+            radius, info = search.auto_radius(sl, seed=seed, device=dev)
+            say(f"radius: {radius:.3g} (non-linear share {info['share']:.3f})")
         radius = float(radius)
         t1 = time.perf_counter()
         if method == "melbo":

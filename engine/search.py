@@ -243,6 +243,17 @@ def calibrate_radius(delta: Callable[[torch.Tensor], torch.Tensor], d: int, scal
     return r, nonlinear_share(delta, dirs, r, eps)
 
 
+def auto_radius(sl: Slice, seed: int = 0, device=None) -> tuple[float, dict]:
+    """DCT's radius rule on a slice: ``R`` where the non-linear share of what the blocks between source
+    and target write (``Delta(theta) - theta``: the skip connection carries ``theta`` through unchanged,
+    a linear part that never lets the share reach 0.5) is 0.5, searched around the mean residual norm
+    at the source. Returns ``(R, info)``."""
+    scale = sum(g[1].norm(dim=-1).sum().item() for g in sl.groups) / sum(g[1].shape[0] * g[1].shape[1]
+                                                                         for g in sl.groups)
+    r, share = calibrate_radius(lambda th: sl.mean_delta(th) - th, sl.d_model, scale, seed=seed, device=device)
+    return r, {"rule": "non-linear share of the blocks' response = 0.5", "share": share, "source_resid_norm": scale}
+
+
 def random_vectors(n: int, d: int, radius: float, seed: int, device=None) -> torch.Tensor:
     """``n`` Gaussian directions at norm ``radius`` [n, d] (the baseline)."""
     gen = torch.Generator().manual_seed(seed + 7919)
