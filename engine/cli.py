@@ -201,6 +201,7 @@ def _positive(text: str, field: str) -> float:
 
 
 def cmd_steer(args) -> dict:
+    import torch
     from safetensors import safe_open
 
     from causalscan.steering import generate
@@ -223,9 +224,8 @@ def cmd_steer(args) -> dict:
         raise InputError("the file names no source layer; give --layer", file=args.vectors)
     model = _load(args)
     ids = [model.tokenizer(args.prompt)["input_ids"]]
-    steered = generate(model, ids, vecs[args.index:args.index + 1], layer, alpha=args.alpha,
-                       max_new_tokens=args.max_new_tokens)[0][0]
-    plain = generate(model, ids, None, layer, max_new_tokens=args.max_new_tokens)[0][0]
+    both = torch.cat([vecs[args.index:args.index + 1], torch.zeros_like(vecs[:1])])  # steered and plain rows
+    (steered,), (plain,) = generate(model, ids, both, layer, alpha=args.alpha, max_new_tokens=args.max_new_tokens)
     if not args.json:
         print(f"steered: {steered}\nplain:   {plain}")
     return {"model": args.model, "vector": args.index, "kind": key, "layer": layer, "alpha": args.alpha,
