@@ -11,6 +11,7 @@ from causalscan.errors import InputError
 from causalscan.load import check_adapter
 
 from conftest import FAMILIES
+from tolerance import assert_close
 
 
 def _all_taps(ad, store):
@@ -27,10 +28,10 @@ def test_tapped_run_equals_hf_logits(tiny, family):
     out = model.hf(input_ids=ids, output_hidden_states=True)
     store = {}
     got = runner.forward(model.adapter, ids, _all_taps(model.adapter, store), logits_to_keep=0)
-    torch.testing.assert_close(got, out.logits, rtol=1e-5, atol=1e-5)
+    assert_close(got, out.logits)
     # resid_pre read by the adapter is HF's own hidden state entering each block
     for layer in range(model.adapter.n_layers):
-        torch.testing.assert_close(store[("resid_pre", layer)][:, :, 0], out.hidden_states[layer])
+        assert_close(store[("resid_pre", layer)][:, :, 0], out.hidden_states[layer])
     c, d = model.adapter.shape("head")
     assert store[("head", 0)].shape == (2, 9, c, d)
     assert store[("neuron", 0)].shape == (2, 9, model.adapter.d_mlp, 1)
@@ -45,7 +46,7 @@ def test_any_attn_implementation(family):
     a, b = {}, {}
     runner.forward(eager.adapter, ids, _all_taps(eager.adapter, a))
     runner.forward(sdpa.adapter, ids, _all_taps(sdpa.adapter, b))
-    torch.testing.assert_close(a[("head", 1)], b[("head", 1)], rtol=1e-5, atol=1e-5)
+    assert_close(a[("head", 1)], b[("head", 1)])
 
 
 @torch.no_grad()
@@ -89,7 +90,7 @@ def test_local_directory_roundtrip_safetensors(tiny, tmp_path):
     again = causalscan.load(str(tmp_path))
     ids = torch.tensor([[1, 5, 9, 30]])
     with torch.no_grad():
-        torch.testing.assert_close(again.hf(input_ids=ids).logits, model.hf(input_ids=ids).logits)
+        assert_close(again.hf(input_ids=ids).logits, model.hf(input_ids=ids).logits)
     assert again.tokenizer("Mary")["input_ids"] == model.tokenizer("Mary")["input_ids"]
 
 
@@ -101,9 +102,9 @@ def test_runner_start_and_stop_equal_full_run(tiny):
         full = model.hf(input_ids=ids, output_hidden_states=True)
         logits, acts, kv = runner.run_with_cache(ad, ids, [("resid_pre", 1)])
         # stop: the residual entering block 1 is HF's hidden state 1
-        torch.testing.assert_close(runner.forward(ad, ids, stop=1), full.hidden_states[1])
+        assert_close(runner.forward(ad, ids, stop=1), full.hidden_states[1])
         # start at block 1 from the cached residual, positions 5.. with the cached prefix
         rows = torch.arange(2)
         tail = runner.forward(ad, ids[:, 5:], start_layer=1, resid=acts[("resid_pre", 1)][:, 5:, 0],
                               past=kv.cache(rows, 5, 1, model.hf.config), logits_to_keep=0)
-    torch.testing.assert_close(tail, full.logits[:, 5:], rtol=1e-5, atol=1e-5)
+    assert_close(tail, full.logits[:, 5:])

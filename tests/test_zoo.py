@@ -95,7 +95,8 @@ def test_patching_finds_the_trigger_and_the_answer_position():
     norm, eff = t["exact_norm/resid_pre"], t["exact_abs/resid_pre"]  # [L, T]
     (l0, trig), (last, ans) = must
     assert norm[l0, trig].abs() < 1e-4
-    assert torch.cat([eff[l0, :trig], eff[l0, trig + 1:]]).abs().max() < 1e-4
+    # every other layer-0 position does nothing, to rounding of the trigger's own effect
+    assert torch.cat([eff[l0, :trig], eff[l0, trig + 1:]]).abs().max() <= 1e-5 * eff[l0, trig]
     assert int(eff[last].argmax()) == ans and norm[last, ans] < 0.5
     readers = {tuple(h) for h in zoo.card("backdoor")["components"]["trigger_readers"]}
     assert set(_head_ranking("backdoor")[:len(readers)]) == readers
