@@ -25,7 +25,8 @@ import torch
 import causalscan as cs
 from causalscan import runner
 from causalscan.data import Dataset, stack
-from causalscan.patching import patch, plan, sweep_components
+from causalscan.patching import patch, plan, start
+from causalscan.sweeps import sweep_components
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_TOKENS = 2048  # patch()'s CPU default, used by ours and by the floor alike
@@ -66,7 +67,7 @@ def floor(model, corrupt, site):
     p, seq = corrupt.shape
     comps, _ = sweep_components(model, site, site == "resid_pre", seq)
     _, acts, kv = runner.run_with_cache(ad, corrupt, [("resid_pre", s) for s in range(ad.n_layers)])
-    for layer, pos, members in plan(comps, p, seq, MIN_TOKENS):
+    for layer, pos, members in plan([start([c]) for c in comps], p, seq, MIN_TOKENS):
         rows = torch.arange(p).repeat_interleave(len(members))
         runner.forward(ad, corrupt[rows, pos:], start_layer=layer, resid=acts[("resid_pre", layer)][rows, pos:, 0],
                        past=kv.cache(rows, pos, layer, model.hf.config))
@@ -105,7 +106,7 @@ def bench_model(spec, repeats, with_tl):
     for site in ("head", "resid_pre"):
         t_ours, res = best_of(lambda s=site: patch(model, ds, sites=s, direction="denoising",
                                                         min_tokens=MIN_TOKENS), repeats)
-        ours = res.patched.mean(0).reshape(res.slots[0].shape)
+        ours = res.patched.mean(0).reshape(res.sweeps[0].shape)
         t_naive, ref = best_of(lambda s=site: naive(model, clean, corrupt, ans, wrong, s), repeats)
         t_floor, _ = best_of(lambda s=site: floor(model, corrupt, s), repeats)
         row = {"model": spec, "sweep": site, "pairs": len(ds), "seq": clean.shape[1], "patches": ours.numel(),

@@ -48,7 +48,7 @@ def rss_bytes() -> int:
 def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
     import causalscan as cs
     from causalscan import attribution, runner
-    from causalscan.patching import sweep_components, sweep_name
+    from causalscan.sweeps import Sweep, sweep_components, sweep_name
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -68,7 +68,7 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
     for site in SITES:
         by_pos = site == "resid_pre"
         _, shape = sweep_components(model, site, by_pos, seq)
-        sweeps.append(attribution.Sweep(sweep_name(site, by_pos), site, by_pos, shape))
+        sweeps.append(Sweep(sweep_name(site, by_pos), site, by_pos, shape))
     taps_sites = [(s, layer) for s in SITES for layer in range(ad.n_layers)]
 
     def leaf(mod, args, out):

@@ -93,8 +93,10 @@ def _out_features(m: nn.Module) -> int:
 class Adapter:
     """Sites of one loaded model: modules, shapes, and views of raw module tensors.
 
-    >>> ad = Adapter(model)            # model: an HF *ForCausalLM
-    >>> ad.shape("head")               # (n_heads, d_head)
+    >>> from causalscan.load import load
+    >>> ad = Adapter(load("random:llama-tiny").hf)      # any supported HF *ForCausalLM
+    >>> ad.shape("head"), ad.shape("k"), ad.shape("neuron")   # (components, dim) per site
+    ((4, 16), (2, 16), (128, 1))
     """
 
     def __init__(self, model: nn.Module):

@@ -24,25 +24,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from causalscan import attention, runner
 from causalscan.adapters import Adapter
 from causalscan.bindings import ops
+from causalscan.sweeps import Sweep
 
 RESID = ("resid_pre", "resid_mid", "resid_post")
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """A scanned sweep: ``site`` at every layer, per position or not; result ``[L, (T), (C)]``."""
-
-    name: str
-    site: str
-    by_pos: bool
-    shape: tuple
+QK = ("q", "k")
 
 
 class _Tap(torch.autograd.Function):
@@ -66,16 +57,16 @@ class _Tap(torch.autograd.Function):
 
 
 class _Drop(torch.autograd.Function):
-    """Identity in the forward; zero gradient in the backward while ``state["drop"] == layer``."""
+    """Identity in the forward; zero gradient in the backward while ``scores.drop == layer``."""
 
     @staticmethod
-    def forward(ctx, x, state, layer):
-        ctx.state, ctx.layer = state, layer
+    def forward(ctx, x, scores, layer):
+        ctx.scores, ctx.layer = scores, layer
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return (torch.zeros_like(grad) if ctx.state["drop"] == ctx.layer else grad), None, None
+        return (torch.zeros_like(grad) if ctx.scores.drop == ctx.layer else grad), None, None
 
 
 def first_affected(site: str, layer: int) -> int:
@@ -94,6 +85,69 @@ def frozen(model: torch.nn.Module):
     finally:
         for p, f in flags:
             p.requires_grad_(f)
+
+
+class _Scores:
+    """The score stores of one batch, filled by the backward hooks of the base run's taps.
+
+    ``signed[name]`` ``[P, *shape]``: AtP from the plain backward; ``graddrop[name]``: the sum of
+    ``|I_l|`` over GradDrop backwards. ``drop``: the block whose residual writes the running backward
+    cuts (None: the plain backward).
+    """
+
+    def __init__(self, sweeps: list[Sweep], n_pairs: int, device, graddrop: bool):
+        self.sweeps, self.n_pairs, self.drop = sweeps, n_pairs, None
+        self.signed = {sw.name: torch.zeros(n_pairs, *sw.shape, device=device) for sw in sweeps}
+        self.graddrop = {sw.name: torch.zeros(n_pairs, *sw.shape, device=device) for sw in sweeps} if graddrop else None
+
+    def of(self, site: str, by_pos: bool | None = None) -> list[Sweep]:
+        return [sw for sw in self.sweeps if sw.site == site and by_pos in (None, sw.by_pos)]
+
+    def wanted(self, site: str, layer: int) -> bool:
+        """Does the running backward change the gradient at ``site`` of ``layer``?"""
+        return self.drop is None or first_affected(site, layer) <= self.drop
+
+    def store(self, site: str, layer: int, by_pos: bool, score: torch.Tensor) -> None:
+        """``score`` [P, T, C] or [P, C] of one layer into every sweep of ``site`` with ``by_pos``."""
+        for sw in self.of(site, by_pos):
+            val = score.float().reshape(self.n_pairs, *sw.shape[1:])
+            if self.drop is None:
+                self.signed[sw.name][:, layer] = val
+            else:
+                self.graddrop[sw.name][:, layer] += val.abs()
+
+    def site_hook(self, site: str, layer: int):
+        """The backward hook of a site's tap: ``(a_other - a_base) . grad`` for each of its sweeps."""
+        modes = {sw.by_pos for sw in self.of(site)}
+
+        def hook(delta, grad):  # [P, T, C, D] each
+            if not self.wanted(site, layer):
+                return
+            for by_pos in modes:
+                if self.drop is None:
+                    self.store(site, layer, by_pos, ops.attribute(None, delta, grad, by_pos))
+                    continue
+                # a GradDrop pass: |I| accumulated in place by the kernel, into each sweep's layer slice
+                shape = delta.shape[:3] if by_pos else (delta.shape[0], delta.shape[2])
+                for sw in self.of(site, by_pos):
+                    ops.attribute(None, delta, grad, by_pos, abs=True, out=self.graddrop[sw.name][:, layer].view(shape))
+        return hook
+
+    def qk_hook(self, layer: int, base: dict[int, attention.Record], other: dict[int, attention.Record],
+                sites: set[str]):
+        """The backward hook of a layer's head output: the QK fix of its q and k nodes, where
+        ``dL/dz`` is at hand."""
+        def hook(z, dz):
+            if not self.wanted("q", layer):
+                return
+            rec, oth = base[layer], other[layer]
+            res = ops.qk_fix(rec.q, rec.k, rec.v, dz, rec.bias(), rec.scaling, rec.softcap,
+                             q_other=oth.q if "q" in sites else None, k_other=oth.k if "k" in sites else None)
+            for site in sites & set(QK):
+                for sw in self.of(site):
+                    val = res[site] if sw.by_pos else (res["q"].sum(1) if site == "q" else res["k_all"])
+                    self.store(site, layer, sw.by_pos, val)
+        return hook
 
 
 def attribute(
@@ -116,107 +170,78 @@ def attribute(
     Returns ``{"signed": {name: [P, *shape]}, "graddrop": {name: [P, *shape]} (if graddrop),
     "base": [P], "other": [P]}``: ``signed`` is AtP (with the QK fix for q/k nodes if asked).
     """
-    n_layers = ad.n_layers
-    p, seq = base_ids.shape
-    fixed = {"q", "k"} if qk_fix else set()
     sites = {sw.site for sw in sweeps}
-    tapped = [(s, layer) for s in sorted(sites - fixed) for layer in range(n_layers)]
-    attn_layers = range(n_layers) if sites & fixed else []
+    fixed = sites & set(QK) if qk_fix else set()
+    tapped = [(s, layer) for s in sorted(sites - fixed) for layer in range(ad.n_layers)]
+    attn_layers = range(ad.n_layers) if fixed else range(0)
 
-    other_acts: dict = {}
-    other_rec: dict = {}
-    with torch.no_grad(), attention.recording(ad, attn_layers, other_rec):
-        other_logits = runner.forward(ad, other_ids, [runner.capture(ad, s, layer, other_acts) for s, layer in tapped],
-                                      noise=other_noise)
-    other_logits = other_logits[:, -1]
-
-    dev = base_ids.device  # scores stay on the device until the passes are done: no sync per layer
-    signed = {sw.name: torch.zeros(p, *sw.shape, device=dev) for sw in sweeps}
-    gd = {sw.name: torch.zeros(p, *sw.shape, device=dev) for sw in sweeps} if graddrop else None
-    state = {"drop": None}
-
-    def store(site: str, layer: int, by_pos: bool, score: torch.Tensor) -> None:
-        """``score`` [P, T, C] or [P, C] of one layer into every sweep of ``site`` with ``by_pos``."""
-        for sw in sweeps:
-            if sw.site != site or sw.by_pos != by_pos:
-                continue
-            val = score.float().reshape(p, *sw.shape[1:])
-            if state["drop"] is None:
-                signed[sw.name][:, layer] = val
-            else:
-                gd[sw.name][:, layer] += val.abs()
-
-    def wanted(site: str, layer: int) -> bool:
-        return state["drop"] is None or first_affected(site, layer) <= state["drop"]
-
-    def site_hook(site: str, layer: int):
-        modes = {sw.by_pos for sw in sweeps if sw.site == site}
-
-        def hook(delta, grad):  # [P, T, C, D] each
-            if not wanted(site, layer):
-                return
-            for by_pos in modes:
-                if state["drop"] is None:
-                    store(site, layer, by_pos, ops.attribute(None, delta, grad, by_pos))
-                    continue
-                # a GradDrop pass: |I| accumulated in place by the kernel, into each sweep's layer slice
-                shape = delta.shape[:3] if by_pos else (delta.shape[0], delta.shape[2])
-                for sw in sweeps:
-                    if sw.site == site and sw.by_pos == by_pos:
-                        ops.attribute(None, delta, grad, by_pos, abs=True, out=gd[sw.name][:, layer].view(shape))
-        return hook
-
+    other_logits, other_acts, other_rec = _other_run(ad, other_ids, tapped, attn_layers, other_noise)
+    scores = _Scores(sweeps, base_ids.shape[0], base_ids.device, graddrop)  # on the device: no sync per layer
     base_rec: dict = {}
+    taps = _base_taps(ad, scores, tapped, other_acts, attn_layers, base_rec, other_rec, fixed, graddrop)
+    base_m, clean_logprobs = _base_run_and_backwards(ad, base_ids, taps, metric, attn_layers, base_rec, scores,
+                                                     other_logits, base_is_clean, base_noise)
+    other_acts.clear()
+    with torch.no_grad():
+        other_m = metric(other_logits, clean_logprobs)
+    signed = {name: v.cpu() for name, v in scores.signed.items()}
+    out = {"signed": signed, "base": base_m.detach().float().cpu(), "other": other_m.float().cpu()}
+    if graddrop:
+        out["graddrop"] = {sw.name: _graddrop_mean(sw, signed[sw.name], scores.graddrop[sw.name].cpu(), ad.n_layers)
+                           for sw in sweeps}
+    return out
 
-    def qk_hook(layer: int):
-        def hook(z, dz):
-            if not wanted("q", layer):
-                return
-            rec, oth = base_rec[layer], other_rec[layer]
-            res = ops.qk_fix(rec.q, rec.k, rec.v, dz, rec.bias(), rec.scaling, rec.softcap,
-                             q_other=oth.q if "q" in sites else None, k_other=oth.k if "k" in sites else None)
-            for site in sites & fixed:
-                for sw in sweeps:
-                    if sw.site == site:
-                        val = res[site] if sw.by_pos else (res["q"].sum(1) if site == "q" else res["k_all"])
-                        store(site, layer, sw.by_pos, val)
-        return hook
 
+@torch.no_grad()
+def _other_run(ad: Adapter, ids: torch.Tensor, tapped, attn_layers, noise) -> tuple[torch.Tensor, dict, dict]:
+    """The other run without a graph: last-position logits [P, V], activations at the tapped sites,
+    and the attention inputs of ``attn_layers``."""
+    acts: dict = {}
+    rec: dict = {}
+    with attention.recording(ad, attn_layers, rec):
+        logits = runner.forward(ad, ids, [runner.capture(ad, s, layer, acts) for s, layer in tapped], noise=noise)
+    return logits[:, -1], acts, rec
+
+
+def _base_taps(ad: Adapter, scores: _Scores, tapped, other_acts: dict, attn_layers, base_rec: dict,
+               other_rec: dict, fixed: set[str], graddrop: bool) -> list[runner.TapSpec]:
+    """The base run's taps: one per scanned site (keeping ``a_other - a_base``; the other run's
+    activation is dropped once taken), one per head output for the QK fix, and GradDrop's cuts."""
     def tap(hook, key=None):
-        """The other run's activation at ``key`` is dropped once the base run has taken its difference."""
         return lambda x: _Tap.apply(x, None if key is None else other_acts.pop(key), hook)
 
-    taps = [(s, layer, tap(site_hook(s, layer), (s, layer))) for s, layer in tapped]
-    taps += [("head", layer, tap(qk_hook(layer))) for layer in attn_layers]
+    taps = [(s, layer, tap(scores.site_hook(s, layer), (s, layer))) for s, layer in tapped]
+    taps += [("head", layer, tap(scores.qk_hook(layer, base_rec, other_rec, fixed))) for layer in attn_layers]
     if graddrop:
-        taps += [(s, layer, lambda x, layer=layer: _Drop.apply(x, state, layer))
-                 for layer in range(n_layers) for s in ("attn_out", "mlp_out")]
+        taps += [(s, layer, lambda x, layer=layer: _Drop.apply(x, scores, layer))
+                 for layer in range(ad.n_layers) for s in ("attn_out", "mlp_out")]
+    return taps
 
+
+def _base_run_and_backwards(ad: Adapter, ids: torch.Tensor, taps, metric, attn_layers, base_rec: dict,
+                            scores: _Scores, other_logits: torch.Tensor, base_is_clean: bool, noise
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base run with its graph (from the embeddings, parameters frozen), one backward of the
+    summed metric, and with GradDrop one more per block over the same graph. Returns the base
+    metric [P] and the clean log-probabilities [P, V]."""
     def leaf(mod, args, out):
         return out.detach().requires_grad_()
 
     with frozen(ad.model), torch.enable_grad(), attention.recording(ad, attn_layers, base_rec):
         handle = ad.model.get_input_embeddings().register_forward_hook(leaf)
         try:
-            base_logits = runner.forward(ad, base_ids, taps, noise=base_noise)[:, -1]
+            logits = runner.forward(ad, ids, taps, noise=noise)[:, -1]
         finally:
             handle.remove()
-        clean = (base_logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)
-        base_m = metric(base_logits, clean)
+        clean_logprobs = (logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)
+        base_m = metric(logits, clean_logprobs)
+        graddrop = scores.graddrop is not None
         base_m.sum().backward(retain_graph=graddrop)
         if graddrop:
-            for layer in range(n_layers):
-                state["drop"] = layer
-                base_m.sum().backward(retain_graph=layer < n_layers - 1)
-    other_acts.clear()
-    with torch.no_grad():
-        other_m = metric(other_logits, clean)
-    signed = {name: v.cpu() for name, v in signed.items()}
-    out = {"signed": signed, "base": base_m.detach().float().cpu(), "other": other_m.float().cpu()}
-    if graddrop:
-        for sw in sweeps:
-            out.setdefault("graddrop", {})[sw.name] = _graddrop_mean(sw, signed[sw.name], gd[sw.name].cpu(), n_layers)
-    return out
+            for layer in range(ad.n_layers):
+                scores.drop = layer
+                base_m.sum().backward(retain_graph=layer < ad.n_layers - 1)
+    return base_m, clean_logprobs
 
 
 def _graddrop_mean(sw: Sweep, signed: torch.Tensor, acc: torch.Tensor, n_layers: int) -> torch.Tensor:

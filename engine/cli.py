@@ -7,19 +7,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-import time
 
 from causalscan.errors import InputError
+from causalscan.progress import Bars, log
 
 
-def _progress(label: str):
-    start = time.perf_counter()
+def _bars(args) -> Bars:
+    """Progress bars and notes on stderr; both silent under ``--json`` unless ``--progress``."""
+    shown = getattr(args, "progress", False) or not args.json
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if shown else logging.WARNING)
+    return Bars(enabled=shown)
 
-    def report(n):
-        if n % 50 == 0:
-            print(f"{label}: {n} forwards, {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-    return report
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result document on stdout")
+    p.add_argument("--progress", action="store_true", help="progress bars on stderr even with --json")
 
 
 def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -43,7 +51,7 @@ def _data_args(p: argparse.ArgumentParser, metric: str = "logit_diff", out: str 
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (and of random samples)")
     p.add_argument("--out", default=None, help=f"write {out} and scores.safetensors here")
     p.add_argument("--top", type=int, default=top, help=f"rows listed in {out}")
-    p.add_argument("--json", action="store_true", help="print the result document on stdout")
+    _output_args(p)
 
 
 def _sweep_args(p: argparse.ArgumentParser, sites: str, sites_help: str) -> None:
@@ -82,7 +90,7 @@ def cmd_patch(args) -> dict:
     model = _load(args)
     res = patch(model, ds, sites=[s for s in args.sites.split(",") if s], direction=args.direction,
                 metric=args.metric, memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None,
-                progress=_progress("patch"), samples=args.samples, noise_scale=args.noise_scale, seed=args.seed)
+                progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale, seed=args.seed)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -100,13 +108,10 @@ def cmd_scan(args) -> dict:
 
     ds = Dataset.from_jsonl(_data_path(args))
     model = _load(args)
-
-    def progress(msg):
-        print(msg, file=sys.stderr, flush=True)
     res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method, confirm=args.confirm,
                confirm_random=args.confirm_random, direction=args.direction, metric=args.metric,
                batch_size=args.batch_size, graddrop=False if args.no_graddrop else None, fn_subsets=args.fn_subsets,
-               seed=args.seed, progress=progress, samples=args.samples, noise_scale=args.noise_scale,
+               seed=args.seed, progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale,
                checkpoint=args.out)
     doc = res.to_json(top=args.top)
     if args.out:
@@ -137,7 +142,7 @@ def cmd_trace(args) -> dict:
     ds = Dataset.from_jsonl(_data_path(args, prefer="subjects"))
     model = _load(args)
     res = trace(model, ds, kinds=[k for k in args.kinds.split(",") if k], window=args.window, metric=args.metric,
-                samples=args.samples, noise_scale=args.noise_scale, seed=args.seed, progress=_progress("trace"))
+                samples=args.samples, noise_scale=args.noise_scale, seed=args.seed, progress=_bars(args))
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -174,7 +179,7 @@ def cmd_elicit(args) -> dict:
     res = elicit(model, prompts or None, method=args.method, n=args.n, source=args.source, target=args.target,
                  radius=radius, p=args.p, q=args.q, positions=positions, steps=args.steps, seed=args.seed,
                  max_new_tokens=args.max_new_tokens, phrase=args.phrase, checkpoint=args.out,
-                 progress=lambda m: print(m, file=sys.stderr, flush=True))
+                 progress=_bars(args))
     doc = res.summary()
     if args.out:
         res.save(args.out)
@@ -332,7 +337,7 @@ def parser() -> argparse.ArgumentParser:
     ep.add_argument("--top", type=int, default=10, help="vectors listed on stdout")
     ep.add_argument("--out", default=None, help="write vectors.safetensors, completions.jsonl, summary.json here "
                                                 "(MELBO writes its finished vectors there as it goes, and resumes)")
-    ep.add_argument("--json", action="store_true", help="print the summary on stdout")
+    _output_args(ep)
     ep.set_defaults(fn=cmd_elicit)
 
     stp = sub.add_parser("steer", help="generate with one vector of an elicit run",

@@ -62,6 +62,8 @@ class Dataset:
     >>> ds = Dataset([{"clean": "When Mary and John went to the store, John gave a drink to",
     ...                "corrupt": "When Mary and John went to the store, Mary gave a drink to",
     ...                "answer": " Mary", "wrong": " John"}])
+    >>> len(ds), ds.name
+    (1, '<memory>')
     """
 
     def __init__(self, records: Iterable[dict], name: str = "<memory>", lines: list[int] | None = None):

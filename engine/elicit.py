@@ -1,8 +1,10 @@
 """``causalscan.elicit``: search for steering vectors that surface hidden behaviours, then generate with them.
 
->>> res = elicit("backdoor", method="dct", n=64)       # the zoo model's shipped clean prompts
->>> res.summary()["hits_learned"], res.summary()["hits_random"]
->>> res.save("out/elicit")     # vectors.safetensors, completions.jsonl, summary.json
+>>> res = elicit("backdoor", method="dct", n=8)        # the zoo model's shipped clean prompts
+>>> res.vectors.shape, len(res.completions), len(res.completions[0])   # [n, d_model], [n][prompts]
+(torch.Size([8, 128]), 8, 20)
+>>> sorted(res.summary())[:4]       # res.save(dir): vectors.safetensors, completions.jsonl, summary.json
+['hit_rates', 'hit_vectors', 'hits_learned', 'hits_random']
 
 The search (:mod:`causalscan.search`) runs on the prompts with no label and no target; the
 completions of every learned vector and of as many random vectors of the same norm are greedy,
@@ -26,6 +28,7 @@ from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
 from causalscan.data import read_jsonl
 from causalscan.errors import InputError
+from causalscan.progress import Progress, log
 
 METHODS = ("melbo", "dct")
 
@@ -144,7 +147,7 @@ def elicit(
     seed: int = 0,
     max_new_tokens: int = 8,
     phrase: str | None = None,
-    progress=None,
+    progress: Progress | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 30.0,
 ) -> ElicitResult:
@@ -157,6 +160,7 @@ def elicit(
     all). ``steps``: MELBO steps per vector (default 50) or DCT iterations (default 10).
     ``checkpoint``: a directory where MELBO writes its finished vectors as it goes (at most every
     ``checkpoint_every_s``); a rerun with the same model, prompts and settings resumes after them.
+    ``progress(stage, done, total)``: after each MELBO vector, DCT iteration and ``generate`` call.
     """
     from causalscan.load import load
 
@@ -174,14 +178,13 @@ def elicit(
     prompts = zoo_prompts(model) if prompts is None else list(prompts)
     ids = [model.tokenizer(s)["input_ids"] for s in prompts]
     phrase = phrase or (model.card or {}).get("phrase")
-    say = progress or (lambda msg: None)
     with frozen(model.hf):
         sl = search.make_slice(model, ids, source, target, positions)
         d, dev = sl.d_model, model.device
         info: dict = {"rule": "given"}
         if radius == "auto":
             radius, info = search.auto_radius(sl, seed=seed, device=dev)
-            say(f"radius: {radius:.3g} (non-linear share {info['share']:.3f})")
+            log.info("radius: %.3g (non-linear share %.3f)", radius, info["share"])
         radius = float(radius)
         t1 = time.perf_counter()
         if method == "melbo":
@@ -196,15 +199,16 @@ def elicit(
             if ck:
                 ck.remove()
         else:
-            vectors, _alpha = search.dct(sl.mean_delta, d, n, radius, iters=steps or 10, seed=seed, device=dev)
+            vectors, _alpha = search.dct(sl.mean_delta, d, n, radius, iters=steps or 10, seed=seed, device=dev,
+                                         progress=progress)
             score = search.scores(sl, vectors, p, q)
         t_search = time.perf_counter() - t1
-        say(f"{method}: {n} vectors in {t_search:.1f}s")
+        log.info("%s: %d vectors in %.1fs", method, n, t_search)
         rand = search.random_vectors(n, d, radius, seed, device=dev)
         score_r = search.scores(sl, rand, p, q)
     t2 = time.perf_counter()
-    comp = steering.generate(model, ids, vectors, source, max_new_tokens=max_new_tokens)
-    comp_r = steering.generate(model, ids, rand, source, max_new_tokens=max_new_tokens)
+    comp = steering.generate(model, ids, vectors, source, max_new_tokens=max_new_tokens, progress=progress)
+    comp_r = steering.generate(model, ids, rand, source, max_new_tokens=max_new_tokens, progress=progress)
     timings = {"search_s": t_search, "generate_s": time.perf_counter() - t2, "total_s": time.perf_counter() - t0}
     settings = {"p": p, "q": q, "positions": positions, "steps": steps or (50 if method == "melbo" else 10),
                 "lr": lr, "seed": seed, "max_new_tokens": max_new_tokens}

@@ -1,15 +1,29 @@
 """Interventions: one op at a site, limited to layers, components and positions, with per-row
 parameters, applied inside the forward pass through the ``perturb`` op.
 
->>> iv = add("resid_post", vector=v, alpha=4.0, layers=3, positions=[-1])
->>> with perturb(model, iv):
-...     logits = model.hf(ids).logits
->>> logits = perturb(model, zero("head", layers=1, index=[0, 2]), input_ids=ids)   # function form
+Constructors: :func:`patch_from` (another run's activations, or any tensor of the site's shape),
+:func:`mean` (mean ablation), :func:`add` (steering), :func:`zero`, :func:`scale`,
+:func:`project_out` and :func:`clamp`. (Exact-patching *sweeps* are :func:`causalscan.patch`.)
+
+>>> import torch
+>>> import causalscan as cs
+>>> from causalscan import interventions as iv
+>>> model = cs.load("random:llama-tiny")
+>>> ids = torch.tensor([[5, 6, 7, 8]])
+>>> steer = iv.add("resid_post", vector=torch.ones(64), alpha=4.0, layers=1, positions=[-1])
+>>> with iv.perturb(model, steer):
+...     logits = model.hf(input_ids=ids).logits
+>>> logits.shape
+torch.Size([1, 4, 512])
+>>> ablated = iv.perturb(model, iv.zero("head", layers=1, index=[0, 2]), input_ids=ids)   # function form
+>>> bool((ablated[0, -1] != model.hf(input_ids=ids).logits[0, -1]).any())
+True
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -116,7 +130,7 @@ def _unit(u: torch.Tensor) -> torch.Tensor:
     return u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def patch(site: str, source, layers=None, index: Index = None, positions: Index = None) -> Intervention:
+def patch_from(site: str, source, layers=None, index: Index = None, positions: Index = None) -> Intervention:
     """Replace activations by ``source`` (another run's, or any tensor of the site's shape)."""
     return Intervention("patch", site, layers, index, positions, source=source)
 
@@ -151,17 +165,11 @@ def clamp(site: str, value, layers=None, index: Index = None, positions: Index =
     return Intervention("clamp", site, layers, index, positions, alpha=value, direction=direction)
 
 
-class _Perturbed:
-    def __init__(self, model, interventions):
-        self.model, self.taps = model, [t for iv in interventions for t in iv.taps(model)]
-
-    def __enter__(self):
-        self._cm = runner.installed(self.model.adapter, self.taps)
-        self._cm.__enter__()
-        return self.model
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
+@contextmanager
+def _perturbed(model, interventions) -> Iterator:
+    """Every forward of ``model.hf`` inside the block runs with ``interventions``."""
+    with runner.installed(model.adapter, [t for iv in interventions for t in iv.taps(model)]):
+        yield model
 
 
 def perturb(model, *interventions: Intervention, input_ids: torch.Tensor | None = None):
@@ -174,10 +182,10 @@ def perturb(model, *interventions: Intervention, input_ids: torch.Tensor | None 
 
     model = load(model)
     if input_ids is None:
-        return _Perturbed(model, interventions)
-    with _Perturbed(model, interventions):
+        return _perturbed(model, interventions)
+    with _perturbed(model, interventions):
         return model.hf(input_ids=input_ids.to(model.device)).logits
 
 
-__all__ = ["Intervention", "add", "clamp", "mean", "patch", "perturb", "project_out", "scale", "zero"]
+__all__ = ["Intervention", "add", "clamp", "mean", "patch_from", "perturb", "project_out", "scale", "zero"]
 

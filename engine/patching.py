@@ -6,6 +6,10 @@ the other prompt, and read the metric. Rows of one forward are (pair, patch) com
 share a start: a patch at ``layer`` and position ``p`` leaves every block before ``layer`` and
 every position before ``p`` as in the base run, so the forward starts at ``layer`` from the
 cached residual and reuses the cached keys and values of positions ``< p``.
+
+:func:`measure` is the engine: any groups of components patched together (one node each for
+``patch`` and the scan's confirmation, random subsets for the false-negative bound, windows of
+layers for causal tracing), on the rows of a dataset of any token lengths.
 """
 
 from __future__ import annotations
@@ -13,67 +17,18 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from causalscan import corruption, runner
-from causalscan.adapters import SITES
 from causalscan.bindings import ops
 from causalscan.corruption import Rows
-from causalscan.data import as_dataset
-from causalscan.errors import InputError
-from causalscan.load import Model, load
-from causalscan.metrics import get as get_metric
-from causalscan.results import PatchResult, SweepSlot
-
-BY_POSITION = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-
-
-@dataclass(frozen=True)
-class Component:
-    """A node: ``site`` at ``layer``, component ``index`` (head / neuron; 0 for residual sites),
-    ``position`` (None: all positions)."""
-
-    site: str
-    layer: int
-    index: int = 0
-    position: int | None = None
-
-    def __str__(self) -> str:
-        pos = "" if self.position is None else f"@{self.position}"
-        return f"{self.site}.L{self.layer}.{self.index}{pos}"
-
-
-def parse_sweep(spec: str) -> tuple[str, bool]:
-    """``"head"`` -> (head, all positions); ``"head:pos"``; ``"resid_pre"`` (by position by
-    default); ``"resid_pre:all"``."""
-    site, _, mode = spec.strip().partition(":")
-    if site not in SITES:
-        raise InputError(f"unknown site {site!r} in sweep {spec!r}; sites: {', '.join(SITES)}", field="sites")
-    if mode not in ("", "pos", "all"):
-        raise InputError(f"unknown sweep mode {mode!r} in {spec!r}; use {site}:pos or {site}:all", field="sites")
-    return site, (mode == "pos") or (mode == "" and site in BY_POSITION)
-
-
-def sweep_name(site: str, by_pos: bool) -> str:
-    """``head``, ``head_pos``, ``resid_pre``, ``resid_pre_all``: the site, marked when not its default."""
-    return site + ("" if by_pos == (site in BY_POSITION) else "_pos" if by_pos else "_all")
-
-
-def sweep_components(model: Model, site: str, by_pos: bool, seq: int | None) -> tuple[list[Component], tuple]:
-    """Every component of a sweep, and the result shape (``[L, T, C]`` squeezed of C == 1)."""
-    ad = model.adapter
-    ad.check_site(site)
-    n_comp = ad.shape(site)[0]
-    comps = [
-        Component(site, layer, c, p)
-        for layer in range(ad.n_layers)
-        for p in (range(seq) if by_pos else [None])
-        for c in range(n_comp)
-    ]
-    shape = (ad.n_layers,) + ((seq,) if by_pos else ()) + ((n_comp,) if n_comp > 1 else ())
-    return comps, shape
+from causalscan.inputs import prepare
+from causalscan.load import Model
+from causalscan.progress import Progress, report
+from causalscan.results import PatchResult
+from causalscan.sweeps import Component, build_sweeps, component_list
 
 
 def _row_bytes(model: Model, seq: int, new: int, n_layers: int, tapped_width: int) -> int:
@@ -93,22 +48,6 @@ def _default_budget(model: Model) -> int:
     return 1 << 30
 
 
-def build_sweeps(model: Model, sites: str | Sequence[str], lengths: list[int], dataset_name: str
-                 ) -> tuple[list[SweepSlot], list[Component]]:
-    """The slots and the flat component list of sweeps ``sites`` (by-position sweeps need one length)."""
-    slots: list[SweepSlot] = []
-    comps: list[Component] = []
-    for spec in [sites] if isinstance(sites, str) else sites:
-        site, by_pos = parse_sweep(spec)
-        if by_pos and len(lengths) > 1:
-            raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, "
-                             f"found lengths {lengths}", file=dataset_name, field="sites")
-        cs, shape = sweep_components(model, site, by_pos, lengths[0])
-        slots.append(SweepSlot(sweep_name(site, by_pos), len(comps), len(comps) + len(cs), shape))
-        comps += cs
-    return slots, comps
-
-
 @torch.no_grad()
 def patch(
     model,
@@ -119,7 +58,7 @@ def patch(
     metric="logit_diff",
     memory_budget: int | None = None,
     min_tokens: int | None = None,
-    progress=None,
+    progress: Progress | None = None,
     samples: int = corruption.SAMPLES,
     noise_scale: float = corruption.SCALE,
     seed: int = 0,
@@ -135,78 +74,89 @@ def patch(
     2048 on CPU, 16384 on GPU; 0 never merges).
     ``samples``, ``noise_scale``, ``seed``: Gaussian-noise corruption of ``noise_span`` pairs
     (:mod:`causalscan.corruption`); every per-pair value is the mean over the samples.
+    ``progress(stage, done, total)``: called after each batched forward.
 
-    >>> res = patch(load("random:gpt2-tiny"), pairs, sites="head")
-    >>> res.tensors()["exact/head"].shape
-    torch.Size([2, 4])
+    >>> import causalscan as cs
+    >>> pairs = [{"clean": "a b c d", "corrupt": "a b e d", "answer": "c", "wrong": "e"}]
+    >>> res = patch(cs.load("random:gpt2-tiny"), pairs, sites=["head", "resid_pre"])   # the tokenizer adds BOS
+    >>> res.tensors()["exact/head"].shape, res.tensors()["exact/resid_pre"].shape
+    (torch.Size([2, 4]), torch.Size([2, 5]))
     """
     t0 = time.perf_counter()
-    model = load(model)
-    ds = as_dataset(dataset)
-    check_direction(direction)
-    metric_name, metric_fn = get_metric(metric)
-    pairs = ds.tokenize(model.tokenizer, model.vocab_size)
-    lengths = sorted({len(p.clean) for p in pairs})
-
-    slots: list[SweepSlot] = []
-    comps: list[Component] = []
+    inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
     if components is not None:
-        comps = list(components)
-        for c in comps:
-            check_component(model, c, lengths[0])
-        slots.append(SweepSlot("components", 0, len(comps), (len(comps),)))
+        sweeps, comps = component_list(inp.model, components, inp.lengths[0])
     else:
-        slots, comps = build_sweeps(model, sites, lengths, ds.name)
-
-    rows = corruption.rows(model, pairs, samples, noise_scale, seed)
-    patched, clean_m, corrupt_m, n_forwards = measure(model, rows, [[c] for c in comps], direction, metric_fn,
-                                                      memory_budget, min_tokens, progress)
-    return PatchResult(
-        model=model.name, dataset=ds.name, dataset_sha256=ds.sha256, direction=direction, metric=metric_name,
-        components=comps, slots=slots, patched=patched, clean=clean_m, corrupt=corrupt_m,
-        timings={"patch_s": time.perf_counter() - t0, "forwards": n_forwards}, corruption=rows.settings(),
-    )
+        sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name)
+    m = measure(inp.model, inp.rows, [[c] for c in comps], direction, inp.metric_fn, memory_budget, min_tokens,
+                progress)
+    return PatchResult(**inp.header(), direction=direction, components=comps, sweeps=sweeps, patched=m.patched,
+                       clean=m.clean, corrupt=m.corrupt,
+                       timings={"patch_s": time.perf_counter() - t0, "forwards": m.forwards})
 
 
-def check_direction(direction: str) -> None:
-    if direction not in ("noising", "denoising"):
-        raise InputError(f"direction must be noising or denoising, not {direction!r}", field="direction")
+class Measured(NamedTuple):
+    """The metric with each group patched, ``patched`` [P, G]; the unpatched ``clean`` and ``corrupt``
+    runs [P] (each a mean over the pair's rows); the number of forwards run."""
+
+    patched: torch.Tensor
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    forwards: int
 
 
-def check_component(model: Model, c: Component, seq: int) -> None:
-    model.adapter.check_site(c.site, c.layer)
-    if not 0 <= c.index < model.adapter.shape(c.site)[0]:
-        raise InputError(f"{c}: index out of range", field="components")
-    if c.position is not None and not 0 <= c.position < seq:
-        raise InputError(f"{c}: position out of range", field="components")
+class Forward(NamedTuple):
+    """One batched forward: rows ``pairs[r]`` (base row ids) x ``groups[r]`` (group ids), started at
+    block ``layer`` and position ``pos``."""
+
+    layer: int
+    pos: int
+    pairs: torch.Tensor
+    groups: torch.Tensor
 
 
 @torch.no_grad()
 def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: str, metric_fn,
-            memory_budget: int | None = None, min_tokens: int | None = None, progress=None) -> tuple:
-    """The metric with each group of components patched together, per pair.
+            memory_budget: int | None = None, min_tokens: int | None = None,
+            progress: Progress | None = None, stage: str = "patch") -> Measured:
+    """The metric with each group of components patched together, per pair, in ``direction``.
 
-    Returns ``patched`` [P, G], ``clean`` and ``corrupt`` [P] (means over each pair's rows) and the
-    number of forwards.
+    Rows of each token length run as one bucket: a base run (its residuals and keys/values
+    cached at the groups' start layers), an other run (activations at the patched sites), then
+    the planned forwards, each within ``memory_budget`` bytes. An empty group is the base run.
+    ``progress(stage, done, total)`` is called after each forward.
     """
     budget = memory_budget or _default_budget(model)
     if min_tokens is None:
         min_tokens = 16384 if model.device.type == "cuda" else 2048
+    starts = [start(g) for g in groups]
+    buckets = [[i for i, p in enumerate(rows.pairs) if len(p.clean) == seq]
+               for seq in sorted({len(p.clean) for p in rows.pairs})]
+    work = [(idx, forwards(model, groups, starts, len(idx), len(rows.pairs[idx[0]].clean), budget, min_tokens))
+            for idx in buckets]
+    total, done = sum(2 + len(fw) for _, fw in work), 0
     n = len(rows.pairs)
-    patched = torch.empty(n, len(groups))
-    clean_m, corrupt_m = torch.empty(n), torch.empty(n)
-    n_forwards = 0
-    for seq in sorted({len(p.clean) for p in rows.pairs}):
-        idx = [i for i, p in enumerate(rows.pairs) if len(p.clean) == seq]
-        res = _patch_bucket(model, rows, idx, groups, direction, metric_fn, budget, progress, min_tokens)
+    patched, clean_m, corrupt_m = torch.empty(n, len(groups)), torch.empty(n), torch.empty(n)
+    for idx, planned in work:
+        bucket = _Bucket(model, rows, idx, groups, starts, direction, metric_fn)
         r = torch.tensor(idx)
-        patched[r], clean_m[r], corrupt_m[r] = res[0], res[1], res[2]
-        n_forwards += res[3]
-    return rows.mean(patched), rows.mean(clean_m), rows.mean(corrupt_m), n_forwards
+        clean_m[r], corrupt_m[r] = bucket.clean, bucket.corrupt
+        done += 2
+        report(progress, stage, done, total)
+        out = torch.empty(len(idx), len(groups))
+        out[:, [j for j, g in enumerate(groups) if not g]] = bucket.base_metric[:, None]  # empty groups
+        for fw in planned:
+            out[fw.pairs, fw.groups] = bucket.run(fw)
+            done += 1
+            report(progress, stage, done, total)
+        patched[r] = out
+    return Measured(rows.mean(patched), rows.mean(clean_m), rows.mean(corrupt_m), total)
 
 
 def start(group: list[Component]) -> tuple[int, int]:
-    """The earliest (layer, position) a patch of ``group`` changes."""
+    """The earliest (layer, position) a patch of ``group`` changes (an empty group: none, the end)."""
+    if not group:
+        return (1 << 30, 1 << 30)
     return min(c.layer for c in group), min(c.position or 0 for c in group)
 
 
@@ -233,72 +183,77 @@ def plan(starts: list[tuple[int, int]], n_pairs: int, seq: int, min_tokens: int)
     return out
 
 
-def _patch_bucket(model: Model, rows: Rows, idx: list[int], groups: list[list[Component]], direction: str,
-                  metric_fn, budget: int, progress, min_tokens: int) -> tuple:
-    """Patched metric [R, G] and clean/corrupt metrics [R] for rows ``idx`` (equal length)."""
-    ad, dev = model.adapter, model.device
-    noising = direction == "noising"
-    b = rows.batch(idx, noising, model.hf.get_input_embeddings().weight)
-    base_ids = b.base
-    seq = base_ids.shape[1]
-    starts = [start(g) for g in groups]
-    sources = sorted({(c.site, c.layer) for g in groups for c in g})
-    base_logits, base_acts, kv = runner.run_with_cache(ad, base_ids, [("resid_pre", s) for s in {s[0] for s in starts}],
-                                                       noise=b.base_noise)
-    src_acts: dict = {}
-    src_logits = runner.forward(ad, b.other, [runner.capture(ad, s, layer, src_acts) for s, layer in sources],
-                                noise=b.other_noise)
-    base_logits, src_logits = base_logits[:, -1], src_logits[:, -1]
-    clean_logits = base_logits if noising else src_logits
-    ref = torch.log_softmax(clean_logits.float(), -1)
-    ans, wrong = b.answer, b.wrong
-    base_m = metric_fn(base_logits, ans, wrong, ref)
-    src_m = metric_fn(src_logits, ans, wrong, ref)
-    clean_m, corrupt_m = (base_m, src_m) if noising else (src_m, base_m)
-
-    n = len(idx)
-    out = torch.empty(n, len(groups))
-    n_forwards = 0
-    for layer, pos, members in plan(starts, n, seq, min_tokens):
+def forwards(model: Model, groups: list[list[Component]], starts: list[tuple[int, int]], n_pairs: int, seq: int,
+             budget: int, min_tokens: int) -> list[Forward]:
+    """The planned forwards of ``n_pairs`` base rows of length ``seq``, each row-chunk within ``budget``.
+    Empty groups run in none: their metric is the base run's."""
+    ad = model.adapter
+    live = [j for j, g in enumerate(groups) if g]
+    out = []
+    for layer, pos, members in plan([starts[j] for j in live], n_pairs, seq, min_tokens):
+        members = [live[j] for j in members]
         sites = {c.site for j in members for c in groups[j]}
         width = sum(ad.shape(s)[0] * ad.shape(s)[1] for s in sites)
-        per_row = _row_bytes(model, seq, seq - pos, ad.n_layers - layer, width)
-        chunk = max(1, budget // per_row)
-        pair_idx = torch.arange(n).repeat_interleave(len(members))
-        group_idx = torch.tensor(members).repeat(n)
-        for lo in range(0, len(pair_idx), chunk):
-            pi, gi = pair_idx[lo:lo + chunk], group_idx[lo:lo + chunk]
-            r = pi.to(dev)
-            logits = _run_rows(model, groups, r, gi, layer, pos, base_ids, base_acts, src_acts, kv)
-            out[pi, gi] = metric_fn(logits, ans[r], wrong[r], ref[r]).float().cpu()
-            n_forwards += 1
-            if progress:
-                progress(n_forwards)
-    return out, clean_m.float().cpu(), corrupt_m.float().cpu(), n_forwards + 2
+        chunk = max(1, budget // _row_bytes(model, seq, seq - pos, ad.n_layers - layer, width))
+        pair_ids = torch.arange(n_pairs).repeat_interleave(len(members))
+        group_ids = torch.tensor(members).repeat(n_pairs)
+        out += [Forward(layer, pos, pair_ids[lo:lo + chunk], group_ids[lo:lo + chunk])
+                for lo in range(0, len(pair_ids), chunk)]
+    return out
 
 
-def _run_rows(model, groups, pi, gi, layer, pos, base_ids, base_acts, src_acts, kv) -> torch.Tensor:
-    """One forward: row r is base row ``pi[r]`` with every component of ``groups[gi[r]]`` patched."""
-    ad = model.adapter
-    n_rows, new = len(pi), base_ids.shape[1] - pos
-    by_site: dict[tuple[str, int], list[tuple[int, Component]]] = defaultdict(list)
-    for r, j in enumerate(gi.tolist()):
-        for c in groups[j]:
-            by_site[(c.site, c.layer)].append((r, c))
-    taps = []
-    for (site, lay), members in by_site.items():
-        mask = torch.zeros(n_rows, new, ad.shape(site)[0], dtype=torch.bool)
-        every = [(r, c.index) for r, c in members if c.position is None]
-        one = [(r, c.position - pos, c.index) for r, c in members if c.position is not None]
-        if every:
-            r, c = torch.tensor(every).T
-            mask[r, :, c] = True
-        if one:
-            r, t, c = torch.tensor(one).T
-            mask[r, t, c] = True
-        mask = mask.to(pi.device)
-        source = src_acts[(site, lay)][pi, pos:]
-        taps.append((site, lay, lambda x, m=mask, s=source: ops.perturb(x, "patch", m, source=s)))
-    resid = base_acts[("resid_pre", layer)][pi, pos:, 0]
-    past = kv.cache(pi, pos, layer, model.hf.config)
-    return runner.forward(ad, base_ids[pi, pos:], taps, start_layer=layer, resid=resid, past=past)[:, -1]
+class _Bucket:
+    """The base and other runs of rows ``idx`` (equal length), cached for patched forwards."""
+
+    def __init__(self, model: Model, rows: Rows, idx: list[int], groups: list[list[Component]],
+                 starts: list[tuple[int, int]], direction: str, metric_fn):
+        ad = model.adapter
+        self.model, self.groups, self.metric_fn = model, groups, metric_fn
+        noising = direction == "noising"
+        b = rows.batch(idx, noising, model.hf.get_input_embeddings().weight)
+        self.base_ids, self.answer, self.wrong = b.base, b.answer, b.wrong
+        start_layers = {s[0] for s in starts if s[0] < ad.n_layers}
+        base_logits, self.base_resid, self.kv = runner.run_with_cache(
+            ad, b.base, [("resid_pre", layer) for layer in start_layers], noise=b.base_noise)
+        self.sources: dict = {}
+        patched_sites = sorted({(c.site, c.layer) for g in groups for c in g})
+        other_logits = runner.forward(ad, b.other, [runner.capture(ad, s, layer, self.sources)
+                                                    for s, layer in patched_sites], noise=b.other_noise)
+        base_logits, other_logits = base_logits[:, -1], other_logits[:, -1]
+        self.clean_logprobs = torch.log_softmax((base_logits if noising else other_logits).float(), -1)
+        base_m, other_m = self.metric(base_logits, slice(None)), self.metric(other_logits, slice(None))
+        self.base_metric = base_m
+        self.clean, self.corrupt = (base_m, other_m) if noising else (other_m, base_m)
+
+    def metric(self, logits: torch.Tensor, rows) -> torch.Tensor:
+        return self.metric_fn(logits, self.answer[rows], self.wrong[rows], self.clean_logprobs[rows]).float().cpu()
+
+    def run(self, fw: Forward) -> torch.Tensor:
+        """The metric of one planned forward [rows]: base row ``fw.pairs[r]`` with every component of
+        ``groups[fw.groups[r]]`` patched from the other run."""
+        ad = self.model.adapter
+        rows = fw.pairs.to(self.base_ids.device)
+        n_rows, new = len(rows), self.base_ids.shape[1] - fw.pos
+        by_site: dict[tuple[str, int], list[tuple[int, Component]]] = defaultdict(list)
+        for r, j in enumerate(fw.groups.tolist()):
+            for c in self.groups[j]:
+                by_site[(c.site, c.layer)].append((r, c))
+        taps = []
+        for (site, layer), members in by_site.items():
+            mask = torch.zeros(n_rows, new, ad.shape(site)[0], dtype=torch.bool)
+            every = [(r, c.index) for r, c in members if c.position is None]
+            one = [(r, c.position - fw.pos, c.index) for r, c in members if c.position is not None]
+            if every:
+                r, c = torch.tensor(every).T
+                mask[r, :, c] = True
+            if one:
+                r, t, c = torch.tensor(one).T
+                mask[r, t, c] = True
+            mask = mask.to(rows.device)
+            source = self.sources[(site, layer)][rows, fw.pos:]
+            taps.append((site, layer, lambda x, m=mask, s=source: ops.perturb(x, "patch", m, source=s)))
+        resid = self.base_resid[("resid_pre", fw.layer)][rows, fw.pos:, 0]
+        past = self.kv.cache(rows, fw.pos, fw.layer, self.model.hf.config)
+        logits = runner.forward(ad, self.base_ids[rows, fw.pos:], taps, start_layer=fw.layer, resid=resid,
+                                past=past)[:, -1]
+        return self.metric(logits, rows)

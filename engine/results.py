@@ -6,42 +6,78 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors.torch import save_file
 
 from causalscan.metrics import normalise
+from causalscan.sweeps import Sweep
 
 
-@dataclass(frozen=True)
-class SweepSlot:
-    """Components ``[start, stop)`` of a result form the sweep ``name`` shaped ``shape``."""
+@dataclass(kw_only=True)
+class Result:
+    """What every result records: the model and dataset it ran on, the metric and corruption, the
+    unpatched ``clean`` and ``corrupt`` metrics [P] (means over each pair's rows), and timings.
 
-    name: str
-    start: int
-    stop: int
-    shape: tuple
+    Subclasses give ``tensors()`` (per-sweep tensors, ``scores.safetensors``), ``top(k)`` (ranked
+    rows), ``to_json()`` and ``FILE``, the JSON document's name.
+    """
+
+    FILE: ClassVar[str] = "scan.json"
+    TOP: ClassVar[int] = 50
+
+    model: str
+    dataset: str
+    dataset_sha256: str
+    metric: str
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    corruption: dict = field(default_factory=lambda: {"kind": "tokens"})
+    timings: dict = field(default_factory=dict)
+
+    def n_rows(self) -> int:
+        """Rows of the full ranked table."""
+        return len(self.components)
+
+    def to_pandas(self):
+        """The full ranked table (``top`` of every row) as a DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.top(self.n_rows()))
+
+    def save(self, out_dir: str | Path, top: int | None = None) -> Path:
+        """Write ``FILE`` (strict JSON) and ``scores.safetensors`` into ``out_dir``."""
+        return _write(out_dir, self.tensors(), self.to_json(self.TOP if top is None else top), self.FILE)
+
+    def _document(self, kind: str, settings: dict, **body) -> dict:
+        """The JSON document: what ran on what (model, dataset, settings with the metric and
+        corruption, baselines), the result's own ``body``, timings and versions."""
+        from causalscan.versions import versions
+
+        return {
+            "kind": kind,
+            "model": self.model,
+            "dataset": {"path": self.dataset, "sha256": self.dataset_sha256, "pairs": len(self.clean)},
+            "settings": {**settings, "metric": self.metric, "corruption": self.corruption},
+            "baselines": {"clean": self.clean.mean().item(), "corrupt": self.corrupt.mean().item()},
+            **body,
+            "timings": self.timings,
+            "versions": versions(),
+        }
 
 
-@dataclass
-class PatchResult:
+@dataclass(kw_only=True)
+class PatchResult(Result):
     """Exact patching: metric under each patch, per pair.
 
     ``patched`` [P, n]; ``clean``/``corrupt`` [P]; ``effect`` = patched - base run [P, n].
     """
 
-    model: str
-    dataset: str
-    dataset_sha256: str
     direction: str
-    metric: str
     components: list
-    slots: list[SweepSlot]
+    sweeps: list[Sweep]
     patched: torch.Tensor
-    clean: torch.Tensor
-    corrupt: torch.Tensor
-    timings: dict = field(default_factory=dict)
-    corruption: dict = field(default_factory=lambda: {"kind": "tokens"})
 
     @property
     def base(self) -> torch.Tensor:
@@ -63,7 +99,7 @@ class PatchResult:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``{"exact/head": [L, H], "exact_abs/head": ..., "exact_norm/head": ...}`` per sweep."""
-        return _per_slot(self.summary(), self.slots)
+        return _per_sweep(self.summary(), self.sweeps)
 
     def top(self, k: int = 10) -> list[dict]:
         """The ``k`` components of largest mean |effect|, with their statistics."""
@@ -73,35 +109,9 @@ class PatchResult:
                  "exact_abs": summ["exact_abs"][j].item(), "exact_norm": summ["exact_norm"][j].item()}
                 for j in order.tolist()]
 
-    def to_pandas(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.top(len(self.components)))
-
     def to_json(self, top: int = 50) -> dict:
-        settings = {"direction": self.direction, "sweeps": {s.name: list(s.shape) for s in self.slots}}
-        return _document("patch", self, settings, components=self.top(top))
-
-    def save(self, out_dir: str | Path, top: int = 50) -> Path:
-        """Write ``scan.json`` and ``scores.safetensors`` into ``out_dir``."""
-        return _write(out_dir, self.tensors(), self.to_json(top))
-
-
-def _document(kind: str, res, settings: dict, **body) -> dict:
-    """The JSON document of a result: what ran on what (model, dataset, settings with the metric and
-    corruption, baselines), the result's own ``body``, timings and versions."""
-    from causalscan.versions import versions
-
-    return {
-        "kind": kind,
-        "model": res.model,
-        "dataset": {"path": res.dataset, "sha256": res.dataset_sha256, "pairs": len(res.clean)},
-        "settings": {**settings, "metric": res.metric, "corruption": res.corruption},
-        "baselines": {"clean": res.clean.mean().item(), "corrupt": res.corrupt.mean().item()},
-        **body,
-        "timings": res.timings,
-        "versions": versions(),
-    }
+        settings = {"direction": self.direction, "sweeps": {s.name: list(s.shape) for s in self.sweeps}}
+        return self._document("patch", settings, components=self.top(top))
 
 
 def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict, name: str = "scan.json") -> Path:
@@ -113,19 +123,19 @@ def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict, nam
     return out
 
 
-def _per_slot(vectors: dict[str, torch.Tensor], slots, names: dict[str, str] | None = None) -> dict:
-    """``{"<kind>/<sweep>": [sweep shape]}``: each per-component vector [n] cut into its sweeps' slots
+def _per_sweep(vectors: dict[str, torch.Tensor], sweeps, names: dict[str, str] | None = None) -> dict:
+    """``{"<kind>/<sweep>": [sweep shape]}``: each per-component vector [n] cut into its sweeps
     (``kind`` renamed by ``names``)."""
     return {f"{(names or {}).get(kind, kind)}/{s.name}": vec[s.start:s.stop].reshape(s.shape).contiguous()
-            for kind, vec in vectors.items() for s in slots}
+            for kind, vec in vectors.items() for s in sweeps}
 
 
 def _component_row(c) -> dict:
     return {"component": str(c), "site": c.site, "layer": c.layer, "index": c.index, "position": c.position}
 
 
-@dataclass
-class ScanResult:
+@dataclass(kw_only=True)
+class ScanResult(Result):
     """An attribution scan: per-pair estimates of every node, and the exact check of some.
 
     ``signed`` [P, n]: AtP (QK-fixed for q/k nodes under AtP*); ``graddrop`` [P, n] or None: the
@@ -135,26 +145,18 @@ class ScanResult:
     random sample), ``exact`` [P, m] exact effects, ``agreement`` (see ``scan.agreement``).
     """
 
-    model: str
-    dataset: str
-    dataset_sha256: str
     direction: str
-    metric: str
     method: str
     graddrop: torch.Tensor | None
     components: list
-    slots: list[SweepSlot]
+    sweeps: list[Sweep]
     signed: torch.Tensor
     score: torch.Tensor
-    clean: torch.Tensor
-    corrupt: torch.Tensor
     confirmed: torch.Tensor | None = None
     n_top: int = 0
     exact: torch.Tensor | None = None
     agreement: dict | None = None
     false_negatives: dict | None = None
-    timings: dict = field(default_factory=dict)
-    corruption: dict = field(default_factory=lambda: {"kind": "tokens"})
 
     def summary(self) -> dict[str, torch.Tensor]:
         """Per node [n]: ``score`` (ranking), ``estimate`` (signed mean), and for confirmed nodes
@@ -174,7 +176,7 @@ class ScanResult:
         "exact_abs/head": ...}`` (exact effects NaN where not confirmed)."""
         names = {"score": self.method, "estimate": f"{self.method}_signed", "exact": "exact", "exact_abs": "exact_abs",
                  "graddrop": "graddrop"}
-        return _per_slot(self.summary(), self.slots, names)
+        return _per_sweep(self.summary(), self.sweeps, names)
 
     def top(self, k: int = 10) -> list[dict]:
         """The ``k`` nodes of highest score, with estimate and (if confirmed) exact effect."""
@@ -189,22 +191,13 @@ class ScanResult:
                  "exact_abs": num(summ["exact_abs"][j]),
                  **({"graddrop": summ["graddrop"][j].item()} if "graddrop" in summ else {})} for j in order.tolist()]
 
-    def to_pandas(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.top(len(self.components)))
-
     def to_json(self, top: int = 50) -> dict:
         settings = {"method": self.method, "graddrop": self.graddrop is not None, "direction": self.direction,
-                    "sweeps": {s.name: list(s.shape) for s in self.slots},
+                    "sweeps": {s.name: list(s.shape) for s in self.sweeps},
                     "confirmed": {"top": self.n_top,
                                   "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top}}
-        return _document("scan", self, settings, components=self.top(top), agreement=self.agreement,
-                         false_negatives=self.false_negatives)
-
-    def save(self, out_dir: str | Path, top: int = 50) -> Path:
-        """Write ``scan.json`` and ``scores.safetensors`` into ``out_dir``."""
-        return _write(out_dir, self.tensors(), self.to_json(top))
+        return self._document("scan", settings, components=self.top(top), agreement=self.agreement,
+                              false_negatives=self.false_negatives)
 
 
 def _finite(doc):
@@ -218,24 +211,19 @@ def _finite(doc):
     return doc
 
 
-@dataclass
-class TraceResult:
+@dataclass(kw_only=True)
+class TraceResult(Result):
     """Causal tracing: ``effects[grid]`` [P, T, L] of ``metric(restored) - metric(corrupt)`` per pair
     (means over noise samples); ``clean``/``corrupt`` [P]; ``tokens``: the first pair's tokens,
     ``span``: its noised token positions (None for token pairs)."""
 
-    model: str
-    dataset: str
-    dataset_sha256: str
-    metric: str
+    FILE: ClassVar[str] = "trace.json"
+    TOP: ClassVar[int] = 20
+
     window: int
     effects: dict[str, torch.Tensor]
-    clean: torch.Tensor
-    corrupt: torch.Tensor
     tokens: list[str]
     span: tuple[int, int] | None = None
-    corruption: dict = field(default_factory=lambda: {"kind": "tokens"})
-    timings: dict = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``trace/<grid>`` [T, L] mean effect and ``trace_norm/<grid>``: its share of clean - corrupt."""
@@ -257,17 +245,11 @@ class TraceResult:
                  "recovered": t[f"trace_norm/{cells[j][0]}"][cells[j][1], cells[j][2]].item()}
                 for j in vals.argsort(descending=True)[:k].tolist()]
 
-    def to_pandas(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.top(sum(e[0].numel() for e in self.effects.values())))
+    def n_rows(self) -> int:
+        return sum(e[0].numel() for e in self.effects.values())
 
     def to_json(self, top: int = 20) -> dict:
-        return _document("trace", self, {"window": self.window, "direction": "denoising"}, tokens=self.tokens,
-                         span=list(self.span) if self.span else None,
-                         grids={k: v.tolist() for k, v in self.tensors().items() if k.startswith("trace/")},
-                         top=self.top(top))
-
-    def save(self, out_dir: str | Path, top: int = 20) -> Path:
-        """Write ``trace.json`` and ``scores.safetensors`` into ``out_dir``."""
-        return _write(out_dir, self.tensors(), self.to_json(top), "trace.json")
+        return self._document("trace", {"window": self.window, "direction": "denoising"}, tokens=self.tokens,
+                              span=list(self.span) if self.span else None,
+                              grids={k: v.tolist() for k, v in self.tensors().items() if k.startswith("trace/")},
+                              top=self.top(top))

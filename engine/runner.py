@@ -84,6 +84,16 @@ class KVPrefix:
         return DynamicCache(ddp_cache_data=data, config=config)
 
 
+class _InFlight:
+    """``(batch, seq)`` of the forward in flight, recorded at the input of every tapped block (a site's
+    raw tensor may be flattened; its view needs them)."""
+
+    bt: tuple[int, int] = (0, 0)
+
+    def record(self, mod, args, kwargs) -> None:
+        self.bt = tuple(_hidden_in(args, kwargs).shape[:2])
+
+
 @contextmanager
 def installed(
     ad: Adapter,
@@ -95,60 +105,60 @@ def installed(
 ) -> Iterator[None]:
     """Install taps (and the start/stop/noise machinery) for the forwards run inside the block."""
     taps = list(taps)
-    bt = {}  # (batch, seq) of the forward in flight, read at block inputs
-
-    def shape():
-        return bt["bt"]
-
     with ExitStack() as stack:
-        add = stack.callback
-
         def hold(handle):
-            add(handle.remove)
+            stack.callback(handle.remove)
 
         if noise is not None:
-            def add_noise(mod, args, out):
-                if out.shape != noise.shape:
-                    raise ValueError(f"noise {tuple(noise.shape)} does not fit the embeddings {tuple(out.shape)}")
-                return out + noise
-            hold(ad.model.get_input_embeddings().register_forward_hook(add_noise))
+            hold(ad.model.get_input_embeddings().register_forward_hook(_noise_adder(noise)))
         for i in range(start_layer):
             ad.blocks[i].forward = _identity_block
-            add(ad.blocks[i].__dict__.pop, "forward", None)
+            stack.callback(ad.blocks[i].__dict__.pop, "forward", None)
+        shape = _InFlight()
         for layer in sorted({t[1] for t in taps}):
-            def record(mod, args, kwargs):
-                bt["bt"] = tuple(_hidden_in(args, kwargs).shape[:2])
-            hold(ad.blocks[layer].register_forward_pre_hook(record, with_kwargs=True, prepend=True))
+            hold(ad.blocks[layer].register_forward_pre_hook(shape.record, with_kwargs=True, prepend=True))
         if resid is not None:
             def inject(mod, args, kwargs):
                 return _with_hidden_in(args, kwargs, resid)
             hold(ad.blocks[start_layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True))
-
         for site, layer, fn in taps:
             if site == "resid_mid":
                 _install_mid(ad, layer, fn, shape, hold)
-                continue
-            module, side = ad.hook_point(site, layer)
-            hold(_install(ad, module, side, site, fn, shape))
-
-        if stop is not None and stop < ad.n_layers:
-            def stop_in(mod, args, kwargs):
-                raise _Stop(_hidden_in(args, kwargs))
-            hold(ad.blocks[stop].register_forward_pre_hook(stop_in, with_kwargs=True))
-        elif stop is not None:
-            def stop_out(mod, args, out):
-                raise _Stop(_first(out))
-            hold(ad.blocks[-1].register_forward_hook(stop_out))
+            else:
+                module, side = ad.hook_point(site, layer)
+                hold(_install(ad, module, side, site, fn, shape))
+        if stop is not None:
+            hold(_install_stop(ad, stop))
         yield
 
 
-def _apply(ad: Adapter, raw: torch.Tensor, site: str, fn: Tap, shape) -> torch.Tensor:
-    b, t = shape()
+def _noise_adder(noise: torch.Tensor):
+    def add_noise(mod, args, out):
+        if out.shape != noise.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} does not fit the embeddings {tuple(out.shape)}")
+        return out + noise
+    return add_noise
+
+
+def _install_stop(ad: Adapter, stop: int):
+    """Raise :class:`_Stop` with the residual entering block ``stop`` (or leaving the last block)."""
+    if stop < ad.n_layers:
+        def stop_in(mod, args, kwargs):
+            raise _Stop(_hidden_in(args, kwargs))
+        return ad.blocks[stop].register_forward_pre_hook(stop_in, with_kwargs=True)
+
+    def stop_out(mod, args, out):
+        raise _Stop(_first(out))
+    return ad.blocks[-1].register_forward_hook(stop_out)
+
+
+def _apply(ad: Adapter, raw: torch.Tensor, site: str, fn: Tap, shape: _InFlight) -> torch.Tensor:
+    b, t = shape.bt
     new = fn(ad.view(raw, site, b, t))
     return raw if new is None else ad.write(raw, site, b, t, new)
 
 
-def _install(ad, module, side, site, fn, shape):
+def _install(ad, module, side, site, fn, shape: _InFlight):
     if side == "in":
         def pre(mod, args, kwargs):
             return _with_hidden_in(args, kwargs, _apply(ad, _hidden_in(args, kwargs), site, fn, shape))
@@ -159,7 +169,7 @@ def _install(ad, module, side, site, fn, shape):
     return module.register_forward_hook(post)
 
 
-def _install_mid(ad, layer, fn, shape, hold):
+def _install_mid(ad, layer, fn, shape: _InFlight, hold):
     """resid_mid = resid_pre + attn_out; rewriting it shifts attn_out by the change."""
     seen = {}
 
@@ -169,7 +179,7 @@ def _install_mid(ad, layer, fn, shape, hold):
 
     def post(mod, args, out):
         attn = _first(out)
-        b, t = shape()
+        b, t = shape.bt
         mid = seen.pop("pre").reshape(b, t, 1, -1) + attn.reshape(b, t, 1, -1)
         new = fn(mid)
         return out if new is None else _with_first(out, (attn.reshape(mid.shape) + (new - mid)).reshape(attn.shape))

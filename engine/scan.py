@@ -3,9 +3,9 @@
 ``scan`` estimates every node of the requested sweeps in a fixed number of passes per batch of
 pairs (:mod:`causalscan.attribution`), ranks them by the mean over pairs of the per-pair
 ``|estimate|`` (AtP) or the GradDrop score (AtP*), then re-measures the top ``confirm`` nodes and
-a random sample of the rest by batched exact patching in the same direction
-(:func:`causalscan.patch`) and reports how well the two agree. An optional false-negative
-diagnostic patches random subsets of the unconfirmed nodes jointly.
+a random sample of the rest by batched exact patching in the same direction, on the scan's own
+rows (:func:`causalscan.patching.measure`), and reports how well the two agree. An optional
+false-negative diagnostic patches random subsets of the unconfirmed nodes jointly.
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ from pathlib import Path
 import torch
 
 from causalscan import attribution, corruption
-from causalscan.attribution import Sweep
 from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
-from causalscan.data import as_dataset
 from causalscan.errors import InputError
-from causalscan.load import load
-from causalscan.metrics import get as get_metric
-from causalscan.patching import Component, build_sweeps, check_direction, patch
+from causalscan.inputs import Inputs, prepare
+from causalscan.patching import measure
+from causalscan.progress import Progress, log, report
 from causalscan.results import ScanResult
+from causalscan.sweeps import Component, Sweep, build_sweeps
 
 METHODS = ("atp", "atp*")
 
@@ -45,7 +44,7 @@ def scan(
     fn_subsets: int = 0,
     fn_p: float = 0.1,
     seed: int = 0,
-    progress=None,
+    progress: Progress | None = None,
     samples: int = corruption.SAMPLES,
     noise_scale: float = corruption.SCALE,
     checkpoint: str | Path | None = None,
@@ -59,100 +58,57 @@ def scan(
     of a node is ``max(|AtP|, GradDrop)`` per pair: GradDrop exposes effects that cancel in the
     total gradient, but on its own it also hides effects that run through a single downstream
     block (every layer-0 node of a 2-layer model scores only its direct effect), so it may raise a
-    node's score, never lower it. The GradDrop score itself is kept (``graddrop/<sweep>``). ``confirm``: how many
-    top nodes to re-measure exactly (0: none), plus ``confirm_random`` (default ``confirm``)
-    drawn uniformly from the rest. ``fn_subsets``: random joint patches for the AtP*
-    false-negative diagnostic (0: skip), each unconfirmed node in a subset with probability
-    ``fn_p``. ``batch_size``: rows per attribution pass. ``samples``, ``noise_scale``: Gaussian
-    corruption of ``noise_span`` pairs (:mod:`causalscan.corruption`; each pair runs as ``samples``
-    rows, seeded by ``seed``, and its estimates are the means over them). ``checkpoint``: a
-    directory where the attribution stage writes its partial sums as it goes (at most every
-    ``checkpoint_every_s``); a scan with the same model weights, data and settings resumes from
-    them, and the file is removed when the scan completes.
+    node's score, never lower it. The GradDrop score itself is kept (``graddrop/<sweep>``).
+    ``confirm``: how many top nodes to re-measure exactly (0: none), plus ``confirm_random``
+    (default ``confirm``) drawn uniformly from the rest. ``fn_subsets``: random joint patches for
+    the AtP* false-negative diagnostic (0: skip), each unconfirmed node in a subset with
+    probability ``fn_p``. ``batch_size``: rows per attribution pass. ``samples``, ``noise_scale``:
+    Gaussian corruption of ``noise_span`` pairs (:mod:`causalscan.corruption`; each pair runs as
+    ``samples`` rows, seeded by ``seed``, and its estimates are the means over them).
+    ``checkpoint``: a directory where the attribution stage writes its partial sums as it goes (at
+    most every ``checkpoint_every_s``); a scan with the same model weights, data and settings
+    resumes from them, and the file is removed when the scan completes. ``progress(stage, done,
+    total)``: called after each attribution batch and each confirmation forward.
 
-    >>> res = scan("induction", causalscan.zoo.dataset_path("induction"), sites="head", confirm=4)
-    >>> res.top(3)
+    >>> import causalscan as cs
+    >>> res = scan("induction", cs.zoo.dataset_path("induction", "previous"), sites="head", confirm=4)
+    >>> sorted((row["layer"], row["index"]) for row in res.top(4))  # the card's four heads
+    [(0, 0), (0, 2), (1, 0), (1, 1)]
+    >>> res.agreement["recall_at_k"]
+    1.0
     """
     t0 = time.perf_counter()
-    model = load(model)
-    ds = as_dataset(dataset)
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
-    check_direction(direction)
     if batch_size < 1 or confirm < 0 or fn_subsets < 0:
         raise InputError("batch_size must be >= 1, confirm and fn_subsets >= 0", field="batch_size")
-    star = method == "atp*"
-    graddrop = star if graddrop is None else graddrop
-    metric_name, metric_fn = get_metric(metric)
-    pairs = ds.tokenize(model.tokenizer, model.vocab_size)
-    lengths = sorted({len(p.clean) for p in pairs})
-
-    slots, comps = build_sweeps(model, sites, lengths, ds.name)
-    sweeps = [Sweep(s.name, comps[s.start].site, comps[s.start].position is not None, s.shape) for s in slots]
-
-    rows = corruption.rows(model, pairs, samples, noise_scale, seed)
-    per = 1.0 / rows.samples
-    acc = {"signed": torch.zeros(len(pairs), len(comps)), "clean": torch.zeros(len(pairs)),
-           "corrupt": torch.zeros(len(pairs))}
-    if graddrop:
-        acc["graddrop"] = torch.zeros(len(pairs), len(comps))
-    batches = [idx[lo:lo + batch_size]
-               for idx in ([i for i, p in enumerate(rows.pairs) if len(p.clean) == seq] for seq in lengths)
-               for lo in range(0, len(idx), batch_size)]
-    ck, done = None, set()
+    inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
+    graddrop = (method == "atp*") if graddrop is None else graddrop
+    sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name)
+    ck = None
     if checkpoint is not None:
-        settings = {"model": model.name, "weights": fingerprint(model.hf), "data": ds.sha256, "nodes": len(comps),
-                    "sites": list(sites) if not isinstance(sites, str) else sites, "method": method,
-                    "graddrop": graddrop, "direction": direction, "metric": metric_name, "samples": samples,
-                    "noise_scale": noise_scale, "seed": seed, "batch_size": batch_size}
+        settings = {"model": inp.model.name, "weights": fingerprint(inp.model.hf), "data": inp.dataset.sha256,
+                    "nodes": len(comps), "sites": list(sites) if not isinstance(sites, str) else sites,
+                    "method": method, "graddrop": graddrop, "direction": direction, "metric": inp.metric,
+                    "samples": samples, "noise_scale": noise_scale, "seed": seed, "batch_size": batch_size}
         ck = Checkpoint(checkpoint, "scan", checkpoint_key(settings), checkpoint_every_s)
-        saved = ck.load()
-        if saved:
-            acc, done = saved
-            if progress:
-                progress(f"resuming from {ck.path}: {len(done)}/{len(batches)} batches done")
-    noising = direction == "noising"
-    embed = model.hf.get_input_embeddings().weight
-    for bi, batch in enumerate(batches):
-        if bi in done:
-            continue
-        b = rows.batch(batch, noising, embed)
-
-        def fn(logits, clean_lp, b=b):
-            return metric_fn(logits, b.answer, b.wrong, clean_lp)
-
-        out = attribution.attribute(model.adapter, b.base, b.other, fn, sweeps, qk_fix=star, graddrop=graddrop,
-                                    base_is_clean=noising, base_noise=b.base_noise, other_noise=b.other_noise)
-        owner = rows.owner[batch]
-        for name in ("signed", "graddrop") if graddrop else ("signed",):
-            acc[name].index_add_(0, owner, per * torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1))
-        cm, km = (out["base"], out["other"]) if noising else (out["other"], out["base"])
-        acc["clean"].index_add_(0, owner, per * cm)
-        acc["corrupt"].index_add_(0, owner, per * km)
-        done.add(bi)
-        if ck:
-            ck.save(acc, done, force=len(done) == len(batches))
-        if progress:
-            progress(f"attribution: {len(done)}/{len(batches)} batches")
-    signed, gd_all, clean_m, corrupt_m = acc["signed"], acc.get("graddrop"), acc["clean"], acc["corrupt"]
-    score = torch.maximum(signed.abs(), gd_all) if graddrop else signed.abs()
-    t_attr = time.perf_counter() - t0
-
+    sums = estimate(inp, sweeps, len(comps), direction, method == "atp*", graddrop, batch_size, ck, progress)
+    signed, gd = sums["signed"], sums.get("graddrop")
     res = ScanResult(
-        model=model.name, dataset=ds.name, dataset_sha256=ds.sha256, direction=direction, metric=metric_name,
-        method=method, graddrop=gd_all, components=comps, slots=slots, signed=signed, score=score,
-        clean=clean_m, corrupt=corrupt_m, timings={"attribution_s": t_attr}, corruption=rows.settings(),
+        **inp.header(), direction=direction, method=method, graddrop=gd, components=comps, sweeps=sweeps,
+        signed=signed, score=torch.maximum(signed.abs(), gd) if graddrop else signed.abs(), clean=sums["clean"],
+        corrupt=sums["corrupt"], timings={"attribution_s": time.perf_counter() - t0},
     )
     if confirm:
         t1 = time.perf_counter()
-        _confirm(res, model, ds, metric, confirm, confirm if confirm_random is None else confirm_random, seed,
-                 progress, samples, noise_scale)
+        _confirm(res, inp, confirm, confirm if confirm_random is None else confirm_random, seed, progress)
         res.timings["confirm_s"] = time.perf_counter() - t1
     if fn_subsets:
         from causalscan.negatives import false_negative_bound
 
         t1 = time.perf_counter()
-        res.false_negatives = false_negative_bound(res, model, rows, metric_fn, fn_subsets, p=fn_p, seed=seed)
+        res.false_negatives = false_negative_bound(res, inp.model, inp.rows, inp.metric_fn, fn_subsets, p=fn_p,
+                                                   seed=seed, progress=progress)
         res.timings["false_negatives_s"] = time.perf_counter() - t1
     res.timings["total_s"] = time.perf_counter() - t0
     if ck:
@@ -160,23 +116,66 @@ def scan(
     return res
 
 
-def _confirm(res: ScanResult, model, ds, metric, k: int, n_random: int, seed: int, progress, samples: int,
-             noise_scale: float) -> None:
-    """Exact effects of the top ``k`` nodes and ``n_random`` others; agreement statistics."""
+def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_fix: bool, graddrop: bool,
+             batch_size: int, ck: Checkpoint | None = None, progress: Progress | None = None) -> dict:
+    """The attribution stage: per-pair sums over each pair's rows, ``signed`` (and ``graddrop``)
+    ``[P, n]`` and the ``clean``/``corrupt`` metrics ``[P]``, one batch of ``batch_size`` rows (of
+    one token length) at a time; resumed from and written to ``ck`` as it goes."""
+    rows, n_pairs = inp.rows, len(inp.pairs)
+    per_row = 1.0 / rows.samples
+    sums = {"signed": torch.zeros(n_pairs, n_nodes), "clean": torch.zeros(n_pairs), "corrupt": torch.zeros(n_pairs)}
+    if graddrop:
+        sums["graddrop"] = torch.zeros(n_pairs, n_nodes)
+    batches = [idx[lo:lo + batch_size]
+               for idx in ([i for i, p in enumerate(rows.pairs) if len(p.clean) == seq] for seq in inp.lengths)
+               for lo in range(0, len(idx), batch_size)]
+    done: set[int] = set()
+    saved = ck.load() if ck else None
+    if saved:
+        sums, done = saved
+        log.info("resuming from %s: %d/%d batches done", ck.path, len(done), len(batches))
+    noising = direction == "noising"
+    embed = inp.model.hf.get_input_embeddings().weight
+    for i, batch in enumerate(batches):
+        if i in done:
+            continue
+        b = rows.batch(batch, noising, embed)
+
+        def metric(logits, clean_logprobs, b=b):
+            return inp.metric_fn(logits, b.answer, b.wrong, clean_logprobs)
+
+        out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
+                                    graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
+                                    other_noise=b.other_noise)
+        owner = rows.owner[batch]
+        for name in ("signed", "graddrop") if graddrop else ("signed",):
+            sums[name].index_add_(0, owner, per_row * torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1))
+        clean_run, corrupt_run = (out["base"], out["other"]) if noising else (out["other"], out["base"])
+        sums["clean"].index_add_(0, owner, per_row * clean_run)
+        sums["corrupt"].index_add_(0, owner, per_row * corrupt_run)
+        done.add(i)
+        if ck:
+            ck.save(sums, done, force=len(done) == len(batches))
+        report(progress, "attribution", len(done), len(batches))
+    return sums
+
+
+def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, progress: Progress | None) -> None:
+    """Exact effects of the top ``k`` nodes and ``n_random`` others, measured on the scan's own rows;
+    agreement statistics."""
     order = res.score.mean(0).argsort(descending=True)
     k = min(k, len(order))
     top, rest = order[:k], order[k:]
     g = torch.Generator().manual_seed(seed)
-    sample = rest[torch.randperm(len(rest), generator=g)[:n_random]]
-    chosen = torch.cat([top, sample])
-    exact = patch(model, ds, components=[res.components[j] for j in chosen.tolist()], direction=res.direction,
-                  metric=metric, samples=samples, noise_scale=noise_scale, seed=seed,
-                  progress=(lambda n_fw: progress(f"confirm: {n_fw} forwards")) if progress else None)
+    chosen = torch.cat([top, rest[torch.randperm(len(rest), generator=g)[:n_random]]])
+    m = measure(inp.model, inp.rows, [[res.components[j]] for j in chosen.tolist()], res.direction, inp.metric_fn,
+                progress=progress, stage="confirm")
+    base = m.clean if res.direction == "noising" else m.corrupt
     res.confirmed = chosen
     res.n_top = k
-    res.exact = exact.effect
-    res.agreement = agreement(res.score.mean(0)[chosen], res.signed.mean(0)[chosen], exact.effect, k)
-    res.timings["confirm_forwards"] = exact.timings["forwards"]
+    res.exact = m.patched - base[:, None]
+    res.agreement = agreement(res.score.mean(0)[chosen], res.signed.mean(0)[chosen], res.exact, k)
+    res.timings["confirm_forwards"] = m.forwards
 
 
 def agreement(score: torch.Tensor, signed: torch.Tensor, exact: torch.Tensor, k: int) -> dict:

@@ -14,7 +14,7 @@ target`` on the cached residual of the unsteered prompts, batched over vectors.
 - ``radius="auto"``: the ``R`` at which the non-linear share of the response is 0.5 (DCT's rule).
 
 Every run also draws ``n`` random vectors of the same norm: the baseline a learned vector must beat.
-See ``METHODS.md`` for the math.
+See ``docs/methods.md`` for the math.
 """
 
 from __future__ import annotations
@@ -22,35 +22,45 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from causalscan import runner
 from causalscan.errors import InputError
+from causalscan.progress import Progress, log, report
 
 Response = Callable[[torch.Tensor], list[torch.Tensor]]  # theta [n, d] -> per group [n, B, P, d]
 
 
+class PromptGroup(NamedTuple):
+    """Prompts of one length: ``ids`` [B, T]; ``h0`` [B, T, d], the unsteered residual after block
+    source; ``z0`` [B, P, d], the unsteered residual after block target at the target positions
+    ``pos`` [P]."""
+
+    ids: torch.Tensor
+    h0: torch.Tensor
+    z0: torch.Tensor
+    pos: torch.Tensor
+
+
 @dataclass
 class Slice:
-    """The map ``theta -> Z_target(theta) - Z_target(0)`` of a model on fixed prompts.
-
-    ``groups``: per prompt length, ``(ids [B, T], h0 [B, T, d] the residual after block source,
-    z0 [B, P, d] the residual after block target at the target positions, pos [P])``.
-    """
+    """The map ``theta -> Z_target(theta) - Z_target(0)`` of a model on fixed prompts, one
+    :class:`PromptGroup` per prompt length."""
 
     ad: object
     source: int
     target: int
-    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    groups: list[PromptGroup]
 
     @property
     def d_model(self) -> int:
-        return self.groups[0][1].shape[-1]
+        return self.groups[0].h0.shape[-1]
 
     @property
     def prompts(self) -> int:
-        return sum(len(g[0]) for g in self.groups)
+        return sum(len(g.ids) for g in self.groups)
 
     def __call__(self, theta: torch.Tensor) -> list[torch.Tensor]:
         """``theta`` [n, d] -> per group ``[n, B, P, d]``: the steered minus the unsteered target residual."""
@@ -86,7 +96,7 @@ def make_slice(model, prompts: list[list[int]], source: int, target: int, positi
         with torch.no_grad():
             h0 = runner.forward(ad, ids, stop=source + 1)
             z0 = runner.forward(ad, ids, start_layer=source + 1, resid=h0, stop=target + 1)[:, pos].float()
-        groups.append((ids, h0, z0, pos.to(model.device)))
+        groups.append(PromptGroup(ids, h0, z0, pos.to(model.device)))
     return Slice(ad, source, target, groups)
 
 
@@ -112,14 +122,14 @@ def _orth(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
 
 
 def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: float = 1.0, steps: int = 50,
-          lr: float | None = None, seed: int = 0, device=None, checkpoint=None, progress=None
+          lr: float | None = None, seed: int = 0, device=None, checkpoint=None, progress: Progress | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` MELBO vectors, trained one after another: ``(vectors [n, d] at norm radius, objective [n])``.
 
     Each step projects the gradient on the sphere's tangent space and off the earlier vectors,
     takes an AMSGrad step (``lr`` default ``0.1 radius / sqrt(d)``) and renormalises.
     ``checkpoint``: a :class:`causalscan.checkpoint.Checkpoint` that holds the finished vectors; a
-    rerun resumes after them with the same random draws (``progress(msg)`` says so).
+    rerun resumes after them with the same random draws. ``progress(stage, done, total)``: after each vector.
     """
     gen = torch.Generator().manual_seed(seed)
     lr = 0.1 * radius / math.sqrt(d) if lr is None else lr
@@ -128,8 +138,7 @@ def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: 
     if saved:
         done = saved[0]["unit"].to(device)
         torch.randn(len(done), d, generator=gen)  # the draws of the finished vectors' starts
-        if progress:
-            progress(f"resuming from {checkpoint.path}: {len(done)}/{n} vectors done")
+        log.info("resuming from %s: %d/%d vectors done", checkpoint.path, len(done), n)
     for _ in range(len(done), n):
         th = _orth(torch.randn(d, generator=gen).to(device), done)
         th = (th * radius / th.norm()).requires_grad_()
@@ -149,8 +158,7 @@ def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: 
         done = torch.cat([done, (th.detach() / radius)[None]])
         if checkpoint is not None:
             checkpoint.save({"unit": done.cpu()}, set(range(len(done))), force=len(done) == n)
-        if progress:
-            progress(f"melbo: {len(done)}/{n} vectors")
+        report(progress, "melbo", len(done), n)
     vectors = done * radius
     return vectors, scores(response, vectors, p, q)
 
@@ -176,14 +184,15 @@ def _vjp_rows(delta, theta: torch.Tensor, w: torch.Tensor, batch: int) -> tuple[
 
 
 def dct(delta: Callable[[torch.Tensor], torch.Tensor], d: int, n: int, radius: float, iters: int = 10,
-        seed: int = 0, device=None, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        seed: int = 0, device=None, batch: int = 64, progress: Progress | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` DCT factors of ``delta`` (``theta`` [n, d] -> ``Delta`` [n, d]), all at once.
 
     Returns ``(vectors [n, d]`` at norm ``radius``, ranked, ``alpha [n]``, descending). Start: the
     top right-singular vectors of a random projection of the Jacobian (batched VJPs); then
     ``iters`` rounds of ``V <- orthonormal(V); U <- normalize(Delta(R V)); V <- normalize(R grad_V
     <U, Delta(R V)>)``; last, ``alpha = K^-1 <u_l, Delta(R v_l)>`` with ``K_ll' = <u_l, u_l'> (exp<v_l, v_l'> - 1)``.
-    ``batch``: factors per forward/backward (memory).
+    ``batch``: factors per forward/backward (memory). ``progress(stage, done, total)``: after each iteration.
     """
     if n > d:
         raise InputError(f"DCT finds at most d_model = {d} orthogonal factors, not {n}", field="n")
@@ -197,11 +206,12 @@ def dct(delta: Callable[[torch.Tensor], torch.Tensor], d: int, n: int, radius: f
         v = torch.cat([v, torch.randn(n - len(v), d, generator=gen).to(device)])
     v = _orthonormal(v)
     u = torch.nn.functional.normalize(batched(delta, radius * v, batch), dim=-1)
-    for _ in range(iters):
+    for it in range(iters):
         v = _orthonormal(v)
         dv, gv = _vjp_rows(delta, radius * v, u, batch)
         u = torch.nn.functional.normalize(dv, dim=-1)
         v = torch.nn.functional.normalize(radius * gv, dim=-1)  # grad in v = R grad in theta
+        report(progress, "dct", it + 1, iters)
     v = _orthonormal(v)
     dv = batched(delta, radius * v, batch)
     b = (u * dv).sum(-1)
@@ -248,7 +258,7 @@ def auto_radius(sl: Slice, seed: int = 0, device=None) -> tuple[float, dict]:
     and target write (``Delta(theta) - theta``: the skip connection carries ``theta`` through unchanged,
     a linear part that never lets the share reach 0.5) is 0.5, searched around the mean residual norm
     at the source. Returns ``(R, info)``."""
-    scale = sum(g[1].norm(dim=-1).sum().item() for g in sl.groups) / sum(g[1].shape[0] * g[1].shape[1]
+    scale = sum(g.h0.norm(dim=-1).sum().item() for g in sl.groups) / sum(g.h0.shape[0] * g.h0.shape[1]
                                                                          for g in sl.groups)
     r, share = calibrate_radius(lambda th: sl.mean_delta(th) - th, sl.d_model, scale, seed=seed, device=device)
     return r, {"rule": "non-linear share of the blocks' response = 0.5", "share": share, "source_resid_norm": scale}

@@ -11,13 +11,16 @@ import torch
 
 from causalscan import interventions as iv
 from causalscan.errors import InputError
+from causalscan.progress import Progress, report
 
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], vectors: torch.Tensor | None, layer: int, alpha: float = 1.0,
-             max_new_tokens: int = 8, do_sample: bool = False, batch_rows: int = 512) -> list[list[str]]:
+             max_new_tokens: int = 8, do_sample: bool = False, batch_rows: int = 512,
+             progress: Progress | None = None) -> list[list[str]]:
     """Completions ``[n_vectors][n_prompts]`` (decoded, special tokens skipped) of token-id ``prompts``
-    steered by ``vectors`` [n, d_model] (``None``: one unsteered row per prompt)."""
+    steered by ``vectors`` [n, d_model] (``None``: one unsteered row per prompt).
+    ``progress(stage, done, total)``: after each batched ``generate`` call."""
     if not 0 <= layer < model.adapter.n_layers:
         raise InputError(f"layer {layer} out of range for {model.adapter.n_layers} layers", field="layer")
     dev = model.device
@@ -27,16 +30,16 @@ def generate(model, prompts: list[list[int]], vectors: torch.Tensor | None, laye
     tok = model.tokenizer
     gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    calls = []  # (prompt length, rows (vector, prompt)) of each generate call
     for length in sorted({len(x) for x in prompts}):
-        idx = [i for i, x in enumerate(prompts) if len(x) == length]
-        rows = [(k, i) for k in range(n) for i in idx]
-        for lo in range(0, len(rows), batch_rows):
-            chunk = rows[lo:lo + batch_rows]
-            ids = torch.tensor([prompts[i] for _, i in chunk], device=dev)
-            steer = vecs[torch.tensor([k for k, _ in chunk], device=dev)]  # [rows, d]
-            ctx = iv.perturb(model, iv.add("resid_post", steer, alpha=alpha, layers=layer))
-            with ctx:
-                seqs = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kw)
-            for (k, i), seq in zip(chunk, seqs[:, length:].tolist(), strict=True):
-                out[k][i] = tok.decode(seq, skip_special_tokens=True).strip()
+        rows = [(k, i) for k in range(n) for i, x in enumerate(prompts) if len(x) == length]
+        calls += [(length, rows[lo:lo + batch_rows]) for lo in range(0, len(rows), batch_rows)]
+    for done, (length, chunk) in enumerate(calls, start=1):
+        ids = torch.tensor([prompts[i] for _, i in chunk], device=dev)
+        steer = vecs[torch.tensor([k for k, _ in chunk], device=dev)]  # [rows, d]
+        with iv.perturb(model, iv.add("resid_post", steer, alpha=alpha, layers=layer)):
+            seqs = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kw)
+        for (k, i), seq in zip(chunk, seqs[:, length:].tolist(), strict=True):
+            out[k][i] = tok.decode(seq, skip_special_tokens=True).strip()
+        report(progress, "generate", done, len(calls))
     return out

@@ -23,12 +23,12 @@ import time
 import torch
 
 from causalscan import corruption
-from causalscan.data import as_dataset
 from causalscan.errors import InputError
-from causalscan.load import load
-from causalscan.metrics import get as get_metric
-from causalscan.patching import Component, measure
+from causalscan.inputs import prepare
+from causalscan.patching import measure
+from causalscan.progress import Progress
 from causalscan.results import TraceResult
+from causalscan.sweeps import Component
 
 KINDS = {"state": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 WINDOW = 10
@@ -63,44 +63,40 @@ def trace(
     noise_scale: float = corruption.SCALE,
     seed: int = 0,
     memory_budget: int | None = None,
-    progress=None,
+    progress: Progress | None = None,
 ) -> TraceResult:
     """Causal tracing grids ``[T, L]`` of ``dataset`` (all pairs of one token length).
 
     ``kinds``: ``state``, ``mlp``, ``attn``; ``window``: layers restored together for ``mlp`` and
     ``attn`` (1: single layer); ``metric``: ``prob`` (ROME's p(answer)), ``logit_diff``, ... ;
     ``samples``/``noise_scale``/``seed``: Gaussian corruption of ``noise_span`` pairs;
-    ``progress(n_forwards)``: called after each batched forward.
+    ``progress(stage, done, total)``: called after each batched forward.
 
-    >>> tr = trace("facts", causalscan.zoo.dataset_path("facts", "subjects"), window=1)
-    >>> tr.top(3)
+    >>> import causalscan as cs
+    >>> tr = trace("facts", cs.zoo.dataset_path("facts", "subjects"), window=1)
+    >>> sorted(tr.effects), tr.effects["mlp"].shape     # [pairs, tokens, layers]
+    (['attn', 'mlp', 'state'], torch.Size([96, 5, 4]))
     """
     t0 = time.perf_counter()
-    model = load(model)
-    ds = as_dataset(dataset)
     if window < 1:
         raise InputError("window must be >= 1", field="window")
-    metric_name, metric_fn = get_metric(metric)
-    pairs = ds.tokenize(model.tokenizer, model.vocab_size)
-    lengths = sorted({len(p.clean) for p in pairs})
-    if len(lengths) > 1:
+    inp = prepare(model, dataset, metric, samples=samples, noise_scale=noise_scale, seed=seed)
+    if len(inp.lengths) > 1:
         raise InputError(f"tracing gives a token x layer grid: every pair needs the same token length, found "
-                         f"lengths {lengths}", file=ds.name)
-    seq, n_layers = lengths[0], model.adapter.n_layers
+                         f"lengths {inp.lengths}", file=inp.dataset.name)
+    seq, n_layers = inp.lengths[0], inp.model.adapter.n_layers
     names = grids(kinds, window)
     groups = [[Component(site, lay, 0, t) for lay in window_layers(layer, w, n_layers)]
               for site, w in names.values() for t in range(seq) for layer in range(n_layers)]
-    rows = corruption.rows(model, pairs, samples, noise_scale, seed)
-    restored, clean_m, corrupt_m, n_fw = measure(model, rows, groups, "denoising", metric_fn, memory_budget,
-                                                 progress=progress)
-    effect = (restored - corrupt_m[:, None]).reshape(len(pairs), len(names), seq, n_layers)
-    tok = model.tokenizer
-    tokens = [tok.decode([i]) if tok is not None else str(i) for i in pairs[0].clean]
+    m = measure(inp.model, inp.rows, groups, "denoising", inp.metric_fn, memory_budget, progress=progress,
+                stage="trace")
+    effect = (m.patched - m.corrupt[:, None]).reshape(len(inp.pairs), len(names), seq, n_layers)
+    tok, first = inp.model.tokenizer, inp.pairs[0]
+    tokens = [tok.decode([i]) if tok is not None else str(i) for i in first.clean]
     return TraceResult(
-        model=model.name, dataset=ds.name, dataset_sha256=ds.sha256, metric=metric_name, window=window,
-        effects={name: effect[:, i] for i, name in enumerate(names)}, clean=clean_m, corrupt=corrupt_m,
-        tokens=tokens, span=pairs[0].span, corruption=rows.settings(),
-        timings={"trace_s": time.perf_counter() - t0, "forwards": n_fw},
+        **inp.header(), window=window, effects={name: effect[:, i] for i, name in enumerate(names)}, clean=m.clean,
+        corrupt=m.corrupt, tokens=tokens, span=first.span,
+        timings={"trace_s": time.perf_counter() - t0, "forwards": m.forwards},
     )
 
 

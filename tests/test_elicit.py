@@ -3,6 +3,7 @@ against independent references: plain forward hooks on the HF blocks, planted fa
 synthetic map, a map with a known non-linear share, and the zoo's planted backdoor."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -14,6 +15,8 @@ from causalscan import search, steering
 from causalscan.cli import main
 from causalscan.elicit import elicit
 from causalscan.zoo import backdoor as bd
+
+from tolerance import assert_close
 
 
 def _block_out(mod, args, out):
@@ -66,8 +69,8 @@ def test_melbo_objective_and_gradient_match_hooks(llama):
             per = sum((z[t] - z0[t]).norm() ** p for t in (len(x) - 1, len(x) - 2))
             ref = ref + per ** (1 / q)
         (g_ref,) = torch.autograd.grad(ref, th)
-        torch.testing.assert_close(ours, ref.detach(), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(g_ours, g_ref, rtol=1e-3, atol=1e-4)
+        assert_close(ours, ref.detach(), 1e-4)
+        assert_close(g_ours, g_ref, 1e-3)
 
 
 def test_melbo_vectors_stay_on_the_sphere_and_orthogonal(llama):
@@ -87,7 +90,7 @@ class _Stop(Exception):
     pass
 
 
-def test_interrupted_melbo_resumes(tmp_path):
+def test_interrupted_melbo_resumes(tmp_path, caplog):
     """MELBO killed after 2 of 4 vectors resumes from its checkpoint, trains only the other 2 and ends
     with the vectors of an uninterrupted run; other settings start afresh."""
     model = causalscan.load("backdoor")
@@ -96,24 +99,27 @@ def test_interrupted_melbo_resumes(tmp_path):
     full = elicit(model, **kw)
     seen = []
 
-    def die_after_two(msg):
-        seen.append(msg)
-        if msg == "melbo: 2/4 vectors":
+    def record(stage, done, total):
+        seen.append((stage, done, total))
+
+    def die_after_two(stage, done, total):
+        if (stage, done) == ("melbo", 2):
             raise _Stop
+    caplog.set_level(logging.INFO, logger="causalscan")
     with pytest.raises(_Stop):
         elicit(model, checkpoint=tmp_path, progress=die_after_two, **kw)
     assert (tmp_path / "elicit.partial.safetensors").is_file()
-    seen.clear()
-    res = elicit(model, checkpoint=tmp_path, progress=seen.append, **kw)
-    assert any(m.startswith("resuming") and "2/4 vectors done" in m for m in seen)
-    assert sum(m.startswith("melbo: ") and m.endswith("/4 vectors") for m in seen) == 2
+    caplog.clear()
+    res = elicit(model, checkpoint=tmp_path, progress=record, **kw)
+    assert any(m.startswith("resuming") and "2/4 vectors done" in m for m in caplog.messages)
+    assert [s for s in seen if s[0] == "melbo"] == [("melbo", 3, 4), ("melbo", 4, 4)]
     assert torch.equal(res.vectors, full.vectors) and res.completions == full.completions
     assert not (tmp_path / "elicit.partial.safetensors").exists()
     with pytest.raises(_Stop):
         elicit(model, checkpoint=tmp_path, progress=die_after_two, **kw)
-    seen.clear()
-    elicit(model, checkpoint=tmp_path, progress=seen.append, **{**kw, "seed": 1})
-    assert not any(m.startswith("resuming") for m in seen)
+    caplog.clear()
+    elicit(model, checkpoint=tmp_path, progress=record, **{**kw, "seed": 1})
+    assert not any(m.startswith("resuming") for m in caplog.messages)
 
 
 def test_dct_recovers_planted_exponential_factors():

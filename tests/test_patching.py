@@ -5,7 +5,8 @@ import causalscan
 from causalscan import metrics
 from causalscan.data import Dataset, stack
 from causalscan.errors import InputError
-from causalscan.patching import Component, patch
+from causalscan.patching import patch
+from causalscan.sweeps import Component
 
 from conftest import IOI
 from naive import patched_logits, read

@@ -10,10 +10,12 @@ from causalscan import corruption, metrics
 from causalscan.cli import main
 from causalscan.data import Dataset, stack
 from causalscan.errors import InputError
-from causalscan.patching import Component, patch
+from causalscan.patching import patch
+from causalscan.sweeps import Component
 from causalscan.tracing import trace, window_layers
 
 from naive import embed_noise, grad, module_outputs, patched_logits, read, restored_logits
+from tolerance import assert_close
 
 NOISY = [
     {"clean": "When Mary and John went to the store , John gave a drink to", "noise_span": "Mary and John",
@@ -101,9 +103,8 @@ def test_patch_with_noise_equals_naive(tiny, family, direction):
         want[:, j] = ld(logits, b["answer"], b["wrong"])
     base = ld(clean_logits if direction == "noising" else noisy_logits, b["answer"], b["wrong"])
     effect = (want - base[:, None]).view(2, 3, -1).mean(1)  # mean over the samples of each pair
-    torch.testing.assert_close(res.effect, effect, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(res.corrupt, ld(noisy_logits, b["answer"], b["wrong"]).view(2, 3).mean(1),
-                               rtol=1e-5, atol=1e-5)
+    assert_close(res.effect, effect, 1e-4)
+    assert_close(res.corrupt, ld(noisy_logits, b["answer"], b["wrong"]).view(2, 3).mean(1))
     assert res.corruption["kind"] == "gaussian_noise" and res.corruption["samples"] == 3
 
 
@@ -134,10 +135,9 @@ def test_atp_with_noise_equals_autograd(tiny, family, direction):
         want[site] = torch.stack(est, 1).view(2, 3, 2, -1).mean(1)
     got = res.tensors()  # signed means over pairs
     for site in ("head", "resid_pre"):
-        torch.testing.assert_close(res.signed[:, res.slots[0 if site == "head" else 1].start:
-                                              res.slots[0 if site == "head" else 1].stop],
-                                   want[site].flatten(1), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got[f"atp_signed/{site}"], want[site].mean(0), rtol=1e-4, atol=1e-5)
+        s = res.sweeps[0 if site == "head" else 1]
+        assert_close(res.signed[:, s.start:s.stop], want[site].flatten(1), 1e-4)
+        assert_close(got[f"atp_signed/{site}"], want[site].mean(0), 1e-4)
 
 
 def test_window_layers_rome_convention():
@@ -165,7 +165,7 @@ def test_trace_equals_naive_restoration():
             logits = restored_logits(model, ids, restores, clean)
         return metrics.prob(logits, ans).view(2, 2).mean(1)
     corrupt = p()
-    torch.testing.assert_close(tr.corrupt, corrupt, rtol=1e-5, atol=1e-6)
+    assert_close(tr.corrupt, corrupt)
     assert set(tr.effects) == {"state", "mlp", "mlp_single", "attn", "attn_single"}
     cells = [("state", "resid_post", 1), ("mlp", "mlp_out", 3), ("mlp_single", "mlp_out", 1),
              ("attn", "attn_out", 3), ("attn_single", "attn_out", 1)]
@@ -173,10 +173,11 @@ def test_trace_equals_naive_restoration():
         for t in (0, 3, seq - 1):
             for layer in (0, 2, 3):
                 want = p([(site, la, t) for la in window_layers(layer, w, n_layers)]) - corrupt
-                torch.testing.assert_close(tr.effects[grid][:, t, layer], want, rtol=1e-4, atol=1e-6,
-                                           msg=f"{grid} t={t} layer={layer}")
+                # the effect is a difference of probabilities: measured against p(clean), not itself
+                assert_close(tr.effects[grid][:, t, layer], want, 1e-4, scale=tr.clean.abs().max(),
+                             msg=f"{grid} t={t} layer={layer}")
     # restoring the last token's final state restores the clean run exactly
-    torch.testing.assert_close(tr.effects["state"][:, -1, -1], tr.clean - tr.corrupt, rtol=1e-4, atol=1e-6)
+    assert_close(tr.effects["state"][:, -1, -1], tr.clean - tr.corrupt, 1e-4, scale=tr.clean.abs().max())
 
 
 def test_trace_finds_the_facts_recall_sites():

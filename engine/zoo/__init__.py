@@ -5,11 +5,13 @@ tokenizer files, ``card.json``, datasets as ``<name>.jsonl``), produced by the r
 ``causalscan.zoo.NAME``: ``train(out)`` is the recipe and ``check(model, card)`` re-verifies the
 card's claims from scratch by means independent of a scan (attention scores, ablation, accuracy).
 
+>>> import causalscan
 >>> from causalscan import zoo
 >>> zoo.names()
 ['backdoor', 'facts', 'induction']
 >>> model = causalscan.load("induction")      # the shipped weights
 >>> zoo.check(model)                          # [] when every claim of the card holds
+[]
 """
 
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""What ``scan``, ``patch`` and ``trace`` run on, prepared once: the loaded model, the dataset and its
+token pairs, the metric, the token lengths and the corruption rows.
+
+>>> import causalscan as cs
+>>> inp = prepare("induction", cs.zoo.dataset_path("induction"), "logit_diff", direction="noising")
+>>> inp.metric, len(inp.pairs), inp.lengths, inp.rows.settings()
+('logit_diff', 16, [19], {'kind': 'tokens'})
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from causalscan import corruption
+from causalscan.corruption import Rows
+from causalscan.data import Dataset, Pair, as_dataset
+from causalscan.errors import InputError
+from causalscan.load import Model, load
+from causalscan.metrics import MetricFn
+from causalscan.metrics import get as get_metric
+
+DIRECTIONS = ("noising", "denoising")
+
+
+@dataclass
+class Inputs:
+    """A loaded model, its dataset tokenised into ``pairs`` (token ``lengths``, sorted), the metric
+    (name and function) and the corruption ``rows`` (one per token pair, ``samples`` per noise pair)."""
+
+    model: Model
+    dataset: Dataset
+    metric: str
+    metric_fn: MetricFn
+    pairs: list[Pair]
+    lengths: list[int]
+    rows: Rows
+
+    def header(self) -> dict:
+        """The fields every result records about what it ran on."""
+        return {"model": self.model.name, "dataset": self.dataset.name, "dataset_sha256": self.dataset.sha256,
+                "metric": self.metric, "corruption": self.rows.settings()}
+
+
+def check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be noising or denoising, not {direction!r}", field="direction")
+
+
+def prepare(model, dataset, metric="logit_diff", direction: str | None = None, samples: int = corruption.SAMPLES,
+            noise_scale: float = corruption.SCALE, seed: int = 0) -> Inputs:
+    """Load ``model`` (a :class:`Model`, a name or a path), read and tokenise ``dataset`` (a
+    :class:`Dataset`, a JSONL path or a list of records), resolve ``metric`` and build the rows
+    (Gaussian corruption of ``noise_span`` pairs: ``samples`` draws, ``noise_scale``, ``seed``)."""
+    model = load(model)
+    ds = as_dataset(dataset)
+    if direction is not None:
+        check_direction(direction)
+    metric_name, metric_fn = get_metric(metric)
+    pairs = ds.tokenize(model.tokenizer, model.vocab_size)
+    rows = corruption.rows(model, pairs, samples, noise_scale, seed)
+    return Inputs(model, ds, metric_name, metric_fn, pairs, sorted({len(p.clean) for p in pairs}), rows)

@@ -1,0 +1,124 @@
+"""Sweeps: which components a method measures, and the shape its results take.
+
+A *component* (node) is ``(site, layer, index, position)``: a head or neuron ``index`` (0 for
+residual sites) at ``position`` (None: all positions). A *sweep* is one site at every layer, per
+position or over all positions, and owns a slice ``[start, stop)`` of a method's flat node list:
+
+==============  ================  =======================================
+spec            sweep name        result shape
+==============  ================  =======================================
+``head``        ``head``          ``[layers, heads]``
+``head:pos``    ``head_pos``      ``[layers, positions, heads]``
+``resid_pre``   ``resid_pre``     ``[layers, positions]`` (by position by default)
+``mlp_out:all`` ``mlp_out_all``   ``[layers]``
+``neuron``      ``neuron``        ``[layers, d_mlp]``
+==============  ================  =======================================
+
+>>> import causalscan as cs
+>>> sweeps, nodes = build_sweeps(cs.load("random:llama-tiny"), ["head", "resid_pre"], [5])
+>>> [(s.name, s.shape, s.stop - s.start) for s in sweeps]
+[('head', (2, 4), 8), ('resid_pre', (2, 5), 10)]
+>>> str(nodes[9])
+'resid_pre.L0.0@1'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from causalscan.adapters import SITES
+from causalscan.errors import InputError
+
+BY_POSITION = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A node: ``site`` at ``layer``, component ``index`` (head / neuron; 0 for residual sites),
+    ``position`` (None: all positions)."""
+
+    site: str
+    layer: int
+    index: int = 0
+    position: int | None = None
+
+    def __str__(self) -> str:
+        pos = "" if self.position is None else f"@{self.position}"
+        return f"{self.site}.L{self.layer}.{self.index}{pos}"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """``site`` at every layer, per position (``by_pos``) or not: nodes ``[start, stop)`` of a
+    method's node list, shaped ``shape`` (``[L, (T), (C)]``, C dropped when 1)."""
+
+    name: str
+    site: str
+    by_pos: bool
+    shape: tuple
+    start: int = 0
+    stop: int = 0
+
+
+def parse_sweep(spec: str) -> tuple[str, bool]:
+    """``"head"`` -> (head, all positions); ``"head:pos"``; ``"resid_pre"`` (by position by
+    default); ``"resid_pre:all"``."""
+    site, _, mode = spec.strip().partition(":")
+    if site not in SITES:
+        raise InputError(f"unknown site {site!r} in sweep {spec!r}; sites: {', '.join(SITES)}", field="sites")
+    if mode not in ("", "pos", "all"):
+        raise InputError(f"unknown sweep mode {mode!r} in {spec!r}; use {site}:pos or {site}:all", field="sites")
+    return site, (mode == "pos") or (mode == "" and site in BY_POSITION)
+
+
+def sweep_name(site: str, by_pos: bool) -> str:
+    """``head``, ``head_pos``, ``resid_pre``, ``resid_pre_all``: the site, marked when not its default."""
+    return site + ("" if by_pos == (site in BY_POSITION) else "_pos" if by_pos else "_all")
+
+
+def sweep_components(model, site: str, by_pos: bool, seq: int | None) -> tuple[list[Component], tuple]:
+    """Every component of a sweep, and the result shape (``[L, T, C]`` squeezed of C == 1)."""
+    ad = model.adapter
+    ad.check_site(site)
+    n_comp = ad.shape(site)[0]
+    comps = [
+        Component(site, layer, c, p)
+        for layer in range(ad.n_layers)
+        for p in (range(seq) if by_pos else [None])
+        for c in range(n_comp)
+    ]
+    shape = (ad.n_layers,) + ((seq,) if by_pos else ()) + ((n_comp,) if n_comp > 1 else ())
+    return comps, shape
+
+
+def build_sweeps(model, sites: str | Sequence[str], lengths: list[int], dataset_name: str = "<memory>"
+                 ) -> tuple[list[Sweep], list[Component]]:
+    """The sweeps ``sites`` and their flat node list (by-position sweeps need one token length)."""
+    sweeps: list[Sweep] = []
+    comps: list[Component] = []
+    for spec in [sites] if isinstance(sites, str) else sites:
+        site, by_pos = parse_sweep(spec)
+        if by_pos and len(lengths) > 1:
+            raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, "
+                             f"found lengths {lengths}", file=dataset_name, field="sites")
+        cs, shape = sweep_components(model, site, by_pos, lengths[0])
+        sweeps.append(Sweep(sweep_name(site, by_pos), site, by_pos, shape, len(comps), len(comps) + len(cs)))
+        comps += cs
+    return sweeps, comps
+
+
+def component_list(model, components, seq: int) -> tuple[list[Sweep], list[Component]]:
+    """An explicit node list as one sweep ``components`` ``[n]``, each node checked."""
+    comps = list(components)
+    for c in comps:
+        model.adapter.check_site(c.site, c.layer)
+        if not 0 <= c.index < model.adapter.shape(c.site)[0]:
+            raise InputError(f"{c}: index out of range", field="components")
+        if c.position is not None and not 0 <= c.position < seq:
+            raise InputError(f"{c}: position out of range", field="components")
+    return [Sweep("components", "", False, (len(comps),), 0, len(comps))], comps
+
+
+__all__ = ["BY_POSITION", "Component", "Sweep", "build_sweeps", "component_list", "parse_sweep", "sweep_components",
+           "sweep_name"]
