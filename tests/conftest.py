@@ -5,6 +5,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is im
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("CAUSALSCAN_TEST_THREADS"):  # `make test-threads`: other summation orders, as on another CPU
+    torch.set_num_threads(int(os.environ["CAUSALSCAN_TEST_THREADS"]))
+
 FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi", "phi3",
             "opt")
 
@@ -42,3 +45,30 @@ def tiny():
         return _cache[key]
 
     return get
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("CAUSALSCAN_BACKEND", "triton")
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """``torch.empty`` (as the launchers call it) returns NaN, or -7 for integers."""
+    real = torch.empty
+
+    def empty(*args, **kw):
+        t = real(*args, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles small enough that every launch runs several programs and every loop several steps."""
+    from causalscan.bindings import launch
+
+    monkeypatch.setitem(launch.TILE, "interpreter", 64)
+    monkeypatch.setitem(launch.TILE, "qk", 16)
+    monkeypatch.setitem(launch.TILE, "programs_interpreter", 8)  # sums over positions split into chunks
