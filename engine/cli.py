@@ -269,23 +269,29 @@ def cmd_zoo(args) -> dict:
     return doc
 
 
+def _command(sub, name: str, fn, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose parsed arguments run ``fn``."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(fn=fn)
+    return p
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="causalscan", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    pp = sub.add_parser("patch", help="exact activation patching, many patches per forward",
-                        description="Exact activation patching of whole sweeps, batched.")
+    pp = _command(sub, "patch", cmd_patch, help="exact activation patching, many patches per forward",
+                  description="Exact activation patching of whole sweeps, batched.")
     _model_args(pp)
     _sweep_args(pp, "head", "comma-separated sweeps: head, head:pos, resid_pre (by position), mlp_out:all, "
                             "neuron, q, k, v, ... (default: head)")
     pp.add_argument("--memory-budget-mb", type=int, default=None, help="memory per batched forward")
-    pp.set_defaults(fn=cmd_patch)
 
-    sp = sub.add_parser("scan", help="AtP / AtP* scan of every component, confirmed by exact patching",
-                        description="Scan every component of the sweeps with attribution patching (AtP, AtP*), "
-                                    "then confirm the top nodes and a random sample by batched exact patching. "
-                                    "With no --model and no --data: the zoo's induction model on its dataset. "
-                                    "With --out, partial attribution sums are written there as the scan goes "
-                                    "and a rerun with the same settings resumes from them.")
+    sp = _command(sub, "scan", cmd_scan, help="AtP / AtP* scan of every component, confirmed by exact patching",
+                  description="Scan every component of the sweeps with attribution patching (AtP, AtP*), "
+                              "then confirm the top nodes and a random sample by batched exact patching. "
+                              "With no --model and no --data: the zoo's induction model on its dataset. "
+                              "With --out, partial attribution sums are written there as the scan goes "
+                              "and a rerun with the same settings resumes from them.")
     _model_args(sp, default="induction")
     _sweep_args(sp, "head,neuron,resid_pre", "comma-separated sweeps (default: head,neuron,resid_pre); also q, k, "
                                              "v, attn_out, mlp_out, resid_post, head:pos, ...")
@@ -298,24 +304,22 @@ def parser() -> argparse.ArgumentParser:
                     help="joint random patches for the false-negative bound (0: skip)")
     sp.add_argument("--batch-size", type=int, default=8,
                     help="rows per attribution pass (a noise_span pair is --samples rows)")
-    sp.set_defaults(fn=cmd_scan)
 
-    tp = sub.add_parser("trace", help="ROME causal tracing: token x layer effects of restoring clean values",
-                        description="Causal tracing: restore the clean residual state, MLP or attention output at "
-                                    "each token and layer of the corrupt run (Gaussian noise on noise_span, or the "
-                                    "corrupt prompt). With no --model and no --data: the zoo's facts model on its "
-                                    "subjects dataset.")
+    tp = _command(sub, "trace", cmd_trace, help="ROME causal tracing: token x layer effects of restoring clean values",
+                  description="Causal tracing: restore the clean residual state, MLP or attention output at "
+                              "each token and layer of the corrupt run (Gaussian noise on noise_span, or the "
+                              "corrupt prompt). With no --model and no --data: the zoo's facts model on its "
+                              "subjects dataset.")
     _model_args(tp, default="facts")
     _data_args(tp, metric="prob", out="trace.json", top=20)
     tp.add_argument("--kinds", default="state,mlp,attn", help="comma-separated: state, mlp, attn")
     tp.add_argument("--window", type=int, default=10,
                     help="layers restored together for mlp and attn (ROME: 10; single-layer grids come too)")
-    tp.set_defaults(fn=cmd_trace)
 
-    ep = sub.add_parser("elicit", help="search steering vectors (MELBO, DCT) that surface hidden behaviours",
-                        description="Learn steering vectors without a target (MELBO or DCT), then generate with "
-                                    "each of them and with as many random vectors of the same norm. With no "
-                                    "--model and no prompt: the zoo's backdoor model on its clean prompts.")
+    ep = _command(sub, "elicit", cmd_elicit, help="search steering vectors (MELBO, DCT) that surface hidden behaviours",
+                  description="Learn steering vectors without a target (MELBO or DCT), then generate with "
+                              "each of them and with as many random vectors of the same norm. With no "
+                              "--model and no prompt: the zoo's backdoor model on its clean prompts.")
     _model_args(ep, default="backdoor")
     ep.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ep.add_argument("--prompts", default=None, help='JSONL of {"prompt": "..."} lines')
@@ -338,11 +342,10 @@ def parser() -> argparse.ArgumentParser:
     ep.add_argument("--out", default=None, help="write vectors.safetensors, completions.jsonl, summary.json here "
                                                 "(MELBO writes its finished vectors there as it goes, and resumes)")
     _output_args(ep)
-    ep.set_defaults(fn=cmd_elicit)
 
-    stp = sub.add_parser("steer", help="generate with one vector of an elicit run",
-                         description="Greedy generation with vector --index of a vectors.safetensors file added "
-                                     "(times --alpha) after the file's source block, beside the unsteered one.")
+    stp = _command(sub, "steer", cmd_steer, help="generate with one vector of an elicit run",
+                   description="Greedy generation with vector --index of a vectors.safetensors file added "
+                               "(times --alpha) after the file's source block, beside the unsteered one.")
     stp.add_argument("--vectors", required=True, help="vectors.safetensors from `causalscan elicit`")
     stp.add_argument("--index", type=int, required=True)
     stp.add_argument("--alpha", type=float, default=1.0, help="scale of the vector (1: its learned norm)")
@@ -354,16 +357,14 @@ def parser() -> argparse.ArgumentParser:
     stp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     stp.add_argument("--max-new-tokens", type=int, default=8)
     stp.add_argument("--json", action="store_true")
-    stp.set_defaults(fn=cmd_steer)
 
-    zp = sub.add_parser("zoo", help="bundled models with planted mechanisms: list, show NAME, train NAME",
-                        description="The model zoo: list the bundled models, show a card, or re-run a recipe.")
+    zp = _command(sub, "zoo", cmd_zoo, help="bundled models with planted mechanisms: list, show NAME, train NAME",
+                  description="The model zoo: list the bundled models, show a card, or re-run a recipe.")
     zp.add_argument("action", choices=["list", "show", "train"])
     zp.add_argument("name", nargs="?", default=None, help="zoo model (see `causalscan zoo list`)")
     zp.add_argument("--out", default=None, help="train: output directory (default out/zoo/NAME)")
     zp.add_argument("--seed", type=int, default=0, help="train: seed (the shipped models use 0)")
     zp.add_argument("--json", action="store_true", help="print the result document on stdout")
-    zp.set_defaults(fn=cmd_zoo)
     return p
 
 
