@@ -14,13 +14,23 @@ from causalscan.errors import InputError
 from causalscan.progress import Bars, log
 
 
+class _Stderr(logging.Handler):
+    """Log records as plain lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def _shown(args) -> bool:
+    """Progress on stderr: always, but under ``--json`` only with ``--progress``."""
+    return getattr(args, "progress", False) or not args.json
+
+
 def _bars(args) -> Bars:
     """Progress bars and notes on stderr; both silent under ``--json`` unless ``--progress``."""
-    shown = getattr(args, "progress", False) or not args.json
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
+    shown = _shown(args)
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
     log.setLevel(logging.INFO if shown else logging.WARNING)
     return Bars(enabled=shown)
 
@@ -63,11 +73,16 @@ def _sweep_args(p: argparse.ArgumentParser, sites: str, sites_help: str) -> None
 
 def _load(args):
     import torch
+    from transformers.utils import logging as hf_logging
 
     import causalscan
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"loading {args.model} on {device}", file=sys.stderr, flush=True)
+    if _shown(args):  # transformers' own weight-loading bar follows ours
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     return causalscan.load(args.model, device=device, dtype=getattr(torch, args.dtype))
 
 

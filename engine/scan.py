@@ -73,7 +73,7 @@ def scan(
     >>> import causalscan as cs
     >>> res = scan("induction", cs.zoo.dataset_path("induction", "previous"), sites="head", confirm=4)
     >>> sorted((row["layer"], row["index"]) for row in res.top(4))  # the card's four heads
-    [(0, 0), (0, 2), (1, 0), (1, 1)]
+    [(0, 0), (0, 1), (1, 0), (1, 1)]
     >>> res.agreement["recall_at_k"]
     1.0
     """

@@ -44,3 +44,16 @@ def test_patch_defaults_to_the_zoo_dataset(tmp_path, capsys):
     assert doc["settings"]["sweeps"] == {"head": [arch["n_layers"], arch["n_heads"]]}
     assert main(["patch", "--model", "random:gpt2-tiny"]) == 2
     assert "--data is required" in capsys.readouterr().err
+
+
+def test_progress_bars_on_stderr_silent_under_json(capsys):
+    """Bars with totals on stderr; none under --json unless --progress; stdout stays one JSON document."""
+    argv = ["patch", "--model", "induction", "--sites", "head"]
+    assert main(argv) == 0
+    assert "patch: 100%" in capsys.readouterr().err
+    assert main([*argv, "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["kind"] == "patch" and "%|" not in err
+    assert main([*argv, "--json", "--progress"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["kind"] == "patch" and "patch: 100%" in err
