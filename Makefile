@@ -15,7 +15,7 @@ test:
 
 # other summation orders, as on another CPU: one thread, the pure-PyTorch reference backend
 test-threads:
-	CAUSALSCAN_TEST_THREADS=1 CAUSALSCAN_BACKEND=torch $(PYTEST) -m "not slow"
+	CAUSALSCAN_TEST_THREADS=1 CAUSALSCAN_BACKEND=torch $(PYTEST) -m "not slow and not real"
 
 test-gpu:
 	python -m pytest -q -m gpu

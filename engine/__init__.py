@@ -9,7 +9,7 @@
 torch.Size([5, 4])
 """
 
-from causalscan import interventions, metrics, steering, zoo
+from causalscan import interventions, metrics, steering, tasks, zoo
 from causalscan.data import Dataset
 from causalscan.elicit import elicit
 from causalscan.errors import InputError
@@ -22,4 +22,4 @@ from causalscan.tracing import trace
 
 __version__ = "0.1.0"
 __all__ = ["Component", "Dataset", "InputError", "Intervention", "Model", "elicit", "interventions", "load",
-           "metrics", "patch", "perturb", "scan", "steering", "trace", "zoo"]
+           "metrics", "patch", "perturb", "scan", "steering", "tasks", "trace", "zoo"]

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from causalscan.errors import InputError
 from causalscan.progress import Bars, log
@@ -59,6 +60,7 @@ def _data_args(p: argparse.ArgumentParser, metric: str = "logit_diff", out: str 
     p.add_argument("--noise-scale", type=float, default=3.0,
                    help="noise_span pairs: noise std in units of the span-token embedding std (ROME: 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws (and of random samples)")
+    p.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
     p.add_argument("--out", default=None, help=f"write {out} and scores.safetensors here")
     p.add_argument("--top", type=int, default=top, help=f"rows listed in {out}")
     _output_args(p)
@@ -97,11 +99,18 @@ def _data_path(args, prefer: str | None = None) -> str:
     raise InputError("--data is required unless --model is a zoo model", field="data")
 
 
-def cmd_patch(args) -> dict:
+def _dataset(args, prefer: str | None = None):
+    """The dataset of ``--data`` (or the zoo model's), every pair in the chat template with ``--chat``."""
     from causalscan.data import Dataset
+
+    ds = Dataset.from_jsonl(_data_path(args, prefer))
+    return Dataset([{**r, "chat": True} for r in ds.records], ds.name, ds.lines) if args.chat else ds
+
+
+def cmd_patch(args) -> dict:
     from causalscan.patching import patch
 
-    ds = Dataset.from_jsonl(_data_path(args))
+    ds = _dataset(args)
     model = _load(args)
     res = patch(model, ds, sites=[s for s in args.sites.split(",") if s], direction=args.direction,
                 metric=args.metric, memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None,
@@ -118,10 +127,9 @@ def cmd_patch(args) -> dict:
 
 
 def cmd_scan(args) -> dict:
-    from causalscan.data import Dataset
     from causalscan.scan import scan
 
-    ds = Dataset.from_jsonl(_data_path(args))
+    ds = _dataset(args)
     model = _load(args)
     res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method, confirm=args.confirm,
                confirm_random=args.confirm_random, direction=args.direction, metric=args.metric,
@@ -151,10 +159,9 @@ def cmd_scan(args) -> dict:
 
 
 def cmd_trace(args) -> dict:
-    from causalscan.data import Dataset
     from causalscan.tracing import trace
 
-    ds = Dataset.from_jsonl(_data_path(args, prefer="subjects"))
+    ds = _dataset(args, prefer="subjects")
     model = _load(args)
     res = trace(model, ds, kinds=[k for k in args.kinds.split(",") if k], window=args.window, metric=args.metric,
                 samples=args.samples, noise_scale=args.noise_scale, seed=args.seed, progress=_bars(args))
@@ -193,7 +200,7 @@ def cmd_elicit(args) -> dict:
     model = _load(args)
     res = elicit(model, prompts or None, method=args.method, n=args.n, source=args.source, target=args.target,
                  radius=radius, p=args.p, q=args.q, positions=positions, steps=args.steps, seed=args.seed,
-                 max_new_tokens=args.max_new_tokens, phrase=args.phrase, checkpoint=args.out,
+                 max_new_tokens=args.max_new_tokens, phrase=args.phrase, checkpoint=args.out, chat=args.chat,
                  progress=_bars(args))
     doc = res.summary()
     if args.out:
@@ -224,6 +231,7 @@ def cmd_steer(args) -> dict:
     import torch
     from safetensors import safe_open
 
+    from causalscan.data import encode
     from causalscan.steering import generate
 
     try:
@@ -243,13 +251,37 @@ def cmd_steer(args) -> dict:
     if layer < 0:
         raise InputError("the file names no source layer; give --layer", file=args.vectors)
     model = _load(args)
-    ids = [model.tokenizer(args.prompt)["input_ids"]]
+    ids = [encode(model.tokenizer, args.prompt, args.chat)]
     both = torch.cat([vecs[args.index:args.index + 1], torch.zeros_like(vecs[:1])])  # steered and plain rows
     (steered,), (plain,) = generate(model, ids, both, layer, alpha=args.alpha, max_new_tokens=args.max_new_tokens)
     if not args.json:
         print(f"steered: {steered}\nplain:   {plain}")
     return {"model": args.model, "vector": args.index, "kind": key, "layer": layer, "alpha": args.alpha,
             "prompt": args.prompt, "completion": steered, "unsteered": plain}
+
+
+def cmd_tasks(args) -> dict:
+    from causalscan import tasks
+
+    model = _load(args)
+    if args.task == "ioi":
+        try:
+            templates = [int(t) for t in args.templates.split(",")] if args.templates else None
+        except ValueError:
+            raise InputError(f"must be comma-separated template indices, not {args.templates!r}",
+                             field="templates") from None
+        records = tasks.ioi(model.tokenizer, n=args.n, seed=args.seed, templates=templates,
+                            corruption=args.corruption)
+    else:
+        records = tasks.facts(model.tokenizer, n=args.n)
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"tasks: {len(records)} {args.task} pairs -> {args.out}", file=sys.stderr)
+    elif not args.json:
+        sys.stdout.write(text)
+    return {"task": args.task, "model": model.name, "pairs": len(records), "out": args.out, "records": records}
 
 
 def cmd_zoo(args) -> dict:
@@ -338,6 +370,7 @@ def parser() -> argparse.ArgumentParser:
     _model_args(ep, default="backdoor")
     ep.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ep.add_argument("--prompts", default=None, help='JSONL of {"prompt": "..."} lines')
+    ep.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
     ep.add_argument("--method", default="dct", choices=["dct", "melbo"])
     ep.add_argument("--n", type=int, default=64, help="vectors to learn (and random baselines)")
     ep.add_argument("--source", type=int, default=None, help="add the vector after this block (default: a "
@@ -365,6 +398,7 @@ def parser() -> argparse.ArgumentParser:
     stp.add_argument("--index", type=int, required=True)
     stp.add_argument("--alpha", type=float, default=1.0, help="scale of the vector (1: its learned norm)")
     stp.add_argument("--prompt", required=True)
+    stp.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     stp.add_argument("--random", action="store_true", help="use the file's random baseline vectors")
     stp.add_argument("--layer", type=int, default=None, help="source block (default: the file's)")
     stp.add_argument("--model", default=None, help="default: the model named in the file")
@@ -372,6 +406,19 @@ def parser() -> argparse.ArgumentParser:
     stp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     stp.add_argument("--max-new-tokens", type=int, default=8)
     stp.add_argument("--json", action="store_true")
+
+    kp = _command(sub, "tasks", cmd_tasks, help="write a task dataset (IOI, facts) for a model's tokenizer",
+                  description="Build a pair dataset people know for the tokenizer of --model: names and words "
+                              "kept only where they are one token. ioi: Wang et al.'s templates with flip_s2 or "
+                              "abc corruption; facts: factual recall with noise on the subject.")
+    kp.add_argument("task", choices=["ioi", "facts"])
+    _model_args(kp)
+    kp.add_argument("--n", type=int, default=64, help="pairs (facts: at most the built-in list)")
+    kp.add_argument("--seed", type=int, default=0)
+    kp.add_argument("--templates", default=None, help="ioi: comma-separated template indices (default: all)")
+    kp.add_argument("--corruption", default="flip_s2", choices=["flip_s2", "abc"], help="ioi corruption")
+    kp.add_argument("--out", default=None, help="JSONL file to write (default: stdout)")
+    kp.add_argument("--json", action="store_true", help="print a JSON document (with the records) on stdout")
 
     zp = _command(sub, "zoo", cmd_zoo, help="bundled models with planted mechanisms: list, show NAME, train NAME",
                   description="The model zoo: list the bundled models, show a card, or re-run a recipe.")

@@ -4,6 +4,9 @@
 ``corrupt_ids`` (token id lists) may replace the strings. Clean and corrupt must have equal token
 length; ``answer`` and ``wrong`` must each be one token (a string, or an int token id).
 
+``"chat": true`` wraps clean and corrupt in the tokenizer's chat template as one user turn with
+the generation prompt (for instruct models); answers then follow the assistant's turn.
+
 Instead of ``corrupt``, ``noise_span`` selects Gaussian-noise corruption (ROME) of the tokens of a
 substring of ``clean`` (its first occurrence), or of token positions ``[start, end)`` given as a
 two-int list; :mod:`causalscan.corruption` draws the noise. A dataset uses one kind of corruption.
@@ -120,6 +123,8 @@ class Dataset:
                                 "[start, end)", line, "noise_span")
             if isinstance(span, str) and span not in rec["clean"]:
                 raise self._err(f"{span!r} is not a substring of clean", line, "noise_span")
+        if "chat" in rec and not isinstance(rec["chat"], bool):
+            raise self._err("must be true or false", line, "chat")
         if "answer" not in rec:
             raise self._err("missing", line, "answer")
         for f in ("answer", "wrong"):
@@ -138,7 +143,7 @@ class Dataset:
                 else:
                     if tokenizer is None:
                         raise self._err("model has no tokenizer; give token ids instead", line, side)
-                    ids[side] = tuple(tokenizer(rec[side])["input_ids"])
+                    ids[side] = tuple(encode(tokenizer, rec[side], rec.get("chat", False), self.name, line))
             span = self._span(tokenizer, rec, ids["clean"], line) if noise else None
             if noise:
                 ids["corrupt"] = ids["clean"]
@@ -162,14 +167,16 @@ class Dataset:
             return span[0], span[1]
         if tokenizer is None:
             raise self._err("model has no tokenizer; give token positions [start, end)", line, "noise_span")
-        a = rec["clean"].index(span)
+        text = chat_text(tokenizer, rec["clean"], self.name, line) if rec.get("chat") else rec["clean"]
+        kw = {"add_special_tokens": False} if rec.get("chat") else {}
+        a = text.index(span)
         b = a + len(span)
         if getattr(tokenizer, "is_fast", False):
-            offsets = tokenizer(rec["clean"], return_offsets_mapping=True)["offset_mapping"]
+            offsets = tokenizer(text, return_offsets_mapping=True, **kw)["offset_mapping"]
             hit = [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
         else:  # prefix lengths: the tokens added by the span
-            n = len(tokenizer(rec["clean"][:a])["input_ids"])
-            hit = list(range(n, len(tokenizer(rec["clean"][:b])["input_ids"])))
+            n = len(tokenizer(text[:a], **kw)["input_ids"])
+            hit = list(range(n, len(tokenizer(text[:b], **kw)["input_ids"])))
         if not hit:
             raise self._err(f"{span!r} covers no token of clean", line, "noise_span")
         return hit[0], hit[-1] + 1
@@ -183,6 +190,22 @@ class Dataset:
         if len(ids) != 1:
             raise self._err(f"{value!r} is {len(ids)} tokens, must be exactly one", line, field)
         return ids[0]
+
+
+def chat_text(tokenizer, text: str, file: str | None = None, line: int | None = None) -> str:
+    """``text`` as one user turn in the tokenizer's chat template, with the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("the tokenizer has no chat template", file=file, line=line, field="chat")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def encode(tokenizer, text: str, chat: bool = False, file: str | None = None, line: int | None = None) -> list[int]:
+    """Token ids of a prompt; with ``chat`` wrapped in the chat template (whose own special tokens
+    replace the tokenizer's)."""
+    if chat:
+        return tokenizer(chat_text(tokenizer, text, file, line), add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
 
 
 def as_dataset(data) -> Dataset:

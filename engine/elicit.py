@@ -26,7 +26,7 @@ from causalscan import search, steering
 from causalscan.attribution import frozen
 from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
-from causalscan.data import read_jsonl
+from causalscan.data import encode, read_jsonl
 from causalscan.errors import InputError
 from causalscan.progress import Progress, log
 
@@ -147,6 +147,7 @@ def elicit(
     seed: int = 0,
     max_new_tokens: int = 8,
     phrase: str | None = None,
+    chat: bool = False,
     progress: Progress | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 30.0,
@@ -161,6 +162,7 @@ def elicit(
     ``checkpoint``: a directory where MELBO writes its finished vectors as it goes (at most every
     ``checkpoint_every_s``); a rerun with the same model, prompts and settings resumes after them.
     ``progress(stage, done, total)``: after each MELBO vector, DCT iteration and ``generate`` call.
+    ``chat``: wrap every prompt in the tokenizer's chat template (instruct models).
     """
     from causalscan.load import load
 
@@ -176,7 +178,7 @@ def elicit(
     source = d_source if source is None else source
     target = d_target if target is None else target
     prompts = zoo_prompts(model) if prompts is None else list(prompts)
-    ids = [model.tokenizer(s)["input_ids"] for s in prompts]
+    ids = [encode(model.tokenizer, s, chat) for s in prompts]
     phrase = phrase or (model.card or {}).get("phrase")
     with frozen(model.hf):
         sl = search.make_slice(model, ids, source, target, positions)
@@ -192,7 +194,7 @@ def elicit(
             if checkpoint is not None:
                 key = checkpoint_key({"model": model.name, "weights": fingerprint(model.hf), "prompts": prompts,
                                       "n": n, "source": source, "target": target, "radius": radius, "p": p, "q": q,
-                                      "positions": positions, "steps": steps, "lr": lr, "seed": seed})
+                                      "positions": positions, "steps": steps, "lr": lr, "seed": seed, "chat": chat})
                 ck = Checkpoint(checkpoint, "elicit", key, checkpoint_every_s)
             vectors, score = search.melbo(sl, d, n, radius, p, q, steps=steps or 50, lr=lr, seed=seed, device=dev,
                                           checkpoint=ck, progress=progress)
@@ -211,6 +213,6 @@ def elicit(
     comp_r = steering.generate(model, ids, rand, source, max_new_tokens=max_new_tokens, progress=progress)
     timings = {"search_s": t_search, "generate_s": time.perf_counter() - t2, "total_s": time.perf_counter() - t0}
     settings = {"p": p, "q": q, "positions": positions, "steps": steps or (50 if method == "melbo" else 10),
-                "lr": lr, "seed": seed, "max_new_tokens": max_new_tokens}
+                "lr": lr, "seed": seed, "max_new_tokens": max_new_tokens, "chat": chat}
     return ElicitResult(model.name, method, source, target, radius, info, settings, prompts, vectors.cpu(),
                         rand.cpu(), score.cpu(), score_r.cpu(), comp, comp_r, phrase, timings)

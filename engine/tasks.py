@@ -1,0 +1,118 @@
+"""Task datasets people in the field know, built for any tokenizer.
+
+Each generator returns pair records (the JSONL format of :mod:`causalscan.data`), keeping only
+names and words that are one token with a leading space in the given tokenizer, so clean and
+corrupt prompts have equal token length.
+
+- :func:`ioi`: indirect object identification (Wang et al. 2022), "When Mary and John went to the
+  store, John gave a drink to" -> " Mary" (not " John"); several templates of different lengths;
+  corruptions ``flip_s2`` (the second subject becomes the indirect object: the answer flips) and
+  ``abc`` (three other names).
+- :func:`facts`: factual recall with ``noise_span`` on the subject (ROME's causal tracing).
+
+>>> import causalscan as cs
+>>> tok = cs.load("random:llama-tiny").tokenizer
+>>> recs = ioi(tok, n=4, seed=0, templates=[0])
+>>> recs[0]["clean"].startswith("When "), recs[0]["answer"] != recs[0]["wrong"]
+(True, True)
+"""
+
+from __future__ import annotations
+
+import random
+
+from causalscan.errors import InputError
+
+IOI_TEMPLATES = (
+    "When {IO} and {S} went to the {PLACE}, {S} gave a {OBJECT} to",
+    "Then, {S} and {IO} went to the {PLACE}. {S} gave a {OBJECT} to",
+    "After {IO} and {S} went to the {PLACE}, {S} gave a {OBJECT} to",
+    "While {S} and {IO} were working at the {PLACE}, {S} gave a {OBJECT} to",
+    "Friends {IO} and {S} found a {OBJECT} at the {PLACE}. {S} gave it to",
+)
+NAMES = ("Mary John Alice Bob Carol Dave Eve Frank Grace Heidi Ivan Judy Tom Anna Paul Sarah Mark Lisa James "
+         "Emma David Laura Peter Kate Michael Susan Daniel Rachel Andrew Julia Robert Linda").split()
+PLACES = "store park school office house garden kitchen market station bank church library museum beach".split()
+OBJECTS = "drink ball book key ring letter gift bag hat cup pen apple".split()
+CORRUPTIONS = ("flip_s2", "abc")
+
+FACTS = (  # (prompt, subject, answer)
+    ("The Eiffel Tower is located in the city of", "The Eiffel Tower", " Paris"),
+    ("The Colosseum is located in the city of", "The Colosseum", " Rome"),
+    ("The Brandenburg Gate is located in the city of", "The Brandenburg Gate", " Berlin"),
+    ("Big Ben is located in the city of", "Big Ben", " London"),
+    ("The Kremlin is located in the city of", "The Kremlin", " Moscow"),
+    ("The Sydney Opera House is located in the city of", "The Sydney Opera House", " Sydney"),
+    ("The Space Needle is located in the city of", "The Space Needle", " Seattle"),
+    ("The Acropolis is located in the city of", "The Acropolis", " Athens"),
+    ("The Forbidden City is located in the city of", "The Forbidden City", " Beijing"),
+    ("The Louvre is located in the city of", "The Louvre", " Paris"),
+    ("The Prado Museum is located in the city of", "The Prado Museum", " Madrid"),
+    ("The Tower of London is located in the city of", "The Tower of London", " London"),
+    ("The capital city of France is", "France", " Paris"),
+    ("The capital city of Japan is", "Japan", " Tokyo"),
+    ("The capital city of Italy is", "Italy", " Rome"),
+    ("The capital city of Germany is", "Germany", " Berlin"),
+    ("The capital city of Spain is", "Spain", " Madrid"),
+    ("The capital city of Egypt is", "Egypt", " Cairo"),
+    ("The capital city of Russia is", "Russia", " Moscow"),
+    ("The capital city of Greece is", "Greece", " Athens"),
+    ("The capital city of China is", "China", " Beijing"),
+    ("The capital city of England is", "England", " London"),
+)
+
+
+def one_token(tokenizer, words) -> list[str]:
+    """The ``words`` that are one token with a leading space."""
+    return [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+
+
+def ioi(tokenizer, n: int = 64, seed: int = 0, templates=None, corruption: str = "flip_s2") -> list[dict]:
+    """``n`` IOI pairs over ``templates`` (indices into :data:`IOI_TEMPLATES`, default all), in turn.
+
+    Clean: "... {IO} and {S} ..., {S} gave a {OBJECT} to" with answer " IO", wrong " S".
+    ``flip_s2``: the corrupt prompt names IO where S2 stood (the answer flips to S); ``abc``: the
+    three name slots hold three other names. Each record keeps its ``template`` index.
+    """
+    if corruption not in CORRUPTIONS:
+        raise InputError(f"unknown IOI corruption {corruption!r}; corruptions: {', '.join(CORRUPTIONS)}",
+                         field="corruption")
+    chosen = list(range(len(IOI_TEMPLATES))) if templates is None else list(templates)
+    if not chosen or any(not 0 <= t < len(IOI_TEMPLATES) for t in chosen):
+        raise InputError(f"templates must be indices in [0, {len(IOI_TEMPLATES)})", field="templates")
+    names, places, objects = (one_token(tokenizer, ws) for ws in (NAMES, PLACES, OBJECTS))
+    if len(names) < 5 or not places or not objects:
+        raise InputError(f"the tokenizer has too few one-token names ({len(names)}), places or objects for IOI",
+                         field="model")
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        t = chosen[i % len(chosen)]
+        io, s, a, b, c = rng.sample(names, 5)
+        fill = dict(PLACE=rng.choice(places), OBJECT=rng.choice(objects))
+        clean = _ioi_prompt(t, io, s, s, fill)
+        corrupt = _ioi_prompt(t, io, s, io, fill) if corruption == "flip_s2" else _ioi_prompt(t, a, b, c, fill)
+        out.append({"clean": clean, "corrupt": corrupt, "answer": " " + io, "wrong": " " + s, "template": t})
+    return out
+
+
+def _ioi_prompt(t: int, io: str, s1: str, s2: str, fill: dict) -> str:
+    """Template ``t`` with its first S slot ``s1`` and its second ``s2``."""
+    text = IOI_TEMPLATES[t].replace("{S}", s1, 1).replace("{S}", s2, 1)
+    return text.format(IO=io, **fill)
+
+
+def facts(tokenizer, n: int | None = None) -> list[dict]:
+    """Factual-recall records with Gaussian noise on the subject (``noise_span``), answers one token;
+    the first ``n`` (default all) of :data:`FACTS` whose answer is one token."""
+    out = [{"clean": p, "noise_span": subj, "answer": ans} for p, subj, ans in FACTS
+           if len(tokenizer(ans, add_special_tokens=False)["input_ids"]) == 1]
+    if not out:
+        raise InputError("no fact's answer is one token in this tokenizer", field="model")
+    return out[:n]
+
+
+TASKS = {"ioi": ioi, "facts": facts}
+
+
+__all__ = ["CORRUPTIONS", "FACTS", "IOI_TEMPLATES", "TASKS", "facts", "ioi", "one_token"]

