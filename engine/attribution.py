@@ -95,8 +95,9 @@ class _Scores:
     cuts (None: the plain backward).
     """
 
-    def __init__(self, sweeps: list[Sweep], n_pairs: int, device, graddrop: bool):
-        self.sweeps, self.n_pairs, self.drop = sweeps, n_pairs, None
+    def __init__(self, sweeps: list[Sweep], n_pairs: int, device, graddrop: bool,
+                 role_pos: torch.Tensor | None = None):
+        self.sweeps, self.n_pairs, self.drop, self.role_pos = sweeps, n_pairs, None, role_pos
         self.signed = {sw.name: torch.zeros(n_pairs, *sw.shape, device=device) for sw in sweeps}
         self.graddrop = {sw.name: torch.zeros(n_pairs, *sw.shape, device=device) for sw in sweeps} if graddrop else None
 
@@ -110,11 +111,18 @@ class _Scores:
     def store(self, site: str, layer: int, by_pos: bool, score: torch.Tensor) -> None:
         """``score`` [P, T, C] or [P, C] of one layer into every sweep of ``site`` with ``by_pos``."""
         for sw in self.of(site, by_pos):
-            val = score.float().reshape(self.n_pairs, *sw.shape[1:])
+            val = self.at_roles(score, sw).float().reshape(self.n_pairs, *sw.shape[1:])
             if self.drop is None:
                 self.signed[sw.name][:, layer] = val
             else:
                 self.graddrop[sw.name][:, layer] += val.abs()
+
+    def at_roles(self, score: torch.Tensor, sw: Sweep) -> torch.Tensor:
+        """A by-position score ``[P, T, C]`` at each pair's role positions ``[P, R, C]`` for a sweep over roles."""
+        if sw.roles is None:
+            return score
+        idx = self.role_pos.to(score.device)[:, :, None].expand(-1, -1, score.shape[-1])
+        return score.gather(1, idx)
 
     def site_hook(self, site: str, layer: int):
         """The backward hook of a site's tap: ``(a_other - a_base) . grad`` for each of its sweeps."""
@@ -130,7 +138,11 @@ class _Scores:
                 # a GradDrop pass: |I| accumulated in place by the kernel, into each sweep's layer slice
                 shape = delta.shape[:3] if by_pos else (delta.shape[0], delta.shape[2])
                 for sw in self.of(site, by_pos):
-                    ops.attribute(None, delta, grad, by_pos, abs=True, out=self.graddrop[sw.name][:, layer].view(shape))
+                    acc = self.graddrop[sw.name][:, layer]
+                    if sw.roles is None:
+                        ops.attribute(None, delta, grad, by_pos, abs=True, out=acc.view(shape))
+                    else:  # per-pair positions: gathered, then added
+                        acc += self.at_roles(ops.attribute(None, delta, grad, by_pos), sw).abs().reshape(acc.shape)
         return hook
 
     def qk_hook(self, layer: int, base: dict[int, attention.Record], other: dict[int, attention.Record],
@@ -161,12 +173,14 @@ def attribute(
     graddrop: bool = False,
     base_noise: torch.Tensor | None = None,
     other_noise: torch.Tensor | None = None,
+    role_pos: torch.Tensor | None = None,
 ) -> dict:
     """Scores of every sweep for pairs ``base_ids``/``other_ids`` [P, T].
 
     ``metric(logits [P, V], clean_logprobs [P, V]) -> [P]`` at the last position; the clean run is
     the base run when noising (``base_is_clean``), the other run when denoising.
     ``base_noise``/``other_noise``: Gaussian corruption ``[P, T, d_embed]`` added to the embeddings.
+    ``role_pos``: ``[P, R]`` token positions of the roles that sweeps with ``roles`` run over.
     Returns ``{"signed": {name: [P, *shape]}, "graddrop": {name: [P, *shape]} (if graddrop),
     "base": [P], "other": [P]}``: ``signed`` is AtP (with the QK fix for q/k nodes if asked).
     """
@@ -176,7 +190,7 @@ def attribute(
     attn_layers = range(ad.n_layers) if fixed else range(0)
 
     other_logits, other_acts, other_rec = _other_run(ad, other_ids, tapped, attn_layers, other_noise)
-    scores = _Scores(sweeps, base_ids.shape[0], base_ids.device, graddrop)  # on the device: no sync per layer
+    scores = _Scores(sweeps, base_ids.shape[0], base_ids.device, graddrop, role_pos)  # on the device: no sync
     base_rec: dict = {}
     taps = _base_taps(ad, scores, tapped, other_acts, attn_layers, base_rec, other_rec, fixed, graddrop)
     base_m, clean_logprobs = _base_run_and_backwards(ad, base_ids, taps, metric, attn_layers, base_rec, scores,

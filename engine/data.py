@@ -4,6 +4,10 @@
 ``corrupt_ids`` (token id lists) may replace the strings. Clean and corrupt must have equal token
 length; ``answer`` and ``wrong`` must each be one token (a string, or an int token id).
 
+``"positions"`` names token roles, ``{"IO": " Mary", "S2": [" John", 2], "END": -1}``: a substring's
+last token (its n-th occurrence), or a token index (negative from the end); every pair names the
+same roles, and by-position sweeps then run over roles, so pairs may differ in length.
+
 ``"chat": true`` wraps clean and corrupt in the tokenizer's chat template as one user turn with
 the generation prompt (for instruct models); answers then follow the assistant's turn.
 
@@ -37,6 +41,7 @@ class Pair:
     wrong: int
     line: int
     span: tuple[int, int] | None = None
+    roles: dict[str, int] | None = None  # named positions: role -> token index
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], list[int]]:
@@ -77,6 +82,7 @@ class Dataset:
             raise InputError("dataset has no pairs", file=name)
         for rec, line in zip(self.records, self.lines, strict=True):
             self._check(rec, line)
+        self.roles = self._check_roles()
         noisy = ["noise_span" in r for r in self.records]
         if any(noisy) and not all(noisy):
             line = self.lines[noisy.index(not noisy[0])]
@@ -98,6 +104,27 @@ class Dataset:
 
     def _err(self, msg: str, line: int, field: str) -> InputError:
         return InputError(msg, file=self.name, line=line, field=field)
+
+    def _check_roles(self) -> tuple[str, ...] | None:
+        """The role names every pair gives in ``positions`` (the same set on every line), or None."""
+        first = self.records[0].get("positions")
+        names = tuple(first) if isinstance(first, dict) else None
+        for rec, line in zip(self.records, self.lines, strict=True):
+            got = rec.get("positions")
+            if got is None and names is None:
+                continue
+            if not isinstance(got, dict) or not got:
+                raise self._err("must name the same roles as line 1 (a non-empty object)" if names else
+                                "line 1 names no positions: name them on every line or on none", line, "positions")
+            if set(got) != set(names):
+                raise self._err(f"roles {sorted(got)} differ from line 1's {sorted(names)}", line, "positions")
+            for role, spec in got.items():
+                if not (isinstance(spec, str) and spec or isinstance(spec, int) and not isinstance(spec, bool)
+                        or isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and spec[0]
+                        and isinstance(spec[1], int) and spec[1] >= 1):
+                    raise self._err(f"role {role!r}: give a substring, [substring, occurrence >= 1] or a token "
+                                    "index", line, "positions")
+        return names
 
     def _check(self, rec: dict, line: int) -> None:
         noise = "noise_span" in rec
@@ -155,7 +182,8 @@ class Dataset:
                 bad = [i for i in (t if isinstance(t, tuple) else (t,)) if vocab_size and not 0 <= i < vocab_size]
                 if bad:
                     raise self._err(f"token id {bad[0]} outside the vocabulary [0, {vocab_size})", line, f)
-            out.append(Pair(ids["clean"], ids["corrupt"], tok["answer"], tok.get("wrong", -1), line, span))
+            roles = {r: self._role(tokenizer, rec, r, ids["clean"], line) for r in self.roles} if self.roles else None
+            out.append(Pair(ids["clean"], ids["corrupt"], tok["answer"], tok.get("wrong", -1), line, span, roles))
         return out
 
     def _span(self, tokenizer, rec: dict, clean: tuple[int, ...], line: int) -> tuple[int, int]:
@@ -167,19 +195,43 @@ class Dataset:
             return span[0], span[1]
         if tokenizer is None:
             raise self._err("model has no tokenizer; give token positions [start, end)", line, "noise_span")
+        hit = self._tokens_of(tokenizer, rec, span, 1, line, "noise_span")
+        return hit[0], hit[-1] + 1
+
+    def _role(self, tokenizer, rec: dict, role: str, clean: tuple[int, ...], line: int) -> int:
+        """The token index of a named position: a substring's last token (its n-th occurrence), or an
+        index (negative from the end)."""
+        spec = rec["positions"][role]
+        if isinstance(spec, int):
+            if not -len(clean) <= spec < len(clean):
+                raise self._err(f"role {role!r}: index {spec} outside the prompt's {len(clean)} tokens", line,
+                                "positions")
+            return spec % len(clean)
+        text, n = (spec, 1) if isinstance(spec, str) else spec
+        if tokenizer is None or "clean" not in rec:
+            raise self._err(f"role {role!r}: a substring needs the clean string and a tokenizer; give a token "
+                            "index", line, "positions")
+        return self._tokens_of(tokenizer, rec, text, n, line, "positions")[-1]
+
+    def _tokens_of(self, tokenizer, rec: dict, sub: str, n: int, line: int, field: str) -> list[int]:
+        """Indices of the clean prompt's tokens that overlap the ``n``-th occurrence of ``sub``."""
         text = chat_text(tokenizer, rec["clean"], self.name, line) if rec.get("chat") else rec["clean"]
         kw = {"add_special_tokens": False} if rec.get("chat") else {}
-        a = text.index(span)
-        b = a + len(span)
+        a = -1
+        for _ in range(n):
+            a = text.find(sub, a + 1)
+            if a < 0:
+                raise self._err(f"{sub!r} does not occur {n} time(s) in clean", line, field)
+        b = a + len(sub)
         if getattr(tokenizer, "is_fast", False):
             offsets = tokenizer(text, return_offsets_mapping=True, **kw)["offset_mapping"]
             hit = [i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
-        else:  # prefix lengths: the tokens added by the span
-            n = len(tokenizer(text[:a], **kw)["input_ids"])
-            hit = list(range(n, len(tokenizer(text[:b], **kw)["input_ids"])))
+        else:  # prefix lengths: the tokens added by the substring
+            start = len(tokenizer(text[:a], **kw)["input_ids"])
+            hit = list(range(start, len(tokenizer(text[:b], **kw)["input_ids"])))
         if not hit:
-            raise self._err(f"{span!r} covers no token of clean", line, "noise_span")
-        return hit[0], hit[-1] + 1
+            raise self._err(f"{sub!r} covers no token of clean", line, field)
+        return hit
 
     def _one_token(self, tokenizer, value, line: int, field: str) -> int:
         if isinstance(value, int):

@@ -85,9 +85,9 @@ def patch(
     t0 = time.perf_counter()
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
     if components is not None:
-        sweeps, comps = component_list(inp.model, components, inp.lengths[0])
+        sweeps, comps = component_list(inp.model, components, inp.lengths[0], inp.dataset.roles)
     else:
-        sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name)
+        sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
     m = measure(inp.model, inp.rows, [[c] for c in comps], direction, inp.metric_fn, memory_budget, min_tokens,
                 progress)
     return PatchResult(**inp.header(), direction=direction, components=comps, sweeps=sweeps, patched=m.patched,
@@ -129,15 +129,17 @@ def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: 
     budget = memory_budget or _default_budget(model)
     if min_tokens is None:
         min_tokens = 16384 if model.device.type == "cuda" else 2048
-    starts = [start(g) for g in groups]
     buckets = [[i for i, p in enumerate(rows.pairs) if len(p.clean) == seq]
                for seq in sorted({len(p.clean) for p in rows.pairs})]
-    work = [(idx, forwards(model, groups, starts, len(idx), len(rows.pairs[idx[0]].clean), budget, min_tokens))
-            for idx in buckets]
-    total, done = sum(2 + len(fw) for _, fw in work), 0
+    work = []
+    for idx in buckets:
+        starts = [start(g, [rows.pairs[i] for i in idx]) for g in groups]
+        seq = len(rows.pairs[idx[0]].clean)
+        work.append((idx, starts, forwards(model, groups, starts, len(idx), seq, budget, min_tokens)))
+    total, done = sum(2 + len(fw) for *_, fw in work), 0
     n = len(rows.pairs)
     patched, clean_m, corrupt_m = torch.empty(n, len(groups)), torch.empty(n), torch.empty(n)
-    for idx, planned in work:
+    for idx, starts, planned in work:
         bucket = _Bucket(model, rows, idx, groups, starts, direction, metric_fn)
         r = torch.tensor(idx)
         clean_m[r], corrupt_m[r] = bucket.clean, bucket.corrupt
@@ -153,11 +155,21 @@ def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: 
     return Measured(rows.mean(patched), rows.mean(clean_m), rows.mean(corrupt_m), total)
 
 
-def start(group: list[Component]) -> tuple[int, int]:
-    """The earliest (layer, position) a patch of ``group`` changes (an empty group: none, the end)."""
+def start(group: list[Component], pairs=None) -> tuple[int, int]:
+    """The earliest (layer, position) a patch of ``group`` changes on ``pairs`` (a role's position is
+    its earliest among them; an empty group changes nothing: the end)."""
     if not group:
         return (1 << 30, 1 << 30)
-    return min(c.layer for c in group), min(c.position or 0 for c in group)
+    return min(c.layer for c in group), min(position(c, pairs) for c in group)
+
+
+def position(c: Component, pairs=None) -> int:
+    """The earliest token position ``c`` patches on ``pairs`` (0 for all positions)."""
+    if c.position is None:
+        return 0
+    if isinstance(c.position, str):
+        return min(p.roles[c.position] for p in pairs)
+    return c.position
 
 
 def plan(starts: list[tuple[int, int]], n_pairs: int, seq: int, min_tokens: int) -> list[tuple[int, int, list[int]]]:
@@ -209,6 +221,7 @@ class _Bucket:
                  starts: list[tuple[int, int]], direction: str, metric_fn):
         ad = model.adapter
         self.model, self.groups, self.metric_fn = model, groups, metric_fn
+        self.pairs = [rows.pairs[i] for i in idx]  # role positions per row
         noising = direction == "noising"
         b = rows.batch(idx, noising, model.hf.get_input_embeddings().weight)
         self.base_ids, self.answer, self.wrong = b.base, b.answer, b.wrong
@@ -224,6 +237,10 @@ class _Bucket:
         base_m, other_m = self.metric(base_logits, slice(None)), self.metric(other_logits, slice(None))
         self.base_metric = base_m
         self.clean, self.corrupt = (base_m, other_m) if noising else (other_m, base_m)
+
+    def _at(self, c: Component, row: torch.Tensor) -> int:
+        """The token position ``c`` patches in base row ``row`` (a role resolves per pair)."""
+        return self.pairs[int(row)].roles[c.position] if isinstance(c.position, str) else c.position
 
     def metric(self, logits: torch.Tensor, rows) -> torch.Tensor:
         return self.metric_fn(logits, self.answer[rows], self.wrong[rows], self.clean_logprobs[rows]).float().cpu()
@@ -242,7 +259,7 @@ class _Bucket:
         for (site, layer), members in by_site.items():
             mask = torch.zeros(n_rows, new, ad.shape(site)[0], dtype=torch.bool)
             every = [(r, c.index) for r, c in members if c.position is None]
-            one = [(r, c.position - fw.pos, c.index) for r, c in members if c.position is not None]
+            one = [(r, self._at(c, fw.pairs[r]) - fw.pos, c.index) for r, c in members if c.position is not None]
             if every:
                 r, c = torch.tensor(every).T
                 mask[r, :, c] = True

@@ -110,7 +110,7 @@ class PatchResult(Result):
                 for j in order.tolist()]
 
     def to_json(self, top: int = 50) -> dict:
-        settings = {"direction": self.direction, "sweeps": {s.name: list(s.shape) for s in self.sweeps}}
+        settings = {"direction": self.direction, "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps)}
         return self._document("patch", settings, components=self.top(top))
 
 
@@ -128,6 +128,15 @@ def _per_sweep(vectors: dict[str, torch.Tensor], sweeps, names: dict[str, str] |
     (``kind`` renamed by ``names``)."""
     return {f"{(names or {}).get(kind, kind)}/{s.name}": vec[s.start:s.stop].reshape(s.shape).contiguous()
             for kind, vec in vectors.items() for s in sweeps}
+
+
+def _shapes(sweeps) -> dict[str, list[int]]:
+    return {s.name: list(s.shape) for s in sweeps}
+
+
+def _roles(sweeps) -> list[str] | None:
+    """The named positions by-position sweeps ran over (their axis labels), or None."""
+    return next((list(s.roles) for s in sweeps if s.roles), None)
 
 
 def _component_row(c) -> dict:
@@ -193,7 +202,7 @@ class ScanResult(Result):
 
     def to_json(self, top: int = 50) -> dict:
         settings = {"method": self.method, "graddrop": self.graddrop is not None, "direction": self.direction,
-                    "sweeps": {s.name: list(s.shape) for s in self.sweeps},
+                    "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps),
                     "confirmed": {"top": self.n_top,
                                   "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top}}
         return self._document("scan", settings, components=self.top(top), agreement=self.agreement,

@@ -84,7 +84,7 @@ def scan(
         raise InputError("batch_size must be >= 1, confirm and fn_subsets >= 0", field="batch_size")
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
     graddrop = (method == "atp*") if graddrop is None else graddrop
-    sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name)
+    sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
     ck = None
     if checkpoint is not None:
         settings = {"model": inp.model.name, "weights": fingerprint(inp.model.hf), "data": inp.dataset.sha256,
@@ -144,9 +144,11 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
         def metric(logits, clean_logprobs, b=b):
             return inp.metric_fn(logits, b.answer, b.wrong, clean_logprobs)
 
+        roles = inp.dataset.roles
+        role_pos = torch.tensor([[rows.pairs[i].roles[r] for r in roles] for i in batch]) if roles else None
         out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
                                     graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
-                                    other_noise=b.other_noise)
+                                    other_noise=b.other_noise, role_pos=role_pos)
         owner = rows.owner[batch]
         for name in ("signed", "graddrop") if graddrop else ("signed",):
             sums[name].index_add_(0, owner, per_row * torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1))

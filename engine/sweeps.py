@@ -1,8 +1,10 @@
 """Sweeps: which components a method measures, and the shape its results take.
 
 A *component* (node) is ``(site, layer, index, position)``: a head or neuron ``index`` (0 for
-residual sites) at ``position`` (None: all positions). A *sweep* is one site at every layer, per
-position or over all positions, and owns a slice ``[start, stop)`` of a method's flat node list:
+residual sites) at ``position``: a token index, a role name (a named position, resolved per pair:
+pairs of different lengths), or None (all positions). A *sweep* is one site at every layer, per
+position (per role when the dataset names roles) or over all positions, and owns a slice
+``[start, stop)`` of a method's flat node list:
 
 ==============  ================  =======================================
 spec            sweep name        result shape
@@ -41,7 +43,7 @@ class Component:
     site: str
     layer: int
     index: int = 0
-    position: int | None = None
+    position: int | str | None = None
 
     def __str__(self) -> str:
         pos = "" if self.position is None else f"@{self.position}"
@@ -51,7 +53,8 @@ class Component:
 @dataclass(frozen=True)
 class Sweep:
     """``site`` at every layer, per position (``by_pos``) or not: nodes ``[start, stop)`` of a
-    method's node list, shaped ``shape`` (``[L, (T), (C)]``, C dropped when 1)."""
+    method's node list, shaped ``shape`` (``[L, (T | R), (C)]``, C dropped when 1). ``roles``: the
+    role names a by-position sweep runs over (None: token positions)."""
 
     name: str
     site: str
@@ -59,6 +62,7 @@ class Sweep:
     shape: tuple
     start: int = 0
     stop: int = 0
+    roles: tuple[str, ...] | None = None
 
 
 def parse_sweep(spec: str) -> tuple[str, bool]:
@@ -77,45 +81,51 @@ def sweep_name(site: str, by_pos: bool) -> str:
     return site + ("" if by_pos == (site in BY_POSITION) else "_pos" if by_pos else "_all")
 
 
-def sweep_components(model, site: str, by_pos: bool, seq: int | None) -> tuple[list[Component], tuple]:
-    """Every component of a sweep, and the result shape (``[L, T, C]`` squeezed of C == 1)."""
+def sweep_components(model, site: str, by_pos: bool, positions: int | Sequence[str] | None
+                     ) -> tuple[list[Component], tuple]:
+    """Every component of a sweep over ``positions`` (a token count, or role names), and the result
+    shape (``[L, T | R, C]`` squeezed of C == 1)."""
     ad = model.adapter
     ad.check_site(site)
     n_comp = ad.shape(site)[0]
-    comps = [
-        Component(site, layer, c, p)
-        for layer in range(ad.n_layers)
-        for p in (range(seq) if by_pos else [None])
-        for c in range(n_comp)
-    ]
-    shape = (ad.n_layers,) + ((seq,) if by_pos else ()) + ((n_comp,) if n_comp > 1 else ())
+    where = list(range(positions) if isinstance(positions, int) else positions) if by_pos else [None]
+    comps = [Component(site, layer, c, p) for layer in range(ad.n_layers) for p in where for c in range(n_comp)]
+    shape = (ad.n_layers,) + ((len(where),) if by_pos else ()) + ((n_comp,) if n_comp > 1 else ())
     return comps, shape
 
 
-def build_sweeps(model, sites: str | Sequence[str], lengths: list[int], dataset_name: str = "<memory>"
-                 ) -> tuple[list[Sweep], list[Component]]:
-    """The sweeps ``sites`` and their flat node list (by-position sweeps need one token length)."""
+def build_sweeps(model, sites: str | Sequence[str], lengths: list[int], dataset_name: str = "<memory>",
+                 roles: Sequence[str] | None = None) -> tuple[list[Sweep], list[Component]]:
+    """The sweeps ``sites`` and their flat node list. By-position sweeps run over ``roles`` when the
+    dataset names them, else over token positions, which needs one token length."""
     sweeps: list[Sweep] = []
     comps: list[Component] = []
     for spec in [sites] if isinstance(sites, str) else sites:
         site, by_pos = parse_sweep(spec)
-        if by_pos and len(lengths) > 1:
-            raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, "
-                             f"found lengths {lengths}", file=dataset_name, field="sites")
-        cs, shape = sweep_components(model, site, by_pos, lengths[0])
-        sweeps.append(Sweep(sweep_name(site, by_pos), site, by_pos, shape, len(comps), len(comps) + len(cs)))
+        if by_pos and not roles and len(lengths) > 1:
+            raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, found "
+                             f"lengths {lengths}; or name positions on every pair, e.g. \"positions\": "
+                             f"{{\"IO\": \" Mary\", \"S2\": [\" John\", 2], \"END\": -1}}",
+                             file=dataset_name, field="sites")
+        cs, shape = sweep_components(model, site, by_pos, tuple(roles) if roles else lengths[0])
+        sweeps.append(Sweep(sweep_name(site, by_pos), site, by_pos, shape, len(comps), len(comps) + len(cs),
+                            tuple(roles) if by_pos and roles else None))
         comps += cs
     return sweeps, comps
 
 
-def component_list(model, components, seq: int) -> tuple[list[Sweep], list[Component]]:
-    """An explicit node list as one sweep ``components`` ``[n]``, each node checked."""
+def component_list(model, components, seq: int, roles: Sequence[str] | None = None
+                   ) -> tuple[list[Sweep], list[Component]]:
+    """An explicit node list as one sweep ``components`` ``[n]``, each node checked (``seq``: the
+    shortest prompt; ``roles``: the dataset's named positions)."""
     comps = list(components)
     for c in comps:
         model.adapter.check_site(c.site, c.layer)
         if not 0 <= c.index < model.adapter.shape(c.site)[0]:
             raise InputError(f"{c}: index out of range", field="components")
-        if c.position is not None and not 0 <= c.position < seq:
+        if isinstance(c.position, str) and c.position not in (roles or ()):
+            raise InputError(f"{c}: the dataset names no position {c.position!r}", field="components")
+        if isinstance(c.position, int) and not 0 <= c.position < seq:
             raise InputError(f"{c}: position out of range", field="components")
     return [Sweep("components", "", False, (len(comps),), 0, len(comps))], comps
 

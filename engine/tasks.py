@@ -63,8 +63,13 @@ FACTS = (  # (prompt, subject, answer)
 
 
 def one_token(tokenizer, words) -> list[str]:
-    """The ``words`` that are one token with a leading space."""
-    return [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    """The ``words`` that are one token with a leading space (a known one: it decodes back to the word)."""
+    out = []
+    for w in words:
+        ids = tokenizer(" " + w, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1 and ids[0] != tokenizer.unk_token_id and tokenizer.decode(ids).strip() == w:
+            out.append(w)
+    return out
 
 
 def ioi(tokenizer, n: int = 64, seed: int = 0, templates=None, corruption: str = "flip_s2") -> list[dict]:
@@ -72,7 +77,8 @@ def ioi(tokenizer, n: int = 64, seed: int = 0, templates=None, corruption: str =
 
     Clean: "... {IO} and {S} ..., {S} gave a {OBJECT} to" with answer " IO", wrong " S".
     ``flip_s2``: the corrupt prompt names IO where S2 stood (the answer flips to S); ``abc``: the
-    three name slots hold three other names. Each record keeps its ``template`` index.
+    three name slots hold three other names. Each record names its positions IO, S1, S2 and END
+    (so templates of different lengths sweep by role) and keeps its ``template`` index.
     """
     if corruption not in CORRUPTIONS:
         raise InputError(f"unknown IOI corruption {corruption!r}; corruptions: {', '.join(CORRUPTIONS)}",
@@ -92,7 +98,9 @@ def ioi(tokenizer, n: int = 64, seed: int = 0, templates=None, corruption: str =
         fill = dict(PLACE=rng.choice(places), OBJECT=rng.choice(objects))
         clean = _ioi_prompt(t, io, s, s, fill)
         corrupt = _ioi_prompt(t, io, s, io, fill) if corruption == "flip_s2" else _ioi_prompt(t, a, b, c, fill)
-        out.append({"clean": clean, "corrupt": corrupt, "answer": " " + io, "wrong": " " + s, "template": t})
+        roles = {"IO": " " + io, "S1": " " + s, "S2": [" " + s, 2], "END": -1}
+        out.append({"clean": clean, "corrupt": corrupt, "answer": " " + io, "wrong": " " + s, "positions": roles,
+                    "template": t})
     return out
 
 
@@ -105,8 +113,7 @@ def _ioi_prompt(t: int, io: str, s1: str, s2: str, fill: dict) -> str:
 def facts(tokenizer, n: int | None = None) -> list[dict]:
     """Factual-recall records with Gaussian noise on the subject (``noise_span``), answers one token;
     the first ``n`` (default all) of :data:`FACTS` whose answer is one token."""
-    out = [{"clean": p, "noise_span": subj, "answer": ans} for p, subj, ans in FACTS
-           if len(tokenizer(ans, add_special_tokens=False)["input_ids"]) == 1]
+    out = [{"clean": p, "noise_span": subj, "answer": ans} for p, subj, ans in FACTS if one_token(tokenizer, [ans[1:]])]
     if not out:
         raise InputError("no fact's answer is one token in this tokenizer", field="model")
     return out[:n]

@@ -65,7 +65,8 @@ def trace(
     memory_budget: int | None = None,
     progress: Progress | None = None,
 ) -> TraceResult:
-    """Causal tracing grids ``[T, L]`` of ``dataset`` (all pairs of one token length).
+    """Causal tracing grids ``[T, L]`` of ``dataset`` (all pairs of one token length), or ``[R, L]``
+    over the roles a dataset names (``positions``; pairs of any lengths).
 
     ``kinds``: ``state``, ``mlp``, ``attn``; ``window``: layers restored together for ``mlp`` and
     ``attn`` (1: single layer); ``metric``: ``prob`` (ROME's p(answer)), ``logit_diff``, ... ;
@@ -81,21 +82,23 @@ def trace(
     if window < 1:
         raise InputError("window must be >= 1", field="window")
     inp = prepare(model, dataset, metric, samples=samples, noise_scale=noise_scale, seed=seed)
-    if len(inp.lengths) > 1:
+    roles = inp.dataset.roles
+    if len(inp.lengths) > 1 and not roles:
         raise InputError(f"tracing gives a token x layer grid: every pair needs the same token length, found "
-                         f"lengths {inp.lengths}", file=inp.dataset.name)
-    seq, n_layers = inp.lengths[0], inp.model.adapter.n_layers
+                         f"lengths {inp.lengths}; or name positions on every pair (\"positions\")",
+                         file=inp.dataset.name)
+    where, n_layers = (list(roles) if roles else list(range(inp.lengths[0]))), inp.model.adapter.n_layers
     names = grids(kinds, window)
     groups = [[Component(site, lay, 0, t) for lay in window_layers(layer, w, n_layers)]
-              for site, w in names.values() for t in range(seq) for layer in range(n_layers)]
+              for site, w in names.values() for t in where for layer in range(n_layers)]
     m = measure(inp.model, inp.rows, groups, "denoising", inp.metric_fn, memory_budget, progress=progress,
                 stage="trace")
-    effect = (m.patched - m.corrupt[:, None]).reshape(len(inp.pairs), len(names), seq, n_layers)
+    effect = (m.patched - m.corrupt[:, None]).reshape(len(inp.pairs), len(names), len(where), n_layers)
     tok, first = inp.model.tokenizer, inp.pairs[0]
-    tokens = [tok.decode([i]) if tok is not None else str(i) for i in first.clean]
+    tokens = list(roles) if roles else [tok.decode([i]) if tok is not None else str(i) for i in first.clean]
     return TraceResult(
         **inp.header(), window=window, effects={name: effect[:, i] for i, name in enumerate(names)}, clean=m.clean,
-        corrupt=m.corrupt, tokens=tokens, span=first.span,
+        corrupt=m.corrupt, tokens=tokens, span=None if roles else first.span,
         timings={"trace_s": time.perf_counter() - t0, "forwards": m.forwards},
     )
 
