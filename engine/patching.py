@@ -133,7 +133,9 @@ def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: 
                for seq in sorted({len(p.clean) for p in rows.pairs})]
     work = []
     for idx in buckets:
-        starts = [start(g, [rows.pairs[i] for i in idx]) for g in groups]
+        roles = rows.pairs[idx[0]].roles or {}
+        earliest = {r: min(rows.pairs[i].roles[r] for i in idx) for r in roles}  # of each role in the bucket
+        starts = [start(g, earliest) for g in groups]
         seq = len(rows.pairs[idx[0]].clean)
         work.append((idx, starts, forwards(model, groups, starts, len(idx), seq, budget, min_tokens)))
     total, done = sum(2 + len(fw) for *_, fw in work), 0
@@ -155,21 +157,18 @@ def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: 
     return Measured(rows.mean(patched), rows.mean(clean_m), rows.mean(corrupt_m), total)
 
 
-def start(group: list[Component], pairs=None) -> tuple[int, int]:
-    """The earliest (layer, position) a patch of ``group`` changes on ``pairs`` (a role's position is
-    its earliest among them; an empty group changes nothing: the end)."""
+def start(group: list[Component], earliest: dict[str, int] | None = None) -> tuple[int, int]:
+    """The earliest (layer, position) a patch of ``group`` changes (a role at ``earliest[role]``, its
+    earliest position among the rows; an empty group changes nothing: the end)."""
     if not group:
         return (1 << 30, 1 << 30)
-    return min(c.layer for c in group), min(position(c, pairs) for c in group)
+    return min(c.layer for c in group), min(_position(c, earliest) for c in group)
 
 
-def position(c: Component, pairs=None) -> int:
-    """The earliest token position ``c`` patches on ``pairs`` (0 for all positions)."""
+def _position(c: Component, earliest: dict[str, int] | None) -> int:
     if c.position is None:
         return 0
-    if isinstance(c.position, str):
-        return min(p.roles[c.position] for p in pairs)
-    return c.position
+    return earliest[c.position] if isinstance(c.position, str) else c.position
 
 
 def plan(starts: list[tuple[int, int]], n_pairs: int, seq: int, min_tokens: int) -> list[tuple[int, int, list[int]]]:
