@@ -3,8 +3,8 @@
 >>> res = elicit("backdoor", method="dct", n=8)        # the zoo model's shipped clean prompts
 >>> res.vectors.shape, len(res.completions), len(res.completions[0])   # [n, d_model], [n][prompts]
 (torch.Size([8, 128]), 8, 20)
->>> sorted(res.summary())[:4]       # res.save(dir): vectors.safetensors, completions.jsonl, summary.json
-['hit_rates', 'hit_vectors', 'hits_learned', 'hits_random']
+>>> {"method", "radius", "hits_learned", "hits_random"} <= set(res.summary())   # res.save(dir) writes it too
+True
 
 The search (:mod:`causalscan.search`) runs on the prompts with no label and no target; the
 completions of every learned vector and of as many random vectors of the same norm are greedy,
