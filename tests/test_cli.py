@@ -57,3 +57,16 @@ def test_progress_bars_on_stderr_silent_under_json(capsys):
     assert main([*argv, "--json", "--progress"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["kind"] == "patch" and "patch: 100%" in err
+
+
+def test_tasks_writes_an_ioi_dataset_with_roles(tmp_path, capsys):
+    out = tmp_path / "ioi.jsonl"
+    assert main(["tasks", "ioi", "--model", "random:llama-tiny", "--n", "6", "--templates", "0,1",
+                 "--corruption", "abc", "--out", str(out)]) == 0
+    from causalscan.data import Dataset
+
+    ds = Dataset.from_jsonl(out)
+    assert len(ds) == 6 and ds.roles == ("IO", "S1", "S2", "END")
+    assert {r["template"] for r in ds.records} == {0, 1}
+    assert main(["tasks", "ioi", "--model", "random:llama-tiny", "--templates", "9"]) == 2
+    assert "field 'templates'" in capsys.readouterr().err
