@@ -47,8 +47,7 @@ def false_negative_bound(res, model, rows: Rows, metric_fn, n_subsets: int, p: f
     groups = [[nodes[k] for k in row.nonzero()[:, 0].tolist()] for row in member]
     m = measure(model, rows, groups, res.direction, metric_fn, memory_budget, progress=progress,
                 stage="false negatives")
-    base = m.clean if res.direction == "noising" else m.corrupt
-    effect = (m.patched - base[:, None]).mean(0)  # [S]: mean over pairs
+    effect = m.effect(res.direction).mean(0)  # [S]: mean over pairs
 
     best, best_node = 0.0, None
     for k in range(len(nodes)):

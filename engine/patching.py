@@ -104,6 +104,10 @@ class Measured(NamedTuple):
     corrupt: torch.Tensor
     forwards: int
 
+    def effect(self, direction: str) -> torch.Tensor:
+        """``patched - base`` [P, G]: the base run is clean when noising, corrupt when denoising."""
+        return self.patched - (self.clean if direction == "noising" else self.corrupt)[:, None]
+
 
 class Forward(NamedTuple):
     """One batched forward: rows ``pairs[r]`` (base row ids) x ``groups[r]`` (group ids), started at

@@ -172,10 +172,9 @@ def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, pro
     chosen = torch.cat([top, rest[torch.randperm(len(rest), generator=g)[:n_random]]])
     m = measure(inp.model, inp.rows, [[res.components[j]] for j in chosen.tolist()], res.direction, inp.metric_fn,
                 progress=progress, stage="confirm")
-    base = m.clean if res.direction == "noising" else m.corrupt
     res.confirmed = chosen
     res.n_top = k
-    res.exact = m.patched - base[:, None]
+    res.exact = m.effect(res.direction)
     res.agreement = agreement(res.score.mean(0)[chosen], res.signed.mean(0)[chosen], res.exact, k)
     res.timings["confirm_forwards"] = m.forwards
 
