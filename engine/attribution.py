@@ -111,16 +111,20 @@ class _Scores:
     def store(self, site: str, layer: int, by_pos: bool, score: torch.Tensor) -> None:
         """``score`` [P, T, C] or [P, C] of one layer into every sweep of ``site`` with ``by_pos``."""
         for sw in self.of(site, by_pos):
-            val = self.at_roles(score, sw).float().reshape(self.n_pairs, *sw.shape[1:])
+            val = self.at_positions(score, sw).float().reshape(self.n_pairs, *sw.shape[1:])
             if self.drop is None:
                 self.signed[sw.name][:, layer] = val
             else:
                 self.graddrop[sw.name][:, layer] += val.abs()
 
-    def at_roles(self, score: torch.Tensor, sw: Sweep) -> torch.Tensor:
-        """A by-position score ``[P, T, C]`` at each pair's role positions ``[P, R, C]`` for a sweep over roles."""
-        if sw.roles is None:
+    def at_positions(self, score: torch.Tensor, sw: Sweep) -> torch.Tensor:
+        """A by-position score ``[P, T', C]`` at the sweep's positions: each pair's role positions
+        ``[P, R, C]`` for a sweep over roles, else the prompt's first ``T`` (rows of multi-token
+        answers run on past the prompt)."""
+        if not sw.by_pos:
             return score
+        if sw.roles is None:
+            return score[:, :sw.shape[1]]
         idx = self.role_pos.to(score.device)[:, :, None].expand(-1, -1, score.shape[-1])
         return score.gather(1, idx)
 
@@ -139,10 +143,11 @@ class _Scores:
                 shape = delta.shape[:3] if by_pos else (delta.shape[0], delta.shape[2])
                 for sw in self.of(site, by_pos):
                     acc = self.graddrop[sw.name][:, layer]
-                    if sw.roles is None:
+                    if not by_pos or sw.roles is None and shape[1] == sw.shape[1]:
                         ops.attribute(None, delta, grad, by_pos, abs=True, out=acc.view(shape))
-                    else:  # per-pair positions: gathered, then added
-                        acc += self.at_roles(ops.attribute(None, delta, grad, by_pos), sw).abs().reshape(acc.shape)
+                    else:  # per-pair or prompt positions: taken, then added
+                        score = ops.attribute(None, delta, grad, by_pos)
+                        acc += self.at_positions(score, sw).abs().reshape(acc.shape)
         return hook
 
     def qk_hook(self, layer: int, base: dict[int, attention.Record], other: dict[int, attention.Record],
@@ -174,11 +179,13 @@ def attribute(
     base_noise: torch.Tensor | None = None,
     other_noise: torch.Tensor | None = None,
     role_pos: torch.Tensor | None = None,
+    keep: int = 1,
 ) -> dict:
     """Scores of every sweep for pairs ``base_ids``/``other_ids`` [P, T].
 
-    ``metric(logits [P, V], clean_logprobs [P, V]) -> [P]`` at the last position; the clean run is
-    the base run when noising (``base_is_clean``), the other run when denoising.
+    ``metric(logits [P, keep, V], clean_logprobs [P, keep, V]) -> [P]`` at the last ``keep``
+    positions; the clean run is the base run when noising (``base_is_clean``), the other run when
+    denoising.
     ``base_noise``/``other_noise``: Gaussian corruption ``[P, T, d_embed]`` added to the embeddings.
     ``role_pos``: ``[P, R]`` token positions of the roles that sweeps with ``roles`` run over.
     Returns ``{"signed": {name: [P, *shape]}, "graddrop": {name: [P, *shape]} (if graddrop),
@@ -189,12 +196,12 @@ def attribute(
     tapped = [(s, layer) for s in sorted(sites - fixed) for layer in range(ad.n_layers)]
     attn_layers = range(ad.n_layers) if fixed else range(0)
 
-    other_logits, other_acts, other_rec = _other_run(ad, other_ids, tapped, attn_layers, other_noise)
+    other_logits, other_acts, other_rec = _other_run(ad, other_ids, tapped, attn_layers, other_noise, keep)
     scores = _Scores(sweeps, base_ids.shape[0], base_ids.device, graddrop, role_pos)  # on the device: no sync
     base_rec: dict = {}
     taps = _base_taps(ad, scores, tapped, other_acts, attn_layers, base_rec, other_rec, fixed, graddrop)
     base_m, clean_logprobs = _base_run_and_backwards(ad, base_ids, taps, metric, attn_layers, base_rec, scores,
-                                                     other_logits, base_is_clean, base_noise)
+                                                     other_logits, base_is_clean, base_noise, keep)
     other_acts.clear()
     with torch.no_grad():
         other_m = metric(other_logits, clean_logprobs)
@@ -207,14 +214,16 @@ def attribute(
 
 
 @torch.no_grad()
-def _other_run(ad: Adapter, ids: torch.Tensor, tapped, attn_layers, noise) -> tuple[torch.Tensor, dict, dict]:
-    """The other run without a graph: last-position logits [P, V], activations at the tapped sites,
-    and the attention inputs of ``attn_layers``."""
+def _other_run(ad: Adapter, ids: torch.Tensor, tapped, attn_layers, noise, keep: int
+               ) -> tuple[torch.Tensor, dict, dict]:
+    """The other run without a graph: the last ``keep`` positions' logits [P, keep, V], activations
+    at the tapped sites, and the attention inputs of ``attn_layers``."""
     acts: dict = {}
     rec: dict = {}
     with attention.recording(ad, attn_layers, rec):
-        logits = runner.forward(ad, ids, [runner.capture(ad, s, layer, acts) for s, layer in tapped], noise=noise)
-    return logits[:, -1], acts, rec
+        logits = runner.forward(ad, ids, [runner.capture(ad, s, layer, acts) for s, layer in tapped], noise=noise,
+                                logits_to_keep=keep)
+    return logits, acts, rec
 
 
 def _base_taps(ad: Adapter, scores: _Scores, tapped, other_acts: dict, attn_layers, base_rec: dict,
@@ -233,18 +242,18 @@ def _base_taps(ad: Adapter, scores: _Scores, tapped, other_acts: dict, attn_laye
 
 
 def _base_run_and_backwards(ad: Adapter, ids: torch.Tensor, taps, metric, attn_layers, base_rec: dict,
-                            scores: _Scores, other_logits: torch.Tensor, base_is_clean: bool, noise
+                            scores: _Scores, other_logits: torch.Tensor, base_is_clean: bool, noise, keep: int
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The base run with its graph (from the embeddings, parameters frozen), one backward of the
     summed metric, and with GradDrop one more per block over the same graph. Returns the base
-    metric [P] and the clean log-probabilities [P, V]."""
+    metric [P] and the clean log-probabilities [P, keep, V]."""
     def leaf(mod, args, out):
         return out.detach().requires_grad_()
 
     with frozen(ad.model), torch.enable_grad(), attention.recording(ad, attn_layers, base_rec):
         handle = ad.model.get_input_embeddings().register_forward_hook(leaf)
         try:
-            logits = runner.forward(ad, ids, taps, noise=noise)[:, -1]
+            logits = runner.forward(ad, ids, taps, noise=noise, logits_to_keep=keep)
         finally:
             handle.remove()
         clean_logprobs = (logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)

@@ -272,6 +272,8 @@ def cmd_tasks(args) -> dict:
                              field="templates") from None
         records = tasks.ioi(model.tokenizer, n=args.n, seed=args.seed, templates=templates,
                             corruption=args.corruption)
+    elif args.task == "greater_than":
+        records = tasks.greater_than(model.tokenizer, n=args.n, seed=args.seed)
     else:
         records = tasks.facts(model.tokenizer, n=args.n)
     text = "".join(json.dumps(r) + "\n" for r in records)
@@ -407,11 +409,12 @@ def parser() -> argparse.ArgumentParser:
     stp.add_argument("--max-new-tokens", type=int, default=8)
     stp.add_argument("--json", action="store_true")
 
-    kp = _command(sub, "tasks", cmd_tasks, help="write a task dataset (IOI, facts) for a model's tokenizer",
+    kp = _command(sub, "tasks", cmd_tasks, help="write a task dataset (IOI, greater-than, facts) for a tokenizer",
                   description="Build a pair dataset people know for the tokenizer of --model: names and words "
                               "kept only where they are one token. ioi: Wang et al.'s templates with flip_s2 or "
-                              "abc corruption; facts: factual recall with noise on the subject.")
-    kp.add_argument("task", choices=["ioi", "facts"])
+                              "abc corruption; greater_than: Hanna et al.'s years (answers of several tokens where "
+                              "the tokenizer splits digits); facts: factual recall with noise on the subject.")
+    kp.add_argument("task", choices=["ioi", "greater_than", "facts"])
     _model_args(kp)
     kp.add_argument("--n", type=int, default=64, help="pairs (facts: at most the built-in list)")
     kp.add_argument("--seed", type=int, default=0)

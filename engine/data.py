@@ -2,7 +2,8 @@
 
 ``{"clean": "...", "corrupt": "...", "answer": " Mary", "wrong": " John"}``; ``clean_ids`` /
 ``corrupt_ids`` (token id lists) may replace the strings. Clean and corrupt must have equal token
-length; ``answer`` and ``wrong`` must each be one token (a string, or an int token id).
+length. ``answer`` and ``wrong`` are strings, token ids or lists of token ids; an answer of several
+tokens is scored by its teacher-forced log-probability (:mod:`causalscan.metrics`).
 
 ``"positions"`` names token roles, ``{"IO": " Mary", "S2": [" John", 2], "END": -1}``: a substring's
 last token (its n-th occurrence), or a token index (negative from the end); every pair names the
@@ -32,13 +33,14 @@ from causalscan.errors import InputError
 
 @dataclass(frozen=True)
 class Pair:
-    """One tokenized pair. ``wrong`` is -1 when the record has none. ``span``: token positions
-    ``[start, end)`` that Gaussian noise corrupts (then ``corrupt == clean``), else None."""
+    """One tokenized pair. ``answer``/``wrong``: the continuations' tokens (``wrong`` empty when the
+    record has none). ``span``: token positions ``[start, end)`` that Gaussian noise corrupts (then
+    ``corrupt == clean``), else None."""
 
     clean: tuple[int, ...]
     corrupt: tuple[int, ...]
-    answer: int
-    wrong: int
+    answer: tuple[int, ...]
+    wrong: tuple[int, ...]
     line: int
     span: tuple[int, int] | None = None
     roles: dict[str, int] | None = None  # named positions: role -> token index
@@ -155,8 +157,10 @@ class Dataset:
         if "answer" not in rec:
             raise self._err("missing", line, "answer")
         for f in ("answer", "wrong"):
-            if f in rec and not isinstance(rec[f], str | int):
-                raise self._err("must be a string or a token id", line, f)
+            v = rec.get(f)
+            ids = isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            if f in rec and not (isinstance(v, str) and v or isinstance(v, int) and not isinstance(v, bool) or ids):
+                raise self._err("must be a non-empty string, a token id or a list of token ids", line, f)
 
     def tokenize(self, tokenizer, vocab_size: int | None = None) -> list[Pair]:
         """Token ids of every pair; raises :class:`InputError` naming file, line and field."""
@@ -177,13 +181,13 @@ class Dataset:
             if len(ids["clean"]) != len(ids["corrupt"]):
                 raise self._err(f"clean has {len(ids['clean'])} tokens, corrupt has {len(ids['corrupt'])}: "
                                 "pairs must have equal token length", line, "corrupt")
-            tok = {f: self._one_token(tokenizer, rec[f], line, f) for f in ("answer", "wrong") if f in rec}
+            tok = {f: self._answer(tokenizer, rec[f], line, f) for f in ("answer", "wrong") if f in rec}
             for f, t in [*ids.items(), *tok.items()]:
-                bad = [i for i in (t if isinstance(t, tuple) else (t,)) if vocab_size and not 0 <= i < vocab_size]
+                bad = [i for i in t if vocab_size and not 0 <= i < vocab_size]
                 if bad:
                     raise self._err(f"token id {bad[0]} outside the vocabulary [0, {vocab_size})", line, f)
             roles = {r: self._role(tokenizer, rec, r, ids["clean"], line) for r in self.roles} if self.roles else None
-            out.append(Pair(ids["clean"], ids["corrupt"], tok["answer"], tok.get("wrong", -1), line, span, roles))
+            out.append(Pair(ids["clean"], ids["corrupt"], tok["answer"], tok.get("wrong", ()), line, span, roles))
         return out
 
     def _span(self, tokenizer, rec: dict, clean: tuple[int, ...], line: int) -> tuple[int, int]:
@@ -233,15 +237,18 @@ class Dataset:
             raise self._err(f"{sub!r} covers no token of clean", line, field)
         return hit
 
-    def _one_token(self, tokenizer, value, line: int, field: str) -> int:
+    def _answer(self, tokenizer, value, line: int, field: str) -> tuple[int, ...]:
+        """The tokens of an answer: a token id, a list of them, or a string tokenised without special tokens."""
         if isinstance(value, int):
-            return value
+            return (value,)
+        if isinstance(value, list):
+            return tuple(value)
         if tokenizer is None:
-            raise self._err("model has no tokenizer; give a token id", line, field)
+            raise self._err("model has no tokenizer; give token ids", line, field)
         ids = tokenizer(value, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise self._err(f"{value!r} is {len(ids)} tokens, must be exactly one", line, field)
-        return ids[0]
+        if not ids:
+            raise self._err(f"{value!r} tokenises to nothing", line, field)
+        return tuple(ids)
 
 
 def chat_text(tokenizer, text: str, file: str | None = None, line: int | None = None) -> str:
@@ -269,10 +276,10 @@ def as_dataset(data) -> Dataset:
 
 
 def stack(pairs: list[Pair], device=None) -> dict[str, torch.Tensor]:
-    """Equal-length pairs -> ``clean``/``corrupt`` [P, T], ``answer``/``wrong`` [P]."""
+    """Equal-length pairs -> ``clean``/``corrupt`` [P, T], ``answer``/``wrong`` [P] (first tokens; -1: none)."""
     return {
         "clean": torch.tensor([p.clean for p in pairs], device=device),
         "corrupt": torch.tensor([p.corrupt for p in pairs], device=device),
-        "answer": torch.tensor([p.answer for p in pairs], device=device),
-        "wrong": torch.tensor([p.wrong for p in pairs], device=device),
+        "answer": torch.tensor([p.answer[0] for p in pairs], device=device),
+        "wrong": torch.tensor([p.wrong[0] if p.wrong else -1 for p in pairs], device=device),
     }

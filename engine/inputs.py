@@ -16,7 +16,7 @@ from causalscan.corruption import Rows
 from causalscan.data import Dataset, Pair, as_dataset
 from causalscan.errors import InputError
 from causalscan.load import Model, load
-from causalscan.metrics import MetricFn
+from causalscan.metrics import METRICS, Metric, rows_scored
 from causalscan.metrics import get as get_metric
 
 DIRECTIONS = ("noising", "denoising")
@@ -24,13 +24,14 @@ DIRECTIONS = ("noising", "denoising")
 
 @dataclass
 class Inputs:
-    """A loaded model, its dataset tokenised into ``pairs`` (token ``lengths``, sorted), the metric
-    (name and function) and the corruption ``rows`` (one per token pair, ``samples`` per noise pair)."""
+    """A loaded model, its dataset tokenised into ``pairs`` (prompt token ``lengths``, sorted), the
+    metric (its name and the :class:`Metric` the engines call) and the ``rows`` the engines run (one
+    per token pair, ``samples`` per noise pair, one per scored continuation of multi-token answers)."""
 
     model: Model
     dataset: Dataset
     metric: str
-    metric_fn: MetricFn
+    metric_fn: Metric
     pairs: list[Pair]
     lengths: list[int]
     rows: Rows
@@ -57,5 +58,22 @@ def prepare(model, dataset, metric="logit_diff", direction: str | None = None, s
         check_direction(direction)
     metric_name, metric_fn = get_metric(metric)
     pairs = ds.tokenize(model.tokenizer, model.vocab_size)
-    rows = corruption.rows(model, pairs, samples, noise_scale, seed)
-    return Inputs(model, ds, metric_name, metric_fn, pairs, sorted({len(p.clean) for p in pairs}), rows)
+    check_answers(ds, pairs, metric_name, metric_fn)
+    rows = corruption.rows(model, pairs, samples, noise_scale, seed, metric=metric_name)
+    return Inputs(model, ds, metric_name, Metric(metric_name, metric_fn), pairs, sorted({len(p.clean) for p in pairs}),
+                  rows)
+
+
+def check_answers(ds: Dataset, pairs, name: str, fn) -> None:
+    """Multi-token answers need a built-in metric, and ``logit_diff`` a wrong continuation on every pair."""
+    multi = [p for p in pairs if len(p.answer) > 1 or len(p.wrong) > 1]
+    if not multi:
+        return
+    if METRICS.get(name) is not fn:
+        raise InputError(f"a custom metric scores one-token answers; this answer is {len(multi[0].answer)} tokens "
+                         f"(multi-token answers take {', '.join(METRICS)})", file=ds.name, line=multi[0].line,
+                         field="answer")
+    for p in pairs:
+        if "wrong" in rows_scored(name) and not p.wrong:
+            raise InputError("logit_diff needs a 'wrong' continuation on every pair", file=ds.name, line=p.line,
+                             field="wrong")

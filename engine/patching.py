@@ -31,13 +31,13 @@ from causalscan.results import PatchResult
 from causalscan.sweeps import Component, build_sweeps, component_list
 
 
-def _row_bytes(model: Model, seq: int, new: int, n_layers: int, tapped_width: int) -> int:
-    """Rough peak bytes of one row of a no-grad forward over ``new`` of ``seq`` positions."""
+def _row_bytes(model: Model, seq: int, new: int, n_layers: int, tapped_width: int, keep: int = 1) -> int:
+    """Rough peak bytes of one row of a no-grad forward over ``new`` of ``seq`` positions, ``keep`` logits."""
     ad, el = model.adapter, next(model.hf.parameters()).element_size()
     kv = 2 * ad.n_layers * seq * ad.n_kv_heads * ad.d_head
     live = new * (6 * ad.d_model + 3 * ad.d_mlp + 2 * ad.n_heads * seq + 2 * tapped_width)
     vocab = model.hf.get_output_embeddings().weight.shape[0]
-    return el * (kv + live + 2 * vocab) + 64 * n_layers
+    return el * (kv + live + 2 * keep * vocab) + 64 * n_layers
 
 
 def _default_budget(model: Model) -> int:
@@ -133,15 +133,13 @@ def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: 
     budget = memory_budget or _default_budget(model)
     if min_tokens is None:
         min_tokens = 16384 if model.device.type == "cuda" else 2048
-    buckets = [[i for i, p in enumerate(rows.pairs) if len(p.clean) == seq]
-               for seq in sorted({len(p.clean) for p in rows.pairs})]
     work = []
-    for idx in buckets:
+    for idx in rows.buckets():
         roles = rows.pairs[idx[0]].roles or {}
         earliest = {r: min(rows.pairs[i].roles[r] for i in idx) for r in roles}  # of each role in the bucket
         starts = [start(g, earliest) for g in groups]
         seq = len(rows.pairs[idx[0]].clean)
-        work.append((idx, starts, forwards(model, groups, starts, len(idx), seq, budget, min_tokens)))
+        work.append((idx, starts, forwards(model, groups, starts, len(idx), seq, budget, min_tokens, rows.keep)))
     total, done = sum(2 + len(fw) for *_, fw in work), 0
     n = len(rows.pairs)
     patched, clean_m, corrupt_m = torch.empty(n, len(groups)), torch.empty(n), torch.empty(n)
@@ -199,7 +197,7 @@ def plan(starts: list[tuple[int, int]], n_pairs: int, seq: int, min_tokens: int)
 
 
 def forwards(model: Model, groups: list[list[Component]], starts: list[tuple[int, int]], n_pairs: int, seq: int,
-             budget: int, min_tokens: int) -> list[Forward]:
+             budget: int, min_tokens: int, keep: int = 1) -> list[Forward]:
     """The planned forwards of ``n_pairs`` base rows of length ``seq``, each row-chunk within ``budget``.
     Empty groups run in none: their metric is the base run's."""
     ad = model.adapter
@@ -209,7 +207,7 @@ def forwards(model: Model, groups: list[list[Component]], starts: list[tuple[int
         members = [live[j] for j in members]
         sites = {c.site for j in members for c in groups[j]}
         width = sum(ad.shape(s)[0] * ad.shape(s)[1] for s in sites)
-        chunk = max(1, budget // _row_bytes(model, seq, seq - pos, ad.n_layers - layer, width))
+        chunk = max(1, budget // _row_bytes(model, seq, seq - pos, ad.n_layers - layer, width, keep))
         pair_ids = torch.arange(n_pairs).repeat_interleave(len(members))
         group_ids = torch.tensor(members).repeat(n_pairs)
         out += [Forward(layer, pos, pair_ids[lo:lo + chunk], group_ids[lo:lo + chunk])
@@ -227,15 +225,15 @@ class _Bucket:
         self.pairs = [rows.pairs[i] for i in idx]  # role positions per row
         noising = direction == "noising"
         b = rows.batch(idx, noising, model.hf.get_input_embeddings().weight)
-        self.base_ids, self.answer, self.wrong = b.base, b.answer, b.wrong
+        self.base_ids, self.labels, self.keep = b.base, b.labels, rows.keep
         start_layers = {s[0] for s in starts if s[0] < ad.n_layers}
         base_logits, self.base_resid, self.kv = runner.run_with_cache(
-            ad, b.base, [("resid_pre", layer) for layer in start_layers], noise=b.base_noise)
+            ad, b.base, [("resid_pre", layer) for layer in start_layers], self.keep, noise=b.base_noise)
         self.sources: dict = {}
         patched_sites = sorted({(c.site, c.layer) for g in groups for c in g})
         other_logits = runner.forward(ad, b.other, [runner.capture(ad, s, layer, self.sources)
-                                                    for s, layer in patched_sites], noise=b.other_noise)
-        base_logits, other_logits = base_logits[:, -1], other_logits[:, -1]
+                                                    for s, layer in patched_sites], logits_to_keep=self.keep,
+                                      noise=b.other_noise)
         self.clean_logprobs = torch.log_softmax((base_logits if noising else other_logits).float(), -1)
         base_m, other_m = self.metric(base_logits, slice(None)), self.metric(other_logits, slice(None))
         self.base_metric = base_m
@@ -246,7 +244,7 @@ class _Bucket:
         return self.pairs[int(row)].roles[c.position] if isinstance(c.position, str) else c.position
 
     def metric(self, logits: torch.Tensor, rows) -> torch.Tensor:
-        return self.metric_fn(logits, self.answer[rows], self.wrong[rows], self.clean_logprobs[rows]).float().cpu()
+        return self.metric_fn(logits, self.labels.take(rows), self.clean_logprobs[rows]).float().cpu()
 
     def run(self, fw: Forward) -> torch.Tensor:
         """The metric of one planned forward [rows]: base row ``fw.pairs[r]`` with every component of
@@ -275,5 +273,5 @@ class _Bucket:
         resid = self.base_resid[("resid_pre", fw.layer)][rows, fw.pos:, 0]
         past = self.kv.cache(rows, fw.pos, fw.layer, self.model.hf.config)
         logits = runner.forward(ad, self.base_ids[rows, fw.pos:], taps, start_layer=fw.layer, resid=resid,
-                                past=past)[:, -1]
+                                past=past, logits_to_keep=self.keep)
         return self.metric(logits, rows)

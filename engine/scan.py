@@ -126,9 +126,7 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
     sums = {"signed": torch.zeros(n_pairs, n_nodes), "clean": torch.zeros(n_pairs), "corrupt": torch.zeros(n_pairs)}
     if graddrop:
         sums["graddrop"] = torch.zeros(n_pairs, n_nodes)
-    batches = [idx[lo:lo + batch_size]
-               for idx in ([i for i, p in enumerate(rows.pairs) if len(p.clean) == seq] for seq in inp.lengths)
-               for lo in range(0, len(idx), batch_size)]
+    batches = [idx[lo:lo + batch_size] for idx in rows.buckets() for lo in range(0, len(idx), batch_size)]
     done: set[int] = set()
     saved = ck.load() if ck else None
     if saved:
@@ -142,13 +140,13 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
         b = rows.batch(batch, noising, embed)
 
         def metric(logits, clean_logprobs, b=b):
-            return inp.metric_fn(logits, b.answer, b.wrong, clean_logprobs)
+            return inp.metric_fn(logits, b.labels, clean_logprobs)
 
         roles = inp.dataset.roles
         role_pos = torch.tensor([[rows.pairs[i].roles[r] for r in roles] for i in batch]) if roles else None
         out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
                                     graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
-                                    other_noise=b.other_noise, role_pos=role_pos)
+                                    other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep)
         owner = rows.owner[batch]
         for name in ("signed", "graddrop") if graddrop else ("signed",):
             sums[name].index_add_(0, owner, per_row * torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1))

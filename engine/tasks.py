@@ -8,6 +8,9 @@ corrupt prompts have equal token length.
   store, John gave a drink to" -> " Mary" (not " John"); several templates of different lengths;
   corruptions ``flip_s2`` (the second subject becomes the indirect object: the answer flips) and
   ``abc`` (three other names).
+- :func:`greater_than`: "The war lasted from the year 1732 to the year 17" (Hanna et al. 2023): the
+  answer is a year above 32, the wrong one below; the corruption starts the war in 1701. Years a
+  tokenizer splits into digits give multi-token answers.
 - :func:`facts`: factual recall with ``noise_span`` on the subject (ROME's causal tracing).
 
 >>> import causalscan as cs
@@ -35,6 +38,9 @@ NAMES = ("Mary John Alice Bob Carol Dave Eve Frank Grace Heidi Ivan Judy Tom Ann
 PLACES = "store park school office house garden kitchen market station bank church library museum beach".split()
 OBJECTS = "drink ball book key ring letter gift bag hat cup pen apple".split()
 CORRUPTIONS = ("flip_s2", "abc")
+GT_TEMPLATE = "The {NOUN} lasted from the year 17{YY} to the year 17"
+GT_NOUNS = ("war expedition deal flight journey project siege trial voyage reign treaty campaign dispute study "
+            "tour program plague dynasty marriage contract").split()
 
 FACTS = (  # (prompt, subject, answer)
     ("The Eiffel Tower is located in the city of", "The Eiffel Tower", " Paris"),
@@ -110,6 +116,44 @@ def _ioi_prompt(t: int, io: str, s1: str, s2: str, fill: dict) -> str:
     return text.format(IO=io, **fill)
 
 
+def greater_than(tokenizer, n: int = 64, seed: int = 0) -> list[dict]:
+    """``n`` greater-than pairs (Hanna et al. 2023): clean "The {noun} lasted from the year 17YY to the
+    year 17", answer a two-digit year above YY, wrong one below; the corrupt prompt has YY = 01.
+
+    Only start years whose clean and corrupt prompts have equal token length are used, and only
+    answers whose tokens follow the prompt's as they would in the whole text (a tokenizer that
+    merges "1745" differently from "17" + "45" would score another string). Records name the
+    positions NOUN, YY (the start year's last token) and END.
+    """
+    nouns = one_token(tokenizer, GT_NOUNS)
+    if not nouns:
+        raise InputError("no greater-than noun is one token in this tokenizer", field="model")
+    rng = random.Random(seed)
+    out, tries = [], 0
+    while len(out) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise InputError(f"found {len(out)} of {n} greater-than pairs whose years tokenise consistently in this "
+                             "tokenizer", field="model")
+        noun, yy = rng.choice(nouns), rng.randrange(2, 99)
+        clean = GT_TEMPLATE.format(NOUN=noun, YY=f"{yy:02d}")
+        corrupt = GT_TEMPLATE.format(NOUN=noun, YY="01")
+        answer, wrong = f"{rng.randrange(yy + 1, 100):02d}", f"{rng.randrange(0, yy):02d}"
+        if len(tokenizer(clean)["input_ids"]) != len(tokenizer(corrupt)["input_ids"]) or not all(
+                _continues(tokenizer, p, a) for p in (clean, corrupt) for a in (answer, wrong)):
+            continue
+        out.append({"clean": clean, "corrupt": corrupt, "answer": answer, "wrong": wrong,
+                    "positions": {"NOUN": " " + noun, "YY": f"17{yy:02d}", "END": -1}})
+    return out
+
+
+def _continues(tokenizer, prompt: str, cont: str) -> bool:
+    """Do the tokens of ``prompt + cont`` equal the prompt's followed by the continuation's?"""
+    ids = tokenizer(prompt)["input_ids"]
+    more = tokenizer(cont, add_special_tokens=False)["input_ids"]
+    return bool(more) and tokenizer(prompt + cont)["input_ids"] == ids + more
+
+
 def facts(tokenizer, n: int | None = None) -> list[dict]:
     """Factual-recall records with Gaussian noise on the subject (``noise_span``), answers one token;
     the first ``n`` (default all) of :data:`FACTS` whose answer is one token."""
@@ -119,7 +163,8 @@ def facts(tokenizer, n: int | None = None) -> list[dict]:
     return out[:n]
 
 
-TASKS = {"ioi": ioi, "facts": facts}
+TASKS = {"ioi": ioi, "greater_than": greater_than, "facts": facts}
 
 
-__all__ = ["CORRUPTIONS", "FACTS", "IOI_TEMPLATES", "TASKS", "facts", "ioi", "one_token"]
+__all__ = ["CORRUPTIONS", "FACTS", "GT_NOUNS", "GT_TEMPLATE", "IOI_TEMPLATES", "TASKS", "facts", "greater_than", "ioi",
+           "one_token"]

@@ -100,11 +100,12 @@ def patched_logits(model, ids, site, layer, index, position, source):
     return run(model, ids, site, layer, edit)[:, -1]
 
 
-def grad(model, ids, site, layer, metric, drop_layer=None):
+def grad(model, ids, site, layer, metric, drop_layer=None, keep=None):
     """``(activation, dmetric/dactivation)`` [B, T, C, D] at ``site`` of ``layer`` by plain autograd:
     a zero probe is added to the raw module tensor and differentiated. ``metric(logits [B, V]) -> [B]``
-    is summed. ``drop_layer``: the outputs of that block's attention and MLP (its residual writes)
-    are detached, the GradDrop reference."""
+    (with ``keep``: the last ``keep`` positions' logits [B, keep, V]) is summed. ``drop_layer``: the
+    outputs of that block's attention and MLP (its residual writes) are detached, the GradDrop
+    reference."""
     import torch
 
     ad = model.adapter
@@ -134,7 +135,8 @@ def grad(model, ids, site, layer, metric, drop_layer=None):
                 lambda m, a, o: (o[0].detach(), *o[1:]) if isinstance(o, tuple) else o.detach()))
     try:
         with torch.enable_grad():
-            logits = model.hf(input_ids=ids).logits[:, -1]
+            logits = model.hf(input_ids=ids).logits
+            logits = logits[:, -1] if keep is None else logits[:, -keep:]
             (g,) = torch.autograd.grad(metric(logits).sum(), held["probe"], allow_unused=True)
         g = torch.zeros_like(held["probe"]) if g is None else g  # the probe's only path was detached
     finally:
@@ -209,4 +211,42 @@ def naive_effects(model, records, comps, direction="noising", metric="logit_diff
             cache[key] = read(model, src, c.site, c.layer)
         logits = patched_logits(model, base, c.site, c.layer, c.index, c.position, cache[key])
         out[:, j] = fn(logits, b["answer"], b["wrong"], clean_lp)
+    return out
+
+
+def teacher_forced(logits, prompt_len: int, cont) -> torch.Tensor:
+    """``sum_k log p(cont[k])`` read at position ``prompt_len - 1 + k`` of ``logits`` [T, V] (one row)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    return sum(lp[prompt_len - 1 + k, tok] for k, tok in enumerate(cont))
+
+
+@torch.no_grad()
+def naive_continuation_effects(model, records, comps, direction="noising", metric="logit_diff"):
+    """[P, n] patched metric of multi-token answers: every pair, continuation and component its own
+    full forward of the prompt followed by the continuation (no padding, no batching)."""
+    pairs = Dataset(records).tokenize(model.tokenizer)
+    out = torch.empty(len(pairs), len(comps))
+    for i, p in enumerate(pairs):
+        base, src = (p.clean, p.corrupt) if direction == "noising" else (p.corrupt, p.clean)
+        t = len(p.clean)
+        conts = [(p.answer, 1.0)] + ([(p.wrong, -1.0)] if metric == "logit_diff" else [])
+        for j, c in enumerate(comps):
+            total = 0.0
+            for cont, sign in conts:
+                ids = torch.tensor([base + cont[:-1]])
+                source = read(model, torch.tensor([src + cont[:-1]]), c.site, c.layer)
+                sl = slice(None) if c.position is None else slice(c.position, c.position + 1)
+
+                def edit(view, pre, c=c, sl=sl, source=source):
+                    view[:, sl, c.index] = source[:, sl, c.index]
+                logits = run(model, ids, c.site, c.layer, edit)[0]
+                if metric == "kl":
+                    clean = torch.log_softmax(model.hf(input_ids=torch.tensor([p.clean + cont[:-1]])).logits[0]
+                                              .float(), -1)[t - 1:]
+                    lp = torch.log_softmax(logits.float(), -1)[t - 1:]
+                    total += (clean.exp() * (clean - lp)).sum()
+                    continue
+                s = teacher_forced(logits, t, cont)
+                total += s.exp() if metric == "prob" else sign * s
+            out[i, j] = total
     return out

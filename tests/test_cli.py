@@ -70,3 +70,8 @@ def test_tasks_writes_an_ioi_dataset_with_roles(tmp_path, capsys):
     assert {r["template"] for r in ds.records} == {0, 1}
     assert main(["tasks", "ioi", "--model", "random:llama-tiny", "--templates", "9"]) == 2
     assert "field 'templates'" in capsys.readouterr().err
+
+
+def test_tasks_greater_than_on_a_tokenizer_without_its_words_exits_2(capsys):
+    assert main(["tasks", "greater_than", "--model", "random:llama-tiny", "--n", "2"]) == 2
+    assert "no greater-than noun is one token" in capsys.readouterr().err

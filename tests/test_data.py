@@ -20,8 +20,10 @@ def _write(tmp_path, lines):
     ("{not json", 2, None),
     ({"corrupt": "Mary went to", "answer": "the"}, 2, "clean"),
     ({"clean": "Mary went to", "corrupt": "Mary went to the", "answer": "the"}, 2, "corrupt"),
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the store"}, 2, "answer"),
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "wrong": "a big"}, 2, "wrong"),
+    ({"clean": "Mary went to", "corrupt": "John went to", "answer": " "}, 2, "answer"),  # tokenises to nothing
+    ({"clean": "Mary went to", "corrupt": "John went to", "answer": ""}, 2, "answer"),
+    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "wrong": [3, "x"]}, 2, "wrong"),
+    ({"clean": "Mary went to", "corrupt": "John went to", "answer": [3, 99999]}, 2, "answer"),
     ({"clean": "Mary went to", "corrupt": "John went to"}, 2, "answer"),
     ({"clean_ids": [1, 2], "corrupt_ids": "x", "answer": 3}, 2, "corrupt_ids"),
     ({"clean_ids": [1, 2], "corrupt_ids": [1, 99999], "answer": 3}, 2, "corrupt"),
@@ -43,7 +45,7 @@ def test_ids_replace_strings_and_blank_lines(tiny, tmp_path):
     p = _write(tmp_path, [{"clean_ids": [1, 5, 6], "corrupt_ids": [1, 7, 6], "answer": 9, "wrong": 10}, "",
                           IOI[1]])
     pairs = Dataset.from_jsonl(p).tokenize(tiny("llama").tokenizer)
-    assert pairs[0].clean == (1, 5, 6) and pairs[0].answer == 9
+    assert pairs[0].clean == (1, 5, 6) and pairs[0].answer == (9,)
     assert pairs[1].line == 3
     assert len(pairs[1].clean) == len(pairs[1].corrupt) == 15
 

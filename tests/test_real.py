@@ -11,7 +11,7 @@ from causalscan.errors import InputError
 from causalscan.sweeps import Component
 
 from conftest import smollm2_file
-from naive import naive_effects
+from naive import naive_continuation_effects, naive_effects
 from tolerance import assert_close
 
 pytestmark = pytest.mark.real
@@ -66,6 +66,21 @@ def test_scan_top_heads_are_confirmed(smollm2, ioi_pairs):
     assert res.agreement["top_min_exact_abs"] > res.agreement["random_max_exact_abs"]
     comps = [res.components[j] for j in res.confirmed[:4].tolist()]
     assert_close(res.exact[:, :4], cs.patch(smollm2, ioi_pairs, components=comps).effect, 1e-4)
+
+
+def test_greater_than_years_of_two_tokens_equal_a_naive_loop(smollm2):
+    """SmolLM2 splits "1745" into digits, so greater-than answers are two tokens scored by teacher
+    forcing: the model prefers the later year (clean > 0) far more than after "1701", and batched
+    patching of heads and the year's residual equals one forward per pair, continuation and patch."""
+    recs = tasks.greater_than(smollm2.tokenizer, n=4, seed=0)
+    pairs = cs.Dataset(recs).tokenize(smollm2.tokenizer)
+    assert {len(p.answer) for p in pairs} == {2}
+    yy = pairs[0].roles["YY"]
+    comps = [Component("head", 10, 3), Component("head", 25, 0), Component("resid_pre", 5, 0, yy),
+             Component("resid_pre", 20, 0, len(pairs[0].clean) - 1), Component("mlp_out", 12, 0, None)]
+    res = cs.patch(smollm2, recs, components=comps)
+    assert (res.clean > 0).all() and res.clean.mean() > res.corrupt.mean() + 2
+    assert_close(res.patched[:2], naive_continuation_effects(smollm2, recs[:2], comps), 1e-4)
 
 
 def test_trace_restores_a_real_fact(smollm2):
