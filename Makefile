@@ -27,3 +27,4 @@ bench:
 	python bench/bench_patching.py
 	python bench/bench_scan.py
 	python bench/bench_elicit.py
+	python bench/bench_smollm2.py

@@ -139,7 +139,7 @@ class Dataset:
             if side in rec and not isinstance(rec[side], str):
                 raise self._err("must be a string", line, side)
             ids = rec.get(f"{side}_ids")
-            if ids is not None and not (isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)):
+            if ids is not None and not (isinstance(ids, list) and ids and all(_is_id(i) for i in ids)):
                 raise self._err("must be a non-empty list of token ids", line, f"{side}_ids")
         if noise:
             span = rec["noise_span"]
@@ -158,8 +158,8 @@ class Dataset:
             raise self._err("missing", line, "answer")
         for f in ("answer", "wrong"):
             v = rec.get(f)
-            ids = isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-            if f in rec and not (isinstance(v, str) and v or isinstance(v, int) and not isinstance(v, bool) or ids):
+            if f in rec and not (isinstance(v, str) and v or _is_id(v) or isinstance(v, list) and v
+                                 and all(_is_id(i) for i in v)):
                 raise self._err("must be a non-empty string, a token id or a list of token ids", line, f)
 
     def tokenize(self, tokenizer, vocab_size: int | None = None) -> list[Pair]:
@@ -186,6 +186,8 @@ class Dataset:
                 bad = [i for i in t if vocab_size and not 0 <= i < vocab_size]
                 if bad:
                     raise self._err(f"token id {bad[0]} outside the vocabulary [0, {vocab_size})", line, f)
+            if tok["answer"] == tok.get("wrong"):
+                raise self._err("has the same tokens as answer: the metric would be 0 everywhere", line, "wrong")
             roles = {r: self._role(tokenizer, rec, r, ids["clean"], line) for r in self.roles} if self.roles else None
             out.append(Pair(ids["clean"], ids["corrupt"], tok["answer"], tok.get("wrong", ()), line, span, roles))
         return out
@@ -249,6 +251,11 @@ class Dataset:
         if not ids:
             raise self._err(f"{value!r} tokenises to nothing", line, field)
         return tuple(ids)
+
+
+def _is_id(x) -> bool:
+    """A token id: an int that is not a bool (JSON ``true`` is not token 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def chat_text(tokenizer, text: str, file: str | None = None, line: int | None = None) -> str:

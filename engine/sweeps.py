@@ -100,7 +100,10 @@ def build_sweeps(model, sites: str | Sequence[str], lengths: list[int], dataset_
     dataset names them, else over token positions, which needs one token length."""
     sweeps: list[Sweep] = []
     comps: list[Component] = []
-    for spec in [sites] if isinstance(sites, str) else sites:
+    specs = sites.split(",") if isinstance(sites, str) else sites  # "head,neuron" as on the command line
+    if not specs or any(not isinstance(s, str) or not s.strip() for s in specs):
+        raise InputError(f"sites must name at least one sweep (e.g. 'head,neuron'), not {sites!r}", field="sites")
+    for spec in (s.strip() for s in specs):
         site, by_pos = parse_sweep(spec)
         if by_pos and not roles and len(lengths) > 1:
             raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, found "

@@ -26,6 +26,9 @@ def _write(tmp_path, lines):
     ({"clean": "Mary went to", "corrupt": "John went to", "answer": [3, 99999]}, 2, "answer"),
     ({"clean": "Mary went to", "corrupt": "John went to"}, 2, "answer"),
     ({"clean_ids": [1, 2], "corrupt_ids": "x", "answer": 3}, 2, "corrupt_ids"),
+    ({"clean_ids": [1, True], "corrupt_ids": [1, 2], "answer": 3}, 2, "clean_ids"),  # true is not token 1
+    ({"clean": "Mary went to", "corrupt": "John went to", "answer": True}, 2, "answer"),
+    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "wrong": "the"}, 2, "wrong"),
     ({"clean_ids": [1, 2], "corrupt_ids": [1, 99999], "answer": 3}, 2, "corrupt"),
     ({"clean": "Mary went to", "noise_span": "Mary", "answer": "the"}, 2, "noise_span"),
     ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "chat": "yes"}, 2, "chat"),

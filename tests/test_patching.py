@@ -91,6 +91,16 @@ def test_bad_sweep_and_direction(tiny):
         patch(tiny("llama"), IOI, direction="sideways")
     with pytest.raises(InputError, match="resid_mid"):
         patch(tiny("gpt_neox"), IOI, sites="resid_mid")
+    for sites in (",", [], ["head", ""]):
+        with pytest.raises(InputError, match="field 'sites'"):
+            patch(tiny("llama"), IOI, sites=sites)
+
+
+def test_sites_string_splits_on_commas_as_the_cli_does(tiny):
+    one = patch(tiny("llama"), IOI, sites="head, mlp_out:all")
+    two = patch(tiny("llama"), IOI, sites=["head", "mlp_out:all"])
+    assert [s.name for s in one.sweeps] == [s.name for s in two.sweeps] == ["head", "mlp_out_all"]
+    assert torch.equal(one.patched, two.patched)
 
 
 def test_load_accepts_hf_module(tiny):
