@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_number
 from causalscan.progress import Bars, log
 
 
@@ -194,9 +194,14 @@ def _heatmaps(res) -> str:
 def cmd_elicit(args) -> dict:
     from causalscan.elicit import elicit, read_prompts
 
+    check_number(args.top, "top", 0, integer=True)
     prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
     radius = args.radius if args.radius == "auto" else _positive(args.radius, "radius")
-    positions = [int(x) for x in args.positions.split(",")] if args.positions else None
+    try:
+        positions = [int(x) for x in args.positions.split(",")] if args.positions else None
+    except ValueError:
+        raise InputError(f"must be comma-separated token positions, not {args.positions!r}",
+                         field="positions") from None
     model = _load(args)
     res = elicit(model, prompts or None, method=args.method, n=args.n, source=args.source, target=args.target,
                  radius=radius, p=args.p, q=args.q, positions=positions, steps=args.steps, seed=args.seed,
@@ -222,7 +227,7 @@ def _positive(text: str, field: str) -> float:
         v = float(text)
     except ValueError:
         v = -1.0
-    if not v > 0:
+    if not 0 < v < float("inf"):
         raise InputError(f"must be a positive number or 'auto', not {text!r}", field=field)
     return v
 
@@ -250,6 +255,8 @@ def cmd_steer(args) -> dict:
     layer = args.layer if args.layer is not None else int(meta.get("source", -1))
     if layer < 0:
         raise InputError("the file names no source layer; give --layer", file=args.vectors)
+    if not torch.isfinite(vecs[args.index]).all():  # before loading the model
+        raise InputError(f"vector {args.index} holds NaN or infinite entries", file=args.vectors)
     model = _load(args)
     ids = [encode(model.tokenizer, args.prompt, args.chat)]
     both = torch.cat([vecs[args.index:args.index + 1], torch.zeros_like(vecs[:1])])  # steered and plain rows
@@ -447,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"causalscan: internal error: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(doc, indent=2))
+        from causalscan.results import strict_json
+
+        print(strict_json(doc))
     return 0
 
 

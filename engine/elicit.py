@@ -27,7 +27,7 @@ from causalscan.attribution import frozen
 from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
 from causalscan.data import encode, read_jsonl
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_number
 from causalscan.progress import Progress, log
 
 METHODS = ("melbo", "dct")
@@ -170,10 +170,16 @@ def elicit(
     model = load(model)
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
-    if n < 1:
-        raise InputError("n must be >= 1", field="n")
-    if not (isinstance(radius, int | float) and radius > 0) and radius != "auto":
-        raise InputError(f"radius must be a positive number or 'auto', not {radius!r}", field="radius")
+    check_number(n, "n", 1, integer=True)
+    if radius != "auto":
+        check_number(radius, "radius", 0, open_lo=True)
+    check_number(p, "p", 0, open_lo=True)
+    check_number(q, "q", 0, open_lo=True)
+    check_number(max_new_tokens, "max_new_tokens", 1, integer=True)
+    if steps is not None:
+        check_number(steps, "steps", 1, integer=True)
+    if lr is not None:
+        check_number(lr, "lr", 0, open_lo=True)
     d_source, d_target = default_layers(model.adapter.n_layers)
     source = d_source if source is None else source
     target = d_target if target is None else target

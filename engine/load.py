@@ -134,6 +134,7 @@ def load(
     """
     if isinstance(spec, Model):
         return spec
+    device = check_device(device)
     card: dict = {}
     if isinstance(spec, nn.Module):
         hf, name = spec.eval(), type(spec).__name__
@@ -172,6 +173,23 @@ def load(
     if check:
         check_adapter(model)
     return model
+
+
+def check_device(device) -> torch.device | None:
+    """``device`` as a torch device this machine has, before any weight is loaded; else :class:`InputError`."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"not a torch device: {device!r} (cpu, cuda, cuda:N)", field="device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{device!r}: this machine has no CUDA device; use cpu", field="device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)", field="device")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"{device!r}: causalscan runs on cpu or cuda", field="device")
+    return dev
 
 
 def gguf_file(path: Path) -> Path | None:

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import save_file
 
+from causalscan.errors import check_number
 from causalscan.metrics import normalise
 from causalscan.sweeps import Sweep
 
@@ -110,6 +111,7 @@ class PatchResult(Result):
                 for j in order.tolist()]
 
     def to_json(self, top: int = 50) -> dict:
+        check_number(top, "top", 0, integer=True)
         settings = {"direction": self.direction, "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps)}
         return self._document("patch", settings, components=self.top(top))
 
@@ -119,7 +121,7 @@ def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict, nam
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.float().cpu() for k, v in tensors.items()}, str(out / "scores.safetensors"))
-    (out / name).write_text(json.dumps(_finite(doc), indent=2))
+    (out / name).write_text(strict_json(doc))
     return out
 
 
@@ -201,6 +203,7 @@ class ScanResult(Result):
                  **({"graddrop": summ["graddrop"][j].item()} if "graddrop" in summ else {})} for j in order.tolist()]
 
     def to_json(self, top: int = 50) -> dict:
+        check_number(top, "top", 0, integer=True)
         settings = {"method": self.method, "graddrop": self.graddrop is not None, "direction": self.direction,
                     "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps),
                     "confirmed": {"top": self.n_top,
@@ -209,15 +212,20 @@ class ScanResult(Result):
                               false_negatives=self.false_negatives)
 
 
-def _finite(doc):
-    """NaN -> None, so scan.json is strict JSON."""
-    if isinstance(doc, float) and math.isnan(doc):
+def finite(doc):
+    """NaN and infinities -> None (recursively), so a document is strict JSON."""
+    if isinstance(doc, float) and not math.isfinite(doc):
         return None
     if isinstance(doc, dict):
-        return {k: _finite(v) for k, v in doc.items()}
-    if isinstance(doc, list):
-        return [_finite(v) for v in doc]
+        return {k: finite(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [finite(v) for v in doc]
     return doc
+
+
+def strict_json(doc, indent: int | None = 2) -> str:
+    """``doc`` as strict JSON: no bare NaN or Infinity, which JSON parsers other than Python's reject."""
+    return json.dumps(finite(doc), indent=indent, allow_nan=False)
 
 
 @dataclass(kw_only=True)
@@ -258,6 +266,7 @@ class TraceResult(Result):
         return sum(e[0].numel() for e in self.effects.values())
 
     def to_json(self, top: int = 20) -> dict:
+        check_number(top, "top", 0, integer=True)
         return self._document("trace", {"window": self.window, "direction": "denoising"}, tokens=self.tokens,
                               span=list(self.span) if self.span else None,
                               grids={k: v.tolist() for k, v in self.tensors().items() if k.startswith("trace/")},

@@ -20,7 +20,7 @@ import torch
 from causalscan import attribution, corruption
 from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_number
 from causalscan.inputs import Inputs, prepare
 from causalscan.patching import measure
 from causalscan.progress import Progress, log, report
@@ -80,8 +80,10 @@ def scan(
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
-    if batch_size < 1 or confirm < 0 or fn_subsets < 0:
-        raise InputError("batch_size must be >= 1, confirm and fn_subsets >= 0", field="batch_size")
+    for value, field, lo in ((batch_size, "batch_size", 1), (confirm, "confirm", 0), (fn_subsets, "fn_subsets", 0),
+                             (confirm if confirm_random is None else confirm_random, "confirm_random", 0)):
+        check_number(value, field, lo, integer=True)
+    check_number(fn_p, "fn_p", 0, 1, open_lo=True)
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
     graddrop = (method == "atp*") if graddrop is None else graddrop
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)

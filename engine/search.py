@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from causalscan import runner
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_number
 from causalscan.progress import Progress, log, report
 
 Response = Callable[[torch.Tensor], list[torch.Tensor]]  # theta [n, d] -> per group [n, B, P, d]
@@ -89,6 +89,9 @@ def make_slice(model, prompts: list[list[int]], source: int, target: int, positi
                          field="source/target")
     if not prompts:
         raise InputError("no prompts", field="prompts")
+    shortest = min(len(p) for p in prompts)
+    for p in positions or ():
+        check_number(p, "positions", -shortest, shortest - 1, integer=True)  # no wrapping around
     groups = []
     for length in sorted({len(p) for p in prompts}):
         ids = torch.tensor([p for p in prompts if len(p) == length], device=model.device)

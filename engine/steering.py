@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from causalscan import interventions as iv
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_number
 from causalscan.progress import Progress, report
 
 
@@ -23,6 +23,10 @@ def generate(model, prompts: list[list[int]], vectors: torch.Tensor | None, laye
     ``progress(stage, done, total)``: after each batched ``generate`` call."""
     if not 0 <= layer < model.adapter.n_layers:
         raise InputError(f"layer {layer} out of range for {model.adapter.n_layers} layers", field="layer")
+    check_number(alpha, "alpha")
+    check_number(max_new_tokens, "max_new_tokens", 1, integer=True)
+    if vectors is not None and not torch.isfinite(vectors).all():
+        raise InputError("the steering vectors hold NaN or infinite entries", field="vectors")
     dev = model.device
     vecs = torch.zeros(1, model.adapter.d_model, device=dev) if vectors is None else vectors.to(dev)
     n, p = len(vecs), len(prompts)

@@ -1,0 +1,116 @@
+"""Bad option values through the CLI, in process: exit 2 with one line naming the field, before any
+work (no traceback, no result computed from a NaN or a wrapped-around index); ``--json`` is strict
+JSON."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from causalscan.cli import main
+from causalscan.errors import InputError, check_number
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCH = ["patch", "--model", "random:llama-tiny", "--data", str(ROOT / "examples/ioi.jsonl"), "--sites", "head"]
+ELICIT = ["elicit", "--model", "random:llama-tiny", "--prompt", "a b c", "--n", "1", "--steps", "1"]
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--noise-scale", "nan"], "noise_scale"), (["--noise-scale", "-1"], "noise_scale"),
+    (["--noise-scale", "inf"], "noise_scale"), (["--samples", "0"], "samples"), (["--top", "-1"], "top"),
+    (["--device", "foo"], "device"), (["--sites", ","], "sites"), (["--seed", "-3"], "seed"),
+])
+def test_bad_patch_options_exit_2(capsys, extra, field):
+    assert main(PATCH + extra) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("causalscan: error:")]
+    assert len(errors) == 1 and f"field {field!r}" in errors[0] and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_exits_2(capsys):
+    assert main(PATCH + ["--device", "cuda"]) == 2
+    assert "has no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--confirm-random", "-5"], "confirm_random"), (["--confirm", "-1"], "confirm"),
+    (["--batch-size", "0"], "batch_size"),
+])
+def test_bad_scan_options_exit_2(capsys, extra, field):
+    assert main(["scan", *PATCH[1:], *extra]) == 2
+    assert f"field {field!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--positions", "99"], "positions"), (["--positions", "abc"], "positions"), (["--radius", "inf"], "radius"),
+    (["--p", "0"], "p"), (["--q", "nan"], "q"), (["--max-new-tokens", "-1"], "max_new_tokens"),
+    (["--top", "-2"], "top"),
+])
+def test_bad_elicit_options_exit_2(capsys, extra, field):
+    assert main([*ELICIT[:-2], *extra] if "--steps" in extra else [*ELICIT, *extra]) == 2
+    assert f"field {field!r}" in capsys.readouterr().err
+
+
+def test_scan_api_refuses_a_zero_fn_p(tiny):
+    from causalscan.scan import scan
+
+    from conftest import IOI
+    with pytest.raises(InputError, match="field 'fn_p'"):
+        scan(tiny("llama"), IOI, sites="head", fn_subsets=4, fn_p=0.0)
+
+
+def test_elicit_steps_zero_exits_2(capsys):
+    assert main([*ELICIT[:-2], "--steps", "0", "--method", "melbo"]) == 2
+    assert "field 'steps'" in capsys.readouterr().err
+
+
+def test_steer_refuses_non_finite_vectors_and_alpha(tmp_path, capsys):
+    vecs = torch.zeros(2, 64)
+    vecs[0, 3] = float("nan")
+    path = tmp_path / "vectors.safetensors"
+    meta = {"model": "random:llama-tiny", "source": "0"}
+    save_file({"vectors": vecs, "random": vecs.clone()}, str(path), metadata=meta)
+    steer = ["steer", "--vectors", str(path), "--prompt", "a b"]
+    assert main([*steer, "--index", "0"]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err
+    assert main([*steer, "--index", "1", "--alpha", "inf"]) == 2
+    assert "field 'alpha'" in capsys.readouterr().err
+
+
+def test_json_is_strict_without_nan(capsys):
+    """clean == corrupt: the normalised effects are 0/0; --json prints null, never a bare NaN."""
+    rec = {"clean": "a b c", "corrupt": "a b c", "answer": "d", "wrong": "e"}
+    assert main(["patch", "--model", "random:llama-tiny", "--data", _jsonl(rec), "--json"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(name):
+        raise ValueError(f"bare {name} in --json output")
+    doc = json.loads(out, parse_constant=refuse)
+    assert doc["components"] and all(r["exact_norm"] is None for r in doc["components"])
+
+
+def _jsonl(rec) -> str:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "same.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("value, kw", [
+    (math.nan, {}), (math.inf, {}), (True, {"integer": True}), (1.5, {"integer": True}), ("3", {}),
+    (0, {"lo": 0, "open_lo": True}), (-1, {"lo": 0}), (11, {"lo": 0, "hi": 10}),
+])
+def test_check_number_refuses(value, kw):
+    with pytest.raises(InputError, match="field 'x'"):
+        check_number(value, "x", **kw)
+
+
+def test_check_number_accepts_bounds():
+    check_number(0, "x", 0, integer=True)
+    check_number(1.0, "x", 0, 1, open_lo=True)
+    check_number(-2.5, "x")
