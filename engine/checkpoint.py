@@ -1,21 +1,28 @@
 """Partial results of a long job, written as it goes, so that a rerun with the same settings resumes.
 
-One safetensors file holds the job's accumulators and, in its metadata, the settings key and the
-finished work units; it is replaced atomically (written beside, then renamed), so an interrupted
-write leaves the previous state. A rerun whose settings key differs starts from scratch.
+One safetensors file holds the job's accumulators and, in its metadata, the settings key, the
+finished work units and a digest of both; it is replaced atomically (written beside under a name
+unique to the process, then renamed), so an interrupted write leaves the previous state. A rerun
+whose settings key differs starts from scratch. A file that cannot be read, whose digest does not
+match, or whose tensors or units are not what the job expects is set aside (renamed
+``*.bad-<time>``, with a warning naming it) and the job starts afresh: never a wrong resume.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+log = logging.getLogger("causalscan")
 
 
 def key(settings: dict) -> str:
@@ -37,27 +44,71 @@ class Checkpoint:
         self.path = Path(directory) / f"{name}.partial.safetensors"
         self.key, self.every_s, self.last = settings_key, every_s, time.monotonic()
 
-    def load(self) -> tuple[dict[str, torch.Tensor], set[int]] | None:
-        """The saved tensors and finished units, if the file exists and has this job's key."""
+    def load(self, shapes: dict[str, tuple] | None = None, units: int | None = None
+             ) -> tuple[dict[str, torch.Tensor], set[int]] | None:
+        """The saved tensors and finished units, if the file exists and has this job's key. ``shapes``:
+        the tensors the job expects (None in a shape: any size); ``units``: the number of work units.
+        A damaged or foreign-shaped file is set aside and None returned."""
         if not self.path.is_file():
             return None
-        with safe_open(str(self.path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != self.key:
-                return None
-            return {k: f.get_tensor(k) for k in f.keys()}, set(json.loads(meta["done"]))
+        try:
+            with safe_open(str(self.path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("key") != self.key:
+                    return None
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            done = json.loads(meta["done"])
+            _check(tensors, done, meta.get("digest"), self.key, shapes, units)
+        except Exception as e:  # any damage: never resume from it
+            bad = self.path.with_name(f"{self.path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.path, bad)
+            log.warning("checkpoint %s is damaged (%s): set aside as %s; starting afresh", self.path, e, bad.name)
+            return None
+        return tensors, set(done)
 
     def save(self, tensors: dict[str, torch.Tensor], done: set[int], force: bool = False) -> bool:
         """Write if ``every_s`` has passed since the last write (or ``force``); True if written."""
         if not force and time.monotonic() - self.last < self.every_s:
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"key": self.key, "done": json.dumps(sorted(done))})
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        units = sorted(done)
+        save_file(tensors, str(tmp), metadata={"key": self.key, "done": json.dumps(units),
+                                               "digest": digest(tensors, units, self.key)})
         os.replace(tmp, self.path)
         self.last = time.monotonic()
         return True
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def digest(tensors: dict[str, torch.Tensor], done: list[int], settings_key: str) -> str:
+    """sha256 over the settings key, the finished units and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(f"{settings_key}|{json.dumps(done)}".encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"|{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check(tensors: dict, done, saved_digest, settings_key: str, shapes: dict | None, units: int | None) -> None:
+    """Raise ValueError unless the file's contents are what it says and what the job expects."""
+    if not (isinstance(done, list) and all(isinstance(u, int) and not isinstance(u, bool) for u in done)):
+        raise ValueError("its list of finished units is not a list of integers")
+    if len(set(done)) != len(done) or units is not None and any(not 0 <= u < units for u in done):
+        raise ValueError(f"its finished units are not distinct units of 0..{units}")
+    if saved_digest != digest(tensors, done, settings_key):
+        raise ValueError("its digest does not match its contents")
+    if shapes is not None:
+        if set(tensors) != set(shapes):
+            raise ValueError(f"it holds {sorted(tensors)}, the job needs {sorted(shapes)}")
+        for name, want in shapes.items():
+            got = tuple(tensors[name].shape)
+            if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got, strict=True)):
+                raise ValueError(f"{name} has shape {list(got)}, the job needs {list(want)}")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{name} holds NaN or infinite values")

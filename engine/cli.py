@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from causalscan.errors import InputError, check_number
 from causalscan.progress import Bars, log
@@ -88,6 +87,14 @@ def _load(args):
     return causalscan.load(args.model, device=device, dtype=getattr(torch, args.dtype))
 
 
+def _check_out(args) -> None:
+    """``--out`` takes files, checked before any work (a file, an unwritable place: exit 2 at once)."""
+    if args.out:
+        from causalscan import files
+
+        files.out_dir(args.out)
+
+
 def _data_path(args, prefer: str | None = None) -> str:
     """``--data``, or a dataset shipped with a zoo ``--model`` (``prefer`` if it has one, else its first)."""
     if args.data:
@@ -110,6 +117,7 @@ def _dataset(args, prefer: str | None = None):
 def cmd_patch(args) -> dict:
     from causalscan.patching import patch
 
+    _check_out(args)
     ds = _dataset(args)
     model = _load(args)
     res = patch(model, ds, sites=[s for s in args.sites.split(",") if s], direction=args.direction,
@@ -129,6 +137,7 @@ def cmd_patch(args) -> dict:
 def cmd_scan(args) -> dict:
     from causalscan.scan import scan
 
+    _check_out(args)
     ds = _dataset(args)
     model = _load(args)
     res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method, confirm=args.confirm,
@@ -161,6 +170,7 @@ def cmd_scan(args) -> dict:
 def cmd_trace(args) -> dict:
     from causalscan.tracing import trace
 
+    _check_out(args)
     ds = _dataset(args, prefer="subjects")
     model = _load(args)
     res = trace(model, ds, kinds=[k for k in args.kinds.split(",") if k], window=args.window, metric=args.metric,
@@ -195,6 +205,7 @@ def cmd_elicit(args) -> dict:
     from causalscan.elicit import elicit, read_prompts
 
     check_number(args.top, "top", 0, integer=True)
+    _check_out(args)
     prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
     radius = args.radius if args.radius == "auto" else _positive(args.radius, "radius")
     try:
@@ -268,8 +279,10 @@ def cmd_steer(args) -> dict:
 
 
 def cmd_tasks(args) -> dict:
-    from causalscan import tasks
+    from causalscan import files, tasks
 
+    if args.out:
+        files.out_file(args.out)
     model = _load(args)
     if args.task == "ioi":
         try:
@@ -285,8 +298,7 @@ def cmd_tasks(args) -> dict:
         records = tasks.facts(model.tokenizer, n=args.n)
     text = "".join(json.dumps(r) + "\n" for r in records)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        files.write(args.out, text)
         print(f"tasks: {len(records)} {args.task} pairs -> {args.out}", file=sys.stderr)
     elif not args.json:
         sys.stdout.write(text)
@@ -454,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"causalscan: internal error: {e}", file=sys.stderr)
         return 1
     if args.json:
-        from causalscan.results import strict_json
+        from causalscan.files import strict_json
 
         print(strict_json(doc))
     return 0

@@ -51,8 +51,14 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], list[int]]:
     path = Path(path)
     if not path.is_file():
         raise InputError("no such file", file=str(path))
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})", file=str(path),
+                         line=raw[:e.start].count(b"\n") + 1) from None
     records, lines = [], []
-    for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, text in enumerate(content.splitlines(), start=1):
         if not text.strip():
             continue
         try:
@@ -129,6 +135,9 @@ class Dataset:
         return names
 
     def _check(self, rec: dict, line: int) -> None:
+        for f, v in rec.items():
+            if _unencodable(v):
+                raise self._err("holds a lone surrogate (\\ud800-\\udfff), which is not text", line, f)
         noise = "noise_span" in rec
         if noise and ("corrupt" in rec or "corrupt_ids" in rec):
             raise self._err("give corrupt or noise_span, not both", line, "noise_span")
@@ -251,6 +260,19 @@ class Dataset:
         if not ids:
             raise self._err(f"{value!r} tokenises to nothing", line, field)
         return tuple(ids)
+
+
+def _unencodable(v) -> bool:
+    """Does ``v`` (a JSON value) hold a string that is not valid Unicode text (a lone surrogate)?"""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(v, dict):
+        return any(_unencodable(k) or _unencodable(x) for k, x in v.items())
+    return isinstance(v, list) and any(_unencodable(x) for x in v)
 
 
 def _is_id(x) -> bool:

@@ -14,7 +14,6 @@ target phrase (or ``phrase`` is given), the summary counts the vectors whose com
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from causalscan import search, steering
+from causalscan import files, search, steering
 from causalscan.attribution import frozen
 from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
@@ -117,17 +116,15 @@ class ElicitResult:
     def save(self, out_dir: str | Path) -> Path:
         """``vectors.safetensors`` (``vectors``, ``random`` [n, d_model]; metadata: model, layer),
         ``completions.jsonl`` and ``summary.json`` into ``out_dir``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = files.out_dir(out_dir)
         meta = {"model": self.model, "method": self.method, "source": str(self.source), "target": str(self.target),
                 "radius": repr(self.radius)}
         tensors = {"vectors": self.vectors, "random": self.random}
-        save_file({k: v.float().cpu().contiguous() for k, v in tensors.items()}, str(out / "vectors.safetensors"),
-                  metadata=meta)
-        with open(out / "completions.jsonl", "w") as f:
-            for row in self.rows():
-                f.write(json.dumps(row) + "\n")
-        (out / "summary.json").write_text(json.dumps(self.summary(), indent=2))
+        tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items()}
+        files.write(out / "vectors.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        rows = "".join(files.strict_json(row, indent=None) + "\n" for row in self.rows())
+        files.write(out / "completions.jsonl", rows)
+        files.write(out / "summary.json", files.strict_json(self.summary()))
         return out
 
 

@@ -63,6 +63,8 @@ def prepare(model, dataset, metric="logit_diff", direction: str | None = None, s
     pairs = ds.tokenize(model.tokenizer, model.vocab_size)
     check_answers(ds, pairs, metric_name, metric_fn)
     rows = corruption.rows(model, pairs, samples, noise_scale, seed, metric=metric_name)
+    longest = max(rows.pairs, key=lambda p: len(p.clean))  # a prompt with its answer's continuation
+    model.check_length(len(longest.clean), ds.name, longest.line)
     return Inputs(model, ds, metric_name, Metric(metric_name, metric_fn), pairs, sorted({len(p.clean) for p in pairs}),
                   rows)
 

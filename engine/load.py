@@ -54,6 +54,24 @@ class Model:
         return next(self.hf.parameters()).device
 
     @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's position table (or its configured context) covers, if it says."""
+        cfg = self.hf.config
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def check_length(self, n_tokens: int, file: str | None = None, line: int | None = None,
+                     field: str = "clean") -> None:
+        """:class:`InputError` if ``n_tokens`` positions run past :attr:`max_positions`."""
+        limit = self.max_positions
+        if limit is not None and n_tokens > limit:
+            raise InputError(f"{n_tokens} tokens run past the model's {limit} positions", file=file, line=line,
+                             field=field)
+
+    @property
     def vocab_size(self) -> int:
         """Rows of the input embedding (token ids must lie below)."""
         return self.hf.get_input_embeddings().weight.shape[0]
@@ -156,12 +174,7 @@ def load(
             raise InputError(f"no model directory, zoo model or random: spec named {str(spec)!r}; "
                              f"zoo models: {', '.join(zoo) or '(none)'}; random families: "
                              f"{', '.join(RANDOM_FAMILIES)}", field="model")
-        if not (path / "config.json").is_file():
-            raise InputError("not a Hugging Face model directory (no config.json)", file=str(path))
-        kwargs = dict(dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code)
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+        hf = load_directory(path, dtype or torch.float32, attn_implementation, trust_remote_code)
         if tokenizer is None and any(path.glob("tokenizer*.json")):
             tokenizer = load_tokenizer(path, trust_remote_code)
         if (path / "card.json").is_file():
@@ -173,6 +186,50 @@ def load(
     if check:
         check_adapter(model)
     return model
+
+
+PICKLE = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def load_directory(path: Path, dtype: torch.dtype, attn_implementation: str | None = None,
+                   trust_remote_code: bool = False) -> nn.Module:
+    """A Hugging Face directory's CausalLM from safetensors only, every weight present and used and
+    finite; anything else is an :class:`InputError` naming the file."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise InputError("not a Hugging Face model directory (no config.json)", file=str(path))
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"invalid config.json ({e})", file=str(cfg_file)) from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise InputError("config.json names no model_type", file=str(cfg_file), field="model_type")
+    if "auto_map" in cfg and not trust_remote_code:
+        raise InputError("the model's architecture is custom code shipped with the checkpoint; causalscan runs it "
+                         "only with trust_remote_code=True", file=str(cfg_file), field="auto_map")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLE for p in path.glob(pattern))
+        hint = (f"only pickled weights ({', '.join(pickled)}), which causalscan never unpickles; convert them to "
+                "safetensors where you trust the file (transformers: model.save_pretrained(dir, "
+                "safe_serialization=True))") if pickled else "no *.safetensors weights"
+        raise InputError(hint, file=str(path))
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        hf, info = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:  # unsupported type, bad safetensors, shape mismatch: one line, not a traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"cannot load this model ({type(e).__name__}: {first[:300]})", file=str(path)) from None
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise InputError(f"{len(keys)} {kind.replace('_', ' ')} in the weights, e.g. {', '.join(keys[:3])}: "
+                             "the checkpoint does not match config.json", file=str(path))
+    for name, param in hf.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise InputError(f"weight {name} holds NaN or infinite values", file=str(path))
+    return hf.eval()
 
 
 def check_device(device) -> torch.device | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import ClassVar
 import torch
 from safetensors.torch import save_file
 
+from causalscan import files
 from causalscan.errors import check_number
 from causalscan.metrics import normalise
 from causalscan.sweeps import Sweep
@@ -118,10 +118,10 @@ class PatchResult(Result):
 
 def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict, name: str = "scan.json") -> Path:
     """``scores.safetensors`` and ``name`` (strict JSON: NaN as null) into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().cpu() for k, v in tensors.items()}, str(out / "scores.safetensors"))
-    (out / name).write_text(strict_json(doc))
+    out = files.out_dir(out_dir)
+    tensors = {k: v.float().cpu() for k, v in tensors.items()}
+    files.write(out / "scores.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    files.write(out / name, files.strict_json(doc))
     return out
 
 
@@ -210,22 +210,6 @@ class ScanResult(Result):
                                   "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top}}
         return self._document("scan", settings, components=self.top(top), agreement=self.agreement,
                               false_negatives=self.false_negatives)
-
-
-def finite(doc):
-    """NaN and infinities -> None (recursively), so a document is strict JSON."""
-    if isinstance(doc, float) and not math.isfinite(doc):
-        return None
-    if isinstance(doc, dict):
-        return {k: finite(v) for k, v in doc.items()}
-    if isinstance(doc, list | tuple):
-        return [finite(v) for v in doc]
-    return doc
-
-
-def strict_json(doc, indent: int | None = 2) -> str:
-    """``doc`` as strict JSON: no bare NaN or Infinity, which JSON parsers other than Python's reject."""
-    return json.dumps(finite(doc), indent=indent, allow_nan=False)
 
 
 @dataclass(kw_only=True)

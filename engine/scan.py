@@ -130,7 +130,7 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
         sums["graddrop"] = torch.zeros(n_pairs, n_nodes)
     batches = [idx[lo:lo + batch_size] for idx in rows.buckets() for lo in range(0, len(idx), batch_size)]
     done: set[int] = set()
-    saved = ck.load() if ck else None
+    saved = ck.load({k: tuple(v.shape) for k, v in sums.items()}, len(batches)) if ck else None
     if saved:
         sums, done = saved
         log.info("resuming from %s: %d/%d batches done", ck.path, len(done), len(batches))

@@ -90,6 +90,7 @@ def make_slice(model, prompts: list[list[int]], source: int, target: int, positi
     if not prompts:
         raise InputError("no prompts", field="prompts")
     shortest = min(len(p) for p in prompts)
+    model.check_length(max(len(p) for p in prompts), field="prompts")
     for p in positions or ():
         check_number(p, "positions", -shortest, shortest - 1, integer=True)  # no wrapping around
     groups = []
@@ -137,7 +138,9 @@ def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: 
     gen = torch.Generator().manual_seed(seed)
     lr = 0.1 * radius / math.sqrt(d) if lr is None else lr
     done = torch.zeros(0, d, device=device)  # unit rows
-    saved = checkpoint.load() if checkpoint is not None else None
+    saved = checkpoint.load({"unit": (None, d)}, n) if checkpoint is not None else None
+    if saved and len(saved[1]) != len(saved[0]["unit"]):  # MELBO's units are the rows it holds
+        saved = None
     if saved:
         done = saved[0]["unit"].to(device)
         torch.randn(len(done), d, generator=gen)  # the draws of the finished vectors' starts

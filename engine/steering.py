@@ -25,6 +25,7 @@ def generate(model, prompts: list[list[int]], vectors: torch.Tensor | None, laye
         raise InputError(f"layer {layer} out of range for {model.adapter.n_layers} layers", field="layer")
     check_number(alpha, "alpha")
     check_number(max_new_tokens, "max_new_tokens", 1, integer=True)
+    model.check_length(max(len(x) for x in prompts) + max_new_tokens, field="max_new_tokens")
     if vectors is not None and not torch.isfinite(vectors).all():
         raise InputError("the steering vectors hold NaN or infinite entries", field="vectors")
     dev = model.device

@@ -26,6 +26,7 @@ def _write(tmp_path, lines):
     ({"clean": "Mary went to", "corrupt": "John went to", "answer": [3, 99999]}, 2, "answer"),
     ({"clean": "Mary went to", "corrupt": "John went to"}, 2, "answer"),
     ({"clean_ids": [1, 2], "corrupt_ids": "x", "answer": 3}, 2, "corrupt_ids"),
+    ('{"clean": "Mary \\ud800 went", "corrupt": "John went to", "answer": "the"}', 2, "clean"),  # lone surrogate
     ({"clean_ids": [1, True], "corrupt_ids": [1, 2], "answer": 3}, 2, "clean_ids"),  # true is not token 1
     ({"clean": "Mary went to", "corrupt": "John went to", "answer": True}, 2, "answer"),
     ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "wrong": "the"}, 2, "wrong"),
@@ -76,3 +77,20 @@ def test_metrics_by_hand():
                                torch.tensor([1.0, 0.0, 0.5]))
     with pytest.raises(InputError, match="unknown metric"):
         metrics.get("accuracy")
+
+
+def test_non_utf8_file_names_its_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(json.dumps(IOI[0]).encode() + b"\n" + '{"clean": "caf\u00e9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(InputError, match=r"latin1.jsonl:2: not UTF-8 text \(byte \d+ is 0xe9\)"):
+        Dataset.from_jsonl(p)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prompts_past_the_position_table_are_an_error(tiny, family):
+    from causalscan.patching import patch
+
+    long = " ".join(["a"] * 600)
+    recs = [IOI[0], {"clean": long + " b", "corrupt": long + " c", "answer": "d", "wrong": "e"}]
+    with pytest.raises(InputError, match=r"<memory>:2: field 'clean': 602 tokens run past the model's 512"):
+        patch(tiny(family), recs, sites="head")

@@ -4,6 +4,7 @@ JSON."""
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,35 @@ def test_check_number_accepts_bounds():
     check_number(0, "x", 0, integer=True)
     check_number(1.0, "x", 0, 1, open_lo=True)
     check_number(-2.5, "x")
+
+
+def test_out_that_is_a_file_or_unwritable_exits_2_before_work(tmp_path, capsys):
+    a_file = tmp_path / "scan.json"
+    a_file.write_text("{}")
+    assert main([*PATCH, "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a directory" in err and "loading" not in err  # before the model loads
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anywhere: nothing to refuse
+            pytest.skip("running as a user that can write to a read-only directory")
+        assert main([*PATCH, "--out", str(locked / "out")]) == 2
+        assert "cannot write here" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_outputs_replace_atomically_and_a_failed_write_keeps_the_last(tmp_path):
+    from causalscan import files
+
+    target = tmp_path / "scan.json"
+    files.write(target, "first")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(InputError, match="No space left on device"):
+        files.write(target, fail)
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["scan.json"]

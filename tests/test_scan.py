@@ -141,3 +141,37 @@ def test_interrupted_scan_resumes(induction, tmp_path, caplog):
     causalscan.scan(induction, data, checkpoint=tmp_path, progress=record, **{**kw, "method": "atp"})
     assert not any(m.startswith("resuming") for m in caplog.messages)  # other settings: no resume
     assert sum(s[0] == "attribution" for s in seen) == 4
+
+
+@pytest.mark.parametrize("damage", ["flip", "done", "truncate", "empty", "garbage"])
+def test_a_damaged_checkpoint_is_set_aside(induction, tmp_path, caplog, damage):
+    """Flipped data bytes, a tampered list of finished batches, a truncated, empty or garbage file: the
+    scan warns, renames the file aside and starts afresh, ending with the uninterrupted numbers."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    data = causalscan.zoo.dataset_path("induction", "previous")
+    kw = dict(sites="head", method="atp", confirm=0, batch_size=4, checkpoint_every_s=0.0)
+    full = causalscan.scan(induction, data, **kw)
+
+    def die_after_two(stage, done, total):
+        if (stage, done) == ("attribution", 2):
+            raise _Stop
+    with pytest.raises(_Stop):
+        causalscan.scan(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
+    path = tmp_path / "scan.partial.safetensors"
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[-3] ^= 0x40
+        path.write_bytes(bytes(raw))
+    elif damage == "done":  # the digest of the honest file, with more batches claimed done
+        with safe_open(str(path), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, str(path), metadata={**meta, "done": json.dumps(list(range(200)))})
+    else:
+        path.write_bytes({"truncate": bytes(raw[:len(raw) // 2]), "empty": b"", "garbage": b"not a checkpoint"}[damage])
+    caplog.set_level(logging.INFO, logger="causalscan")
+    res = causalscan.scan(induction, data, checkpoint=tmp_path, **kw)
+    assert any("set aside" in m for m in caplog.messages) and not any("resuming" in m for m in caplog.messages)
+    assert len(list(tmp_path.glob("scan.partial.safetensors.bad-*"))) == 1
+    assert torch.equal(res.signed, full.signed) and torch.equal(res.clean, full.clean)
