@@ -15,12 +15,13 @@ import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from causalscan import files
 
 log = logging.getLogger("causalscan")
 
@@ -71,12 +72,10 @@ class Checkpoint:
         if not force and time.monotonic() - self.last < self.every_s:
             return False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         units = sorted(done)
-        save_file(tensors, str(tmp), metadata={"key": self.key, "done": json.dumps(units),
-                                               "digest": digest(tensors, units, self.key)})
-        os.replace(tmp, self.path)
+        meta = {"key": self.key, "done": json.dumps(units), "digest": digest(tensors, units, self.key)}
+        files.write(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self.last = time.monotonic()
         return True
 

@@ -130,7 +130,7 @@ def rows(model, pairs: list[Pair], samples: int = SAMPLES, scale: float = SCALE,
         draws = [torch.randn(p.span[1] - p.span[0], d, generator=g) * std for p in expanded]
         owner = torch.arange(len(pairs)).repeat_interleave(samples)
         out = Rows(expanded, owner, len(pairs), draws, std, samples, scale, seed)
-    return continuations(out, metric) if any(len(p.answer) > 1 or len(p.wrong) > 1 for p in pairs) else out
+    return continuations(out, metric) if any(p.multi_token for p in pairs) else out
 
 
 def continuations(rows: Rows, metric: str) -> Rows:

@@ -45,6 +45,11 @@ class Pair:
     span: tuple[int, int] | None = None
     roles: dict[str, int] | None = None  # named positions: role -> token index
 
+    @property
+    def multi_token(self) -> bool:
+        """Is the answer or the wrong continuation several tokens (scored by teacher forcing)?"""
+        return len(self.answer) > 1 or len(self.wrong) > 1
+
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], list[int]]:
     """The JSON objects of a JSONL file and their line numbers (blank lines skipped); errors name file and line."""

@@ -71,7 +71,7 @@ def prepare(model, dataset, metric="logit_diff", direction: str | None = None, s
 
 def check_answers(ds: Dataset, pairs, name: str, fn) -> None:
     """Multi-token answers need a built-in metric, and ``logit_diff`` a wrong continuation on every pair."""
-    multi = [p for p in pairs if len(p.answer) > 1 or len(p.wrong) > 1]
+    multi = [p for p in pairs if p.multi_token]
     if not multi:
         return
     if METRICS.get(name) is not fn:
