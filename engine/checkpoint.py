@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from causalscan import files
+from causalscan.errors import check_type
 
 log = logging.getLogger("causalscan")
 
@@ -42,6 +43,7 @@ class Checkpoint:
     """``directory/<name>.partial.safetensors``: tensors plus the finished units of one job."""
 
     def __init__(self, directory: str | Path, name: str, settings_key: str, every_s: float = 30.0):
+        check_type(directory, str | os.PathLike, "checkpoint", "a directory path")
         self.path = Path(directory) / f"{name}.partial.safetensors"
         self.key, self.every_s, self.last = settings_key, every_s, time.monotonic()
 

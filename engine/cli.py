@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from causalscan.errors import InputError, check_number
+from causalscan.errors import RANGES, InputError, check_options
 from causalscan.progress import Bars, log
 
 
@@ -204,10 +204,8 @@ def _heatmaps(res) -> str:
 def cmd_elicit(args) -> dict:
     from causalscan.elicit import elicit, read_prompts
 
-    check_number(args.top, "top", 0, integer=True)
     _check_out(args)
     prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
-    radius = args.radius if args.radius == "auto" else _positive(args.radius, "radius")
     try:
         positions = [int(x) for x in args.positions.split(",")] if args.positions else None
     except ValueError:
@@ -215,7 +213,7 @@ def cmd_elicit(args) -> dict:
                          field="positions") from None
     model = _load(args)
     res = elicit(model, prompts or None, method=args.method, n=args.n, source=args.source, target=args.target,
-                 radius=radius, p=args.p, q=args.q, positions=positions, steps=args.steps, seed=args.seed,
+                 radius=args.radius, p=args.p, q=args.q, positions=positions, steps=args.steps, seed=args.seed,
                  max_new_tokens=args.max_new_tokens, phrase=args.phrase, checkpoint=args.out, chat=args.chat,
                  progress=_bars(args))
     doc = res.summary()
@@ -233,14 +231,14 @@ def cmd_elicit(args) -> dict:
     return doc
 
 
-def _positive(text: str, field: str) -> float:
+def _radius(text: str) -> str | float:
+    """``--radius``: ``auto`` or a number (its range is checked with the other options)."""
+    if text == "auto":
+        return text
     try:
-        v = float(text)
+        return float(text)
     except ValueError:
-        v = -1.0
-    if not 0 < v < float("inf"):
-        raise InputError(f"must be a positive number or 'auto', not {text!r}", field=field)
-    return v
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto', not {text!r}") from None
 
 
 def cmd_steer(args) -> dict:
@@ -398,7 +396,7 @@ def parser() -> argparse.ArgumentParser:
                                                              "quarter of the way to the target)")
     ep.add_argument("--target", type=int, default=None, help="read the response after this block (default: "
                                                              "L - 8, or the last block below 16 layers)")
-    ep.add_argument("--radius", default="auto", help="vector norm, or auto (non-linear share 0.5)")
+    ep.add_argument("--radius", type=_radius, default="auto", help="vector norm, or auto (non-linear share 0.5)")
     ep.add_argument("--p", type=float, default=2.0, help="MELBO objective exponent p")
     ep.add_argument("--q", type=float, default=1.0, help="MELBO objective exponent q")
     ep.add_argument("--positions", default=None, help="comma-separated target positions (default: all)")
@@ -455,6 +453,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        # every numeric option in range before any file is read or model loaded
+        check_options(**{k: v for k, v in vars(args).items() if k in RANGES})
         doc = args.fn(args)
     except InputError as e:
         print(f"causalscan: error: {e}", file=sys.stderr)

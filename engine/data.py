@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_type
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,11 @@ def as_dataset(data) -> Dataset:
         return data
     if isinstance(data, str | Path):
         return Dataset.from_jsonl(data)
-    return Dataset(data)
+    check_type(data, list | tuple, "dataset", "a Dataset, a JSONL path or a list of record dicts")
+    for i, rec in enumerate(data, 1):
+        if not isinstance(rec, dict):
+            raise InputError(f"record {i} must be a dict, not {type(rec).__name__}", file="<memory>", line=i)
+    return Dataset(list(data))
 
 
 def stack(pairs: list[Pair], device=None) -> dict[str, torch.Tensor]:

@@ -26,8 +26,9 @@ from causalscan.attribution import frozen
 from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
 from causalscan.data import encode, read_jsonl
-from causalscan.errors import InputError, check_number
+from causalscan.errors import InputError, check_options, check_type
 from causalscan.progress import Progress, log
+from causalscan.progress import check as check_progress
 
 METHODS = ("melbo", "dct")
 
@@ -164,19 +165,18 @@ def elicit(
     from causalscan.load import load
 
     t0 = time.perf_counter()
-    model = load(model)
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
-    check_number(n, "n", 1, integer=True)
-    if radius != "auto":
-        check_number(radius, "radius", 0, open_lo=True)
-    check_number(p, "p", 0, open_lo=True)
-    check_number(q, "q", 0, open_lo=True)
-    check_number(max_new_tokens, "max_new_tokens", 1, integer=True)
-    if steps is not None:
-        check_number(steps, "steps", 1, integer=True)
-    if lr is not None:
-        check_number(lr, "lr", 0, open_lo=True)
+    check_options(n=n, radius=radius, p=p, q=q, max_new_tokens=max_new_tokens, steps=steps, lr=lr, seed=seed,
+                  source=source, target=target)
+    if prompts is not None:
+        prompts = [prompts] if isinstance(prompts, str) else prompts  # one prompt
+        check_type(prompts, list | tuple, "prompts", "a list of strings")
+        for i, s in enumerate(prompts):
+            if not isinstance(s, str) or not s:
+                raise InputError(f"prompt {i} must be a non-empty string, not {s!r:.60}", field="prompts")
+    check_progress(progress)
+    model = load(model)
     d_source, d_target = default_layers(model.adapter.n_layers)
     source = d_source if source is None else source
     target = d_target if target is None else target

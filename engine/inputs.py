@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from causalscan import corruption
 from causalscan.corruption import Rows
 from causalscan.data import Dataset, Pair, as_dataset
-from causalscan.errors import InputError, check_number
+from causalscan.errors import InputError, check_options
 from causalscan.load import Model, load
 from causalscan.metrics import METRICS, Metric, rows_scored
 from causalscan.metrics import get as get_metric
@@ -52,9 +52,7 @@ def prepare(model, dataset, metric="logit_diff", direction: str | None = None, s
     """Load ``model`` (a :class:`Model`, a name or a path), read and tokenise ``dataset`` (a
     :class:`Dataset`, a JSONL path or a list of records), resolve ``metric`` and build the rows
     (Gaussian corruption of ``noise_span`` pairs: ``samples`` draws, ``noise_scale``, ``seed``)."""
-    check_number(samples, "samples", 1, integer=True)
-    check_number(noise_scale, "noise_scale", 0, open_lo=True)
-    check_number(seed, "seed", 0, integer=True)
+    check_options(samples=samples, noise_scale=noise_scale, seed=seed)
     model = load(model)
     ds = as_dataset(dataset)
     if direction is not None:

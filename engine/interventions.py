@@ -30,7 +30,7 @@ import torch
 
 from causalscan import runner
 from causalscan.bindings import ops
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_number, check_type
 
 Index = int | Sequence[int] | torch.Tensor | None
 
@@ -68,6 +68,31 @@ class Intervention:
         need = {"patch": "source", "add": "vector", "project_out": "direction", "scale": "alpha", "clamp": "alpha"}
         if self.op in need and getattr(self, need[self.op]) is None:
             raise InputError(f"{self.op} needs {need[self.op]}", field=need[self.op])
+        check_type(self.site, str, "site", "a site name")
+        layers = [self.layers] if isinstance(self.layers, int) else self.layers
+        if layers is not None and (not isinstance(layers, Sequence | range) or not all(_is_int(x) for x in layers)):
+            raise InputError(f"must be a layer, a list of layers or None, not {self.layers!r:.60}", field="layers")
+        for name in ("index", "positions"):
+            sel = getattr(self, name)
+            ok = sel is None or _is_int(sel) or (
+                sel.dtype == torch.bool or not sel.is_floating_point() and not sel.is_complex()
+                if isinstance(sel, torch.Tensor) else isinstance(sel, Sequence) and all(_is_int(x) for x in sel))
+            if not ok:
+                raise InputError(f"must be an int, a list of ints, an integer or bool tensor, or None, "
+                                 f"not {sel!r:.60}", field=name)
+        sources = self.source.values() if isinstance(self.source, Mapping) else [self.source]
+        for name, values in (("source", sources), ("vector", [self.vector]), ("direction", [self.direction])):
+            for v in values:
+                if v is not None and not (isinstance(v, torch.Tensor) and v.is_floating_point()):
+                    raise InputError(f"must be a floating-point tensor, not {type(v).__name__}", field=name)
+                if v is not None and not torch.isfinite(v).all():
+                    raise InputError("holds NaN or infinite entries", field=name)
+        if self.alpha is not None:
+            alpha = self.alpha if isinstance(self.alpha, torch.Tensor) else None
+            if alpha is None:
+                check_number(self.alpha, "alpha")
+            elif not alpha.is_floating_point() or not torch.isfinite(alpha).all():
+                raise InputError("must be a finite float or a finite floating-point tensor [B]", field="alpha")
 
     def taps(self, model) -> list[runner.TapSpec]:
         ad = model.adapter
@@ -86,7 +111,11 @@ class Intervention:
             src = self.source[layer] if isinstance(self.source, Mapping) else self.source
             if src is not None:  # [B|1, T|1, C, D], or one value [C, D] for every row and position
                 src = _param(src, c, d, x)
-                src = (src if src.dim() == 4 else src[:, None]).expand(b, t, c, d)
+                src = src if src.dim() == 4 else src[:, None]
+                if src.dim() != 4 or src.shape[0] not in (1, b) or src.shape[1] not in (1, t):
+                    raise InputError(f"source of shape {tuple(src.shape)} does not fit a run of {b} rows x {t} "
+                                     f"positions x {c} x {d}", field="source")
+                src = src.expand(b, t, c, d)
             alpha = self.alpha
             if alpha is not None:
                 alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).reshape(-1)
@@ -124,6 +153,10 @@ def _param(p: torch.Tensor, c: int, d: int, x: torch.Tensor) -> torch.Tensor:
             raise InputError(f"parameter of shape {tuple(p.shape)} does not fit a site of {c} x {d}")
         p = p.unflatten(-1, (c, d))
     return p[None] if p.dim() == 2 else p
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _unit(u: torch.Tensor) -> torch.Tensor:
@@ -181,8 +214,12 @@ def perturb(model, *interventions: Intervention, input_ids: torch.Tensor | None 
     from causalscan.load import load
 
     model = load(model)
+    for iv in interventions:
+        check_type(iv, Intervention, "interventions", "an Intervention (see the constructors add, zero, ...)")
     if input_ids is None:
         return _perturbed(model, interventions)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise InputError(f"must be an integer tensor [B, T], not {input_ids!r:.60}", field="input_ids")
     with _perturbed(model, interventions):
         return model.hf(input_ids=input_ids.to(model.device)).logits
 

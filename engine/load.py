@@ -153,7 +153,10 @@ def load(
     if isinstance(spec, Model):
         return spec
     device = check_device(device)
+    dtype = check_dtype(dtype)
     card: dict = {}
+    if not isinstance(spec, nn.Module | str | os.PathLike):
+        raise InputError(f"must be a Model, an HF module, a path or a name, not {type(spec).__name__}", field="model")
     if isinstance(spec, nn.Module):
         hf, name = spec.eval(), type(spec).__name__
     elif isinstance(spec, str | os.PathLike) and str(spec).startswith("random:"):
@@ -186,6 +189,17 @@ def load(
     if check:
         check_adapter(model)
     return model
+
+
+def check_dtype(dtype) -> torch.dtype | None:
+    """A floating torch dtype, from itself or its name (``"bfloat16"``); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    found = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise InputError(f"must be a floating torch dtype (float32, bfloat16, float16), not {dtype!r}",
+                         field="dtype")
+    return found
 
 
 PICKLE = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

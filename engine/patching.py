@@ -24,9 +24,11 @@ import torch
 from causalscan import corruption, runner
 from causalscan.bindings import ops
 from causalscan.corruption import Rows
+from causalscan.errors import check_options
 from causalscan.inputs import prepare
 from causalscan.load import Model
 from causalscan.progress import Progress, report
+from causalscan.progress import check as check_progress
 from causalscan.results import PatchResult
 from causalscan.sweeps import Component, build_sweeps, component_list
 
@@ -83,6 +85,8 @@ def patch(
     (torch.Size([2, 4]), torch.Size([2, 5]))
     """
     t0 = time.perf_counter()
+    check_options(memory_budget=memory_budget, min_tokens=min_tokens)
+    check_progress(progress)
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
     if components is not None:
         sweeps, comps = component_list(inp.model, components, inp.lengths[0], inp.dataset.roles)

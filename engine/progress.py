@@ -13,8 +13,17 @@ import logging
 import sys
 from collections.abc import Callable
 
+from causalscan.errors import InputError
+
 Progress = Callable[[str, int, int], None]
 log = logging.getLogger("causalscan")
+
+
+def check(progress) -> None:
+    """:class:`InputError` unless ``progress`` is None or callable."""
+    if progress is not None and not callable(progress):
+        raise InputError(f"must be a callable progress(stage, done, total) or None, not {progress!r:.60}",
+                         field="progress")
 
 
 def report(progress: Progress | None, stage: str, done: int, total: int) -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from causalscan import files
-from causalscan.errors import check_number
+from causalscan.errors import check_options
 from causalscan.metrics import normalise
 from causalscan.sweeps import Sweep
 
@@ -111,7 +111,7 @@ class PatchResult(Result):
                 for j in order.tolist()]
 
     def to_json(self, top: int = 50) -> dict:
-        check_number(top, "top", 0, integer=True)
+        check_options(top=top)
         settings = {"direction": self.direction, "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps)}
         return self._document("patch", settings, components=self.top(top))
 
@@ -203,7 +203,7 @@ class ScanResult(Result):
                  **({"graddrop": summ["graddrop"][j].item()} if "graddrop" in summ else {})} for j in order.tolist()]
 
     def to_json(self, top: int = 50) -> dict:
-        check_number(top, "top", 0, integer=True)
+        check_options(top=top)
         settings = {"method": self.method, "graddrop": self.graddrop is not None, "direction": self.direction,
                     "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps),
                     "confirmed": {"top": self.n_top,
@@ -250,7 +250,7 @@ class TraceResult(Result):
         return sum(e[0].numel() for e in self.effects.values())
 
     def to_json(self, top: int = 20) -> dict:
-        check_number(top, "top", 0, integer=True)
+        check_options(top=top)
         return self._document("trace", {"window": self.window, "direction": "denoising"}, tokens=self.tokens,
                               span=list(self.span) if self.span else None,
                               grids={k: v.tolist() for k, v in self.tensors().items() if k.startswith("trace/")},

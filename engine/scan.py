@@ -20,10 +20,11 @@ import torch
 from causalscan import attribution, corruption
 from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
-from causalscan.errors import InputError, check_number
+from causalscan.errors import InputError, check_options
 from causalscan.inputs import Inputs, prepare
 from causalscan.patching import measure
 from causalscan.progress import Progress, log, report
+from causalscan.progress import check as check_progress
 from causalscan.results import ScanResult
 from causalscan.sweeps import Component, Sweep, build_sweeps
 
@@ -80,10 +81,9 @@ def scan(
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
-    for value, field, lo in ((batch_size, "batch_size", 1), (confirm, "confirm", 0), (fn_subsets, "fn_subsets", 0),
-                             (confirm if confirm_random is None else confirm_random, "confirm_random", 0)):
-        check_number(value, field, lo, integer=True)
-    check_number(fn_p, "fn_p", 0, 1, open_lo=True)
+    check_progress(progress)
+    check_options(batch_size=batch_size, confirm=confirm, confirm_random=confirm_random, fn_subsets=fn_subsets,
+                  fn_p=fn_p)
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
     graddrop = (method == "atp*") if graddrop is None else graddrop
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)

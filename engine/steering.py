@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from causalscan import interventions as iv
-from causalscan.errors import InputError, check_number
+from causalscan.errors import InputError, check_options, check_type
 from causalscan.progress import Progress, report
 
 
@@ -21,10 +21,15 @@ def generate(model, prompts: list[list[int]], vectors: torch.Tensor | None, laye
     """Completions ``[n_vectors][n_prompts]`` (decoded, special tokens skipped) of token-id ``prompts``
     steered by ``vectors`` [n, d_model] (``None``: one unsteered row per prompt).
     ``progress(stage, done, total)``: after each batched ``generate`` call."""
+    check_options(alpha=alpha, max_new_tokens=max_new_tokens, layer=layer)
     if not 0 <= layer < model.adapter.n_layers:
         raise InputError(f"layer {layer} out of range for {model.adapter.n_layers} layers", field="layer")
-    check_number(alpha, "alpha")
-    check_number(max_new_tokens, "max_new_tokens", 1, integer=True)
+    if not isinstance(prompts, list | tuple) or not prompts or not all(
+            isinstance(x, list | tuple) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+            for x in prompts):
+        raise InputError(f"must be a non-empty list of token-id lists, not {prompts!r:.60}", field="prompts")
+    if vectors is not None:
+        check_type(vectors, torch.Tensor, "vectors", "a tensor [n, d_model] or None")
     model.check_length(max(len(x) for x in prompts) + max_new_tokens, field="max_new_tokens")
     if vectors is not None and not torch.isfinite(vectors).all():
         raise InputError("the steering vectors hold NaN or infinite entries", field="vectors")

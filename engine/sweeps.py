@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from causalscan.adapters import SITES
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_type, names
 
 BY_POSITION = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
@@ -100,10 +100,7 @@ def build_sweeps(model, sites: str | Sequence[str], lengths: list[int], dataset_
     dataset names them, else over token positions, which needs one token length."""
     sweeps: list[Sweep] = []
     comps: list[Component] = []
-    specs = sites.split(",") if isinstance(sites, str) else sites  # "head,neuron" as on the command line
-    if not specs or any(not isinstance(s, str) or not s.strip() for s in specs):
-        raise InputError(f"sites must name at least one sweep (e.g. 'head,neuron'), not {sites!r}", field="sites")
-    for spec in (s.strip() for s in specs):
+    for spec in names(sites, "sites", "head,neuron"):  # "head,neuron" as on the command line
         site, by_pos = parse_sweep(spec)
         if by_pos and not roles and len(lengths) > 1:
             raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, found "
@@ -121,8 +118,9 @@ def component_list(model, components, seq: int, roles: Sequence[str] | None = No
                    ) -> tuple[list[Sweep], list[Component]]:
     """An explicit node list as one sweep ``components`` ``[n]``, each node checked (``seq``: the
     shortest prompt; ``roles``: the dataset's named positions)."""
-    comps = list(components)
+    comps = list(components) if isinstance(components, list | tuple) else [components]
     for c in comps:
+        check_type(c, Component, "components", "a Component")
         model.adapter.check_site(c.site, c.layer)
         if not 0 <= c.index < model.adapter.shape(c.site)[0]:
             raise InputError(f"{c}: index out of range", field="components")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_options
 
 IOI_TEMPLATES = (
     "When {IO} and {S} went to the {PLACE}, {S} gave a {OBJECT} to",
@@ -86,11 +86,12 @@ def ioi(tokenizer, n: int = 64, seed: int = 0, templates=None, corruption: str =
     three name slots hold three other names. Each record names its positions IO, S1, S2 and END
     (so templates of different lengths sweep by role) and keeps its ``template`` index.
     """
+    check_options(n=n, seed=seed)
     if corruption not in CORRUPTIONS:
         raise InputError(f"unknown IOI corruption {corruption!r}; corruptions: {', '.join(CORRUPTIONS)}",
                          field="corruption")
     chosen = list(range(len(IOI_TEMPLATES))) if templates is None else list(templates)
-    if not chosen or any(not 0 <= t < len(IOI_TEMPLATES) for t in chosen):
+    if not chosen or any(not isinstance(t, int) or not 0 <= t < len(IOI_TEMPLATES) for t in chosen):
         raise InputError(f"templates must be indices in [0, {len(IOI_TEMPLATES)})", field="templates")
     names, places, objects = (one_token(tokenizer, ws) for ws in (NAMES, PLACES, OBJECTS))
     if len(names) < 5 or not places or not objects:
@@ -125,6 +126,7 @@ def greater_than(tokenizer, n: int = 64, seed: int = 0) -> list[dict]:
     merges "1745" differently from "17" + "45" would score another string). Records name the
     positions NOUN, YY (the start year's last token) and END.
     """
+    check_options(n=n, seed=seed)
     nouns = one_token(tokenizer, GT_NOUNS)
     if not nouns:
         raise InputError("no greater-than noun is one token in this tokenizer", field="model")
@@ -157,6 +159,7 @@ def _continues(tokenizer, prompt: str, cont: str) -> bool:
 def facts(tokenizer, n: int | None = None) -> list[dict]:
     """Factual-recall records with Gaussian noise on the subject (``noise_span``), answers one token;
     the first ``n`` (default all) of :data:`FACTS` whose answer is one token."""
+    check_options(n=n)
     out = [{"clean": p, "noise_span": subj, "answer": ans} for p, subj, ans in FACTS if one_token(tokenizer, [ans[1:]])]
     if not out:
         raise InputError("no fact's answer is one token in this tokenizer", field="model")

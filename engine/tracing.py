@@ -23,10 +23,11 @@ import time
 import torch
 
 from causalscan import corruption
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_options, names
 from causalscan.inputs import prepare
 from causalscan.patching import measure
 from causalscan.progress import Progress
+from causalscan.progress import check as check_progress
 from causalscan.results import TraceResult
 from causalscan.sweeps import Component
 
@@ -43,7 +44,7 @@ def grids(kinds, window: int) -> dict[str, tuple[str, int]]:
     """``{grid name: (site, window)}``: ``state`` is always one layer; with ``window > 1`` the
     ``mlp``/``attn`` grids get ``*_single`` one-layer twins."""
     out = {}
-    for kind in kinds:
+    for kind in names(kinds, "kinds", "state,mlp"):
         if kind not in KINDS:
             raise InputError(f"unknown trace kind {kind!r}; kinds: {', '.join(KINDS)}", field="kinds")
         out[kind] = (KINDS[kind], 1 if kind == "state" else window)
@@ -79,8 +80,8 @@ def trace(
     (['attn', 'mlp', 'state'], torch.Size([96, 5, 4]))
     """
     t0 = time.perf_counter()
-    if window < 1:
-        raise InputError("window must be >= 1", field="window")
+    check_options(window=window, memory_budget=memory_budget)
+    check_progress(progress)
     inp = prepare(model, dataset, metric, samples=samples, noise_scale=noise_scale, seed=seed)
     roles = inp.dataset.roles
     if len(inp.lengths) > 1 and not roles:

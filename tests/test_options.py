@@ -147,3 +147,61 @@ def test_outputs_replace_atomically_and_a_failed_write_keeps_the_last(tmp_path):
     with pytest.raises(InputError, match="No space left on device"):
         files.write(target, fail)
     assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["scan.json"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--noise-scale", "nan"], ["--samples", "100000"], ["--batch-size", "0"], ["--fn-subsets", "1000000000"],
+    ["--seed", str(2**64)], ["--confirm", "-1"],
+])
+def test_numeric_options_are_refused_before_the_model_loads(capsys, extra):
+    """A model path that does not exist: the option's error must come first, the model never read."""
+    assert main(["scan", "--model", "/nonexistent/model", "--data", "/nonexistent.jsonl", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "loading" not in err and "nonexistent" not in err and "field" in err
+
+
+def _api_cases():
+    import causalscan as cs
+    from causalscan import interventions as iv
+    from causalscan.steering import generate
+
+    data = [{"clean": "a b c d", "corrupt": "a b e d", "answer": "c", "wrong": "e"}]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    return {  # name: (call(model), field named in the error)
+        "dataset int": (lambda m: cs.scan(m, 123), "dataset"),
+        "dataset dict": (lambda m: cs.scan(m, {"clean": "a"}), "dataset"),
+        "dataset of strings": (lambda m: cs.patch(m, ["a b"]), "record 1"),
+        "sites int": (lambda m: cs.scan(m, data, sites=5), "sites"),
+        "model int": (lambda m: cs.scan(123, data), "model"),
+        "dtype int": (lambda m: cs.load("random:llama-tiny", dtype=3), "dtype"),
+        "components str": (lambda m: cs.patch(m, data, components="head"), "components"),
+        "kinds int": (lambda m: cs.trace(m, data, kinds=5), "kinds"),
+        "prompts ints": (lambda m: cs.elicit(m, [1, 2], n=1, steps=1), "prompts"),
+        "progress int": (lambda m: cs.patch(m, data, progress=5), "progress"),
+        "checkpoint int": (lambda m: cs.scan(m, data, checkpoint=5), "checkpoint"),
+        "vector list": (lambda m: iv.add("resid_post", vector=[1.0] * 64), "vector"),
+        "vector nan": (lambda m: iv.add("resid_post", vector=torch.full((64,), math.nan)), "vector"),
+        "alpha str": (lambda m: iv.add("resid_post", vector=torch.ones(64), alpha="2"), "alpha"),
+        "layers str": (lambda m: iv.zero("head", layers="1"), "layers"),
+        "index float": (lambda m: iv.zero("head", layers=1, index=[0.5]), "index"),
+        "not an intervention": (lambda m: iv.perturb(m, "zero", input_ids=ids), "interventions"),
+        "input_ids list": (lambda m: iv.perturb(m, iv.zero("head", layers=1), input_ids=[[5, 6]]), "input_ids"),
+        "source shape": (lambda m: iv.perturb(m, iv.patch_from("resid_post", torch.ones(2, 9, 64), layers=1),
+                                              input_ids=ids), "source"),
+        "generate prompts str": (lambda m: generate(m, "ab", torch.ones(1, 64), 0), "prompts"),
+        "ioi n": (lambda m: cs.tasks.ioi(m.tokenizer, n=-1), "n"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_api_cases()))
+def test_wrong_api_argument_types_raise_input_error_naming_the_field(tiny, case):
+    call, field = _api_cases()[case]
+    with pytest.raises(InputError, match=field):
+        call(tiny("llama"))
+
+
+def test_one_prompt_string_is_one_prompt(tiny):
+    import causalscan as cs
+
+    one = cs.elicit(tiny("llama"), "a b c", n=1, steps=1, method="melbo", source=0, target=1, radius=1.0)
+    assert one.prompts == ["a b c"]
