@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -80,6 +82,19 @@ class Checkpoint:
         files.write(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self.last = time.monotonic()
         return True
+
+    @contextmanager
+    def held(self, state: Callable[[], tuple | None]) -> Iterator[None]:
+        """Lock the checkpoint's directory against a second writer while the block runs; on Ctrl-C
+        write ``state()`` (``(tensors, done)``, or None mid-update) before the interrupt goes on."""
+        with files.lock(self.path.parent):
+            try:
+                yield
+            except KeyboardInterrupt:
+                now = state()
+                if now is not None and now[1]:
+                    self.save(*now, force=True)
+                raise
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

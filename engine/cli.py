@@ -6,6 +6,7 @@ progress goes to stderr. Exit status: 0 success, 2 bad input (one line naming fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -32,7 +33,8 @@ def _bars(args) -> Bars:
     if not any(isinstance(h, _Stderr) for h in log.handlers):
         log.addHandler(_Stderr())
     log.setLevel(logging.INFO if shown else logging.WARNING)
-    return Bars(enabled=shown)
+    args.bars = Bars(enabled=shown)  # closed by main if the command is interrupted
+    return args.bars
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -87,14 +89,6 @@ def _load(args):
     return causalscan.load(args.model, device=device, dtype=getattr(torch, args.dtype))
 
 
-def _check_out(args) -> None:
-    """``--out`` takes files, checked before any work (a file, an unwritable place: exit 2 at once)."""
-    if args.out:
-        from causalscan import files
-
-        files.out_dir(args.out)
-
-
 def _data_path(args, prefer: str | None = None) -> str:
     """``--data``, or a dataset shipped with a zoo ``--model`` (``prefer`` if it has one, else its first)."""
     if args.data:
@@ -117,7 +111,6 @@ def _dataset(args, prefer: str | None = None):
 def cmd_patch(args) -> dict:
     from causalscan.patching import patch
 
-    _check_out(args)
     ds = _dataset(args)
     model = _load(args)
     res = patch(model, ds, sites=[s for s in args.sites.split(",") if s], direction=args.direction,
@@ -137,7 +130,6 @@ def cmd_patch(args) -> dict:
 def cmd_scan(args) -> dict:
     from causalscan.scan import scan
 
-    _check_out(args)
     ds = _dataset(args)
     model = _load(args)
     res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method, confirm=args.confirm,
@@ -170,7 +162,6 @@ def cmd_scan(args) -> dict:
 def cmd_trace(args) -> dict:
     from causalscan.tracing import trace
 
-    _check_out(args)
     ds = _dataset(args, prefer="subjects")
     model = _load(args)
     res = trace(model, ds, kinds=[k for k in args.kinds.split(",") if k], window=args.window, metric=args.metric,
@@ -204,7 +195,6 @@ def _heatmaps(res) -> str:
 def cmd_elicit(args) -> dict:
     from causalscan.elicit import elicit, read_prompts
 
-    _check_out(args)
     prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
     try:
         positions = [int(x) for x in args.positions.split(",")] if args.positions else None
@@ -279,8 +269,6 @@ def cmd_steer(args) -> dict:
 def cmd_tasks(args) -> dict:
     from causalscan import files, tasks
 
-    if args.out:
-        files.out_file(args.out)
     model = _load(args)
     if args.task == "ioi":
         try:
@@ -450,15 +438,37 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _partial(args) -> str:
+    """Where an interrupted command left its work, in words."""
+    if not getattr(args, "out", None):
+        return "nothing was saved (with --out, scan and elicit --method melbo keep their partial work)"
+    if args.command == "scan" or args.command == "elicit" and args.method == "melbo":
+        return f"partial results are in {args.out}; the same command resumes from them"
+    return f"nothing was written to {args.out}; the command starts over when rerun"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from causalscan import files
+
     args = parser().parse_args(argv)
+    out = getattr(args, "out", None)
     try:
-        # every numeric option in range before any file is read or model loaded
+        # every numeric option in range, and --out writable, before any file is read or model loaded
         check_options(**{k: v for k, v in vars(args).items() if k in RANGES})
-        doc = args.fn(args)
+        if out and args.command == "tasks":
+            files.out_file(out)
+        elif out:
+            files.out_dir(out)
+        with files.lock(out) if out and args.command != "tasks" else contextlib.nullcontext():
+            doc = args.fn(args)
     except InputError as e:
         print(f"causalscan: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if getattr(args, "bars", None):
+            args.bars.close()  # ends the bar's line, so the note is a line of its own
+        print(f"causalscan: interrupted; {_partial(args)}", file=sys.stderr)
+        return 130
     except Exception as e:  # internal failure: keep the traceback for the report
         import traceback
 

@@ -8,7 +8,8 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from causalscan.errors import InputError
@@ -71,6 +72,46 @@ def write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
         raise InputError(f"cannot write ({e.strerror or e}); the previous file, if any, is intact",
                          file=str(path), field="out") from None
     return path
+
+
+_held: dict[Path, tuple] = {}  # directory -> (open lock file, depth): re-entrant within the process
+
+
+@contextmanager
+def lock(directory: str | Path) -> Iterator[None]:
+    """Hold ``directory/.causalscan.lock`` (an ``flock``, released by the kernel if the process dies,
+    so never stale) while the block runs; a second process gets :class:`InputError` at once."""
+    import fcntl
+
+    key = Path(directory).resolve()
+    if key in _held:
+        f, depth = _held[key]
+        _held[key] = (f, depth + 1)
+    else:
+        key.mkdir(parents=True, exist_ok=True)
+        f = open(key / ".causalscan.lock", "a+")  # noqa: SIM115 (held across the block)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise InputError(f"another causalscan run ({holder}) is writing here; wait for it or choose "
+                             f"another --out", file=str(directory), field="out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        _held[key] = (f, 1)
+    try:
+        yield
+    finally:
+        f, depth = _held[key]
+        if depth > 1:
+            _held[key] = (f, depth - 1)
+        else:
+            del _held[key]
+            f.close()  # releases the flock; the file stays (removing it would race a waiting writer)
 
 
 def _temp(path: Path) -> Path:

@@ -10,6 +10,7 @@ false-negative diagnostic patches random subsets of the unconfirmed nodes jointl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -136,29 +137,34 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
         log.info("resuming from %s: %d/%d batches done", ck.path, len(done), len(batches))
     noising = direction == "noising"
     embed = inp.model.hf.get_input_embeddings().weight
-    for i, batch in enumerate(batches):
-        if i in done:
-            continue
-        b = rows.batch(batch, noising, embed)
+    consistent = True
+    with ck.held(lambda: (sums, done) if consistent else None) if ck else contextlib.nullcontext():
+        for i, batch in enumerate(batches):
+            if i in done:
+                continue
+            b = rows.batch(batch, noising, embed)
 
-        def metric(logits, clean_logprobs, b=b):
-            return inp.metric_fn(logits, b.labels, clean_logprobs)
+            def metric(logits, clean_logprobs, b=b):
+                return inp.metric_fn(logits, b.labels, clean_logprobs)
 
-        roles = inp.dataset.roles
-        role_pos = torch.tensor([[rows.pairs[i].roles[r] for r in roles] for i in batch]) if roles else None
-        out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
-                                    graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
-                                    other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep)
-        owner = rows.owner[batch]
-        for name in ("signed", "graddrop") if graddrop else ("signed",):
-            sums[name].index_add_(0, owner, per_row * torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1))
-        clean_run, corrupt_run = (out["base"], out["other"]) if noising else (out["other"], out["base"])
-        sums["clean"].index_add_(0, owner, per_row * clean_run)
-        sums["corrupt"].index_add_(0, owner, per_row * corrupt_run)
-        done.add(i)
-        if ck:
-            ck.save(sums, done, force=len(done) == len(batches))
-        report(progress, "attribution", len(done), len(batches))
+            roles = inp.dataset.roles
+            role_pos = torch.tensor([[rows.pairs[i].roles[r] for r in roles] for i in batch]) if roles else None
+            out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
+                                        graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
+                                        other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep)
+            owner = rows.owner[batch]
+            consistent = False  # sums hold part of this batch until done names it
+            for name in ("signed", "graddrop") if graddrop else ("signed",):
+                flat = torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1)
+                sums[name].index_add_(0, owner, per_row * flat)
+            clean_run, corrupt_run = (out["base"], out["other"]) if noising else (out["other"], out["base"])
+            sums["clean"].index_add_(0, owner, per_row * clean_run)
+            sums["corrupt"].index_add_(0, owner, per_row * corrupt_run)
+            done.add(i)
+            consistent = True
+            if ck:
+                ck.save(sums, done, force=len(done) == len(batches))
+            report(progress, "attribution", len(done), len(batches))
     return sums
 
 

@@ -19,6 +19,7 @@ See ``docs/methods.md`` for the math.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -145,26 +146,28 @@ def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: 
         done = saved[0]["unit"].to(device)
         torch.randn(len(done), d, generator=gen)  # the draws of the finished vectors' starts
         log.info("resuming from %s: %d/%d vectors done", checkpoint.path, len(done), n)
-    for _ in range(len(done), n):
-        th = _orth(torch.randn(d, generator=gen).to(device), done)
-        th = (th * radius / th.norm()).requires_grad_()
-        opt = torch.optim.Adam([th], lr=lr, amsgrad=True)
-        for _ in range(steps):
-            obj = objective(response(th[None]), p, q)[0]
-            opt.zero_grad()
-            (-obj).backward()
-            with torch.no_grad():
-                g = th.grad
-                g -= (g @ th) * th / radius ** 2
-                th.grad = _orth(g, done)
-            opt.step()
-            with torch.no_grad():
-                th.copy_(_orth(th, done))
-                th.mul_(radius / th.norm())
-        done = torch.cat([done, (th.detach() / radius)[None]])
-        if checkpoint is not None:
-            checkpoint.save({"unit": done.cpu()}, set(range(len(done))), force=len(done) == n)
-        report(progress, "melbo", len(done), n)
+    with checkpoint.held(lambda: ({"unit": done.cpu()}, set(range(len(done))))) if checkpoint is not None \
+            else contextlib.nullcontext():
+        for _ in range(len(done), n):
+            th = _orth(torch.randn(d, generator=gen).to(device), done)
+            th = (th * radius / th.norm()).requires_grad_()
+            opt = torch.optim.Adam([th], lr=lr, amsgrad=True)
+            for _ in range(steps):
+                obj = objective(response(th[None]), p, q)[0]
+                opt.zero_grad()
+                (-obj).backward()
+                with torch.no_grad():
+                    g = th.grad
+                    g -= (g @ th) * th / radius ** 2
+                    th.grad = _orth(g, done)
+                opt.step()
+                with torch.no_grad():
+                    th.copy_(_orth(th, done))
+                    th.mul_(radius / th.norm())
+            done = torch.cat([done, (th.detach() / radius)[None]])
+            if checkpoint is not None:
+                checkpoint.save({"unit": done.cpu()}, set(range(len(done))), force=len(done) == n)
+            report(progress, "melbo", len(done), n)
     vectors = done * radius
     return vectors, scores(response, vectors, p, q)
 

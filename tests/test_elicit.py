@@ -122,6 +122,24 @@ def test_interrupted_melbo_resumes(tmp_path, caplog):
     assert not any(m.startswith("resuming") for m in caplog.messages)
 
 
+def test_ctrl_c_during_melbo_keeps_the_finished_vectors(tmp_path, caplog):
+    """KeyboardInterrupt after 2 of 4 vectors, long before the periodic write: both vectors are written
+    on the way out and the rerun resumes after them with the uninterrupted run's vectors."""
+    model = causalscan.load("backdoor")
+    kw = dict(prompts=bd.clean_prompts(4, seed=8), method="melbo", n=4, steps=3, radius=40.0, max_new_tokens=2)
+    full = elicit(model, **kw)
+
+    def ctrl_c_after_two(stage, done, total):
+        if (stage, done) == ("melbo", 2):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        elicit(model, checkpoint=tmp_path, progress=ctrl_c_after_two, checkpoint_every_s=1e9, **kw)
+    caplog.set_level(logging.INFO, logger="causalscan")
+    res = elicit(model, checkpoint=tmp_path, **kw)
+    assert any("2/4 vectors done" in m for m in caplog.messages)
+    assert torch.equal(res.vectors, full.vectors)
+
+
 def test_dct_recovers_planted_exponential_factors():
     """``Delta(theta) = sum_l alpha_l (exp(<v_l, theta>) - 1) u_l`` with 6 planted orthonormal ``v_l``."""
     d, m = 32, 6

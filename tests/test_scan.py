@@ -175,3 +175,67 @@ def test_a_damaged_checkpoint_is_set_aside(induction, tmp_path, caplog, damage):
     assert any("set aside" in m for m in caplog.messages) and not any("resuming" in m for m in caplog.messages)
     assert len(list(tmp_path.glob("scan.partial.safetensors.bad-*"))) == 1
     assert torch.equal(res.signed, full.signed) and torch.equal(res.clean, full.clean)
+
+
+def test_ctrl_c_saves_the_partial_sums_prints_one_line_and_a_rerun_resumes(tmp_path, capsys, monkeypatch, caplog):
+    """A real SIGINT during the third attribution batch (the default handler raises KeyboardInterrupt):
+    exit 130 with one line naming --out; the two finished batches are on disk although the periodic
+    write (every 30 s) never came; the rerun runs only the other two and writes what an uninterrupted
+    scan writes."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from causalscan import attribution
+    from causalscan.cli import main
+
+    data = str(causalscan.zoo.dataset_path("induction", "previous"))
+    argv = ["scan", "--model", "induction", "--data", data, "--sites", "head", "--batch-size", "4", "--confirm", "4"]
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+    real, calls = attribution.attribute, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kw)
+    monkeypatch.setattr(attribution, "attribute", interrupted)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("causalscan:")]
+    assert err == [f"causalscan: interrupted; partial results are in {out}; the same command resumes from them"]
+    assert (out / "scan.partial.safetensors").is_file() and not (out / "scan.json").exists()
+    monkeypatch.setattr(attribution, "attribute", real)
+    caplog.set_level(logging.INFO, logger="causalscan")
+    assert main([*argv, "--out", str(out)]) == 0
+    assert any("2/4 batches done" in m for m in caplog.messages)
+    full, resumed = load_file(tmp_path / "full" / "scores.safetensors"), load_file(out / "scores.safetensors")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_a_second_writer_on_one_out_directory_is_refused(tmp_path, capsys):
+    """Another process holds --out (a real second process, as a second terminal would be): exit 2 with
+    one line naming it; once that process is gone (even SIGKILLed: the kernel drops its flock) the
+    directory is free."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from causalscan.cli import main
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom causalscan import files\n"
+                               f"with files.lock({str(tmp_path)!r}):\n print('held', flush=True)\n time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["scan", "--sites", "head", "--confirm", "0", "--out", str(tmp_path)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"another causalscan run (pid {holder.pid}) is writing here" in err and "loading" not in err
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert main(argv) == 0 and (tmp_path / "scan.json").is_file()
