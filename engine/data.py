@@ -126,7 +126,7 @@ class Dataset:
             got = rec.get("positions")
             if got is None and names is None:
                 continue
-            if not isinstance(got, dict) or not got:
+            if not isinstance(got, dict) or not got or not names:
                 raise self._err("must name the same roles as line 1 (a non-empty object)" if names else
                                 "line 1 names no positions: name them on every line or on none", line, "positions")
             if set(got) != set(names):
@@ -153,11 +153,11 @@ class Dataset:
             if side in rec and not isinstance(rec[side], str):
                 raise self._err("must be a string", line, side)
             ids = rec.get(f"{side}_ids")
-            if ids is not None and not (isinstance(ids, list) and ids and all(_is_id(i) for i in ids)):
+            if f"{side}_ids" in rec and not (isinstance(ids, list) and ids and all(_is_id(i) for i in ids)):
                 raise self._err("must be a non-empty list of token ids", line, f"{side}_ids")
         if noise:
             span = rec["noise_span"]
-            ints = isinstance(span, list) and len(span) == 2 and all(isinstance(i, int) for i in span)
+            ints = isinstance(span, list) and len(span) == 2 and all(_is_id(i) for i in span)
             if not (ints and 0 <= span[0] < span[1]) and not (isinstance(span, str) and span.strip()):
                 raise self._err("must be a non-empty substring of clean or token positions [start, end)",
                                 line, "noise_span")

@@ -4,6 +4,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is im
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests: "ci" (default) is bounded and derandomised, so every machine runs the same examples
+# in about a minute; "deep" hunts (pytest --hypothesis-profile deep tests/test_properties.py).
+_quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=_quiet)
+settings.register_profile("deep", max_examples=600, deadline=None, suppress_health_check=_quiet)
+settings.load_profile("ci")
 
 if os.environ.get("CAUSALSCAN_TEST_THREADS"):  # `make test-threads`: other summation orders, as on another CPU
     torch.set_num_threads(int(os.environ["CAUSALSCAN_TEST_THREADS"]))

@@ -28,6 +28,9 @@ def _write(tmp_path, lines):
     ({"clean_ids": [1, 2], "corrupt_ids": "x", "answer": 3}, 2, "corrupt_ids"),
     ('{"clean": "Mary \\ud800 went", "corrupt": "John went to", "answer": "the"}', 2, "clean"),  # lone surrogate
     ({"clean_ids": [1, True], "corrupt_ids": [1, 2], "answer": 3}, 2, "clean_ids"),  # true is not token 1
+    ({"clean": "Mary went to", "clean_ids": None, "corrupt": "John went to", "answer": "the"}, 2, "clean_ids"),
+    ({"clean": "Mary went to", "noise_span": [True, 2], "answer": "the"}, 2, "noise_span"),  # found by hypothesis
+    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "positions": {"X": 1}}, 2, "positions"),
     ({"clean": "Mary went to", "corrupt": "John went to", "answer": True}, 2, "answer"),
     ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "wrong": "the"}, 2, "wrong"),
     ({"clean_ids": [1, 2], "corrupt_ids": [1, 99999], "answer": 3}, 2, "corrupt"),
