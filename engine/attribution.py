@@ -18,6 +18,12 @@ AtP* adds
   0), and ``mean_l |I_l|`` for residual-stream nodes; passes that drop a block upstream of the
   node leave its gradient unchanged and count ``|AtP|`` without recomputing. A node with a
   direct effect only scores ``|AtP|``.
+
+AtP-IG (integrated gradients along the input path; Hanna et al. 2024, "Have Faith in
+Faithfulness"): ``ig_steps`` = N forwards and backwards of the base run whose token embeddings are
+``e_base + (k / N) (e_other - e_base)``, k = 0..N-1 (a left Riemann sum: N = 1 is AtP); each site's
+backward adds ``(a_other - a_base) . grad / N`` into the same per-site store, so memory stays that
+of AtP plus the base run's activations at the scanned sites.
 """
 
 from __future__ import annotations
@@ -54,6 +60,21 @@ class _Tap(torch.autograd.Function):
         keep = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.delta
         ctx.hook(keep, grad)
         return grad, None, None
+
+
+class _Grad(torch.autograd.Function):
+    """Identity in the forward; hands ``grad`` to ``hook`` in the backward (AtP-IG: the differences
+    ``a_other - a_base`` are taken once, outside the interpolated runs)."""
+
+    @staticmethod
+    def forward(ctx, x, hook):
+        ctx.hook = hook
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.hook(grad)
+        return grad, None
 
 
 class _Drop(torch.autograd.Function):
@@ -98,6 +119,7 @@ class _Scores:
     def __init__(self, sweeps: list[Sweep], n_pairs: int, device, graddrop: bool,
                  role_pos: torch.Tensor | None = None):
         self.sweeps, self.n_pairs, self.drop, self.role_pos = sweeps, n_pairs, None, role_pos
+        self.weight: float | None = None  # AtP-IG: each step's scores are added with this weight
         self.signed = {sw.name: torch.zeros(n_pairs, *sw.shape, device=device) for sw in sweeps}
         self.graddrop = {sw.name: torch.zeros(n_pairs, *sw.shape, device=device) for sw in sweeps} if graddrop else None
 
@@ -112,7 +134,9 @@ class _Scores:
         """``score`` [P, T, C] or [P, C] of one layer into every sweep of ``site`` with ``by_pos``."""
         for sw in self.of(site, by_pos):
             val = self.at_positions(score, sw).float().reshape(self.n_pairs, *sw.shape[1:])
-            if self.drop is None:
+            if self.weight is not None:
+                self.signed[sw.name][:, layer] += self.weight * val
+            elif self.drop is None:
                 self.signed[sw.name][:, layer] = val
             else:
                 self.graddrop[sw.name][:, layer] += val.abs()
@@ -180,6 +204,7 @@ def attribute(
     other_noise: torch.Tensor | None = None,
     role_pos: torch.Tensor | None = None,
     keep: int = 1,
+    ig_steps: int = 0,
 ) -> dict:
     """Scores of every sweep for pairs ``base_ids``/``other_ids`` [P, T].
 
@@ -190,7 +215,11 @@ def attribute(
     ``role_pos``: ``[P, R]`` token positions of the roles that sweeps with ``roles`` run over.
     Returns ``{"signed": {name: [P, *shape]}, "graddrop": {name: [P, *shape]} (if graddrop),
     "base": [P], "other": [P]}``: ``signed`` is AtP (with the QK fix for q/k nodes if asked).
+    ``ig_steps`` > 0: ``signed`` is AtP-IG over that many steps of the input path (no QK fix or GradDrop).
     """
+    if ig_steps:
+        return _attribute_ig(ad, base_ids, other_ids, metric, sweeps, base_is_clean, base_noise, other_noise,
+                             role_pos, keep, ig_steps)
     sites = {sw.site for sw in sweeps}
     fixed = sites & set(QK) if qk_fix else set()
     tapped = [(s, layer) for s in sorted(sites - fixed) for layer in range(ad.n_layers)]
@@ -211,6 +240,51 @@ def attribute(
         out["graddrop"] = {sw.name: _graddrop_mean(sw, signed[sw.name], scores.graddrop[sw.name].cpu(), ad.n_layers)
                            for sw in sweeps}
     return out
+
+
+def _attribute_ig(ad: Adapter, base_ids, other_ids, metric, sweeps: list[Sweep], base_is_clean: bool, base_noise,
+                  other_noise, role_pos, keep: int, steps: int) -> dict:
+    """AtP-IG along the input path (see the module docstring); returns as :func:`attribute`."""
+    tapped = [(s, layer) for s in sorted({sw.site for sw in sweeps}) for layer in range(ad.n_layers)]
+    other_logits, other_acts, _ = _other_run(ad, other_ids, tapped, range(0), other_noise, keep)
+    _, delta, _ = _other_run(ad, base_ids, tapped, range(0), base_noise, keep)
+    for key, a in other_acts.items():
+        delta[key] = a - delta[key]  # a_other - a_base, in place of the base activation
+    other_acts.clear()
+    embed = ad.model.get_input_embeddings()
+    with torch.no_grad():  # the path, as noise on the base run's embeddings: e_base + noise + alpha * step
+        step = embed(other_ids) - embed(base_ids)
+        step = step + (0 if other_noise is None else other_noise) - (0 if base_noise is None else base_noise)
+    scores = _Scores(sweeps, base_ids.shape[0], base_ids.device, False, role_pos)
+    scores.weight = 1.0 / steps
+
+    def tap(site, layer):
+        d, modes = delta[(site, layer)], {sw.by_pos for sw in scores.of(site)}
+
+        def hook(grad):
+            for by_pos in modes:
+                scores.store(site, layer, by_pos, ops.attribute(None, d, grad, by_pos))
+        return lambda x: _Grad.apply(x, hook)
+    taps = [(s, layer, tap(s, layer)) for s, layer in tapped]
+    with frozen(ad.model), torch.enable_grad():
+        for k in range(steps):
+            noise = step * (k / steps) if base_noise is None else base_noise + step * (k / steps)
+            handle = embed.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_())
+            try:
+                logits = runner.forward(ad, base_ids, taps, noise=noise, logits_to_keep=keep)
+            finally:
+                handle.remove()
+            if k == 0:
+                clean_logprobs = (logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)
+            m = metric(logits, clean_logprobs)
+            m.sum().backward()
+            if k == 0:
+                base_m = m.detach()
+    delta.clear()
+    with torch.no_grad():
+        other_m = metric(other_logits, clean_logprobs)
+    return {"signed": {name: v.cpu() for name, v in scores.signed.items()}, "base": base_m.float().cpu(),
+            "other": other_m.float().cpu()}
 
 
 @torch.no_grad()

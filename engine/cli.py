@@ -136,7 +136,7 @@ def cmd_scan(args) -> dict:
                confirm_random=args.confirm_random, direction=args.direction, metric=args.metric,
                batch_size=args.batch_size, graddrop=False if args.no_graddrop else None, fn_subsets=args.fn_subsets,
                seed=args.seed, progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale,
-               checkpoint=args.out)
+               checkpoint=args.out, ig_steps=args.ig_steps)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -349,7 +349,8 @@ def parser() -> argparse.ArgumentParser:
     _model_args(sp, default="induction")
     _sweep_args(sp, "head,neuron,resid_pre", "comma-separated sweeps (default: head,neuron,resid_pre); also q, k, "
                                              "v, attn_out, mlp_out, resid_post, head:pos, ...")
-    sp.add_argument("--method", default="atp*", choices=["atp", "atp*"])
+    sp.add_argument("--method", default="atp*", choices=["atp", "atp*", "atp-ig"])
+    sp.add_argument("--ig-steps", type=int, default=None, help="atp-ig: steps along the input path (default 10)")
     sp.add_argument("--no-graddrop", action="store_true", help="atp*: QK fix only, one backward per batch")
     sp.add_argument("--confirm", type=int, default=32, help="top nodes re-measured by exact patching (0: none)")
     sp.add_argument("--confirm-random", type=int, default=None,

@@ -42,7 +42,7 @@ RANGES: dict[str, tuple] = {
     "alpha": (None, None, False, False), "index": (0, None, True, False), "layer": (0, None, True, False),
     "source": (0, None, True, False), "target": (0, None, True, False),
     "memory_budget": (1, None, True, False), "memory_budget_mb": (1, None, True, False),
-    "min_tokens": (0, None, True, False),
+    "min_tokens": (0, None, True, False), "ig_steps": (1, 1000, True, False),
 }
 
 

@@ -149,8 +149,8 @@ def _component_row(c) -> dict:
 class ScanResult(Result):
     """An attribution scan: per-pair estimates of every node, and the exact check of some.
 
-    ``signed`` [P, n]: AtP (QK-fixed for q/k nodes under AtP*); ``graddrop`` [P, n] or None: the
-    GradDrop score; ``score`` [P, n]: the ranking score (per-pair ``|AtP|``, under AtP*
+    ``signed`` [P, n]: AtP (QK-fixed for q/k nodes under AtP*; AtP-IG over ``ig_steps``);
+    ``graddrop`` [P, n] or None: the GradDrop score; ``score`` [P, n]: the ranking score (per-pair ``|AtP|``, under AtP*
     ``max(|AtP|, GradDrop)``); ``clean``/``corrupt`` [P]. After
     confirmation: ``confirmed`` [m] node ids (the first ``n_top`` the estimated top, the rest a
     random sample), ``exact`` [P, m] exact effects, ``agreement`` (see ``scan.agreement``).
@@ -168,6 +168,7 @@ class ScanResult(Result):
     exact: torch.Tensor | None = None
     agreement: dict | None = None
     false_negatives: dict | None = None
+    ig_steps: int | None = None
 
     def summary(self) -> dict[str, torch.Tensor]:
         """Per node [n]: ``score`` (ranking), ``estimate`` (signed mean), and for confirmed nodes
@@ -204,7 +205,8 @@ class ScanResult(Result):
 
     def to_json(self, top: int = 50) -> dict:
         check_options(top=top)
-        settings = {"method": self.method, "graddrop": self.graddrop is not None, "direction": self.direction,
+        settings = {"method": self.method, "ig_steps": self.ig_steps, "graddrop": self.graddrop is not None,
+                    "direction": self.direction,
                     "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps),
                     "confirmed": {"top": self.n_top,
                                   "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top}}

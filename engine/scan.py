@@ -29,7 +29,8 @@ from causalscan.progress import check as check_progress
 from causalscan.results import ScanResult
 from causalscan.sweeps import Component, Sweep, build_sweeps
 
-METHODS = ("atp", "atp*")
+METHODS = ("atp", "atp*", "atp-ig")
+IG_STEPS = 10  # Marks et al. 2024
 
 
 def scan(
@@ -51,12 +52,15 @@ def scan(
     noise_scale: float = corruption.SCALE,
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 30.0,
+    ig_steps: int | None = None,
 ) -> ScanResult:
     """Estimate the effect of every component of ``sites`` on ``metric``, then confirm the top.
 
     ``sites``: sweeps as in :func:`causalscan.patch` (``head`` ``[L, H]``, ``neuron`` ``[L, d_mlp]``,
-    ``resid_pre`` ``[L, T]``, ``q``/``k``/``v``, ``head:pos`` ...). ``method``: ``atp`` or
-    ``atp*`` (QK fix for q/k nodes, and GradDrop unless ``graddrop=False``). The AtP* ranking score
+    ``resid_pre`` ``[L, T]``, ``q``/``k``/``v``, ``head:pos`` ...). ``method``: ``atp``,
+    ``atp*`` (QK fix for q/k nodes, and GradDrop unless ``graddrop=False``) or ``atp-ig``
+    (integrated gradients along the input path, ``ig_steps`` forwards and backwards per batch,
+    default 10; every node's score is ``|estimate|``). The AtP* ranking score
     of a node is ``max(|AtP|, GradDrop)`` per pair: GradDrop exposes effects that cancel in the
     total gradient, but on its own it also hides effects that run through a single downstream
     block (every layer-0 node of a 2-layer model scores only its direct effect), so it may raise a
@@ -86,6 +90,13 @@ def scan(
     check_options(batch_size=batch_size, confirm=confirm, confirm_random=confirm_random, fn_subsets=fn_subsets,
                   fn_p=fn_p)
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
+    if method == "atp-ig":
+        ig_steps = IG_STEPS if ig_steps is None else ig_steps
+        if graddrop:
+            raise InputError("atp-ig runs without GradDrop", field="graddrop")
+    elif ig_steps is not None:
+        raise InputError(f"ig_steps needs method atp-ig, not {method!r}", field="ig_steps")
+    check_options(ig_steps=ig_steps)
     graddrop = (method == "atp*") if graddrop is None else graddrop
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
     ck = None
@@ -93,13 +104,16 @@ def scan(
         settings = {"model": inp.model.name, "weights": fingerprint(inp.model.hf), "data": inp.dataset.sha256,
                     "nodes": len(comps), "sites": list(sites) if not isinstance(sites, str) else sites,
                     "method": method, "graddrop": graddrop, "direction": direction, "metric": inp.metric,
-                    "samples": samples, "noise_scale": noise_scale, "seed": seed, "batch_size": batch_size}
+                    "samples": samples, "noise_scale": noise_scale, "seed": seed, "batch_size": batch_size,
+                    "ig_steps": ig_steps}
         ck = Checkpoint(checkpoint, "scan", checkpoint_key(settings), checkpoint_every_s)
-    sums = estimate(inp, sweeps, len(comps), direction, method == "atp*", graddrop, batch_size, ck, progress)
+    sums = estimate(inp, sweeps, len(comps), direction, method == "atp*", graddrop, batch_size, ck, progress,
+                    ig_steps or 0)
     signed, gd = sums["signed"], sums.get("graddrop")
     res = ScanResult(
         **inp.header(), direction=direction, method=method, graddrop=gd, components=comps, sweeps=sweeps,
         signed=signed, score=torch.maximum(signed.abs(), gd) if graddrop else signed.abs(), clean=sums["clean"],
+        ig_steps=ig_steps,
         corrupt=sums["corrupt"], timings={"attribution_s": time.perf_counter() - t0},
     )
     if confirm:
@@ -120,7 +134,8 @@ def scan(
 
 
 def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_fix: bool, graddrop: bool,
-             batch_size: int, ck: Checkpoint | None = None, progress: Progress | None = None) -> dict:
+             batch_size: int, ck: Checkpoint | None = None, progress: Progress | None = None,
+             ig_steps: int = 0) -> dict:
     """The attribution stage: per-pair sums over each pair's rows, ``signed`` (and ``graddrop``)
     ``[P, n]`` and the ``clean``/``corrupt`` metrics ``[P]``, one batch of ``batch_size`` rows (of
     one token length) at a time; resumed from and written to ``ck`` as it goes."""
@@ -151,7 +166,8 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
             role_pos = torch.tensor([[rows.pairs[i].roles[r] for r in roles] for i in batch]) if roles else None
             out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
                                         graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
-                                        other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep)
+                                        other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep,
+                                            ig_steps=ig_steps)
             owner = rows.owner[batch]
             consistent = False  # sums hold part of this batch until done names it
             for name in ("signed", "graddrop") if graddrop else ("signed",):
