@@ -141,6 +141,11 @@ def cmd_scan(args) -> dict:
     if args.out:
         res.save(args.out, top=args.top)
         doc["out"] = str(args.out)
+    for name, s in (doc["agreement_by_sweep"] or {}).items():
+        if untrusted(s):
+            print(f"warning: sweep {name}: its estimates disagree with exact patching on {s['n']} confirmed nodes "
+                  f"(sign {s['sign_agreement']:.2f}, spearman {s['spearman']:.2f}); rank it by `causalscan patch "
+                  f"--sites {name}` or --method atp-ig", file=sys.stderr)
     t = doc["timings"]
     print(f"scan: {len(res.components)} nodes, {len(res.clean)} pairs, {t['total_s']:.2f}s", file=sys.stderr)
     if not args.json:
@@ -152,11 +157,20 @@ def cmd_scan(args) -> dict:
         if a:
             print(f"agreement on {a['n']} confirmed nodes (top {a['k']} + random): spearman {a['spearman']:.3f}, "
                   f"recall@{a['k']} {a['recall_at_k']:.3f}, sign {a['sign_agreement']:.3f}")
+            for name, s in (doc["agreement_by_sweep"] if len(doc["agreement_by_sweep"]) > 1 else {}).items():
+                print(f"  {name:<12} {s['n']:4d} nodes (top {s['k']} + random): spearman {s['spearman']:.3f}, "
+                      f"recall@{s['k']} {s['recall_at_k']:.3f}, sign {s['sign_agreement']:.3f}")
         fn = doc["false_negatives"]
         if fn:
             print(f"false negatives: no unconfirmed node above {fn['bound']:.4f} (95% one-sided, "
                   f"{fn['subsets']} joint patches)")
     return doc
+
+
+def untrusted(s: dict, min_sign: float = 0.9, min_spearman: float = 0.5) -> bool:
+    """A sweep's agreement that should not be trusted: sign agreement or Spearman below the bar (on
+    at least 4 confirmed nodes; NaN, e.g. every exact effect 0, is not evidence either way)."""
+    return s["n"] >= 4 and (s["sign_agreement"] < min_sign or s["spearman"] < min_spearman)
 
 
 def cmd_trace(args) -> dict:

@@ -153,7 +153,8 @@ class ScanResult(Result):
     ``graddrop`` [P, n] or None: the GradDrop score; ``score`` [P, n]: the ranking score (per-pair ``|AtP|``, under AtP*
     ``max(|AtP|, GradDrop)``); ``clean``/``corrupt`` [P]. After
     confirmation: ``confirmed`` [m] node ids (the first ``n_top`` the estimated top, the rest a
-    random sample), ``exact`` [P, m] exact effects, ``agreement`` (see ``scan.agreement``).
+    random sample, then each sweep's own top and random sample), ``exact`` [P, m] exact effects,
+    ``agreement`` (pooled) and ``agreement_by_sweep`` (see ``scan.agreement``).
     """
 
     direction: str
@@ -169,6 +170,7 @@ class ScanResult(Result):
     agreement: dict | None = None
     false_negatives: dict | None = None
     ig_steps: int | None = None
+    agreement_by_sweep: dict | None = None
 
     def summary(self) -> dict[str, torch.Tensor]:
         """Per node [n]: ``score`` (ranking), ``estimate`` (signed mean), and for confirmed nodes
@@ -211,6 +213,7 @@ class ScanResult(Result):
                     "confirmed": {"top": self.n_top,
                                   "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top}}
         return self._document("scan", settings, components=self.top(top), agreement=self.agreement,
+                              agreement_by_sweep=self.agreement_by_sweep,
                               false_negatives=self.false_negatives)
 
 

@@ -185,20 +185,44 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
 
 
 def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, progress: Progress | None) -> None:
-    """Exact effects of the top ``k`` nodes and ``n_random`` others, measured on the scan's own rows;
-    agreement statistics."""
-    order = res.score.mean(0).argsort(descending=True)
-    k = min(k, len(order))
-    top, rest = order[:k], order[k:]
+    """Exact effects of the top ``k`` nodes and ``n_random`` others, measured on the scan's own rows,
+    and of a sample stratified by sweep (when there are several): each sweep's own top
+    ``min(k, size // 2)`` and as many random others, so that every sweep gets its own agreement
+    statistics and a badly estimated sweep cannot hide behind a well estimated one."""
+    score = res.score.mean(0)
     g = torch.Generator().manual_seed(seed)
-    chosen = torch.cat([top, rest[torch.randperm(len(rest), generator=g)[:n_random]]])
+    pooled, k = _top_and_random(score, torch.arange(len(score)), k, n_random, g)
+    strata = {}
+    if len(res.sweeps) > 1:
+        for sw in res.sweeps:
+            ids = torch.arange(sw.start, sw.stop)
+            k_s = min(k, len(ids) // 2) if k else 0
+            strata[sw.name] = (_top_and_random(score, ids, k_s, n_random, g)[0], k_s)
+    seen = dict.fromkeys(pooled.tolist())  # the pooled sample first, in order, then each sweep's new nodes
+    for ids, _ in strata.values():
+        seen.update(dict.fromkeys(ids.tolist()))
+    chosen = torch.tensor(list(seen), dtype=torch.long)
     m = measure(inp.model, inp.rows, [[res.components[j]] for j in chosen.tolist()], res.direction, inp.metric_fn,
                 progress=progress, stage="confirm")
-    res.confirmed = chosen
-    res.n_top = k
-    res.exact = m.effect(res.direction)
-    res.agreement = agreement(res.score.mean(0)[chosen], res.signed.mean(0)[chosen], res.exact, k)
+    res.confirmed, res.n_top, res.exact = chosen, k, m.effect(res.direction)
+    col = {j: c for c, j in enumerate(chosen.tolist())}
+
+    def agree(ids: torch.Tensor, k_s: int) -> dict:
+        cols = torch.tensor([col[j] for j in ids.tolist()], dtype=torch.long)
+        return agreement(score[ids], res.signed.mean(0)[ids], res.exact[:, cols], k_s)
+    res.agreement = agree(pooled, k)
+    res.agreement_by_sweep = {name: agree(ids, k_s) for name, (ids, k_s) in strata.items()} or \
+        {res.sweeps[0].name: res.agreement}
     res.timings["confirm_forwards"] = m.forwards
+
+
+def _top_and_random(score: torch.Tensor, ids: torch.Tensor, k: int, n_random: int, g: torch.Generator
+                    ) -> tuple[torch.Tensor, int]:
+    """Node ids: the ``k`` of ``ids`` with the highest ``score``, then ``n_random`` of the rest at random."""
+    order = ids[score[ids].argsort(descending=True)]
+    k = min(k, len(order))
+    rest = order[k:]
+    return torch.cat([order[:k], rest[torch.randperm(len(rest), generator=g)[:n_random]]]), k
 
 
 def agreement(score: torch.Tensor, signed: torch.Tensor, exact: torch.Tensor, k: int) -> dict:

@@ -67,7 +67,9 @@ def test_false_negative_bound_covers_a_hidden_head(induction):
                           fn_subsets=48, fn_p=0.2)
     fn = res.false_negatives
     hidden = causalscan.patch(induction, ds, sites="head").summary()["exact_abs"][:2]  # layer-0 heads
-    assert fn["nodes"] == 258 and fn["subsets"] == 48
+    confirmed = {(res.components[j].site, res.components[j].layer) for j in res.confirmed.tolist()}
+    assert ("head", 0) not in confirmed  # the stratified sample adds each sweep's top 2: induction heads, 2 neurons
+    assert fn["nodes"] == 260 - len(res.confirmed) == 256 and fn["subsets"] == 48
     assert math.isfinite(fn["bound"]) and fn["bound"] >= hidden.min().item()
 
 
@@ -77,10 +79,12 @@ def test_scan_outputs(induction, tmp_path):
     doc = json.loads((tmp_path / "scan.json").read_text())  # strict JSON: NaN written as null
     assert doc["kind"] == "scan" and doc["settings"]["method"] == "atp*"
     assert doc["agreement"]["n"] == 6
+    by = doc["agreement_by_sweep"]  # each sweep's own top min(3, size // 2) and 3 random others
+    assert list(by) == ["head", "resid_pre", "q"] and all(s["n"] >= 4 for s in by.values())
     t = load_file(str(tmp_path / "scores.safetensors"))
     assert t["atp*/head"].shape == (2, 2) and t["atp*/resid_pre"].shape == (2, 19) and t["graddrop/q"].shape == (2, 2)
     assert t["exact_abs/head"].isnan().sum() + t["exact_abs/resid_pre"].isnan().sum() + \
-        t["exact_abs/q"].isnan().sum() == 4 + 38 + 4 - 6
+        t["exact_abs/q"].isnan().sum() == 4 + 38 + 4 - len(res.confirmed)
     df = res.to_pandas()
     assert len(df) == 4 + 38 + 4 and df["score"].is_monotonic_decreasing
 
@@ -239,3 +243,39 @@ def test_a_second_writer_on_one_out_directory_is_refused(tmp_path, capsys):
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
     assert main(argv) == 0 and (tmp_path / "scan.json").is_file()
+
+
+def test_agreement_per_sweep_is_measured_on_its_own_stratum(induction):
+    """Each sweep's statistics come from its own top nodes and random sample, measured exactly, and
+    equal ``agreement`` recomputed by hand from those nodes' exact effects."""
+    from causalscan.scan import agreement
+
+    res = causalscan.scan(induction, zoo.dataset_path("induction"), sites="head,neuron,resid_pre", confirm=4,
+                          confirm_random=6)
+    score, signed = res.score.mean(0), res.signed.mean(0)
+    col = {j: c for c, j in enumerate(res.confirmed.tolist())}
+    assert len(col) == len(res.confirmed)  # no node measured twice
+    checked = 0
+    for sw in res.sweeps:
+        own = [j for j in res.confirmed.tolist() if sw.start <= j < sw.stop]
+        k = min(4, (sw.stop - sw.start) // 2)
+        top = score[sw.start:sw.stop].argsort(descending=True)[:k] + sw.start
+        a = res.agreement_by_sweep[sw.name]
+        assert set(top.tolist()) <= set(own) and a["n"] == k + min(6, sw.stop - sw.start - k) <= len(own)
+        assert a["k"] == k
+        if len(own) == a["n"]:  # no node of this sweep came from the pooled random sample: the stratum is `own`
+            rest = [j for j in own if j not in set(top.tolist())]
+            ids = [*top.tolist(), *rest]
+            ref = agreement(score[ids], signed[ids], res.exact[:, [col[j] for j in ids]], k)
+            assert a == pytest.approx(ref, nan_ok=True)
+            checked += 1
+    assert checked >= 1
+
+
+def test_untrusted_sweeps():
+    from causalscan.cli import untrusted
+
+    good = {"n": 64, "sign_agreement": 0.97, "spearman": 0.8}
+    assert not untrusted(good)
+    assert untrusted({**good, "sign_agreement": 0.6}) and untrusted({**good, "spearman": 0.2})
+    assert not untrusted({**good, "n": 3, "spearman": 0.0}) and not untrusted({**good, "spearman": math.nan})
