@@ -136,7 +136,7 @@ def cmd_scan(args) -> dict:
                confirm_random=args.confirm_random, direction=args.direction, metric=args.metric,
                batch_size=args.batch_size, graddrop=False if args.no_graddrop else None, fn_subsets=args.fn_subsets,
                seed=args.seed, progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale,
-               checkpoint=args.out, ig_steps=args.ig_steps)
+               checkpoint=args.out, ig_steps=args.ig_steps, exact_budget=args.exact_budget)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -365,6 +365,10 @@ def parser() -> argparse.ArgumentParser:
                                              "v, attn_out, mlp_out, resid_post, head:pos, ...")
     sp.add_argument("--method", default="atp*", choices=["atp", "atp*", "atp-ig"])
     sp.add_argument("--ig-steps", type=int, default=None, help="atp-ig: steps along the input path (default 10)")
+    sp.add_argument("--exact-budget", type=float, default=0.0,
+                    help="patch a sweep exactly, not estimate it, when that costs at most this many plain "
+                         "forward + backward passes (default 0: estimate every sweep; 50 makes heads and "
+                         "residual positions exact on a 135M model with 16 pairs)")
     sp.add_argument("--no-graddrop", action="store_true", help="atp*: QK fix only, one backward per batch")
     sp.add_argument("--confirm", type=int, default=32, help="top nodes re-measured by exact patching (0: none)")
     sp.add_argument("--confirm-random", type=int, default=None,

@@ -43,6 +43,7 @@ RANGES: dict[str, tuple] = {
     "source": (0, None, True, False), "target": (0, None, True, False),
     "memory_budget": (1, None, True, False), "memory_budget_mb": (1, None, True, False),
     "min_tokens": (0, None, True, False), "ig_steps": (1, 1000, True, False),
+    "exact_budget": (0, 1e9, False, False),
 }
 
 

@@ -171,6 +171,7 @@ class ScanResult(Result):
     false_negatives: dict | None = None
     ig_steps: int | None = None
     agreement_by_sweep: dict | None = None
+    scored_by: dict | None = None  # sweep name -> "exact" or the estimating method
 
     def summary(self) -> dict[str, torch.Tensor]:
         """Per node [n]: ``score`` (ranking), ``estimate`` (signed mean), and for confirmed nodes
@@ -183,6 +184,10 @@ class ScanResult(Result):
         if self.confirmed is not None:
             out["exact"][self.confirmed] = self.exact.mean(0)
             out["exact_abs"][self.confirmed] = self.exact.abs().mean(0)
+        for sw in self.sweeps:
+            if (self.scored_by or {}).get(sw.name) == "exact":  # signed holds exact effects
+                out["exact"][sw.start:sw.stop] = self.signed[:, sw.start:sw.stop].mean(0)
+                out["exact_abs"][sw.start:sw.stop] = self.signed[:, sw.start:sw.stop].abs().mean(0)
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -207,7 +212,8 @@ class ScanResult(Result):
 
     def to_json(self, top: int = 50) -> dict:
         check_options(top=top)
-        settings = {"method": self.method, "ig_steps": self.ig_steps, "graddrop": self.graddrop is not None,
+        settings = {"method": self.method, "ig_steps": self.ig_steps, "scored_by": self.scored_by,
+                    "graddrop": self.graddrop is not None,
                     "direction": self.direction,
                     "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps),
                     "confirmed": {"top": self.n_top,

