@@ -10,6 +10,9 @@ the named roles IO, S1, S2, END. Neurons: a random sample of 500 plus each metho
 Methods: atp, atp* (QK fix + GradDrop), atp* without GradDrop, atp-ig with 5 and 10 steps.
 
     python bench/bench_faithfulness.py [--pairs 16] [--model smollm2|induction|facts] [--methods ...]
+
+Run it without ``TRITON_INTERPRET``: on a CPU the kernels' reference path is what a user runs (the
+interpreter executes the Triton kernels in Python, for tests only).
 """
 
 from __future__ import annotations
