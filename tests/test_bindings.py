@@ -107,5 +107,10 @@ def test_scan_through_triton_equals_reference(monkeypatch, device):
     for name in ("signed", "graddrop", "score"):
         # against the scan's magnitude: q nodes (~1e-3 here) are sums of terms of the size of the rest
         assert_close(getattr(b, name), getattr(a, name), rtol, msg=name)
-    assert torch.equal(a.confirmed, b.confirmed)
-    assert_close(b.exact, a.exact, rtol)
+    # the pooled sample (top 3 + 2 random) is the same; a sweep's own top may differ where its scores
+    # tie to the last bit (q nodes ~0): compare the exact effects of every node both confirmed
+    assert torch.equal(a.confirmed[:5], b.confirmed[:5])
+    col_b = {j: c for c, j in enumerate(b.confirmed.tolist())}
+    both = [(c, col_b[j]) for c, j in enumerate(a.confirmed.tolist()) if j in col_b]
+    assert len(both) >= 5
+    assert_close(b.exact[:, [c for _, c in both]], a.exact[:, [c for c, _ in both]], rtol)
