@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from causalscan.errors import InputError
+
+MIN_FREE = 1 << 20  # a full disk is refused before any work; a write that still runs out keeps the last file
 
 
 def finite(doc):
@@ -43,6 +46,10 @@ def out_dir(path: str | Path) -> Path:
         probe.unlink()
     except OSError as e:
         raise InputError(f"cannot write here ({e.strerror or e})", file=str(path), field="out") from None
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE:
+        raise InputError(f"only {free >> 10} KiB free on this disk; the outputs need at least {MIN_FREE >> 20} MiB",
+                         file=str(path), field="out")
     return path
 
 

@@ -205,3 +205,15 @@ def test_one_prompt_string_is_one_prompt(tiny):
 
     one = cs.elicit(tiny("llama"), "a b c", n=1, steps=1, method="melbo", source=0, target=1, radius=1.0)
     assert one.prompts == ["a b c"]
+
+
+def test_out_on_a_full_disk_exits_2_before_work(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from causalscan import files
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
+    assert main([*PATCH, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "only 4 KiB free" in err and "loading" not in err
