@@ -168,9 +168,10 @@ def cmd_scan(args) -> dict:
 
 
 def untrusted(s: dict, min_sign: float = 0.9, min_spearman: float = 0.5) -> bool:
-    """A sweep's agreement that should not be trusted: sign agreement or Spearman below the bar (on
-    at least 4 confirmed nodes; NaN, e.g. every exact effect 0, is not evidence either way)."""
-    return s["n"] >= 4 and (s["sign_agreement"] < min_sign or s["spearman"] < min_spearman)
+    """A sweep's agreement that should not be trusted: sign agreement (on at least 4 nodes that
+    matter) or Spearman (on at least 4 confirmed nodes) below the bar; NaN is not evidence either way."""
+    return s.get("sign_nodes", s["n"]) >= 4 and s["sign_agreement"] < min_sign or \
+        s["n"] >= 4 and s["spearman"] < min_spearman
 
 
 def cmd_trace(args) -> dict:

@@ -35,6 +35,7 @@ IG_STEPS = 10  # Marks et al. 2024
 # backward passes (SmolLM2-135M, 16 IOI pairs: heads ~35, resid_pre by position ~35-45, neurons ~6000).
 # Off by default until bench/bench_faithfulness.py has settled what the default scan should be.
 EXACT_BUDGET = 0.0
+SIGN_FLOOR = 0.05  # sign agreement counts nodes whose exact mean effect is >= 5% of the largest
 
 
 def scan(
@@ -273,14 +274,15 @@ def agreement(score: torch.Tensor, signed: torch.Tensor, exact: torch.Tensor, k:
     (per-pair exact effects); the first ``k`` nodes are the estimated top-k, the rest a random
     sample. ``spearman``: rank correlation of score and mean |exact| over all n; ``recall_at_k``:
     share of the exact top-k (within the n) that the estimate put in its top-k; ``sign_agreement``:
-    share of nodes with |exact mean| > 1e-6 whose signed estimate has the same sign;
+    share of the ``sign_nodes`` nodes that matter (|exact mean| at least 5% of the largest here)
+    whose signed estimate has the same sign;
     ``random_max_exact_abs``: the largest mean |exact| in the random sample (what a node outside
     the top-k was seen to do), against ``top_min_exact_abs``.
     """
     ex_abs, ex_mean = exact.abs().mean(0), exact.mean(0)
     n = len(score)
     exact_top = set(ex_abs.argsort(descending=True)[:k].tolist())
-    live = ex_mean.abs() > 1e-6
+    live = ex_mean.abs() > max(1e-6, SIGN_FLOOR * ex_mean.abs().max().item())  # nodes that matter
     out = {
         "n": n,
         "k": k,
@@ -288,6 +290,7 @@ def agreement(score: torch.Tensor, signed: torch.Tensor, exact: torch.Tensor, k:
         "recall_at_k": len(exact_top & set(range(k))) / k if k else math.nan,
         "sign_agreement": (torch.sign(signed[live]) == torch.sign(ex_mean[live])).float().mean().item()
         if live.any() else math.nan,
+        "sign_nodes": int(live.sum()),
         "top_min_exact_abs": ex_abs[:k].min().item() if k else math.nan,
         "random_max_exact_abs": ex_abs[k:].max().item() if n > k else math.nan,
     }

@@ -275,9 +275,10 @@ def test_agreement_per_sweep_is_measured_on_its_own_stratum(induction):
 def test_untrusted_sweeps():
     from causalscan.cli import untrusted
 
-    good = {"n": 64, "sign_agreement": 0.97, "spearman": 0.8}
+    good = {"n": 64, "sign_agreement": 0.97, "sign_nodes": 20, "spearman": 0.8}
     assert not untrusted(good)
     assert untrusted({**good, "sign_agreement": 0.6}) and untrusted({**good, "spearman": 0.2})
+    assert not untrusted({**good, "sign_agreement": 0.5, "sign_nodes": 2})  # one tiny effect of two
     assert not untrusted({**good, "n": 3, "spearman": 0.0}) and not untrusted({**good, "spearman": math.nan})
 
 
