@@ -125,7 +125,8 @@ def scan(
         corrupt=sums["corrupt"], timings={"attribution_s": time.perf_counter() - t0},
     )
     res.scored_by = {sw.name: method for sw in sweeps}
-    exact_sweeps = [sw for sw in sweeps if exact_cost(inp, comps[sw.start:sw.stop]) <= exact_budget]
+    exact_sweeps = [sw for sw in sweeps if exact_cost(inp, comps[sw.start:sw.stop]) <= exact_budget] \
+        if exact_budget else []  # the default (0) plans nothing: no cost walk over every node
     if exact_sweeps:
         t1 = time.perf_counter()
         _patch_exactly(res, inp, exact_sweeps, progress)
@@ -181,7 +182,7 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
             out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
                                         graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
                                         other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep,
-                                            ig_steps=ig_steps)
+                                        ig_steps=ig_steps)
             owner = rows.owner[batch]
             consistent = False  # sums hold part of this batch until done names it
             for name in ("signed", "graddrop") if graddrop else ("signed",):
