@@ -23,7 +23,13 @@ AtP-IG (integrated gradients along the input path; Hanna et al. 2024, "Have Fait
 Faithfulness"): ``ig_steps`` = N forwards and backwards of the base run whose token embeddings are
 ``e_base + (k / N) (e_other - e_base)``, k = 0..N-1 (a left Riemann sum: N = 1 is AtP); each site's
 backward adds ``(a_other - a_base) . grad / N`` into the same per-site store, so memory stays that
-of AtP plus the base run's activations at the scanned sites.
+of AtP plus the base run's activations at the scanned sites. The other path the paper compares
+(``ig_path="activations"``) interpolates each site on its own: for every scanned (site, layer), N
+forwards from that layer of the base run with the site's activation set to
+``a_base + (k / N) (a_other - a_base)`` (everything upstream is the base run's), each backward
+adding ``(a_other - a_base) . grad / N`` for that site only. A site's attributions then sum to the
+exact effect of patching the whole site (completeness), up to the quadrature error; the cost is N
+passes per site and layer instead of N in all.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from causalscan.sweeps import Sweep
 
 RESID = ("resid_pre", "resid_mid", "resid_post")
 QK = ("q", "k")
+IG_PATHS = ("inputs", "activations")
 
 
 class _Tap(torch.autograd.Function):
@@ -75,6 +82,10 @@ class _Grad(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.hook(grad)
         return grad, None
+
+    @classmethod
+    def tap(cls, hook):
+        return lambda x: cls.apply(x, hook)
 
 
 class _Drop(torch.autograd.Function):
@@ -205,6 +216,7 @@ def attribute(
     role_pos: torch.Tensor | None = None,
     keep: int = 1,
     ig_steps: int = 0,
+    ig_path: str = "inputs",
 ) -> dict:
     """Scores of every sweep for pairs ``base_ids``/``other_ids`` [P, T].
 
@@ -215,11 +227,13 @@ def attribute(
     ``role_pos``: ``[P, R]`` token positions of the roles that sweeps with ``roles`` run over.
     Returns ``{"signed": {name: [P, *shape]}, "graddrop": {name: [P, *shape]} (if graddrop),
     "base": [P], "other": [P]}``: ``signed`` is AtP (with the QK fix for q/k nodes if asked).
-    ``ig_steps`` > 0: ``signed`` is AtP-IG over that many steps of the input path (no QK fix or GradDrop).
+    ``ig_steps`` > 0: ``signed`` is AtP-IG over that many steps of ``ig_path`` (``inputs``: one path
+    for all sites; ``activations``: each site's own), without QK fix or GradDrop.
     """
     if ig_steps:
-        return _attribute_ig(ad, base_ids, other_ids, metric, sweeps, base_is_clean, base_noise, other_noise,
-                             role_pos, keep, ig_steps)
+        ig = _attribute_ig if ig_path == "inputs" else _attribute_ig_activations
+        return ig(ad, base_ids, other_ids, metric, sweeps, base_is_clean, base_noise, other_noise, role_pos, keep,
+                  ig_steps)
     sites = {sw.site for sw in sweeps}
     fixed = sites & set(QK) if qk_fix else set()
     tapped = [(s, layer) for s in sorted(sites - fixed) for layer in range(ad.n_layers)]
@@ -258,18 +272,11 @@ def _attribute_ig(ad: Adapter, base_ids, other_ids, metric, sweeps: list[Sweep],
     scores = _Scores(sweeps, base_ids.shape[0], base_ids.device, False, role_pos)
     scores.weight = 1.0 / steps
 
-    def tap(site, layer):
-        d, modes = delta[(site, layer)], {sw.by_pos for sw in scores.of(site)}
-
-        def hook(grad):
-            for by_pos in modes:
-                scores.store(site, layer, by_pos, ops.attribute(None, d, grad, by_pos))
-        return lambda x: _Grad.apply(x, hook)
-    taps = [(s, layer, tap(s, layer)) for s, layer in tapped]
+    taps = [(s, layer, _Grad.tap(_ig_hook(scores, delta, s, layer))) for s, layer in tapped]
     with frozen(ad.model), torch.enable_grad():
         for k in range(steps):
             noise = step * (k / steps) if base_noise is None else base_noise + step * (k / steps)
-            handle = embed.register_forward_hook(lambda mod, args, out: out.detach().requires_grad_())
+            handle = embed.register_forward_hook(_leaf)
             try:
                 logits = runner.forward(ad, base_ids, taps, noise=noise, logits_to_keep=keep)
             finally:
@@ -283,6 +290,50 @@ def _attribute_ig(ad: Adapter, base_ids, other_ids, metric, sweeps: list[Sweep],
     delta.clear()
     with torch.no_grad():
         other_m = metric(other_logits, clean_logprobs)
+    return {"signed": {name: v.cpu() for name, v in scores.signed.items()}, "base": base_m.float().cpu(),
+            "other": other_m.float().cpu()}
+
+
+def _ig_hook(scores: _Scores, delta: dict, site: str, layer: int):
+    """The backward hook of an IG step at ``site`` of ``layer``: ``delta . grad`` into its sweeps (weighted)."""
+    d, modes = delta[(site, layer)], {sw.by_pos for sw in scores.of(site)}
+
+    def hook(grad):
+        for by_pos in modes:
+            scores.store(site, layer, by_pos, ops.attribute(None, d, grad, by_pos))
+    return hook
+
+
+def _leaf(mod, args, out):
+    """A forward hook making a module's output a graph leaf (the base run's graph starts there)."""
+    return out.detach().requires_grad_()
+
+
+def _attribute_ig_activations(ad: Adapter, base_ids, other_ids, metric, sweeps: list[Sweep], base_is_clean: bool,
+                              base_noise, other_noise, role_pos, keep: int, steps: int) -> dict:
+    """AtP-IG along each site's own path (see the module docstring); returns as :func:`attribute`."""
+    tapped = [(s, layer) for s in sorted({sw.site for sw in sweeps}) for layer in range(ad.n_layers)]
+    other_logits, other_acts, _ = _other_run(ad, other_ids, tapped, range(0), other_noise, keep)
+    resid_in = [("resid_pre", layer) for layer in range(ad.n_layers)]
+    base_logits, base_acts, _ = _other_run(ad, base_ids, sorted(set(tapped + resid_in)), range(0), base_noise, keep)
+    resid = [base_acts[key][:, :, 0] for key in resid_in]  # [P, T, d_model] entering each block
+    delta = {key: other_acts.pop(key) - base_acts.pop(key) for key in tapped}  # a_other - a_base
+    base_acts.clear()
+    clean_logprobs = (base_logits if base_is_clean else other_logits).float().log_softmax(-1)
+    scores = _Scores(sweeps, base_ids.shape[0], base_ids.device, False, role_pos)
+    scores.weight = 1.0 / steps
+    with frozen(ad.model), torch.enable_grad():
+        for site, layer in tapped:
+            hook = _ig_hook(scores, delta, site, layer)
+            for k in range(steps):
+                def tap(x, alpha=k / steps, d=delta[(site, layer)], hook=hook):
+                    return _Grad.apply((x.detach() + alpha * d).requires_grad_(), hook)
+                logits = runner.forward(ad, base_ids, [(site, layer, tap)], start_layer=layer, resid=resid[layer],
+                                        logits_to_keep=keep)
+                metric(logits, clean_logprobs).sum().backward()
+    delta.clear()
+    with torch.no_grad():
+        base_m, other_m = metric(base_logits, clean_logprobs), metric(other_logits, clean_logprobs)
     return {"signed": {name: v.cpu() for name, v in scores.signed.items()}, "base": base_m.float().cpu(),
             "other": other_m.float().cpu()}
 
@@ -321,11 +372,8 @@ def _base_run_and_backwards(ad: Adapter, ids: torch.Tensor, taps, metric, attn_l
     """The base run with its graph (from the embeddings, parameters frozen), one backward of the
     summed metric, and with GradDrop one more per block over the same graph. Returns the base
     metric [P] and the clean log-probabilities [P, keep, V]."""
-    def leaf(mod, args, out):
-        return out.detach().requires_grad_()
-
     with frozen(ad.model), torch.enable_grad(), attention.recording(ad, attn_layers, base_rec):
-        handle = ad.model.get_input_embeddings().register_forward_hook(leaf)
+        handle = ad.model.get_input_embeddings().register_forward_hook(_leaf)
         try:
             logits = runner.forward(ad, ids, taps, noise=noise, logits_to_keep=keep)
         finally:

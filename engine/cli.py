@@ -136,7 +136,8 @@ def cmd_scan(args) -> dict:
                confirm_random=args.confirm_random, direction=args.direction, metric=args.metric,
                batch_size=args.batch_size, graddrop=False if args.no_graddrop else None, fn_subsets=args.fn_subsets,
                seed=args.seed, progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale,
-               checkpoint=args.out, ig_steps=args.ig_steps, exact_budget=args.exact_budget)
+               checkpoint=args.out, ig_steps=args.ig_steps, ig_path=args.ig_path,
+               exact_budget=args.exact_budget)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -365,7 +366,11 @@ def parser() -> argparse.ArgumentParser:
     _sweep_args(sp, "head,neuron,resid_pre", "comma-separated sweeps (default: head,neuron,resid_pre); also q, k, "
                                              "v, attn_out, mlp_out, resid_post, head:pos, ...")
     sp.add_argument("--method", default="atp*", choices=["atp", "atp*", "atp-ig"])
-    sp.add_argument("--ig-steps", type=int, default=None, help="atp-ig: steps along the input path (default 10)")
+    sp.add_argument("--ig-steps", type=int, default=None, help="atp-ig: steps along the path (default 10)")
+    sp.add_argument("--ig-path", default="inputs", choices=["inputs", "activations"],
+                    help="atp-ig: interpolate the input embeddings (one path for every site, N passes) or each "
+                         "site's activation (N passes per site and layer; a site's attributions sum to its exact "
+                         "effect)")
     sp.add_argument("--exact-budget", type=float, default=0.0,
                     help="patch a sweep exactly, not estimate it, when that costs at most this many plain "
                          "forward + backward passes (default 0: estimate every sweep; 50 makes heads and "

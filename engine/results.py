@@ -170,6 +170,7 @@ class ScanResult(Result):
     agreement: dict | None = None
     false_negatives: dict | None = None
     ig_steps: int | None = None
+    ig_path: str | None = None
     agreement_by_sweep: dict | None = None
     scored_by: dict | None = None  # sweep name -> "exact" or the estimating method
 
@@ -212,8 +213,8 @@ class ScanResult(Result):
 
     def to_json(self, top: int = 50) -> dict:
         check_options(top=top)
-        settings = {"method": self.method, "ig_steps": self.ig_steps, "scored_by": self.scored_by,
-                    "graddrop": self.graddrop is not None,
+        settings = {"method": self.method, "ig_steps": self.ig_steps, "ig_path": self.ig_path,
+                    "scored_by": self.scored_by, "graddrop": self.graddrop is not None,
                     "direction": self.direction,
                     "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps),
                     "confirmed": {"top": self.n_top,

@@ -16,6 +16,7 @@ embeddings and the attention implementation are the model's; on top of it:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -208,13 +209,21 @@ def forward(
         raise ValueError("start_layer > 0 needs the residual entering that layer")
     with installed(ad, taps, start_layer, resid, stop, noise):
         try:
-            out = ad.model(input_ids=input_ids, past_key_values=past, use_cache=use_cache,
-                           logits_to_keep=logits_to_keep)
+            out = ad.model(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                           **({} if past is None else {_cache_arg(ad.model): past}))
         except _Stop as s:
             return s.value
     if stop is not None:
         raise RuntimeError("stop hook did not fire")
-    return (out.logits, out.past_key_values) if use_cache else out.logits
+    if not use_cache:
+        return out.logits
+    cache = getattr(out, "cache", None)
+    return out.logits, (out.past_key_values if cache is None else cache)
+
+
+def _cache_arg(model) -> str:
+    """The key/value cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def capture(ad: Adapter, site: str, layer: int, store: dict) -> TapSpec:

@@ -58,6 +58,7 @@ def scan(
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 30.0,
     ig_steps: int | None = None,
+    ig_path: str = "inputs",
     exact_budget: float = EXACT_BUDGET,
 ) -> ScanResult:
     """Estimate the effect of every component of ``sites`` on ``metric``, then confirm the top.
@@ -65,8 +66,9 @@ def scan(
     ``sites``: sweeps as in :func:`causalscan.patch` (``head`` ``[L, H]``, ``neuron`` ``[L, d_mlp]``,
     ``resid_pre`` ``[L, T]``, ``q``/``k``/``v``, ``head:pos`` ...). ``method``: ``atp``,
     ``atp*`` (QK fix for q/k nodes, and GradDrop unless ``graddrop=False``) or ``atp-ig``
-    (integrated gradients along the input path, ``ig_steps`` forwards and backwards per batch,
-    default 10; every node's score is ``|estimate|``). ``exact_budget``: a sweep whose exact
+    (integrated gradients, ``ig_steps`` steps, default 10, along ``ig_path``: ``inputs``, the
+    embeddings, N forwards and backwards per batch; or ``activations``, each site's own path, N per
+    site and layer, from that layer on; every node's score is ``|estimate|``). ``exact_budget``: a sweep whose exact
     patching costs at most this many plain forward + backward passes (:func:`exact_cost`) is
     patched exactly and not estimated (0: estimate every sweep); ``scored_by`` says which. The AtP* ranking score
     of a node is ``max(|AtP|, GradDrop)`` per pair: GradDrop exposes effects that cancel in the
@@ -102,8 +104,13 @@ def scan(
         ig_steps = IG_STEPS if ig_steps is None else ig_steps
         if graddrop:
             raise InputError("atp-ig runs without GradDrop", field="graddrop")
+        if ig_path not in attribution.IG_PATHS:
+            raise InputError(f"ig_path must be one of {', '.join(attribution.IG_PATHS)}, not {ig_path!r}",
+                             field="ig_path")
     elif ig_steps is not None:
         raise InputError(f"ig_steps needs method atp-ig, not {method!r}", field="ig_steps")
+    elif ig_path != "inputs":
+        raise InputError(f"ig_path needs method atp-ig, not {method!r}", field="ig_path")
     check_options(ig_steps=ig_steps, exact_budget=exact_budget)
     graddrop = (method == "atp*") if graddrop is None else graddrop
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
@@ -113,18 +120,17 @@ def scan(
                     "nodes": len(comps), "sites": list(sites) if not isinstance(sites, str) else sites,
                     "method": method, "graddrop": graddrop, "direction": direction, "metric": inp.metric,
                     "samples": samples, "noise_scale": noise_scale, "seed": seed, "batch_size": batch_size,
-                    "ig_steps": ig_steps}
+                    "ig_steps": ig_steps, "ig_path": ig_path}
         ck = Checkpoint(checkpoint, "scan", checkpoint_key(settings), checkpoint_every_s)
     sums = estimate(inp, sweeps, len(comps), direction, method == "atp*", graddrop, batch_size, ck, progress,
-                    ig_steps or 0)
+                    ig_steps or 0, ig_path)
     signed, gd = sums["signed"], sums.get("graddrop")
     res = ScanResult(
         **inp.header(), direction=direction, method=method, graddrop=gd, components=comps, sweeps=sweeps,
         signed=signed, score=torch.maximum(signed.abs(), gd) if graddrop else signed.abs(), clean=sums["clean"],
-        ig_steps=ig_steps,
+        ig_steps=ig_steps, ig_path=ig_path if ig_steps else None, scored_by={sw.name: method for sw in sweeps},
         corrupt=sums["corrupt"], timings={"attribution_s": time.perf_counter() - t0},
     )
-    res.scored_by = {sw.name: method for sw in sweeps}
     exact_sweeps = [sw for sw in sweeps if exact_cost(inp, comps[sw.start:sw.stop]) <= exact_budget] \
         if exact_budget else []  # the default (0) plans nothing: no cost walk over every node
     if exact_sweeps:
@@ -150,7 +156,7 @@ def scan(
 
 def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_fix: bool, graddrop: bool,
              batch_size: int, ck: Checkpoint | None = None, progress: Progress | None = None,
-             ig_steps: int = 0) -> dict:
+             ig_steps: int = 0, ig_path: str = "inputs") -> dict:
     """The attribution stage: per-pair sums over each pair's rows, ``signed`` (and ``graddrop``)
     ``[P, n]`` and the ``clean``/``corrupt`` metrics ``[P]``, one batch of ``batch_size`` rows (of
     one token length) at a time; resumed from and written to ``ck`` as it goes."""
@@ -182,7 +188,7 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
             out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
                                         graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
                                         other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep,
-                                        ig_steps=ig_steps)
+                                        ig_steps=ig_steps, ig_path=ig_path)
             owner = rows.owner[batch]
             consistent = False  # sums hold part of this batch until done names it
             for name in ("signed", "graddrop") if graddrop else ("signed",):

@@ -100,12 +100,13 @@ def patched_logits(model, ids, site, layer, index, position, source):
     return run(model, ids, site, layer, edit)[:, -1]
 
 
-def grad(model, ids, site, layer, metric, drop_layer=None, keep=None):
+def grad(model, ids, site, layer, metric, drop_layer=None, keep=None, value=None):
     """``(activation, dmetric/dactivation)`` [B, T, C, D] at ``site`` of ``layer`` by plain autograd:
     a zero probe is added to the raw module tensor and differentiated. ``metric(logits [B, V]) -> [B]``
     (with ``keep``: the last ``keep`` positions' logits [B, keep, V]) is summed. ``drop_layer``: the
     outputs of that block's attention and MLP (its residual writes) are detached, the GradDrop
-    reference."""
+    reference. ``value`` [B, T, C, D]: the site's activation is set to it first (the gradient is
+    taken there)."""
     import torch
 
     ad = model.adapter
@@ -114,6 +115,11 @@ def grad(model, ids, site, layer, metric, drop_layer=None, keep=None):
     held = {}
 
     def apply(raw):
+        if value is not None:  # upstream of the probe: no gradient needed
+            with torch.no_grad():
+                raw = raw.clone()
+                view = _raw_view(ad, site, raw, b, t)
+                view[...] = value - (held["pre"].reshape(view.shape) if site == "resid_mid" else 0)
         held["probe"] = torch.zeros_like(raw, requires_grad=True)
         view = _raw_view(ad, site, raw, b, t)
         held["x"] = (view + held["pre"].reshape(view.shape) if site == "resid_mid" else view).detach().clone()
