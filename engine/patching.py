@@ -134,6 +134,29 @@ def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: 
     the planned forwards, each within ``memory_budget`` bytes. An empty group is the base run.
     ``progress(stage, done, total)`` is called after each forward.
     """
+    work = planned(model, rows, groups, memory_budget, min_tokens)
+    total, done = sum(2 + len(fw) for *_, fw in work), 0
+    n = len(rows.pairs)
+    patched, clean_m, corrupt_m = torch.empty(n, len(groups)), torch.empty(n), torch.empty(n)
+    for idx, starts, fws in work:
+        bucket = _Bucket(model, rows, idx, groups, starts, direction, metric_fn)
+        r = torch.tensor(idx)
+        clean_m[r], corrupt_m[r] = bucket.clean, bucket.corrupt
+        done += 2
+        report(progress, stage, done, total)
+        out = torch.empty(len(idx), len(groups))
+        out[:, [j for j, g in enumerate(groups) if not g]] = bucket.base_metric[:, None]  # empty groups
+        for fw in fws:
+            out[fw.pairs, fw.groups] = bucket.run(fw)
+            done += 1
+            report(progress, stage, done, total)
+        patched[r] = out
+    return Measured(rows.mean(patched), rows.mean(clean_m), rows.mean(corrupt_m), total)
+
+
+def planned(model: Model, rows: Rows, groups: list[list[Component]], memory_budget: int | None = None,
+            min_tokens: int | None = None) -> list[tuple[list[int], list[tuple[int, int]], list[Forward]]]:
+    """Per bucket of equal-length rows: ``(row ids, each group's start, the planned forwards)``."""
     budget = memory_budget or _default_budget(model)
     if min_tokens is None:
         min_tokens = 16384 if model.device.type == "cuda" else 2048
@@ -144,23 +167,22 @@ def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: 
         starts = [start(g, earliest) for g in groups]
         seq = len(rows.pairs[idx[0]].clean)
         work.append((idx, starts, forwards(model, groups, starts, len(idx), seq, budget, min_tokens, rows.keep)))
-    total, done = sum(2 + len(fw) for *_, fw in work), 0
-    n = len(rows.pairs)
-    patched, clean_m, corrupt_m = torch.empty(n, len(groups)), torch.empty(n), torch.empty(n)
-    for idx, starts, planned in work:
-        bucket = _Bucket(model, rows, idx, groups, starts, direction, metric_fn)
-        r = torch.tensor(idx)
-        clean_m[r], corrupt_m[r] = bucket.clean, bucket.corrupt
-        done += 2
-        report(progress, stage, done, total)
-        out = torch.empty(len(idx), len(groups))
-        out[:, [j for j, g in enumerate(groups) if not g]] = bucket.base_metric[:, None]  # empty groups
-        for fw in planned:
-            out[fw.pairs, fw.groups] = bucket.run(fw)
-            done += 1
-            report(progress, stage, done, total)
-        patched[r] = out
-    return Measured(rows.mean(patched), rows.mean(clean_m), rows.mean(corrupt_m), total)
+    return work
+
+
+def cost(model: Model, rows: Rows, groups: list[list[Component]]) -> float:
+    """What :func:`measure` of ``groups`` costs, in plain forward + backward passes of ``rows`` (taken
+    as four forwards): the blocks x positions its planned forwards recompute, plus one output layer per
+    forward row, against the same of every row's full forward."""
+    n_layers, work, floor = model.adapter.n_layers, 0.0, 0.0
+    for idx, _, fws in planned(model, rows, groups):
+        seq = len(rows.pairs[idx[0]].clean)
+        work += sum(len(fw.pairs) * ((n_layers - fw.layer) * (seq - fw.pos) + _HEAD) for fw in fws)
+        floor += 4 * len(idx) * (n_layers * seq + _HEAD)
+    return work / floor
+
+
+_HEAD = 4  # the output layer of one row, in block x positions (a 49k vocabulary against 30 blocks)
 
 
 def start(group: list[Component], earliest: dict[str, int] | None = None) -> tuple[int, int]:

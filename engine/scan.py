@@ -23,7 +23,7 @@ from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
 from causalscan.errors import InputError, check_options
 from causalscan.inputs import Inputs, prepare
-from causalscan.patching import measure, start
+from causalscan.patching import cost, measure
 from causalscan.progress import Progress, log, report
 from causalscan.progress import check as check_progress
 from causalscan.results import ScanResult
@@ -32,9 +32,10 @@ from causalscan.sweeps import Component, Sweep, build_sweeps
 METHODS = ("atp", "atp*", "atp-ig")
 IG_STEPS = 10  # Marks et al. 2024
 # A sweep is patched exactly instead of estimated when that costs at most this many plain forward +
-# backward passes (SmolLM2-135M, 16 IOI pairs: heads ~35, resid_pre by position ~35-45, neurons ~6000).
-# Off by default until bench/bench_faithfulness.py has settled what the default scan should be.
-EXACT_BUDGET = 0.0
+# backward passes (patching.cost). SmolLM2-135M, 16 IOI pairs: resid_pre/attn_out/mlp_out over the
+# four roles 14 each (exact: AtP's recall@20 there is 0.30), heads 35 and neurons 6000 (estimated:
+# AtP's recall@20 0.90 and 1.00); bench/bench_faithfulness.py.
+EXACT_BUDGET = 20.0
 SIGN_FLOOR = 0.05  # sign agreement counts nodes whose exact mean effect is >= 5% of the largest
 
 
@@ -48,7 +49,7 @@ def scan(
     direction: str = "noising",
     metric="logit_diff",
     batch_size: int = 8,
-    graddrop: bool | None = None,
+    graddrop: bool = False,
     fn_subsets: int = 0,
     fn_p: float = 0.1,
     seed: int = 0,
@@ -65,7 +66,7 @@ def scan(
 
     ``sites``: sweeps as in :func:`causalscan.patch` (``head`` ``[L, H]``, ``neuron`` ``[L, d_mlp]``,
     ``resid_pre`` ``[L, T]``, ``q``/``k``/``v``, ``head:pos`` ...). ``method``: ``atp``,
-    ``atp*`` (QK fix for q/k nodes, and GradDrop unless ``graddrop=False``) or ``atp-ig``
+    ``atp*`` (QK fix for q/k nodes, and GradDrop with ``graddrop=True``) or ``atp-ig``
     (integrated gradients, ``ig_steps`` steps, default 10, along ``ig_path``: ``inputs``, the
     embeddings, N forwards and backwards per batch; or ``activations``, each site's own path, N per
     site and layer, from that layer on; every node's score is ``|estimate|``). ``exact_budget``: a sweep whose exact
@@ -102,8 +103,6 @@ def scan(
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
     if method == "atp-ig":
         ig_steps = IG_STEPS if ig_steps is None else ig_steps
-        if graddrop:
-            raise InputError("atp-ig runs without GradDrop", field="graddrop")
         if ig_path not in attribution.IG_PATHS:
             raise InputError(f"ig_path must be one of {', '.join(attribution.IG_PATHS)}, not {ig_path!r}",
                              field="ig_path")
@@ -112,7 +111,8 @@ def scan(
     elif ig_path != "inputs":
         raise InputError(f"ig_path needs method atp-ig, not {method!r}", field="ig_path")
     check_options(ig_steps=ig_steps, exact_budget=exact_budget)
-    graddrop = (method == "atp*") if graddrop is None else graddrop
+    if graddrop and method != "atp*":
+        raise InputError(f"GradDrop is part of atp*, not {method}", field="graddrop")
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
     ck = None
     if checkpoint is not None:
@@ -207,16 +207,8 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
 
 def exact_cost(inp: Inputs, comps: list[Component]) -> float:
     """What patching every node of ``comps`` exactly costs, in plain forward + backward passes of the
-    scan's rows (about four forwards): the blocks x positions each patch recomputes, summed over rows."""
-    n_layers, cost, floor = inp.model.adapter.n_layers, 0, 0
-    for idx in inp.rows.buckets():
-        seq = len(inp.rows.pairs[idx[0]].clean)
-        roles = inp.rows.pairs[idx[0]].roles or {}
-        earliest = {r: min(inp.rows.pairs[i].roles[r] for i in idx) for r in roles}
-        starts = torch.tensor([start([c], earliest) for c in comps], dtype=torch.float64).reshape(-1, 2)
-        cost += len(idx) * ((n_layers - starts[:, 0]) * (seq - starts[:, 1])).sum().item()
-        floor += 4 * len(idx) * seq * n_layers
-    return cost / floor
+    scan's rows (:func:`causalscan.patching.cost`)."""
+    return cost(inp.model, inp.rows, [[c] for c in comps])
 
 
 def _patch_exactly(res: ScanResult, inp: Inputs, sweeps: list[Sweep], progress: Progress | None) -> None:

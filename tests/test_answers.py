@@ -61,7 +61,8 @@ def test_one_token_pairs_score_the_same_in_both_modes(tiny):
 @pytest.mark.parametrize("family, direction", [("llama", "noising"), ("gpt2", "denoising")])
 def test_multi_token_atp_equals_autograd(tiny, family, direction):
     model = tiny(family)
-    res = scan(model, MULTI, sites=["resid_pre", "head", "head:pos"], method="atp", confirm=0, direction=direction)
+    res = scan(model, MULTI, sites=["resid_pre", "head", "head:pos"], method="atp", confirm=0, direction=direction,
+               exact_budget=0)
     pairs = Dataset(MULTI).tokenize(model.tokenizer)
     t = len(pairs[0].clean)
     for name, by_pos in (("resid_pre", True), ("head", False), ("head_pos", True)):
@@ -84,7 +85,7 @@ def test_multi_token_atp_equals_autograd(tiny, family, direction):
 
 def test_multi_token_scan_confirms_exactly(tiny):
     model = tiny("llama")
-    res = scan(model, MULTI, sites=["head"], confirm=3, confirm_random=1)
+    res = scan(model, MULTI, sites=["head"], confirm=3, confirm_random=1, exact_budget=0)
     comps = [res.components[j] for j in res.confirmed.tolist()]
     want = naive_continuation_effects(model, MULTI, comps)
     assert_close(res.exact, want - res.clean[:, None], 1e-4)

@@ -2,6 +2,8 @@
 method run on that pair alone with the role's resolved token position (an independent per-pair
 reference), for exact patching, AtP* (QK fix and GradDrop included) and causal tracing."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from causalscan.sweeps import Component
 
 from naive import naive_effects
 from tolerance import assert_close
+
+estimated = partial(cs.scan, exact_budget=0)  # scans that estimate every sweep
 
 
 @pytest.fixture
@@ -94,10 +98,10 @@ def test_scan_by_role_equals_each_pair_alone(tiny, ioi_mixed):
     mixed-length batch, against by-position AtP* of each pair alone, read at its role positions."""
     model = tiny("llama")
     sites = ["resid_pre", "q:pos", "head"]
-    res = cs.scan(model, ioi_mixed, sites=sites, method="atp*", confirm=0)
+    res = estimated(model, ioi_mixed, sites=sites, method="atp*", graddrop=True, confirm=0)
     pairs = Dataset(ioi_mixed).tokenize(model.tokenizer)
     for i, (rec, pair) in enumerate(zip(ioi_mixed, pairs, strict=True)):
-        alone = cs.scan(model, [_alone(rec)], sites=sites, method="atp*", confirm=0)
+        alone = estimated(model, [_alone(rec)], sites=sites, method="atp*", graddrop=True, confirm=0)
         pos = torch.tensor([pair.roles[r] for r in res.sweeps[0].roles])
         for name in ("signed", "graddrop"):
             got, want = _per_sweep(res, name, i), _per_sweep(alone, name, 0)

@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from causalscan import zoo
 from causalscan.cli import main
 
 from tolerance import assert_close
+
+estimated = partial(causalscan.scan, exact_budget=0)  # scans that estimate every sweep
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def test_atp_star_finds_the_induction_circuit(induction):
     previous-token head, all four card heads rank above every neuron, and exact patching agrees."""
     card = induction.card["components"]
     heads = {tuple(h) for h in card["induction"] + card["previous_token"]}
-    res = causalscan.scan(induction, zoo.dataset_path("induction", "previous"), sites=["head", "neuron"],
+    res = estimated(induction, zoo.dataset_path("induction", "previous"), sites=["head", "neuron"],
                           method="atp*", confirm=4, confirm_random=12)
     top = [(r["layer"], r["index"]) for r in res.top(4)]
     assert all(r["site"] == "head" for r in res.top(4))
@@ -42,7 +45,7 @@ def test_atp_star_finds_the_induction_circuit(induction):
 def test_confirmation_matches_patch(induction):
     """Confirmed exact effects are those of an independent exact patch of the same components."""
     ds = zoo.dataset_path("induction")
-    res = causalscan.scan(induction, ds, sites=["head"], method="atp", confirm=2, confirm_random=1)
+    res = estimated(induction, ds, sites=["head"], method="atp", confirm=2, confirm_random=1)
     comps = [res.components[j] for j in res.confirmed.tolist()]
     ref = causalscan.patch(induction, ds, components=comps)
     assert_close(res.exact, ref.effect, scale=ref.clean.abs().max())
@@ -52,8 +55,8 @@ def test_confirmation_matches_patch(induction):
 def test_denoising_is_the_mirror(induction):
     """Denoising: the base run is the corrupt prompt; baselines swap roles, not values."""
     ds = zoo.dataset_path("induction")
-    noise = causalscan.scan(induction, ds, sites=["head"], method="atp", confirm=0)
-    deno = causalscan.scan(induction, ds, sites=["head"], method="atp", confirm=2, direction="denoising")
+    noise = estimated(induction, ds, sites=["head"], method="atp", confirm=0)
+    deno = estimated(induction, ds, sites=["head"], method="atp", confirm=2, direction="denoising")
     assert_close(noise.clean, deno.clean)
     assert_close(noise.corrupt, deno.corrupt)
     assert deno.top(1)[0]["layer"] == 1 and deno.top(1)[0]["exact"] > 0  # restoring an induction head helps
@@ -63,7 +66,7 @@ def test_false_negative_bound_covers_a_hidden_head(induction):
     """Confirm only the top 2 (the induction heads): the previous-token heads stay unconfirmed; the
     bound must not claim that every missed node is smaller than the smaller of their effects."""
     ds = zoo.dataset_path("induction", "previous")
-    res = causalscan.scan(induction, ds, sites=["head", "neuron"], method="atp", confirm=2, confirm_random=0,
+    res = estimated(induction, ds, sites=["head", "neuron"], method="atp", confirm=2, confirm_random=0,
                           fn_subsets=48, fn_p=0.2)
     fn = res.false_negatives
     hidden = causalscan.patch(induction, ds, sites="head").summary()["exact_abs"][:2]  # layer-0 heads
@@ -74,7 +77,8 @@ def test_false_negative_bound_covers_a_hidden_head(induction):
 
 
 def test_scan_outputs(induction, tmp_path):
-    res = causalscan.scan(induction, zoo.dataset_path("induction"), sites=["head", "resid_pre", "q"], confirm=3)
+    res = estimated(induction, zoo.dataset_path("induction"), sites=["head", "resid_pre", "q"], graddrop=True,
+                    confirm=3)
     res.save(tmp_path)
     doc = json.loads((tmp_path / "scan.json").read_text())  # strict JSON: NaN written as null
     assert doc["kind"] == "scan" and doc["settings"]["method"] == "atp*"
@@ -116,8 +120,8 @@ def test_interrupted_scan_resumes(induction, tmp_path, caplog):
     """A scan killed after two batches resumes from its checkpoint: it runs only the missing batches and
     ends with the numbers of an uninterrupted scan; other settings start afresh."""
     data = causalscan.zoo.dataset_path("induction", "previous")
-    kw = dict(sites="head", method="atp*", confirm=2, batch_size=4, checkpoint_every_s=0.0)
-    full = causalscan.scan(induction, data, **kw)
+    kw = dict(sites="head", method="atp*", graddrop=True, confirm=2, batch_size=4, checkpoint_every_s=0.0)
+    full = estimated(induction, data, **kw)
     seen = []
 
     def record(stage, done, total):
@@ -128,10 +132,10 @@ def test_interrupted_scan_resumes(induction, tmp_path, caplog):
             raise _Stop
     caplog.set_level(logging.INFO, logger="causalscan")
     with pytest.raises(_Stop):
-        causalscan.scan(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
+        estimated(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
     assert (tmp_path / "scan.partial.safetensors").is_file()
     caplog.clear()
-    res = causalscan.scan(induction, data, checkpoint=tmp_path, progress=record, **kw)
+    res = estimated(induction, data, checkpoint=tmp_path, progress=record, **kw)
     assert any(m.startswith("resuming") and "2/4 batches done" in m for m in caplog.messages)
     assert [s for s in seen if s[0] == "attribution"] == [("attribution", 3, 4), ("attribution", 4, 4)]
     for name in ("signed", "score", "graddrop", "clean", "corrupt", "exact"):
@@ -139,10 +143,10 @@ def test_interrupted_scan_resumes(induction, tmp_path, caplog):
     assert not (tmp_path / "scan.partial.safetensors").exists()
 
     with pytest.raises(_Stop):
-        causalscan.scan(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
+        estimated(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
     seen.clear()
     caplog.clear()
-    causalscan.scan(induction, data, checkpoint=tmp_path, progress=record, **{**kw, "method": "atp"})
+    estimated(induction, data, checkpoint=tmp_path, progress=record, **{**kw, "method": "atp", "graddrop": False})
     assert not any(m.startswith("resuming") for m in caplog.messages)  # other settings: no resume
     assert sum(s[0] == "attribution" for s in seen) == 4
 
@@ -156,13 +160,13 @@ def test_a_damaged_checkpoint_is_set_aside(induction, tmp_path, caplog, damage):
 
     data = causalscan.zoo.dataset_path("induction", "previous")
     kw = dict(sites="head", method="atp", confirm=0, batch_size=4, checkpoint_every_s=0.0)
-    full = causalscan.scan(induction, data, **kw)
+    full = estimated(induction, data, **kw)
 
     def die_after_two(stage, done, total):
         if (stage, done) == ("attribution", 2):
             raise _Stop
     with pytest.raises(_Stop):
-        causalscan.scan(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
+        estimated(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
     path = tmp_path / "scan.partial.safetensors"
     raw = bytearray(path.read_bytes())
     if damage == "flip":
@@ -175,7 +179,7 @@ def test_a_damaged_checkpoint_is_set_aside(induction, tmp_path, caplog, damage):
     else:
         path.write_bytes({"truncate": bytes(raw[:len(raw) // 2]), "empty": b"", "garbage": b"not a checkpoint"}[damage])
     caplog.set_level(logging.INFO, logger="causalscan")
-    res = causalscan.scan(induction, data, checkpoint=tmp_path, **kw)
+    res = estimated(induction, data, checkpoint=tmp_path, **kw)
     assert any("set aside" in m for m in caplog.messages) and not any("resuming" in m for m in caplog.messages)
     assert len(list(tmp_path.glob("scan.partial.safetensors.bad-*"))) == 1
     assert torch.equal(res.signed, full.signed) and torch.equal(res.clean, full.clean)
@@ -250,7 +254,7 @@ def test_agreement_per_sweep_is_measured_on_its_own_stratum(induction):
     equal ``agreement`` recomputed by hand from those nodes' exact effects."""
     from causalscan.scan import agreement
 
-    res = causalscan.scan(induction, zoo.dataset_path("induction"), sites="head,neuron,resid_pre", confirm=4,
+    res = estimated(induction, zoo.dataset_path("induction"), sites="head,neuron,resid_pre", confirm=4,
                           confirm_random=6)
     score, signed = res.score.mean(0), res.signed.mean(0)
     col = {j: c for c, j in enumerate(res.confirmed.tolist())}
@@ -283,9 +287,11 @@ def test_untrusted_sweeps():
 
 
 def test_exact_cost_by_hand(tiny):
-    """llama-tiny (2 layers, 4 heads), rows of T tokens: a head patch at layer l recomputes (2 - l)
-    blocks x T positions per row, the floor is 4 x 2 blocks x T per row: (4 x 2 + 4 x 1) / 8 = 1.5;
-    resid_pre by position: sum over l, p of (2 - l)(T - p) / (8 T)."""
+    """llama-tiny (2 layers, 4 heads), rows of T tokens; the output layer counts 4 block x positions
+    per row. A head patch at layer l recomputes (2 - l) blocks x T positions, the floor is 4 full
+    forwards, 4 (2 T + 4): (4 (2 T + 4) + 4 (T + 4)) / (4 (2 T + 4)). resid_pre by position: the
+    few rows here merge every position of a layer into one forward from position 0, so each node
+    costs (2 - l) T + 4."""
     from causalscan.inputs import prepare
     from causalscan.scan import exact_cost
     from causalscan.sweeps import build_sweeps
@@ -296,8 +302,9 @@ def test_exact_cost_by_hand(tiny):
     t = inp.lengths[0]
     sweeps, comps = build_sweeps(inp.model, "head,resid_pre", inp.lengths)
     head, resid = sweeps
-    assert exact_cost(inp, comps[head.start:head.stop]) == pytest.approx(1.5)
-    assert exact_cost(inp, comps[resid.start:resid.stop]) == pytest.approx(3 * (t * (t + 1) / 2) / (8 * t))
+    floor = 4 * (2 * t + 4)
+    assert exact_cost(inp, comps[head.start:head.stop]) == pytest.approx((4 * (2 * t + 4) + 4 * (t + 4)) / floor)
+    assert exact_cost(inp, comps[resid.start:resid.stop]) == pytest.approx(t * (3 * t + 8) / floor)
 
 
 def test_sweeps_under_the_exact_budget_are_patched_exactly(tiny):
@@ -308,7 +315,7 @@ def test_sweeps_under_the_exact_budget_are_patched_exactly(tiny):
     from conftest import IOI
 
     model = tiny("llama")
-    res = causalscan.scan(model, IOI, sites="head,resid_pre", method="atp", exact_budget=2.0, confirm=4)
+    res = estimated(model, IOI, sites="head,resid_pre", method="atp", exact_budget=2.0, confirm=4)
     assert res.scored_by == {"head": "exact", "resid_pre": "atp"}
     head = next(sw for sw in res.sweeps if sw.name == "head")
     ref = patch(model, IOI, sites="head")
@@ -319,3 +326,22 @@ def test_sweeps_under_the_exact_budget_are_patched_exactly(tiny):
     assert doc["settings"]["scored_by"] == res.scored_by
     row = next(r for r in doc["components"] if r["site"] == "head")
     assert row["exact"] == pytest.approx(row["estimate"])
+
+
+def test_default_scan_patches_cheap_sweeps_exactly(induction, capsys):
+    """The default budget: on the 2-layer zoo model heads and residual positions cost less than
+    EXACT_BUDGET floors and are patched (their scores are patch()'s effects), neurons are estimated;
+    the CLI says which, and its help states the same default."""
+    from causalscan.cli import main, parser
+    from causalscan.patching import patch
+    from causalscan.scan import EXACT_BUDGET
+
+    data = zoo.dataset_path("induction")
+    res = causalscan.scan(induction, data, sites="head,neuron", confirm=4)
+    assert res.scored_by == {"head": "exact", "neuron": "atp*"} and res.graddrop is None
+    head = next(sw for sw in res.sweeps if sw.name == "head")
+    assert torch.equal(res.signed[:, head.start:head.stop], patch(induction, data, sites="head").effect)
+    assert main(["scan", "--sites", "head,neuron", "--confirm", "4"]) == 0
+    assert "patched exactly (cheaper than --exact-budget): head; estimated: neuron" in capsys.readouterr().err
+    scan_help = parser()._subparsers._group_actions[0].choices["scan"].format_help()
+    assert f"causalscan.scan.EXACT_BUDGET, {EXACT_BUDGET:g}," in " ".join(scan_help.split())

@@ -1,6 +1,7 @@
 """Gaussian-noise corruption (noise_span) and ROME causal tracing, against plain-hook references."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from causalscan.tracing import trace, window_layers
 
 from naive import embed_noise, grad, module_outputs, patched_logits, read, restored_logits
 from tolerance import assert_close
+
+estimated = partial(causalscan.scan, exact_budget=0)  # scans that estimate every sweep
 
 NOISY = [
     {"clean": "When Mary and John went to the store , John gave a drink to", "noise_span": "Mary and John",
@@ -111,7 +114,7 @@ def test_patch_with_noise_equals_naive(tiny, family, direction):
 @pytest.mark.parametrize("family, direction", [("llama", "noising"), ("gpt_neox", "denoising")])
 def test_atp_with_noise_equals_autograd(tiny, family, direction):
     model = tiny(family)
-    res = causalscan.scan(model, NOISY, sites=["head", "resid_pre"], method="atp", confirm=0, direction=direction,
+    res = estimated(model, NOISY, sites=["head", "resid_pre"], method="atp", confirm=0, direction=direction,
                           samples=3)
     _, rows, b, noise = _rows(model)
     ids = b["clean"]
