@@ -131,3 +131,24 @@ def test_bad_gguf_files_are_clear_errors(tmp_path):
         (tmp_path / "two" / name).write_bytes(b"")
     with pytest.raises(InputError, match="holds 2 GGUF files"):
         cs.load(tmp_path / "two")
+
+
+def test_default_scan_patches_the_saturated_residual_exactly(smollm2):
+    """Where AtP fails on SmolLM2 IOI: patching the second subject's residual alone at an early layer
+    flips the answer, yet AtP ranks those nodes below late END residuals. The default scan's planner
+    finds the by-role residual sweep cheaper than its budget and patches it (its S2 nodes of layers
+    0-9 then rank among its top 20, as exact patching says), and estimates heads, which AtP ranks
+    well: their own confirmation agrees in rank and sign."""
+    pairs = tasks.ioi(smollm2.tokenizer, n=8, seed=0, templates=[0, 1])
+    res = cs.scan(smollm2, pairs, sites="head,resid_pre", confirm=10)
+    assert res.scored_by == {"head": "atp*", "resid_pre": "exact"}
+    heads = res.agreement_by_sweep["head"]
+    assert heads["recall_at_k"] >= 0.8 and heads["sign_agreement"] >= 0.95, heads
+    atp = cs.scan(smollm2, pairs, sites="resid_pre", method="atp", confirm=0, exact_budget=0)
+
+    def early_s2_in_top20(r):
+        sw = next(s for s in r.sweeps if s.name == "resid_pre")
+        top = r.score[:, sw.start:sw.stop].mean(0).argsort(descending=True)[:20] + sw.start
+        return sum(r.components[j].position == "S2" and r.components[j].layer < 10 for j in top.tolist())
+    exact_s2, atp_s2 = early_s2_in_top20(res), early_s2_in_top20(atp)
+    assert exact_s2 >= 8 and atp_s2 < exact_s2 / 2, (exact_s2, atp_s2)
