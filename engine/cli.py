@@ -42,6 +42,20 @@ def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true", help="progress bars on stderr even with --json")
 
 
+def _report_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", action="store_true", help="also write report.html (one self-contained page) "
+                                                         "into --out")
+
+
+def cmd_report(args) -> dict:
+    from causalscan import report
+
+    path = report.write(args.out, args.html)
+    size = path.stat().st_size
+    print(f"report: {path} ({size / 2**20:.1f} MiB)", file=sys.stderr)
+    return {"report": str(path), "bytes": size}
+
+
 def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--model", required=default is None, default=default,
                    help="HF directory, zoo name, or random:<family>[-<size>]"
@@ -356,6 +370,7 @@ def parser() -> argparse.ArgumentParser:
     pp = _command(sub, "patch", cmd_patch, help="exact activation patching, many patches per forward",
                   description="Exact activation patching of whole sweeps, batched.")
     _model_args(pp)
+    _report_arg(pp)
     _sweep_args(pp, "head", "comma-separated sweeps: head, head:pos, resid_pre (by position), mlp_out:all, "
                             "neuron, q, k, v, ... (default: head)")
     pp.add_argument("--memory-budget-mb", type=int, default=None, help="memory per batched forward")
@@ -367,6 +382,7 @@ def parser() -> argparse.ArgumentParser:
                               "With --out, partial attribution sums are written there as the scan goes "
                               "and a rerun with the same settings resumes from them.")
     _model_args(sp, default="induction")
+    _report_arg(sp)
     _sweep_args(sp, "head,neuron,resid_pre", "comma-separated sweeps (default: head,neuron,resid_pre); also q, k, "
                                              "v, attn_out, mlp_out, resid_post, head:pos, ...")
     sp.add_argument("--method", default="atp*", choices=["atp", "atp*", "atp-ig"])
@@ -397,6 +413,7 @@ def parser() -> argparse.ArgumentParser:
                               "subjects dataset.")
     _model_args(tp, default="facts")
     _data_args(tp, metric="prob", out="trace.json", top=20)
+    _report_arg(tp)
     tp.add_argument("--kinds", default="state,mlp,attn", help="comma-separated: state, mlp, attn")
     tp.add_argument("--window", type=int, default=10,
                     help="layers restored together for mlp and attn (ROME: 10; single-layer grids come too)")
@@ -406,6 +423,7 @@ def parser() -> argparse.ArgumentParser:
                               "each of them and with as many random vectors of the same norm. With no "
                               "--model and no prompt: the zoo's backdoor model on its clean prompts.")
     _model_args(ep, default="backdoor")
+    _report_arg(ep)
     ep.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ep.add_argument("--prompts", default=None, help='JSONL of {"prompt": "..."} lines')
     ep.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
@@ -459,6 +477,14 @@ def parser() -> argparse.ArgumentParser:
     kp.add_argument("--out", default=None, help="JSONL file to write (default: stdout)")
     kp.add_argument("--json", action="store_true", help="print a JSON document (with the records) on stdout")
 
+    rp = _command(sub, "report", cmd_report, help="write report.html from a result directory",
+                  description="One self-contained HTML page (plotly inline, no network) of what scan, patch, "
+                              "trace or elicit saved in DIR: heatmaps per sweep, estimate against exact, the "
+                              "ranked table, tracing grids, elicited completions.")
+    rp.add_argument("out", metavar="DIR", help="a directory written by scan, patch, trace or elicit --out")
+    rp.add_argument("--html", default=None, help="write the page here instead of DIR/report.html")
+    rp.add_argument("--json", action="store_true", help="print the result document on stdout")
+
     zp = _command(sub, "zoo", cmd_zoo, help="bundled models with planted mechanisms: list, show NAME, train NAME",
                   description="The model zoo: list the bundled models, show a card, or re-run a recipe.")
     zp.add_argument("action", choices=["list", "show", "train"])
@@ -490,8 +516,15 @@ def main(argv: list[str] | None = None) -> int:
             files.out_file(out)
         elif out:
             files.out_dir(out)
+        if getattr(args, "report", False) and not out:
+            raise InputError("--report writes report.html into --out: give --out", field="report")
         with files.lock(out) if out and args.command != "tasks" else contextlib.nullcontext():
             doc = args.fn(args)
+            if getattr(args, "report", False):
+                from causalscan import report
+
+                doc["report"] = str(report.write(out))
+                print(f"report: {doc['report']}", file=sys.stderr)
     except InputError as e:
         print(f"causalscan: error: {e}", file=sys.stderr)
         return 2

@@ -114,6 +114,26 @@ class ElicitResult:
                         row["hit"] = self.phrase in text
                     yield row
 
+    def _doc(self) -> dict:
+        """The saved summary with its completion rows, as :mod:`causalscan.report` reads them back."""
+        import json
+
+        return {**json.loads(files.strict_json(self.summary())),
+                "rows": [json.loads(files.strict_json(r, indent=None)) for r in self.rows()]}
+
+    def report(self, path: str | Path) -> Path:
+        """Write the self-contained HTML report (:mod:`causalscan.report`) to ``path``."""
+        from causalscan import report
+
+        files.write(Path(path), report.render(self._doc(), {}))
+        return Path(path)
+
+    def figure(self, name: str):
+        """One figure of the report as a plotly ``Figure`` (``"objective"``, ``"radius"``)."""
+        from causalscan import report
+
+        return report.figures(self._doc(), {})[name]
+
     def save(self, out_dir: str | Path) -> Path:
         """``vectors.safetensors`` (``vectors``, ``random`` [n, d_model]; metadata: model, layer),
         ``completions.jsonl`` and ``summary.json`` into ``out_dir``."""

@@ -36,6 +36,11 @@ class Inputs:
     lengths: list[int]
     rows: Rows
 
+    def tokens(self) -> list[str]:
+        """The first pair's clean prompt, one string per token (figure axes)."""
+        tok = self.model.tokenizer
+        return [tok.decode([i]) if tok is not None else str(i) for i in self.pairs[0].clean]
+
     def header(self) -> dict:
         """The fields every result records about what it ran on."""
         return {"model": self.model.name, "dataset": self.dataset.name, "dataset_sha256": self.dataset.sha256,

@@ -95,7 +95,7 @@ def patch(
     m = measure(inp.model, inp.rows, [[c] for c in comps], direction, inp.metric_fn, memory_budget, min_tokens,
                 progress)
     return PatchResult(**inp.header(), direction=direction, components=comps, sweeps=sweeps, patched=m.patched,
-                       clean=m.clean, corrupt=m.corrupt,
+                       clean=m.clean, corrupt=m.corrupt, tokens=inp.tokens(),
                        timings={"patch_s": time.perf_counter() - t0, "forwards": m.forwards})
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from causalscan import files
-from causalscan.errors import check_options
+from causalscan.errors import InputError, check_options
 from causalscan.metrics import normalise
 from causalscan.sweeps import Sweep
 
@@ -51,6 +51,34 @@ class Result:
         """Write ``FILE`` (strict JSON) and ``scores.safetensors`` into ``out_dir``."""
         return _write(out_dir, self.tensors(), self.to_json(self.TOP if top is None else top), self.FILE)
 
+    def report(self, path: str | Path, top: int | None = None) -> Path:
+        """Write the self-contained HTML report (:mod:`causalscan.report`) to ``path``."""
+        from causalscan import report
+
+        files.write(Path(path), report.render(self._doc(top), self.tensors()))
+        return Path(path)
+
+    def figure(self, name: str):
+        """One figure of the report as a plotly ``Figure`` (``"atp*/head"``, ``"agreement/head"``,
+        ``"exact/resid_pre"``, ``"trace/mlp"``)."""
+        from causalscan import report
+
+        figs = report.figures(self._doc(), self.tensors())
+        if name not in figs:
+            raise InputError(f"no figure {name!r}; this result has {', '.join(figs)}", field="name")
+        return figs[name]
+
+    def _repr_html_(self) -> str:
+        from causalscan import report
+
+        return report.repr_html(self._doc(20))
+
+    def _doc(self, top: int | None = None) -> dict:
+        """The saved document, as :func:`causalscan.report` reads it back (strict JSON: NaN as null)."""
+        import json
+
+        return json.loads(files.strict_json(self.to_json(self.TOP if top is None else top)))
+
     def _document(self, kind: str, settings: dict, **body) -> dict:
         """The JSON document: what ran on what (model, dataset, settings with the metric and
         corruption, baselines), the result's own ``body``, timings and versions."""
@@ -79,6 +107,7 @@ class PatchResult(Result):
     components: list
     sweeps: list[Sweep]
     patched: torch.Tensor
+    tokens: list[str] | None = None  # the first pair's prompt, for figure axes
 
     @property
     def base(self) -> torch.Tensor:
@@ -113,7 +142,7 @@ class PatchResult(Result):
     def to_json(self, top: int = 50) -> dict:
         check_options(top=top)
         settings = {"direction": self.direction, "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps)}
-        return self._document("patch", settings, components=self.top(top))
+        return self._document("patch", settings, tokens=self.tokens, components=self.top(top))
 
 
 def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict, name: str = "scan.json") -> Path:
@@ -173,6 +202,7 @@ class ScanResult(Result):
     ig_path: str | None = None
     agreement_by_sweep: dict | None = None
     scored_by: dict | None = None  # sweep name -> "exact" or the estimating method
+    tokens: list[str] | None = None  # the first pair's prompt, for figure axes
 
     def summary(self) -> dict[str, torch.Tensor]:
         """Per node [n]: ``score`` (ranking), ``estimate`` (signed mean), and for confirmed nodes
@@ -219,7 +249,7 @@ class ScanResult(Result):
                     "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps),
                     "confirmed": {"top": self.n_top,
                                   "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top}}
-        return self._document("scan", settings, components=self.top(top), agreement=self.agreement,
+        return self._document("scan", settings, tokens=self.tokens, components=self.top(top), agreement=self.agreement,
                               agreement_by_sweep=self.agreement_by_sweep,
                               false_negatives=self.false_negatives)
 

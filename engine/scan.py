@@ -129,6 +129,7 @@ def scan(
         **inp.header(), direction=direction, method=method, graddrop=gd, components=comps, sweeps=sweeps,
         signed=signed, score=torch.maximum(signed.abs(), gd) if graddrop else signed.abs(), clean=sums["clean"],
         ig_steps=ig_steps, ig_path=ig_path if ig_steps else None, scored_by={sw.name: method for sw in sweeps},
+        tokens=inp.tokens(),
         corrupt=sums["corrupt"], timings={"attribution_s": time.perf_counter() - t0},
     )
     exact_sweeps = [sw for sw in sweeps if exact_cost(inp, comps[sw.start:sw.stop]) <= exact_budget] \

@@ -242,14 +242,20 @@ def nonlinear_share(delta: Callable[[torch.Tensor], torch.Tensor], dirs: torch.T
 
 
 def calibrate_radius(delta: Callable[[torch.Tensor], torch.Tensor], d: int, scale: float, share: float = 0.5,
-                     k: int = 30, seed: int = 0, device=None) -> tuple[float, float]:
+                     k: int = 30, seed: int = 0, device=None, curve: list | None = None) -> tuple[float, float]:
     """The ``R`` where the non-linear share of the response is ``share``: bisection in log space on
-    ``[1e-3, 1e2] * scale`` (``scale``: the typical residual norm at the source). Returns ``(R, share at R)``."""
+    ``[1e-3, 1e2] * scale`` (``scale``: the typical residual norm at the source). Returns ``(R, share at R)``;
+    ``curve`` (a list) receives every ``(R, share)`` the search evaluated."""
     gen = torch.Generator().manual_seed(seed)
     dirs = torch.nn.functional.normalize(torch.randn(k, d, generator=gen), dim=-1).to(device)
     eps = 1e-3 * scale
     lo, hi = math.log(1e-3 * scale), math.log(1e2 * scale)
-    f = lambda lr: nonlinear_share(delta, dirs, math.exp(lr), eps) - share  # noqa: E731
+
+    def f(lr):
+        v = nonlinear_share(delta, dirs, math.exp(lr), eps)
+        if curve is not None:
+            curve.append((math.exp(lr), v))
+        return v - share
     if f(lo) > 0 or f(hi) < 0:  # no crossing: the nearer end
         r = lo if f(lo) > 0 else hi
         return math.exp(r), f(r) + share
@@ -269,8 +275,11 @@ def auto_radius(sl: Slice, seed: int = 0, device=None) -> tuple[float, dict]:
     at the source. Returns ``(R, info)``."""
     scale = sum(g.h0.norm(dim=-1).sum().item() for g in sl.groups) / sum(g.h0.shape[0] * g.h0.shape[1]
                                                                          for g in sl.groups)
-    r, share = calibrate_radius(lambda th: sl.mean_delta(th) - th, sl.d_model, scale, seed=seed, device=device)
-    return r, {"rule": "non-linear share of the blocks' response = 0.5", "share": share, "source_resid_norm": scale}
+    curve: list = []
+    r, share = calibrate_radius(lambda th: sl.mean_delta(th) - th, sl.d_model, scale, seed=seed, device=device,
+                                curve=curve)
+    return r, {"rule": "non-linear share of the blocks' response = 0.5", "share": share, "source_resid_norm": scale,
+               "curve": sorted(set(curve))}
 
 
 def random_vectors(n: int, d: int, radius: float, seed: int, device=None) -> torch.Tensor:

@@ -95,8 +95,8 @@ def trace(
     m = measure(inp.model, inp.rows, groups, "denoising", inp.metric_fn, memory_budget, progress=progress,
                 stage="trace")
     effect = (m.patched - m.corrupt[:, None]).reshape(len(inp.pairs), len(names), len(where), n_layers)
-    tok, first = inp.model.tokenizer, inp.pairs[0]
-    tokens = list(roles) if roles else [tok.decode([i]) if tok is not None else str(i) for i in first.clean]
+    first = inp.pairs[0]
+    tokens = list(roles) if roles else inp.tokens()
     return TraceResult(
         **inp.header(), window=window, effects={name: effect[:, i] for i, name in enumerate(names)}, clean=m.clean,
         corrupt=m.corrupt, tokens=tokens, span=None if roles else first.span,

