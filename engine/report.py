@@ -158,6 +158,14 @@ def figures(doc: dict, tensors: dict[str, torch.Tensor]) -> dict:
             what = "exact effect" if how == "exact" else f"{how} estimate"
             fig.layout.title.text = f"{sweep}: {what}, {doc['settings']['direction']}; " + fig.layout.title.text
             out[f"{method}/{sweep}"] = fig
+        tokens = [f"{i}:{_label(t)}" for i, t in enumerate(doc.get("tokens") or [])]
+        for key, pat in tensors.items():
+            if key.startswith("pattern/") and len(tokens) == pat.shape[0]:
+                fig = heatmap(pat, tokens, tokens, f"attention of {key.split('/', 1)[1]} on the first pair "
+                                                   "(query rows, key columns)", None)
+                fig.update_traces(colorscale="Blues", zmid=None, reversescale=False, zmin=0, zmax=1,
+                                  hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>")
+                out[key] = fig
         for sweep, stats in (doc.get("agreement_by_sweep") or {}).items():
             out[f"agreement/{sweep}"] = _scatter(sweep, tensors[f"{method}_signed/{sweep}"].flatten(),
                                                  tensors[f"exact/{sweep}"].flatten(), stats)
@@ -261,7 +269,7 @@ def render(doc: dict, tensors: dict[str, torch.Tensor]) -> str:
     figs = figures(doc, tensors)
     parts, specs = [_header(doc)], []
     for i, (name, fig) in enumerate(figs.items()):
-        cls = "cs-heatmap" if name.split("/")[0] not in ("agreement", "objective", "radius") else "cs-figure"
+        cls = "cs-figure" if name.split("/")[0] in ("agreement", "objective", "radius", "pattern") else "cs-heatmap"
         parts.append(f"<div id='fig{i}' class='{cls}' data-name='{html.escape(name, quote=True)}'></div>")
         specs.append((f"fig{i}", _json_for_script(to_json(fig, validate=False))))
     kind = doc.get("kind")

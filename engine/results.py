@@ -203,6 +203,7 @@ class ScanResult(Result):
     agreement_by_sweep: dict | None = None
     scored_by: dict | None = None  # sweep name -> "exact" or the estimating method
     tokens: list[str] | None = None  # the first pair's prompt, for figure axes
+    patterns: dict[str, torch.Tensor] = field(default_factory=dict)  # top heads' attention [T, T], first pair
 
     def summary(self) -> dict[str, torch.Tensor]:
         """Per node [n]: ``score`` (ranking), ``estimate`` (signed mean), and for confirmed nodes
@@ -223,10 +224,12 @@ class ScanResult(Result):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``{"atp*/head": [L, H] score, "atp*_signed/head": ..., "graddrop/head": ..., "exact/head": ...,
-        "exact_abs/head": ...}`` (exact effects NaN where not confirmed)."""
+        "exact_abs/head": ...}`` (exact effects NaN where not confirmed), and ``pattern/<head>`` [T, T]:
+        the top heads' attention on the first pair."""
         names = {"score": self.method, "estimate": f"{self.method}_signed", "exact": "exact", "exact_abs": "exact_abs",
                  "graddrop": "graddrop"}
-        return _per_sweep(self.summary(), self.sweeps, names)
+        return {**_per_sweep(self.summary(), self.sweeps, names),
+                **{f"pattern/{name}": p for name, p in self.patterns.items()}}
 
     def top(self, k: int = 10) -> list[dict]:
         """The ``k`` nodes of highest score, with estimate and (if confirmed) exact effect."""

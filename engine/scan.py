@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from causalscan import attribution, corruption
+from causalscan import attention, attribution, corruption, runner
 from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
 from causalscan.errors import InputError, check_options
@@ -149,6 +149,7 @@ def scan(
         res.false_negatives = false_negative_bound(res, inp.model, inp.rows, inp.metric_fn, fn_subsets, p=fn_p,
                                                    seed=seed, progress=progress)
         res.timings["false_negatives_s"] = time.perf_counter() - t1
+    res.patterns = top_patterns(res, inp)
     res.timings["total_s"] = time.perf_counter() - t0
     if ck:
         ck.remove()
@@ -204,6 +205,21 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
                 ck.save(sums, done, force=len(done) == len(batches))
             report(progress, "attribution", len(done), len(batches))
     return sums
+
+
+@torch.no_grad()
+def top_patterns(res: ScanResult, inp: Inputs, n: int = 4) -> dict[str, torch.Tensor]:
+    """The attention patterns [T, T] of the ``n`` top-scoring heads on the first pair's clean prompt
+    (for the report), by component name; empty without a ``head`` sweep."""
+    sw = next((sw for sw in res.sweeps if sw.site == "head" and not sw.by_pos), None)
+    if sw is None:
+        return {}
+    top = res.score[:, sw.start:sw.stop].mean(0).argsort(descending=True)[:n]
+    comps = [res.components[sw.start + j] for j in top.tolist()]
+    ad, rec = inp.model.adapter, {}
+    with attention.recording(ad, {c.layer for c in comps}, rec):
+        runner.forward(ad, torch.tensor([inp.pairs[0].clean], device=inp.model.device))
+    return {str(c): rec[c.layer].pattern()[0, c.index].cpu() for c in comps}
 
 
 def exact_cost(inp: Inputs, comps: list[Component]) -> float:

@@ -38,8 +38,10 @@ def scan_dir(tmp_path_factory):
 def test_heatmaps_hold_the_saved_values(scan_dir):
     doc, tensors = report.load(scan_dir)
     figs = report.figures(doc, tensors)
-    assert [n for n in figs if not n.startswith("agreement/")] == \
+    assert [n for n in figs if n.split("/")[0] not in ("agreement", "pattern")] == \
         ["atp*/head", "atp*/neuron", "atp*/resid_pre", "atp*/head_pos"]
+    assert sorted(n for n in figs if n.startswith("pattern/")) == [f"pattern/head.L{la}.{h}" for la in (0, 1)
+                                                                    for h in (0, 1)]
     head = torch.tensor(figs["atp*/head"].data[0].z)
     assert torch.equal(head, tensors["atp*_signed/head"])
     pos = torch.tensor(figs["atp*/head_pos"].data[0].z)  # [L, T, H] laid out as [L, T * H]
@@ -56,6 +58,20 @@ def test_heatmaps_hold_the_saved_values(scan_dir):
     sc = figs["agreement/neuron"].data[0]
     exact = tensors["exact/neuron"].flatten()
     assert sorted(sc.x) == sorted(exact[exact.isfinite()].tolist())
+
+
+def test_top_head_patterns_are_the_models_attention(scan_dir):
+    """The saved patterns of the top heads against HF's own eager attention probabilities."""
+    doc, tensors = report.load(scan_dir)
+    model = cs.load("induction")
+    model.hf.config._attn_implementation = "eager"
+    first = cs.Dataset.from_jsonl(zoo.dataset_path("induction")).tokenize(model.tokenizer)[0]
+    with torch.no_grad():
+        att = model.hf(input_ids=torch.tensor([first.clean]), output_attentions=True).attentions
+    for key, pat in tensors.items():
+        if key.startswith("pattern/"):
+            layer, head = map(int, key.split(".L")[1].split("."))
+            assert torch.allclose(pat, att[layer][0, head], atol=1e-5 * att[layer].abs().max().item()), key
 
 
 def test_user_strings_are_escaped_in_the_page(scan_dir):
