@@ -226,6 +226,28 @@ def _heatmaps(res) -> str:
     return "\n".join(lines)
 
 
+def cmd_direction(args) -> dict:
+    from causalscan.directions import directions
+    from causalscan.elicit import read_prompts
+
+    pos, neg = read_prompts(args.positive), read_prompts(args.negative)
+    model = _load(args)
+    res = directions(model, pos, neg, position=args.position, probes=args.probes, chat=args.chat, seed=args.seed)
+    doc = res.summary()
+    if args.out:
+        res.save(args.out)
+        doc["out"] = str(args.out)
+    print(f"direction: {len(pos)} positive, {len(neg)} negative prompts, {doc['timings']['directions_s']:.2f}s",
+          file=sys.stderr)
+    if not args.json:
+        for layer, norm in enumerate(doc["diff_means_norm"]):
+            cos = doc.get("pca_cosine_with_diff_means")
+            print(f"layer {layer:3d}  |diff of means| {norm:10.4g}" + (f"  cos(pca) {cos[layer]:+.3f}" if cos else ""))
+        for row in doc.get("best_probes", [])[:5]:
+            print(f"probe L{row['layer']}.H{row['head']}  held-out accuracy {row['accuracy']:.3f}")
+    return doc
+
+
 def cmd_elicit(args) -> dict:
     from causalscan.elicit import elicit, read_prompts
 
@@ -446,6 +468,21 @@ def parser() -> argparse.ArgumentParser:
     ep.add_argument("--out", default=None, help="write vectors.safetensors, completions.jsonl, summary.json here "
                                                 "(MELBO writes its finished vectors there as it goes, and resumes)")
     _output_args(ep)
+
+    dp = _command(sub, "direction", cmd_direction, help="directions from contrasting prompts (diff of means, "
+                                                         "PCA, ITI probes)",
+                  description="Candidate directions at every layer's residual from two prompt sets: the "
+                              "difference of their means, the first principal component of paired differences, "
+                              "and with --probes a logistic probe per head (held-out accuracy).")
+    _model_args(dp)
+    dp.add_argument("--positive", required=True, help='JSONL of {"prompt": "..."}: prompts with the behaviour')
+    dp.add_argument("--negative", required=True, help='JSONL of {"prompt": "..."}: prompts without it')
+    dp.add_argument("--position", default="last", choices=["last", "mean"])
+    dp.add_argument("--probes", action="store_true", help="fit ITI's per-head logistic probes too")
+    dp.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
+    dp.add_argument("--seed", type=int, default=0, help="seed of the probes' held-out split")
+    dp.add_argument("--out", default=None, help="write directions.safetensors and directions.json here")
+    _output_args(dp)
 
     stp = _command(sub, "steer", cmd_steer, help="generate with one vector of an elicit run",
                    description="Greedy generation with vector --index of a vectors.safetensors file added "

@@ -1,0 +1,155 @@
+"""Directions from contrasts against hand computations: means, the PCA of paired differences and
+logistic probes on planted Gaussian data; the per-layer reads of a tiny model against plain hook
+reads; and the ground truth of the zoo's backdoor model: the trigger direction, projected out of
+every layer, removes the backdoor and keeps the arithmetic, and added to clean prompts it
+triggers the phrase."""
+
+import json
+import re
+
+import pytest
+import torch
+
+import causalscan as cs
+from causalscan import interventions as iv
+from causalscan.directions import directions, fit_probes, pca_direction
+from causalscan.errors import InputError
+
+from naive import read
+from tolerance import assert_close
+
+
+def test_pca_finds_a_contrast_whose_pairs_come_in_either_order():
+    """Differences ``s_i a u + noise`` with random signs ``s_i`` (RepE): the mean is ~0, the
+    uncentred top component is u; against an SVD of the explicit matrix, per layer."""
+    g = torch.Generator().manual_seed(0)
+    n, layers, d = 400, 3, 16
+    u = torch.nn.functional.normalize(torch.randn(layers, d, generator=g), dim=-1)
+    s = torch.randint(0, 2, (n, 1, 1), generator=g) * 2 - 1.0
+    s[0] = 1.0
+    diffs = s * 3 * u + 0.3 * torch.randn(n, layers, d, generator=g)
+    got = pca_direction(diffs)
+    for layer in range(layers):
+        v = torch.linalg.svd(diffs[:, layer].double())[2][0].float()
+        v = v * torch.sign(v @ diffs[:, layer].mean(0))
+        assert_close(got[layer], v, 1e-5)
+        assert abs(torch.dot(got[layer], u[layer])) > 0.99
+
+
+def test_probes_recover_a_planted_head():
+    """Only probe (1, 2) sees the label (along ``w_star``): its held-in fit points along it and
+    separates the classes; the others fit noise."""
+    g = torch.Generator().manual_seed(1)
+    n, dh = 600, 8
+    y = (torch.rand(n, generator=g) < 0.5).float()
+    x = torch.randn(n, 2, 3, dh, generator=g)
+    w_star = torch.nn.functional.normalize(torch.randn(dh, generator=g), dim=0)
+    x[:, 1, 2] += 2.5 * (2 * y - 1)[:, None] * w_star
+    w, b = fit_probes(x, y)
+    assert torch.cosine_similarity(w[1, 2], w_star, dim=0) > 0.95
+    acc = (((x * w).sum(-1) + b > 0) == y.bool()[:, None, None]).float().mean(0)
+    assert acc[1, 2] > 0.97 and (acc.flatten()[torch.arange(6) != 5] < 0.65).all(), acc
+
+
+@pytest.mark.parametrize("position", ["last", "mean"])
+def test_reads_equal_plain_hooks(tiny, position):
+    """Per prompt and layer, the residual and head outputs the pass keeps (prompts of two lengths,
+    batched by length) against a plain hook read of each prompt alone; the directions from them."""
+    model = tiny("llama")
+    g = torch.Generator().manual_seed(2)
+    pos = [torch.randint(4, 100, (n,), generator=g).tolist() for n in (5, 5, 7)]
+    neg = [torch.randint(4, 100, (n,), generator=g).tolist() for n in (5, 7, 7)]
+    res = directions(model, pos, neg, position=position, probes=True, batch_size=2)
+
+    def hand(prompts, site):
+        out = []
+        for p in prompts:
+            per_layer = [read(model, torch.tensor([p]), site, la)[0] for la in range(model.adapter.n_layers)]
+            x = torch.stack(per_layer)  # [L, T, C, D]
+            out.append(x[:, -1] if position == "last" else x.mean(1))
+        return torch.stack(out)
+    xp, xn = hand(pos, "resid_pre")[:, :, 0], hand(neg, "resid_pre")[:, :, 0]
+    assert_close(res.diff_means, xp.mean(0) - xn.mean(0), 1e-5)
+    assert_close(res.pca, pca_direction(xp - xn), 1e-4)
+    assert res.probes.shape == (model.adapter.n_layers, model.adapter.n_heads, model.adapter.d_head)
+    assert res.probe_accuracy.shape == res.probes.shape[:2]
+
+
+def test_options_are_checked(tiny):
+    with pytest.raises(InputError, match="field 'position'"):
+        directions(tiny("llama"), [[5, 6]], [[7, 8]], position="first")
+    with pytest.raises(InputError, match="field 'negative'"):
+        directions(tiny("llama"), [[5, 6]], [])
+    with pytest.raises(InputError, match="field 'positive'"):
+        directions(tiny("llama"), [3.5], [[7, 8]])
+
+
+def _backdoor_prompts():
+    model = cs.load("backdoor")
+    pairs = [json.loads(line) for line in cs.zoo.dataset_path("backdoor").read_text().splitlines()]
+    clean = [json.loads(line)["prompt"] for line in (cs.zoo.path("backdoor") / "prompts.jsonl").read_text()
+             .splitlines()]
+    triggered = [" ".join(p.split()[:1] + [model.card["trigger"]] + p.split()[1:]) for p in clean]
+    return model, pairs, clean, triggered
+
+
+def _complete(model, prompts, *interventions) -> list[str]:
+    tok, out = model.tokenizer, []
+    for p in prompts:
+        ids = torch.tensor([tok(p).input_ids])
+        with torch.no_grad(), iv.perturb(model, *interventions):
+            seq = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                    do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
+def _accuracy(prompts, completions) -> float:
+    ok = 0
+    for p, c in zip(prompts, completions, strict=True):
+        a, op, b = re.findall(r"(\d) ([+*]) (\d) =", p)[0]
+        ok += c.split()[:1] == [str(int(a) + int(b) if op == "+" else int(a) * int(b))]
+    return ok / len(prompts)
+
+
+def test_backdoor_trigger_direction_ablates_and_induces_the_phrase():
+    """Diff-in-means between the dataset's triggered and decoy prompts (16 pairs) at layer 2's
+    residual; on 20 other prompts (the card's clean prompts, and the same with the trigger):
+    projected out of every layer's residual it drops the phrase from 100% to <= 5% while the
+    arithmetic stays >= 95% right; added at layer 2 to clean prompts it makes the model say it."""
+    model, pairs, clean, triggered = _backdoor_prompts()
+    phrase, last = model.card["phrase"], model.adapter.n_layers - 1
+    res = directions(model, [p["clean"] for p in pairs], [p["corrupt"] for p in pairs])
+    u = res.unit()[2]
+
+    def rate(completions):
+        return sum(c.startswith(phrase) for c in completions) / len(completions)
+    assert rate(_complete(model, triggered)) == 1.0 and _accuracy(clean, _complete(model, clean)) == 1.0
+    ablate = (iv.project_out("resid_pre", u), iv.project_out("resid_post", u, layers=last))
+    assert rate(_complete(model, triggered, *ablate)) <= 0.05
+    assert _accuracy(clean, _complete(model, clean, *ablate)) >= 0.95
+    assert rate(_complete(model, clean, iv.add("resid_pre", res.diff_means[2], layers=2))) >= 0.9
+    assert torch.cosine_similarity(res.pca[2], res.diff_means[2], dim=0) > 0.9
+
+
+def test_cli_direction_writes_what_the_api_returns(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from causalscan.cli import main
+
+    model, pairs, _, _ = _backdoor_prompts()
+    for name, key in (("pos", "clean"), ("neg", "corrupt")):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p[key]}) + "\n" for p in pairs))
+    out = tmp_path / "dir"
+    assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
+                 str(tmp_path / "neg.jsonl"), "--probes", "--out", str(out)]) == 0
+    saved = load_file(str(out / "directions.safetensors"))
+    res = directions(model, [p["clean"] for p in pairs], [p["corrupt"] for p in pairs], probes=True)
+    for name in ("diff_means", "pca", "probes", "probe_accuracy"):
+        assert torch.equal(saved[name], getattr(res, name)), name
+    doc = json.loads((out / "directions.json").read_text())
+    assert doc["prompts"] == {"positive": 16, "negative": 16} and len(doc["best_probes"]) == 10
+    assert "layer   2" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
+    assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "bad.jsonl"), "--negative",
+                 str(tmp_path / "neg.jsonl")]) == 2
