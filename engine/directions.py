@@ -198,4 +198,84 @@ def directions(model, positive, negative, position: str = "last", probes: bool =
     return res
 
 
-__all__ = ["DirectionResult", "directions", "fit_probes", "pca_direction"]
+
+
+# --- baking ----------------------------------------------------------------------------------
+
+POSITION_TABLES = ("wpe", "embed_positions")  # learned position embeddings that write to the residual
+
+
+def _writers(model) -> list[tuple[torch.nn.Module, str]]:
+    """Every module whose output is added to the residual stream, with how its weight maps into it:
+    ``"rows"`` (embedding tables: one residual vector per row), ``"linear"`` (``nn.Linear``: output
+    = ``W x + b``, ``W`` [d_model, in]) or ``"conv1d"`` (GPT-2's ``Conv1D``: ``x W + b``, ``W`` [in, d_model])."""
+    ad = model.adapter
+    out = [(model.hf.get_input_embeddings(), "rows")]
+    out += [(m, "rows") for name, m in model.hf.named_modules() if name.rsplit(".", 1)[-1] in POSITION_TABLES]
+    for layer in range(ad.n_layers):
+        for site in ("attn_out", "mlp_out"):
+            module, _ = ad.hook_point(site, layer)
+            if isinstance(module, torch.nn.Linear):
+                out.append((module, "linear"))
+            elif type(module).__name__ == "Conv1D":
+                out.append((module, "conv1d"))
+            else:
+                raise InputError(f"{ad.family.name}: the {site} write of layer {layer} comes from a "
+                                 f"{type(module).__name__}, not a linear map; its weights cannot be made "
+                                 "orthogonal to a direction (ablate at run time instead)", field="model")
+    return out
+
+
+@torch.no_grad()
+def orthogonalise(model, direction: torch.Tensor) -> None:
+    """Make every residual write of ``model`` (embeddings, position table, attention and MLP output
+    projections, their biases) orthogonal to ``direction`` [d_model], in place: the same model as
+    projecting ``direction`` out of each write at run time. A tied output embedding is untied first
+    (the unembedding reads the residual and keeps its weights)."""
+    hf = model.hf
+    out_emb, in_emb = hf.get_output_embeddings(), hf.get_input_embeddings()
+    if out_emb is not None and out_emb.weight is in_emb.weight:
+        out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone())
+        hf.config.tie_word_embeddings = False
+        if hasattr(hf.config, "get_text_config"):
+            hf.config.get_text_config().tie_word_embeddings = False
+    writers = _writers(model)
+    u = direction.detach().double()
+    u = u / u.norm()
+    for module, kind in writers:
+        w = module.weight
+        wd, ud = w.double(), u.to(w.device)
+        if kind == "rows":
+            w.copy_(wd - (wd @ ud)[:, None] * ud)
+        elif kind == "linear":
+            w.copy_(wd - ud[:, None] * (ud @ wd)[None])
+        else:
+            w.copy_(wd - (wd @ ud)[:, None] * ud[None])
+        b = getattr(module, "bias", None)
+        if b is not None and kind != "rows":
+            b.copy_(b.double() - (b.double() @ ud) * ud)
+
+
+def bake(model, direction: torch.Tensor, out_dir: str | Path) -> Path:
+    """A copy of ``model`` with ``direction`` orthogonalised out of its weights (:func:`orthogonalise`),
+    saved as an HF directory (safetensors) with its tokenizer; ``causalscan.load`` reads it back."""
+    import copy
+
+    from causalscan.adapters import Adapter
+    from causalscan.load import Model
+
+    model = load(model)
+    if not isinstance(direction, torch.Tensor) or direction.shape != (model.adapter.d_model,) \
+            or not torch.isfinite(direction).all() or not direction.norm() > 0:
+        raise InputError(f"must be a finite non-zero tensor [{model.adapter.d_model}]", field="direction")
+    hf = copy.deepcopy(model.hf)
+    copy_ = Model(hf, Adapter(hf), model.tokenizer, model.name, model.card)
+    orthogonalise(copy_, direction)
+    out = files.out_dir(out_dir)
+    copy_.hf.save_pretrained(str(out), safe_serialization=True)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(out))
+    return out
+
+
+__all__ = ["DirectionResult", "bake", "directions", "fit_probes", "orthogonalise", "pca_direction"]

@@ -112,11 +112,14 @@ def _accuracy(prompts, completions) -> float:
     return ok / len(prompts)
 
 
-def test_backdoor_trigger_direction_ablates_and_induces_the_phrase():
+def test_backdoor_trigger_direction_ablates_and_induces_the_phrase(tmp_path):
     """Diff-in-means between the dataset's triggered and decoy prompts (16 pairs) at layer 2's
     residual; on 20 other prompts (the card's clean prompts, and the same with the trigger):
     projected out of every layer's residual it drops the phrase from 100% to <= 5% while the
-    arithmetic stays >= 95% right; added at layer 2 to clean prompts it makes the model say it."""
+    arithmetic stays >= 95% right, and so does the checkpoint with it baked out of the weights;
+    added at layer 2 to clean prompts it makes the model say the phrase."""
+    from causalscan.directions import bake
+
     model, pairs, clean, triggered = _backdoor_prompts()
     phrase, last = model.card["phrase"], model.adapter.n_layers - 1
     res = directions(model, [p["clean"] for p in pairs], [p["corrupt"] for p in pairs])
@@ -128,6 +131,8 @@ def test_backdoor_trigger_direction_ablates_and_induces_the_phrase():
     ablate = (iv.project_out("resid_pre", u), iv.project_out("resid_post", u, layers=last))
     assert rate(_complete(model, triggered, *ablate)) <= 0.05
     assert _accuracy(clean, _complete(model, clean, *ablate)) >= 0.95
+    baked = cs.load(str(bake(model, u, tmp_path / "baked")))
+    assert rate(_complete(baked, triggered)) <= 0.05 and _accuracy(clean, _complete(baked, clean)) >= 0.95
     assert rate(_complete(model, clean, iv.add("resid_pre", res.diff_means[2], layers=2))) >= 0.9
     assert torch.cosine_similarity(res.pca[2], res.diff_means[2], dim=0) > 0.9
 
@@ -153,3 +158,36 @@ def test_cli_direction_writes_what_the_api_returns(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
     assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "bad.jsonl"), "--negative",
                  str(tmp_path / "neg.jsonl")]) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_baked_weights_equal_runtime_ablation(tiny, family, tmp_path):
+    """The orthogonalised checkpoint, saved and loaded back, against the original model with the
+    direction projected out of every residual write at run time (embeddings, attention and MLP
+    outputs); and the direction is then absent from every layer's residual."""
+    from causalscan.directions import bake
+
+    model = tiny(family)
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(model.adapter.d_model, generator=g)
+    ids = torch.randint(4, 100, (3, 7), generator=g)
+    runtime = cs.perturb(model, iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u),
+                         iv.project_out("mlp_out", u), input_ids=ids)
+    baked = cs.load(str(bake(model, u, tmp_path / "baked")))
+    with torch.no_grad():
+        got = baked.hf(input_ids=ids).logits
+        plain = model.hf(input_ids=ids).logits
+    assert_close(got, runtime, 1e-5)
+    assert (got - plain).abs().max() > 1e-3 * plain.abs().max()  # the ablation changed something
+    unit = u / u.norm()
+    for layer in range(model.adapter.n_layers):
+        resid = read(baked, ids, "resid_pre", layer)[..., 0, :]
+        assert (resid @ unit).abs().max() <= 1e-5 * resid.norm(dim=-1).max(), layer
+
+
+def test_baking_refuses_a_norm_on_the_residual_write(tiny, tmp_path):
+    from causalscan.directions import bake
+
+    model = tiny("gemma2")
+    with pytest.raises(InputError, match="not a linear map"):
+        bake(model, torch.ones(model.adapter.d_model), tmp_path / "x")
