@@ -278,4 +278,35 @@ def bake(model, direction: torch.Tensor, out_dir: str | Path) -> Path:
     return out
 
 
-__all__ = ["DirectionResult", "bake", "directions", "fit_probes", "orthogonalise", "pca_direction"]
+
+def export_control_vector(vectors: dict[int, torch.Tensor], path: str | Path, model_hint: str) -> Path:
+    """``vectors`` ``{layer: [d_model]}`` (each added to the output of block ``layer``, our
+    ``resid_post``) as a llama.cpp control-vector GGUF file: architecture ``controlvector``,
+    ``controlvector.model_hint`` and ``controlvector.layer_count``, one fp32 tensor ``direction.<layer>``
+    per layer (llama.cpp's layer index; its loader ignores ``direction.0``). Not checked against a
+    llama.cpp build here: none is installed."""
+    import gguf
+
+    if not vectors or not all(isinstance(k, int) and k >= 1 for k in vectors):
+        raise InputError("needs vectors for layers >= 1 (llama.cpp steers the outputs of blocks 1..L-1)",
+                         field="vectors")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), "controlvector")
+    writer.add_string("controlvector.model_hint", model_hint)
+    writer.add_uint32("controlvector.layer_count", len(vectors))
+    for layer in sorted(vectors):
+        v = vectors[layer]
+        if not isinstance(v, torch.Tensor) or v.dim() != 1 or not torch.isfinite(v).all():
+            raise InputError(f"layer {layer}: must be a finite tensor [d_model]", field="vectors")
+        writer.add_tensor(f"direction.{layer}", v.detach().float().cpu().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    return path
+
+
+__all__ = ["DirectionResult", "bake", "directions", "export_control_vector", "fit_probes", "orthogonalise",
+           "pca_direction"]

@@ -191,3 +191,25 @@ def test_baking_refuses_a_norm_on_the_residual_write(tiny, tmp_path):
     model = tiny("gemma2")
     with pytest.raises(InputError, match="not a linear map"):
         bake(model, torch.ones(model.adapter.d_model), tmp_path / "x")
+
+
+def test_control_vector_gguf_reads_back(tmp_path):
+    """The llama.cpp control-vector file, read back with the gguf package's own reader."""
+    gguf = pytest.importorskip("gguf", reason="the gguf extra: pip install -e '.[gguf]'")
+
+    from causalscan.directions import export_control_vector
+
+    g = torch.Generator().manual_seed(4)
+    vecs = {layer: torch.randn(16, generator=g) for layer in (1, 2, 5)}
+    path = export_control_vector(vecs, tmp_path / "cv.gguf", "llama")
+    r = gguf.GGUFReader(str(path))
+    fields = {f.name: f for f in r.fields.values()}
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "controlvector"
+    assert bytes(fields["controlvector.model_hint"].parts[-1]).decode() == "llama"
+    assert int(fields["controlvector.layer_count"].parts[-1][0]) == 3
+    got = {t.name: torch.tensor(t.data.copy()) for t in r.tensors}
+    assert sorted(got) == ["direction.1", "direction.2", "direction.5"]
+    for layer, v in vecs.items():
+        assert torch.equal(got[f"direction.{layer}"].reshape(-1), v)
+    with pytest.raises(InputError, match="field 'vectors'"):
+        export_control_vector({0: torch.ones(16)}, tmp_path / "x.gguf", "llama")
