@@ -213,3 +213,47 @@ def test_control_vector_gguf_reads_back(tmp_path):
         assert torch.equal(got[f"direction.{layer}"].reshape(-1), v)
     with pytest.raises(InputError, match="field 'vectors'"):
         export_control_vector({0: torch.ones(16)}, tmp_path / "x.gguf", "llama")
+
+
+def test_selection_equals_one_candidate_at_a_time(tiny):
+    """Batched selection (every candidate a row group of one forward) against a loop that applies
+    each candidate alone with the intervention constructors and computes the same statistics."""
+    from causalscan.selection import select
+
+    model = tiny("llama")
+    g = torch.Generator().manual_seed(5)
+    pos, neg, neu = ([torch.randint(4, 100, (n,), generator=g).tolist() for n in (5, 5, 6)] for _ in range(3))
+    res = directions(model, pos, neg)
+    target = 7
+    rows = select(model, res, pos, neg, neu, target, alphas=(1.0, 3.0), kl_max=10.0)
+    assert len(rows) == 2 * model.adapter.n_layers  # the last tokens differ: no layer's difference is zero
+    norms = res.diff_means.norm(dim=-1)
+
+    def lp(prompts, *ivs):
+        return torch.stack([iv.perturb(model, *ivs, input_ids=torch.tensor([p]))[0, -1].float().log_softmax(-1)
+                            for p in prompts])
+    base_pos, base_neg, base_neu = lp(pos), lp(neg), lp(neu)
+    for r in rows:
+        u = res.unit(r["method"])[r["layer"]]
+        ablate = (iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u),
+                  iv.project_out("mlp_out", u))
+        want = (lp(pos, *ablate)[:, target] - base_pos[:, target]).mean()
+        assert r["ablation"] == pytest.approx(want.item(), rel=1e-4, abs=1e-6 * base_pos.abs().max().item())
+        kl = (base_neu.exp() * (base_neu - lp(neu, *ablate))).sum(-1).mean()
+        assert r["ablation_kl"] == pytest.approx(kl.item(), rel=1e-3, abs=1e-6)
+        add = iv.add("resid_pre", 3.0 * norms[r["layer"]] * u, layers=r["layer"])
+        want = (lp(neg, add)[:, target] - base_neg[:, target]).mean()
+        assert r["addition"]["3.0"] == pytest.approx(want.item(), rel=1e-4, abs=1e-6 * base_neg.abs().max().item())
+    assert [r["ablation"] for r in rows] == sorted(r["ablation"] for r in rows)
+
+
+def test_selection_on_the_backdoor_picks_a_direction_that_removes_it():
+    from causalscan.selection import select
+
+    model, pairs, clean, triggered = _backdoor_prompts()
+    res = directions(model, [p["clean"] for p in pairs], [p["corrupt"] for p in pairs])
+    target = model.tokenizer(" I", add_special_tokens=False).input_ids[-1]
+    rows = select(model, res, triggered, clean, clean, target, kl_max=0.5)
+    best = rows[0]
+    assert best["kl_ok"] and best["layer"] >= 2 and best["ablation"] < -5, best
+    assert best["addition"]["1.0"] > 5, best

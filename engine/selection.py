@@ -1,0 +1,121 @@
+"""Choose a direction by what it does, not by how well it separates the prompts (Arditi et al. 2024).
+
+For each candidate (a method's direction at one layer, from :func:`causalscan.directions`):
+
+- **ablation**: the unit direction projected out of every residual write (layer 0's ``resid_pre``,
+  i.e. the embeddings, and every ``attn_out`` and ``mlp_out``) on the *positive* prompts; its effect
+  is the mean change of the behaviour metric;
+- **addition**: ``alpha * |diff_means[layer]|`` times the unit direction added to ``resid_pre`` of the
+  candidate's layer on the *negative* prompts, for each ``alpha``;
+- **KL guard**: the same interventions on *neutral* prompts: the mean KL divergence of the
+  next-token distribution from the unsteered one.
+
+The behaviour metric is the log-probability of the token ``target`` at each prompt's last position.
+Every forward carries many candidates: row ``(candidate, prompt)`` gets its own direction through
+the ``perturb`` op's per-row parameters. Candidates are ranked by ablation effect (most negative
+first) among those whose ablation KL is at most ``kl_max``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from causalscan import interventions as iv
+from causalscan.directions import DirectionResult, _encode
+from causalscan.errors import InputError, check_number, check_type
+from causalscan.load import load
+from causalscan.progress import log
+
+
+@torch.no_grad()
+def steered_logprobs(model, prompts: list[list[int]], units: torch.Tensor, op: str, layers: torch.Tensor | None = None,
+                     scales: torch.Tensor | None = None, batch_rows: int = 256) -> torch.Tensor:
+    """Next-token log-probabilities ``[K, N, V]`` of ``prompts`` (token-id lists) under each of ``K``
+    interventions: ``op="ablate"``: unit direction ``units[k]`` projected out of every residual write;
+    ``op="add"``: ``scales[k] * units[k]`` added to ``resid_pre`` of ``layers[k]``; ``op="none"``:
+    unsteered (``K = 1``)."""
+    dev, k_n = model.device, 1 if op == "none" else len(units)
+    rows_of: dict[int, list[tuple[int, int]]] = {}
+    for k in range(k_n):
+        for i, p in enumerate(prompts):
+            rows_of.setdefault(len(p), []).append((k, i))
+    out: torch.Tensor | None = None
+    for rows in rows_of.values():
+        for lo in range(0, len(rows), batch_rows):
+            chunk = rows[lo:lo + batch_rows]
+            ids = torch.tensor([prompts[i] for _, i in chunk], device=dev)
+            ks = torch.tensor([k for k, _ in chunk], device=dev)
+            if op == "none":
+                logits = model.hf(input_ids=ids).logits[:, -1]
+            elif op == "ablate":
+                u = units.to(dev)[ks][:, None]  # [rows, 1, d]: one direction per row
+                logits = iv.perturb(model, iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u),
+                                    iv.project_out("mlp_out", u), input_ids=ids)[:, -1]
+            else:
+                vec = (units.to(dev) * scales.to(dev)[:, None])[ks]
+                lay = layers.to(dev)[ks]
+                adds = [iv.add("resid_pre", (vec * (lay == layer)[:, None])[:, None], layers=int(layer))
+                        for layer in lay.unique().tolist()]
+                logits = iv.perturb(model, *adds, input_ids=ids)[:, -1]
+            lp = logits.float().log_softmax(-1).cpu()
+            if out is None:
+                out = torch.empty(k_n, len(prompts), lp.shape[-1])
+            out[ks.cpu(), torch.tensor([i for _, i in chunk])] = lp
+    return out
+
+
+def _kl(base: torch.Tensor, steered: torch.Tensor) -> torch.Tensor:
+    """Mean over prompts of KL(base || steered) ``[K]`` from log-probabilities ``[1|K, N, V]``."""
+    return (base.exp() * (base - steered)).sum(-1).mean(-1)
+
+
+def select(model, result: DirectionResult, positive, negative, neutral, target: int,
+           methods: tuple[str, ...] = ("diff_means", "pca"), alphas: tuple[float, ...] = (0.5, 1.0, 2.0),
+           kl_max: float = 0.1, layers: list[int] | None = None, chat: bool = False) -> list[dict]:
+    """Every candidate's ablation and addition effects and KL (see the module docstring), ranked.
+
+    Returns one row per candidate: ``method``, ``layer``, ``ablation`` (mean change of
+    ``log p(target)`` on ``positive``), ``ablation_kl`` (on ``neutral``), ``addition`` (per alpha, the
+    mean change on ``negative``), ``addition_kl`` (per alpha, on ``neutral``), ``kl_ok``; sorted with
+    the KL-admissible candidates first, then by ablation effect (most negative first)."""
+    t0 = time.perf_counter()
+    model = load(model)
+    check_type(result, DirectionResult, "result", "a DirectionResult from causalscan.directions")
+    check_number(kl_max, "kl_max")
+    vocab = model.hf.get_output_embeddings().weight.shape[0]
+    if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < vocab:
+        raise InputError(f"must be a token id in [0, {vocab}), not {target!r}", field="target")
+    for m in methods:
+        if m not in ("diff_means", "pca") or getattr(result, m) is None:
+            raise InputError(f"no {m!r} directions in this result (diff_means, pca)", field="methods")
+    norms = result.diff_means.norm(dim=-1)
+    layers = [la for la in (layers if layers is not None else range(len(norms))) if norms[la] > 0]
+    cands = [(m, la) for m in methods for la in layers]
+    if not cands:
+        raise InputError("no candidate: every chosen layer's difference of means is zero", field="layers")
+    units = torch.stack([result.unit(m)[la] for m, la in cands])
+    lay = torch.tensor([la for _, la in cands])
+    pos, neg, neu = (_encode(model, x, name, chat) for x, name in ((positive, "positive"), (negative, "negative"),
+                                                                   (neutral, "neutral")))
+    base_pos, base_neg, base_neu = (steered_logprobs(model, x, units, "none") for x in (pos, neg, neu))
+    abl_pos, abl_neu = (steered_logprobs(model, x, units, "ablate") for x in (pos, neu))
+    ablation = (abl_pos[..., target] - base_pos[..., target]).mean(-1)
+    ablation_kl = _kl(base_neu, abl_neu)
+    addition, addition_kl = [], []
+    for a in alphas:
+        scales = float(a) * norms[lay]
+        addition.append((steered_logprobs(model, neg, units, "add", lay, scales)[..., target]
+                         - base_neg[..., target]).mean(-1))
+        addition_kl.append(_kl(base_neu, steered_logprobs(model, neu, units, "add", lay, scales)))
+    rows = [{"method": m, "layer": la, "ablation": ablation[k].item(), "ablation_kl": ablation_kl[k].item(),
+             "addition": {str(a): addition[j][k].item() for j, a in enumerate(alphas)},
+             "addition_kl": {str(a): addition_kl[j][k].item() for j, a in enumerate(alphas)},
+             "kl_ok": ablation_kl[k].item() <= kl_max} for k, (m, la) in enumerate(cands)]
+    rows.sort(key=lambda r: (not r["kl_ok"], r["ablation"]))
+    log.info("select: %d candidates in %.2fs", len(rows), time.perf_counter() - t0)
+    return rows
+
+
+__all__ = ["select", "steered_logprobs"]
