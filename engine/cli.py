@@ -231,12 +231,27 @@ def cmd_direction(args) -> dict:
     from causalscan.elicit import read_prompts
 
     pos, neg = read_prompts(args.positive), read_prompts(args.negative)
+    if (args.bake_layer is not None or args.control_vector) and not args.out:
+        raise InputError("--bake-layer and --control-vector write into --out: give --out", field="out")
     model = _load(args)
+    if args.bake_layer is not None and not 0 <= args.bake_layer < model.adapter.n_layers:
+        raise InputError(f"layer {args.bake_layer} out of range for {model.adapter.n_layers} layers",
+                         field="bake_layer")
     res = directions(model, pos, neg, position=args.position, probes=args.probes, chat=args.chat, seed=args.seed)
     doc = res.summary()
     if args.out:
+        from pathlib import Path
+
+        from causalscan.directions import bake, export_control_vector
+
         res.save(args.out)
         doc["out"] = str(args.out)
+        if args.bake_layer is not None:
+            doc["baked"] = str(bake(model, res.diff_means[args.bake_layer], Path(args.out) / "baked"))
+        if args.control_vector:  # llama.cpp's direction.N is added to block N's output = our resid_pre of N + 1
+            vectors = {n: res.diff_means[n + 1] for n in range(1, model.adapter.n_layers - 1)}
+            doc["control_vector"] = str(export_control_vector(vectors, Path(args.out) / "control_vector.gguf",
+                                                              model.hf.config.model_type))
     print(f"direction: {len(pos)} positive, {len(neg)} negative prompts, {doc['timings']['directions_s']:.2f}s",
           file=sys.stderr)
     if not args.json:
@@ -482,6 +497,12 @@ def parser() -> argparse.ArgumentParser:
     dp.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
     dp.add_argument("--seed", type=int, default=0, help="seed of the probes' held-out split")
     dp.add_argument("--out", default=None, help="write directions.safetensors and directions.json here")
+    dp.add_argument("--bake-layer", type=int, default=None,
+                    help="also write OUT/baked: the model with that layer's difference of means orthogonalised "
+                         "out of its weights (an HF directory, safetensors)")
+    dp.add_argument("--control-vector", action="store_true",
+                    help="also write OUT/control_vector.gguf: the differences of means as a llama.cpp control "
+                         "vector (needs the gguf extra)")
     _output_args(dp)
 
     stp = _command(sub, "steer", cmd_steer, help="generate with one vector of an elicit run",

@@ -4,6 +4,7 @@ reads; and the ground truth of the zoo's backdoor model: the trigger direction, 
 every layer, removes the backdoor and keeps the arithmetic, and added to clean prompts it
 triggers the phrase."""
 
+import importlib.util
 import json
 import re
 
@@ -155,6 +156,25 @@ def test_cli_direction_writes_what_the_api_returns(tmp_path, capsys):
     doc = json.loads((out / "directions.json").read_text())
     assert doc["prompts"] == {"positive": 16, "negative": 16} and len(doc["best_probes"]) == 10
     assert "layer   2" in capsys.readouterr().out
+    assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
+                 str(tmp_path / "neg.jsonl"), "--bake-layer", "3", "--out", str(tmp_path / "b")]) == 0
+    baked, ids = cs.load(str(tmp_path / "b" / "baked")), torch.tensor([model.tokenizer(pairs[0]["clean"]).input_ids])
+    u = res.unit()[3]
+    runtime = cs.perturb(model, iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u),
+                         iv.project_out("mlp_out", u), input_ids=ids)
+    assert_close(baked.hf(input_ids=ids).logits, runtime, 1e-5)
+    assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
+                 str(tmp_path / "neg.jsonl"), "--bake-layer", "9", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c" / "directions.safetensors").exists()  # refused before any work
+    if importlib.util.find_spec("gguf"):
+        import gguf
+
+        assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
+                     str(tmp_path / "neg.jsonl"), "--control-vector", "--out", str(tmp_path / "d")]) == 0
+        r = gguf.GGUFReader(str(tmp_path / "d" / "control_vector.gguf"))
+        got = {t.name: torch.tensor(t.data.copy()).reshape(-1) for t in r.tensors}
+        assert sorted(got) == ["direction.1", "direction.2"]  # blocks 1 and 2 of 4: resid_pre of 2 and 3
+        assert torch.equal(got["direction.2"], res.diff_means[3])
     (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
     assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "bad.jsonl"), "--negative",
                  str(tmp_path / "neg.jsonl")]) == 2
