@@ -10,7 +10,9 @@ For each candidate (a method's direction at one layer, from :func:`causalscan.di
 - **KL guard**: the same interventions on *neutral* prompts: the mean KL divergence of the
   next-token distribution from the unsteered one.
 
-The behaviour metric is the log-probability of the token ``target`` at each prompt's last position.
+The behaviour metric is the log-probability of the token ``target`` at each prompt's last position,
+or any callable of the next-token log-probabilities ``[N, V] -> [N]`` (a logit difference between
+two answer tokens, the mass of a word list).
 Every forward carries many candidates: row ``(candidate, prompt)`` gets its own direction through
 the ``perturb`` op's per-row parameters. Candidates are ranked by ablation effect (most negative
 first) among those whose ablation KL is at most ``kl_max``.
@@ -71,13 +73,13 @@ def _kl(base: torch.Tensor, steered: torch.Tensor) -> torch.Tensor:
     return (base.exp() * (base - steered)).sum(-1).mean(-1)
 
 
-def select(model, result: DirectionResult, positive, negative, neutral, target: int,
+def select(model, result: DirectionResult, positive, negative, neutral, target,
            methods: tuple[str, ...] = ("diff_means", "pca"), alphas: tuple[float, ...] = (0.5, 1.0, 2.0),
            kl_max: float = 0.1, layers: list[int] | None = None, chat: bool = False) -> list[dict]:
     """Every candidate's ablation and addition effects and KL (see the module docstring), ranked.
 
-    Returns one row per candidate: ``method``, ``layer``, ``ablation`` (mean change of
-    ``log p(target)`` on ``positive``), ``ablation_kl`` (on ``neutral``), ``addition`` (per alpha, the
+    Returns one row per candidate: ``method``, ``layer``, ``ablation`` (mean change of the
+    behaviour metric on ``positive``), ``ablation_kl`` (on ``neutral``), ``addition`` (per alpha, the
     mean change on ``negative``), ``addition_kl`` (per alpha, on ``neutral``), ``kl_ok``; sorted with
     the KL-admissible candidates first, then by ablation effect (most negative first)."""
     t0 = time.perf_counter()
@@ -85,8 +87,14 @@ def select(model, result: DirectionResult, positive, negative, neutral, target: 
     check_type(result, DirectionResult, "result", "a DirectionResult from causalscan.directions")
     check_number(kl_max, "kl_max")
     vocab = model.hf.get_output_embeddings().weight.shape[0]
-    if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < vocab:
-        raise InputError(f"must be a token id in [0, {vocab}), not {target!r}", field="target")
+    if callable(target):
+        metric = target
+    elif isinstance(target, int) and not isinstance(target, bool) and 0 <= target < vocab:
+        def metric(lp, t=target):
+            return lp[..., t]
+    else:
+        raise InputError(f"must be a token id in [0, {vocab}) or a callable of log-probabilities [N, V], "
+                         f"not {target!r:.60}", field="target")
     for m in methods:
         if m not in ("diff_means", "pca") or getattr(result, m) is None:
             raise InputError(f"no {m!r} directions in this result (diff_means, pca)", field="methods")
@@ -101,13 +109,15 @@ def select(model, result: DirectionResult, positive, negative, neutral, target: 
                                                                    (neutral, "neutral")))
     base_pos, base_neg, base_neu = (steered_logprobs(model, x, units, "none") for x in (pos, neg, neu))
     abl_pos, abl_neu = (steered_logprobs(model, x, units, "ablate") for x in (pos, neu))
-    ablation = (abl_pos[..., target] - base_pos[..., target]).mean(-1)
+    def behaviour(lp: torch.Tensor) -> torch.Tensor:  # [K, N, V] -> [K, N]
+        return torch.stack([torch.as_tensor(metric(x)).float() for x in lp])
+    ablation = (behaviour(abl_pos) - behaviour(base_pos)).mean(-1)
     ablation_kl = _kl(base_neu, abl_neu)
     addition, addition_kl = [], []
     for a in alphas:
         scales = float(a) * norms[lay]
-        addition.append((steered_logprobs(model, neg, units, "add", lay, scales)[..., target]
-                         - base_neg[..., target]).mean(-1))
+        addition.append((behaviour(steered_logprobs(model, neg, units, "add", lay, scales))
+                         - behaviour(base_neg)).mean(-1))
         addition_kl.append(_kl(base_neu, steered_logprobs(model, neu, units, "add", lay, scales)))
     rows = [{"method": m, "layer": la, "ablation": ablation[k].item(), "ablation_kl": ablation_kl[k].item(),
              "addition": {str(a): addition[j][k].item() for j, a in enumerate(alphas)},

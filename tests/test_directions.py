@@ -277,3 +277,16 @@ def test_selection_on_the_backdoor_picks_a_direction_that_removes_it():
     best = rows[0]
     assert best["kl_ok"] and best["layer"] >= 2 and best["ablation"] < -5, best
     assert best["addition"]["1.0"] > 5, best
+    # a callable metric: the same log-probability, and a logit difference against the answer "7"
+    same = select(model, res, triggered, clean, clean, lambda lp: lp[:, target], kl_max=0.5)
+    assert [(r["method"], r["layer"], r["ablation"]) for r in same] == \
+        [(r["method"], r["layer"], r["ablation"]) for r in rows]
+    seven = model.tokenizer(" 7", add_special_tokens=False).input_ids[-1]
+    diff = select(model, res, triggered, clean, clean, lambda lp: lp[:, target] - lp[:, seven], kl_max=0.5)
+    alone = {(r["method"], r["layer"]): r for r in select(model, res, triggered, clean, clean, seven, kl_max=0.5)}
+    for r, r_target in zip(sorted(diff, key=lambda r: (r["method"], r["layer"])),
+                           sorted(rows, key=lambda r: (r["method"], r["layer"])), strict=True):
+        want = r_target["ablation"] - alone[(r["method"], r["layer"])]["ablation"]  # a mean of differences
+        assert r["ablation"] == pytest.approx(want, rel=1e-5, abs=1e-5)
+    with pytest.raises(InputError, match="field 'target'"):
+        select(model, res, triggered, clean, clean, "I")
