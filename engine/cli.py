@@ -292,6 +292,19 @@ def cmd_elicit(args) -> dict:
     return doc
 
 
+def _position(text: str):
+    """``--position``: ``last``, ``mean``, a token index, or ``START:STOP``."""
+    if text in ("last", "mean"):
+        return text
+    try:
+        if ":" in text:
+            a, b = text.split(":")
+            return int(a), int(b)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be last, mean, an index or START:STOP, not {text!r}") from None
+
+
 def _radius(text: str) -> str | float:
     """``--radius``: ``auto`` or a number (its range is checked with the other options)."""
     if text == "auto":
@@ -492,7 +505,8 @@ def parser() -> argparse.ArgumentParser:
     _model_args(dp)
     dp.add_argument("--positive", required=True, help='JSONL of {"prompt": "..."}: prompts with the behaviour')
     dp.add_argument("--negative", required=True, help='JSONL of {"prompt": "..."}: prompts without it')
-    dp.add_argument("--position", default="last", choices=["last", "mean"])
+    dp.add_argument("--position", type=_position, default="last",
+                    help="last, mean, a token index (negative: from the end) or a span START:STOP")
     dp.add_argument("--probes", action="store_true", help="fit ITI's per-head logistic probes too")
     dp.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
     dp.add_argument("--seed", type=int, default=0, help="seed of the probes' held-out split")

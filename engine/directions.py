@@ -4,7 +4,8 @@ first principal component of paired differences (RepE) and per-head logistic pro
 One batched no-grad pass per prompt set (prompts of one token length per forward) reads the
 residual entering every block (``resid_pre``, ``[L, d_model]``) and, for probes, every head's output
 before the output projection (``head``, ``[L, H, d_head]``) and reduces each to the chosen position
-inside the tap: the last token, or the mean over the prompt. What is kept is one vector per
+inside the tap: the last token, the mean over the prompt, one token index (negative: from the end)
+or the mean over a span ``(start, stop)``, ``0 <= start < stop``. What is kept is one vector per
 prompt, layer (and head), never a cache of all positions.
 
 - ``diff_means[l] = mean_pos(x_l) - mean_neg(x_l)`` (not normalised: its norm is the size of the
@@ -39,7 +40,7 @@ class DirectionResult:
     ``[L, d_model]``, ``probes`` ``[L, H, d_head]`` and ``probe_accuracy`` ``[L, H]`` (None without probes)."""
 
     model: str
-    position: str
+    position: str | int | tuple[int, int]
     n_positive: int
     n_negative: int
     diff_means: torch.Tensor
@@ -74,10 +75,14 @@ class DirectionResult:
         tensors = {k: v.float().contiguous() for k, v in (("diff_means", self.diff_means), ("pca", self.pca),
                                                          ("probes", self.probes),
                                                          ("probe_accuracy", self.probe_accuracy)) if v is not None}
-        meta = {"model": self.model, "position": self.position, "site": "resid_pre"}
+        meta = {"model": self.model, "position": str(self.position), "site": "resid_pre"}
         files.write(out / "directions.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         files.write(out / "directions.json", files.strict_json(self.summary()))
         return out
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _encode(model, prompts, field_name: str, chat: bool = False) -> list[list[int]]:
@@ -97,7 +102,7 @@ def _encode(model, prompts, field_name: str, chat: bool = False) -> list[list[in
 
 
 @torch.no_grad()
-def read(model, prompts: list[list[int]], position: str, heads: bool, batch_size: int = 32
+def read(model, prompts: list[list[int]], position, heads: bool, batch_size: int = 32
          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per prompt: ``resid_pre`` of every layer at ``position`` ``[N, L, d_model]`` and, with ``heads``,
     every head's output ``[N, L, H, d_head]``, reduced inside the taps (prompts batched by length)."""
@@ -106,7 +111,13 @@ def read(model, prompts: list[list[int]], position: str, heads: bool, batch_size
     z = torch.empty(len(prompts), ad.n_layers, ad.n_heads, ad.d_head) if heads else None
 
     def at(x):  # [B, T, C, D] -> [B, C, D]
-        return (x[:, -1] if position == "last" else x.mean(1)).float().cpu()
+        if position == "last":
+            return x[:, -1].float().cpu()
+        if position == "mean":
+            return x.float().mean(1).cpu()
+        if isinstance(position, int):
+            return x[:, position].float().cpu()
+        return x[:, position[0]:position[1]].float().mean(1).cpu()
 
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -165,18 +176,27 @@ def fit_probes(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 
     return w_orig.reshape(shape).float(), b_orig.reshape(shape[:-1]).float()
 
 
-def directions(model, positive, negative, position: str = "last", probes: bool = False, chat: bool = False,
+def directions(model, positive, negative, position: str | int | tuple[int, int] = "last", probes: bool = False,
+               chat: bool = False,
                batch_size: int = 32, seed: int = 0) -> DirectionResult:
     """Candidate directions at every layer from ``positive`` and ``negative`` prompts (strings or
     token-id lists; ``pca`` needs as many of each, taken as pairs in order). ``position``: ``last``
-    token or ``mean`` over the prompt. ``probes``: also fit ITI's per-head probes (a seeded fifth of
+    token, ``mean`` over the prompt, a token index (negative: from the end) or a span ``(start, stop)``
+    that every prompt holds. ``probes``: also fit ITI's per-head probes (a seeded fifth of
     each set held out for their accuracy). ``chat``: string prompts go through the chat template."""
     t0 = time.perf_counter()
-    if position not in POSITIONS:
-        raise InputError(f"position must be one of {', '.join(POSITIONS)}, not {position!r}", field="position")
+    span = isinstance(position, tuple) and len(position) == 2 and all(_is_index(i) for i in position)
+    if not (position in POSITIONS or _is_index(position) or span):
+        raise InputError(f"position must be last, mean, a token index or a (start, stop) span, not {position!r}",
+                         field="position")
     check_options(batch_size=batch_size, seed=seed)
     model = load(model)
     pos, neg = _encode(model, positive, "positive", chat), _encode(model, negative, "negative", chat)
+    shortest = min(len(p) for p in pos + neg)
+    if _is_index(position) and not -shortest <= position < shortest or span and not (
+            0 <= position[0] < position[1] <= shortest):
+        raise InputError(f"position {position!r} is not inside every prompt (the shortest has {shortest} tokens)",
+                         field="position")
     xp, zp = read(model, pos, position, probes, batch_size)
     xn, zn = read(model, neg, position, probes, batch_size)
     diff_means = xp.mean(0) - xn.mean(0)

@@ -52,7 +52,7 @@ def test_probes_recover_a_planted_head():
     assert acc[1, 2] > 0.97 and (acc.flatten()[torch.arange(6) != 5] < 0.65).all(), acc
 
 
-@pytest.mark.parametrize("position", ["last", "mean"])
+@pytest.mark.parametrize("position", ["last", "mean", -2, (1, 4)])
 def test_reads_equal_plain_hooks(tiny, position):
     """Per prompt and layer, the residual and head outputs the pass keeps (prompts of two lengths,
     batched by length) against a plain hook read of each prompt alone; the directions from them."""
@@ -67,7 +67,14 @@ def test_reads_equal_plain_hooks(tiny, position):
         for p in prompts:
             per_layer = [read(model, torch.tensor([p]), site, la)[0] for la in range(model.adapter.n_layers)]
             x = torch.stack(per_layer)  # [L, T, C, D]
-            out.append(x[:, -1] if position == "last" else x.mean(1))
+            if position == "last":
+                out.append(x[:, -1])
+            elif position == "mean":
+                out.append(x.mean(1))
+            elif isinstance(position, int):
+                out.append(x[:, position])
+            else:
+                out.append(x[:, position[0]:position[1]].mean(1))
         return torch.stack(out)
     xp, xn = hand(pos, "resid_pre")[:, :, 0], hand(neg, "resid_pre")[:, :, 0]
     assert_close(res.diff_means, xp.mean(0) - xn.mean(0), 1e-5)
@@ -79,6 +86,10 @@ def test_reads_equal_plain_hooks(tiny, position):
 def test_options_are_checked(tiny):
     with pytest.raises(InputError, match="field 'position'"):
         directions(tiny("llama"), [[5, 6]], [[7, 8]], position="first")
+    with pytest.raises(InputError, match="not inside every prompt"):
+        directions(tiny("llama"), [[5, 6, 7]], [[7, 8]], position=2)
+    with pytest.raises(InputError, match="not inside every prompt"):
+        directions(tiny("llama"), [[5, 6, 7]], [[7, 8]], position=(1, 3))
     with pytest.raises(InputError, match="field 'negative'"):
         directions(tiny("llama"), [[5, 6]], [])
     with pytest.raises(InputError, match="field 'positive'"):
@@ -166,6 +177,11 @@ def test_cli_direction_writes_what_the_api_returns(tmp_path, capsys):
     assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
                  str(tmp_path / "neg.jsonl"), "--bake-layer", "9", "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c" / "directions.safetensors").exists()  # refused before any work
+    capsys.readouterr()
+    assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
+                 str(tmp_path / "neg.jsonl"), "--position", "1:3", "--json"]) == 0
+    span = directions(model, [p["clean"] for p in pairs], [p["corrupt"] for p in pairs], position=(1, 3))
+    assert json.loads(capsys.readouterr().out)["diff_means_norm"] == span.diff_means.norm(dim=-1).tolist()
     if importlib.util.find_spec("gguf"):
         import gguf
 
