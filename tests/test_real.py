@@ -152,3 +152,32 @@ def test_default_scan_patches_the_saturated_residual_exactly(smollm2):
         return sum(r.components[j].position == "S2" and r.components[j].layer < 10 for j in top.tolist())
     exact_s2, atp_s2 = early_s2_in_top20(res), early_s2_in_top20(atp)
     assert exact_s2 >= 8 and atp_s2 < exact_s2 / 2, (exact_s2, atp_s2)
+
+
+def test_sentiment_direction_steers_with_a_dose_response(smollm2):
+    """A chat-prompt contrast (positive against negative review requests, 6 items), its difference of
+    means at layer 23 added to neutral review prompts of 3 other items: the next word's sentiment
+    (log-mass of positive against negative adjectives) rises with alpha, and the KL from the
+    unsteered distribution grows with |alpha|."""
+    from causalscan.data import chat_text
+    from causalscan.selection import _kl, steered_logprobs
+
+    tok = smollm2.tokenizer
+
+    def prompt(ask, item):
+        return tok(chat_text(tok, ask.format(item=item)) + f"The {item} is", add_special_tokens=False).input_ids
+    items = ["phone", "movie", "restaurant", "book", "laptop", "hotel"]
+    res = cs.directions(smollm2, [prompt("Write a glowing, positive review of a {item}.", i) for i in items],
+                        [prompt("Write a scathing, negative review of a {item}.", i) for i in items])
+    neutral = [prompt("Write a review of a {item}.", i) for i in ("camera", "album", "chair")]
+    good = [tok(w, add_special_tokens=False).input_ids[0] for w in (" great", " excellent", " amazing")]
+    bad = [tok(w, add_special_tokens=False).input_ids[0] for w in (" terrible", " awful", " horrible")]
+    u, norm = res.unit()[23:24], res.diff_means[23].norm()
+    base = steered_logprobs(smollm2, neutral, u, "none")
+    senti, kl = [], []
+    for a in (-1.0, -0.5, 0.0, 0.5, 1.0):
+        lp = steered_logprobs(smollm2, neutral, u, "add", torch.tensor([23]), torch.tensor([a * norm]))
+        senti.append((lp[..., good].logsumexp(-1) - lp[..., bad].logsumexp(-1)).mean().item())
+        kl.append(_kl(base, lp).item())
+    assert senti == sorted(senti) and senti[-1] - senti[0] > 5, senti
+    assert kl[2] == pytest.approx(0, abs=1e-6) and kl[0] > kl[1] > kl[2] < kl[3] < kl[4], kl
