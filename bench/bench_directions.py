@@ -57,7 +57,7 @@ def main() -> None:
 
     import causalscan as cs
     from causalscan.data import chat_text
-    from causalscan.selection import _kl, steered_logprobs
+    from causalscan.selection import kl_divergence, steered_logprobs
 
     model = cs.load(checkpoint())
     tok = model.tokenizer
@@ -84,7 +84,7 @@ def main() -> None:
     layers = torch.arange(n_layers)
     base_dev = steered_logprobs(model, dev, units, "none")
     add_dev = steered_logprobs(model, dev, units, "add", layers, norms)
-    gain, kl = sentiment(add_dev) - sentiment(base_dev), _kl(base_dev, add_dev)
+    gain, kl = sentiment(add_dev) - sentiment(base_dev), kl_divergence(base_dev, add_dev)
     ok = kl <= 1.0
     layer = int(torch.where(ok, gain, torch.tensor(-1e9)).argmax())
     base = steered_logprobs(model, test, units, "none")
@@ -92,7 +92,7 @@ def main() -> None:
     for a in ALPHAS:
         lp = steered_logprobs(model, test, units[layer:layer + 1], "add", torch.tensor([layer]),
                               torch.tensor([a * norms[layer].item()]))
-        curve.append({"alpha": a, "sentiment": sentiment(lp).item(), "kl": _kl(base, lp).item()})
+        curve.append({"alpha": a, "sentiment": sentiment(lp).item(), "kl": kl_divergence(base, lp).item()})
         print(f"alpha {a:+.1f}  sentiment {curve[-1]['sentiment']:+.3f}  KL {curve[-1]['kl']:.3f}", flush=True)
     doc = {"model": "SmolLM2-135M-Instruct", "items": len(ITEMS), "layer": layer,
            "per_layer": {"gain_at_alpha_1": gain.tolist(), "kl_at_alpha_1": kl.tolist()},

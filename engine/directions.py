@@ -85,7 +85,8 @@ def _is_index(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _encode(model, prompts, field_name: str, chat: bool = False) -> list[list[int]]:
+def encode_prompts(model, prompts, field_name: str, chat: bool = False) -> list[list[int]]:
+    """Token ids of ``prompts`` (strings, through the chat template with ``chat``, or token-id lists)."""
     from causalscan.data import encode
 
     if not isinstance(prompts, list | tuple) or not prompts:
@@ -191,7 +192,8 @@ def directions(model, positive, negative, position: str | int | tuple[int, int] 
                          field="position")
     check_options(batch_size=batch_size, seed=seed)
     model = load(model)
-    pos, neg = _encode(model, positive, "positive", chat), _encode(model, negative, "negative", chat)
+    pos = encode_prompts(model, positive, "positive", chat)
+    neg = encode_prompts(model, negative, "negative", chat)
     shortest = min(len(p) for p in pos + neg)
     if _is_index(position) and not -shortest <= position < shortest or span and not (
             0 <= position[0] < position[1] <= shortest):

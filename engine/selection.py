@@ -25,7 +25,7 @@ import time
 import torch
 
 from causalscan import interventions as iv
-from causalscan.directions import DirectionResult, _encode
+from causalscan.directions import DirectionResult, encode_prompts
 from causalscan.errors import InputError, check_number, check_type
 from causalscan.load import load
 from causalscan.progress import log
@@ -68,7 +68,7 @@ def steered_logprobs(model, prompts: list[list[int]], units: torch.Tensor, op: s
     return out
 
 
-def _kl(base: torch.Tensor, steered: torch.Tensor) -> torch.Tensor:
+def kl_divergence(base: torch.Tensor, steered: torch.Tensor) -> torch.Tensor:
     """Mean over prompts of KL(base || steered) ``[K]`` from log-probabilities ``[1|K, N, V]``."""
     return (base.exp() * (base - steered)).sum(-1).mean(-1)
 
@@ -105,20 +105,20 @@ def select(model, result: DirectionResult, positive, negative, neutral, target,
         raise InputError("no candidate: every chosen layer's difference of means is zero", field="layers")
     units = torch.stack([result.unit(m)[la] for m, la in cands])
     lay = torch.tensor([la for _, la in cands])
-    pos, neg, neu = (_encode(model, x, name, chat) for x, name in ((positive, "positive"), (negative, "negative"),
-                                                                   (neutral, "neutral")))
+    pos, neg, neu = (encode_prompts(model, x, name, chat)
+                     for x, name in ((positive, "positive"), (negative, "negative"), (neutral, "neutral")))
     base_pos, base_neg, base_neu = (steered_logprobs(model, x, units, "none") for x in (pos, neg, neu))
     abl_pos, abl_neu = (steered_logprobs(model, x, units, "ablate") for x in (pos, neu))
     def behaviour(lp: torch.Tensor) -> torch.Tensor:  # [K, N, V] -> [K, N]
         return torch.stack([torch.as_tensor(metric(x)).float() for x in lp])
     ablation = (behaviour(abl_pos) - behaviour(base_pos)).mean(-1)
-    ablation_kl = _kl(base_neu, abl_neu)
+    ablation_kl = kl_divergence(base_neu, abl_neu)
     addition, addition_kl = [], []
     for a in alphas:
         scales = float(a) * norms[lay]
         addition.append((behaviour(steered_logprobs(model, neg, units, "add", lay, scales))
                          - behaviour(base_neg)).mean(-1))
-        addition_kl.append(_kl(base_neu, steered_logprobs(model, neu, units, "add", lay, scales)))
+        addition_kl.append(kl_divergence(base_neu, steered_logprobs(model, neu, units, "add", lay, scales)))
     rows = [{"method": m, "layer": la, "ablation": ablation[k].item(), "ablation_kl": ablation_kl[k].item(),
              "addition": {str(a): addition[j][k].item() for j, a in enumerate(alphas)},
              "addition_kl": {str(a): addition_kl[j][k].item() for j, a in enumerate(alphas)},
@@ -128,4 +128,4 @@ def select(model, result: DirectionResult, positive, negative, neutral, target,
     return rows
 
 
-__all__ = ["select", "steered_logprobs"]
+__all__ = ["kl_divergence", "select", "steered_logprobs"]

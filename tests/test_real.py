@@ -160,7 +160,7 @@ def test_sentiment_direction_steers_with_a_dose_response(smollm2):
     (log-mass of positive against negative adjectives) rises with alpha, and the KL from the
     unsteered distribution grows with |alpha|."""
     from causalscan.data import chat_text
-    from causalscan.selection import _kl, steered_logprobs
+    from causalscan.selection import kl_divergence, steered_logprobs
 
     tok = smollm2.tokenizer
 
@@ -178,6 +178,6 @@ def test_sentiment_direction_steers_with_a_dose_response(smollm2):
     for a in (-1.0, -0.5, 0.0, 0.5, 1.0):
         lp = steered_logprobs(smollm2, neutral, u, "add", torch.tensor([23]), torch.tensor([a * norm]))
         senti.append((lp[..., good].logsumexp(-1) - lp[..., bad].logsumexp(-1)).mean().item())
-        kl.append(_kl(base, lp).item())
+        kl.append(kl_divergence(base, lp).item())
     assert senti == sorted(senti) and senti[-1] - senti[0] > 5, senti
     assert kl[2] == pytest.approx(0, abs=1e-6) and kl[0] > kl[1] > kl[2] < kl[3] < kl[4], kl
