@@ -306,3 +306,39 @@ def test_selection_on_the_backdoor_picks_a_direction_that_removes_it():
         assert r["ablation"] == pytest.approx(want, rel=1e-5, abs=1e-5)
     with pytest.raises(InputError, match="field 'target'"):
         select(model, res, triggered, clean, clean, "I")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_runtime_ablation_equals_hand_projection_hooks(tiny, family):
+    """Directional ablation through the perturb op (layer 0's resid_pre, every attn_out and
+    mlp_out) against plain PyTorch hooks that subtract ``(x . u) u`` from the embedding output and
+    from every attention and MLP output module."""
+    from naive import _module
+
+    model = tiny(family)
+    ad = model.adapter
+    g = torch.Generator().manual_seed(6)
+    u = torch.randn(ad.d_model, generator=g)
+    ids = torch.randint(4, 100, (2, 6), generator=g)
+    got = cs.perturb(model, iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u),
+                     iv.project_out("mlp_out", u), input_ids=ids)
+    unit = u / u.norm()
+
+    def project(x):
+        return x - (x @ unit)[..., None] * unit
+
+    hooks = [ad.blocks[0].register_forward_pre_hook(
+        lambda m, a, k: ((project(a[0]), *a[1:]), k) if a else (a, {**k, "hidden_states": project(k["hidden_states"])}),
+        with_kwargs=True)]
+    for layer in range(ad.n_layers):
+        for site in ("attn_out", "mlp_out"):
+            module, _ = _module(ad, site, layer)
+            hooks.append(module.register_forward_hook(
+                lambda m, a, o: (project(o[0]), *o[1:]) if isinstance(o, tuple) else project(o)))
+    try:
+        with torch.no_grad():
+            want = model.hf(input_ids=ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    assert_close(got, want, 1e-5)
