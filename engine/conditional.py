@@ -17,16 +17,16 @@ import torch
 
 from causalscan import runner
 from causalscan.bindings import ops
-from causalscan.errors import InputError, check_number
+from causalscan.data import by_length
+from causalscan.errors import InputError, check_number, check_vector
 from causalscan.load import load
 
 
 def _check(model, condition: torch.Tensor, vector: torch.Tensor | None, condition_layer: int, layer: int) -> None:
     ad = model.adapter
     for name, v in (("condition", condition), ("vector", vector)):
-        if v is not None and (not isinstance(v, torch.Tensor) or v.shape != (ad.d_model,)
-                              or not torch.isfinite(v).all() or not v.norm() > 0):
-            raise InputError(f"must be a finite non-zero tensor [{ad.d_model}]", field=name)
+        if v is not None:
+            check_vector(v, ad.d_model, name)
     if not 0 <= condition_layer <= layer < ad.n_layers:
         raise InputError(f"needs 0 <= condition_layer ({condition_layer}) <= layer ({layer}) < {ad.n_layers}",
                          field="layer")
@@ -45,10 +45,7 @@ def scores(model, prompts: torch.Tensor | list[list[int]], condition: torch.Tens
     _check(model, condition, None, condition_layer, condition_layer)
     rows = [list(p) for p in prompts.tolist()] if isinstance(prompts, torch.Tensor) else prompts
     out = torch.empty(len(rows))
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(rows):
-        by_len.setdefault(len(p), []).append(i)
-    for idx in by_len.values():
+    for idx in by_length(rows):
         store: dict = {}
         runner.forward(model.adapter, torch.tensor([rows[i] for i in idx], device=model.device),
                        [runner.capture(model.adapter, "resid_pre", condition_layer, store)],

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from causalscan.errors import InputError, check_type
+from causalscan.errors import InputError, check_type, is_int
 
 
 @dataclass(frozen=True)
@@ -153,11 +153,11 @@ class Dataset:
             if side in rec and not isinstance(rec[side], str):
                 raise self._err("must be a string", line, side)
             ids = rec.get(f"{side}_ids")
-            if f"{side}_ids" in rec and not (isinstance(ids, list) and ids and all(_is_id(i) for i in ids)):
+            if f"{side}_ids" in rec and not (isinstance(ids, list) and ids and all(is_int(i) for i in ids)):
                 raise self._err("must be a non-empty list of token ids", line, f"{side}_ids")
         if noise:
             span = rec["noise_span"]
-            ints = isinstance(span, list) and len(span) == 2 and all(_is_id(i) for i in span)
+            ints = isinstance(span, list) and len(span) == 2 and all(is_int(i) for i in span)
             if not (ints and 0 <= span[0] < span[1]) and not (isinstance(span, str) and span.strip()):
                 raise self._err("must be a non-empty substring of clean or token positions [start, end)",
                                 line, "noise_span")
@@ -172,8 +172,8 @@ class Dataset:
             raise self._err("missing", line, "answer")
         for f in ("answer", "wrong"):
             v = rec.get(f)
-            if f in rec and not (isinstance(v, str) and v or _is_id(v) or isinstance(v, list) and v
-                                 and all(_is_id(i) for i in v)):
+            if f in rec and not (isinstance(v, str) and v or is_int(v) or isinstance(v, list) and v
+                                 and all(is_int(i) for i in v)):
                 raise self._err("must be a non-empty string, a token id or a list of token ids", line, f)
 
     def tokenize(self, tokenizer, vocab_size: int | None = None) -> list[Pair]:
@@ -280,9 +280,13 @@ def _unencodable(v) -> bool:
     return isinstance(v, list) and any(_unencodable(x) for x in v)
 
 
-def _is_id(x) -> bool:
-    """A token id: an int that is not a bool (JSON ``true`` is not token 1)."""
-    return isinstance(x, int) and not isinstance(x, bool)
+def by_length(prompts: list[list[int]]) -> list[list[int]]:
+    """Indices of token-id ``prompts`` grouped by length (one forward per group needs no padding), in
+    order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    return list(groups.values())
 
 
 def chat_text(tokenizer, text: str, file: str | None = None, line: int | None = None) -> str:

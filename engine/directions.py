@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import save_file
 
 from causalscan import files, runner
-from causalscan.errors import InputError, check_options
+from causalscan.data import by_length, encode
+from causalscan.errors import InputError, check_options, check_vector, is_int
 from causalscan.load import load
 
 POSITIONS = ("last", "mean")
@@ -81,21 +82,15 @@ class DirectionResult:
         return out
 
 
-def _is_index(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def encode_prompts(model, prompts, field_name: str, chat: bool = False) -> list[list[int]]:
     """Token ids of ``prompts`` (strings, through the chat template with ``chat``, or token-id lists)."""
-    from causalscan.data import encode
-
     if not isinstance(prompts, list | tuple) or not prompts:
         raise InputError(f"must be a non-empty list of prompts, not {prompts!r:.60}", field=field_name)
     out = []
     for p in prompts:
         if isinstance(p, str):
             out.append(encode(model.tokenizer, p, chat=chat))
-        elif isinstance(p, list | tuple) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        elif isinstance(p, list | tuple) and p and all(is_int(t) for t in p):
             out.append(list(p))
         else:
             raise InputError(f"each prompt must be a string or a list of token ids, not {p!r:.60}", field=field_name)
@@ -120,10 +115,7 @@ def read(model, prompts: list[list[int]], position, heads: bool, batch_size: int
             return x[:, position].float().cpu()
         return x[:, position[0]:position[1]].float().mean(1).cpu()
 
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    for idx in by_len.values():
+    for idx in by_length(prompts):
         for lo in range(0, len(idx), batch_size):
             rows = idx[lo:lo + batch_size]
             taps = []
@@ -186,8 +178,8 @@ def directions(model, positive, negative, position: str | int | tuple[int, int] 
     that every prompt holds. ``probes``: also fit ITI's per-head probes (a seeded fifth of
     each set held out for their accuracy). ``chat``: string prompts go through the chat template."""
     t0 = time.perf_counter()
-    span = isinstance(position, tuple) and len(position) == 2 and all(_is_index(i) for i in position)
-    if not (position in POSITIONS or _is_index(position) or span):
+    span = isinstance(position, tuple) and len(position) == 2 and all(is_int(i) for i in position)
+    if not (position in POSITIONS or is_int(position) or span):
         raise InputError(f"position must be last, mean, a token index or a (start, stop) span, not {position!r}",
                          field="position")
     check_options(batch_size=batch_size, seed=seed)
@@ -195,7 +187,7 @@ def directions(model, positive, negative, position: str | int | tuple[int, int] 
     pos = encode_prompts(model, positive, "positive", chat)
     neg = encode_prompts(model, negative, "negative", chat)
     shortest = min(len(p) for p in pos + neg)
-    if _is_index(position) and not -shortest <= position < shortest or span and not (
+    if is_int(position) and not -shortest <= position < shortest or span and not (
             0 <= position[0] < position[1] <= shortest):
         raise InputError(f"position {position!r} is not inside every prompt (the shortest has {shortest} tokens)",
                          field="position")
@@ -218,8 +210,6 @@ def directions(model, positive, negative, position: str | int | tuple[int, int] 
         res.probe_accuracy = (pred == y[held].bool()[:, None, None]).float().mean(0)
     res.timings["directions_s"] = time.perf_counter() - t0
     return res
-
-
 
 
 # --- baking ----------------------------------------------------------------------------------
@@ -287,9 +277,7 @@ def bake(model, direction: torch.Tensor, out_dir: str | Path) -> Path:
     from causalscan.load import Model
 
     model = load(model)
-    if not isinstance(direction, torch.Tensor) or direction.shape != (model.adapter.d_model,) \
-            or not torch.isfinite(direction).all() or not direction.norm() > 0:
-        raise InputError(f"must be a finite non-zero tensor [{model.adapter.d_model}]", field="direction")
+    check_vector(direction, model.adapter.d_model, "direction")
     hf = copy.deepcopy(model.hf)
     copy_ = Model(hf, Adapter(hf), model.tokenizer, model.name, model.card)
     orthogonalise(copy_, direction)

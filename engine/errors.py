@@ -15,6 +15,19 @@ class InputError(ValueError):
         self.file, self.line, self.field = file, line, field
 
 
+def is_int(x) -> bool:
+    """An int that is not a bool (JSON ``true`` is not token 1, nor layer 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_vector(v, d: int, field: str) -> None:
+    """Raise :class:`InputError` unless ``v`` is a finite, non-zero tensor of shape ``[d]``."""
+    import torch
+
+    if not isinstance(v, torch.Tensor) or v.shape != (d,) or not torch.isfinite(v).all() or not v.norm() > 0:
+        raise InputError(f"must be a finite non-zero tensor [{d}]", field=field)
+
+
 def check_number(value, field: str, lo: float | None = None, hi: float | None = None, *, integer: bool = False,
                  open_lo: bool = False) -> None:
     """Raise :class:`InputError` unless ``value`` is a finite number (an int with ``integer``) in

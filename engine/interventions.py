@@ -30,7 +30,7 @@ import torch
 
 from causalscan import runner
 from causalscan.bindings import ops
-from causalscan.errors import InputError, check_number, check_type
+from causalscan.errors import InputError, check_number, check_type, is_int
 
 Index = int | Sequence[int] | torch.Tensor | None
 
@@ -70,13 +70,13 @@ class Intervention:
             raise InputError(f"{self.op} needs {need[self.op]}", field=need[self.op])
         check_type(self.site, str, "site", "a site name")
         layers = [self.layers] if isinstance(self.layers, int) else self.layers
-        if layers is not None and (not isinstance(layers, Sequence | range) or not all(_is_int(x) for x in layers)):
+        if layers is not None and (not isinstance(layers, Sequence | range) or not all(is_int(x) for x in layers)):
             raise InputError(f"must be a layer, a list of layers or None, not {self.layers!r:.60}", field="layers")
         for name in ("index", "positions"):
             sel = getattr(self, name)
-            ok = sel is None or _is_int(sel) or (
+            ok = sel is None or is_int(sel) or (
                 sel.dtype == torch.bool or not sel.is_floating_point() and not sel.is_complex()
-                if isinstance(sel, torch.Tensor) else isinstance(sel, Sequence) and all(_is_int(x) for x in sel))
+                if isinstance(sel, torch.Tensor) else isinstance(sel, Sequence) and all(is_int(x) for x in sel))
             if not ok:
                 raise InputError(f"must be an int, a list of ints, an integer or bool tensor, or None, "
                                  f"not {sel!r:.60}", field=name)
@@ -153,10 +153,6 @@ def _param(p: torch.Tensor, c: int, d: int, x: torch.Tensor) -> torch.Tensor:
             raise InputError(f"parameter of shape {tuple(p.shape)} does not fit a site of {c} x {d}")
         p = p.unflatten(-1, (c, d))
     return p[None] if p.dim() == 2 else p
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _unit(u: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import time
 import torch
 
 from causalscan import interventions as iv
+from causalscan.data import by_length
 from causalscan.directions import DirectionResult, encode_prompts
 from causalscan.errors import InputError, check_number, check_type
 from causalscan.load import load
@@ -39,12 +40,9 @@ def steered_logprobs(model, prompts: list[list[int]], units: torch.Tensor, op: s
     ``op="add"``: ``scales[k] * units[k]`` added to ``resid_pre`` of ``layers[k]``; ``op="none"``:
     unsteered (``K = 1``)."""
     dev, k_n = model.device, 1 if op == "none" else len(units)
-    rows_of: dict[int, list[tuple[int, int]]] = {}
-    for k in range(k_n):
-        for i, p in enumerate(prompts):
-            rows_of.setdefault(len(p), []).append((k, i))
     out: torch.Tensor | None = None
-    for rows in rows_of.values():
+    for idx in by_length(prompts):
+        rows = [(k, i) for k in range(k_n) for i in idx]
         for lo in range(0, len(rows), batch_rows):
             chunk = rows[lo:lo + batch_rows]
             ids = torch.tensor([prompts[i] for _, i in chunk], device=dev)

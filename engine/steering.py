@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from causalscan import interventions as iv
-from causalscan.errors import InputError, check_options, check_type
+from causalscan.errors import InputError, check_options, check_type, is_int
 from causalscan.progress import Progress, report
 
 
@@ -25,7 +25,7 @@ def generate(model, prompts: list[list[int]], vectors: torch.Tensor | None, laye
     if not 0 <= layer < model.adapter.n_layers:
         raise InputError(f"layer {layer} out of range for {model.adapter.n_layers} layers", field="layer")
     if not isinstance(prompts, list | tuple) or not prompts or not all(
-            isinstance(x, list | tuple) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+            isinstance(x, list | tuple) and x and all(is_int(t) for t in x)
             for x in prompts):
         raise InputError(f"must be a non-empty list of token-id lists, not {prompts!r:.60}", field="prompts")
     if vectors is not None:
