@@ -16,6 +16,7 @@ embeddings and the attention implementation are the model's; on top of it:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -210,7 +211,7 @@ def forward(
     with installed(ad, taps, start_layer, resid, stop, noise):
         try:
             out = ad.model(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
-                           **({} if past is None else {_cache_arg(ad.model): past}))
+                           **({} if past is None else {_cache_arg(type(ad.model)): past}))
         except _Stop as s:
             return s.value
     if stop is not None:
@@ -221,9 +222,11 @@ def forward(
     return out.logits, (out.past_key_values if cache is None else cache)
 
 
-def _cache_arg(model) -> str:
-    """The key/value cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+@functools.cache
+def _cache_arg(model_class: type) -> str:
+    """The key/value cache argument of a model class's forward: ``cache`` from transformers 5.24,
+    ``past_key_values`` before (looked up once per class, not on every patched forward)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def capture(ad: Adapter, site: str, layer: int, store: dict) -> TapSpec:

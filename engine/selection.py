@@ -107,15 +107,17 @@ def select(model, result: DirectionResult, positive, negative, neutral, target,
                      for x, name in ((positive, "positive"), (negative, "negative"), (neutral, "neutral")))
     base_pos, base_neg, base_neu = (steered_logprobs(model, x, units, "none") for x in (pos, neg, neu))
     abl_pos, abl_neu = (steered_logprobs(model, x, units, "ablate") for x in (pos, neu))
+
     def behaviour(lp: torch.Tensor) -> torch.Tensor:  # [K, N, V] -> [K, N]
         return torch.stack([torch.as_tensor(metric(x)).float() for x in lp])
     ablation = (behaviour(abl_pos) - behaviour(base_pos)).mean(-1)
+    base_behaviour = behaviour(base_neg)
     ablation_kl = kl_divergence(base_neu, abl_neu)
     addition, addition_kl = [], []
     for a in alphas:
         scales = float(a) * norms[lay]
         addition.append((behaviour(steered_logprobs(model, neg, units, "add", lay, scales))
-                         - behaviour(base_neg)).mean(-1))
+                         - base_behaviour).mean(-1))
         addition_kl.append(kl_divergence(base_neu, steered_logprobs(model, neu, units, "add", lay, scales)))
     rows = [{"method": m, "layer": la, "ablation": ablation[k].item(), "ablation_kl": ablation_kl[k].item(),
              "addition": {str(a): addition[j][k].item() for j, a in enumerate(alphas)},
