@@ -10,6 +10,7 @@ torch.Size([5, 4])
 """
 
 from causalscan import interventions, metrics, steering, tasks, zoo
+from causalscan.circuits import circuit
 from causalscan.data import Dataset
 from causalscan.directions import directions
 from causalscan.elicit import elicit
@@ -22,5 +23,5 @@ from causalscan.sweeps import Component
 from causalscan.tracing import trace
 
 __version__ = "0.1.0"
-__all__ = ["Component", "Dataset", "InputError", "Intervention", "Model", "directions", "elicit", "interventions",
-           "load", "metrics", "patch", "perturb", "scan", "steering", "tasks", "trace", "zoo"]
+__all__ = ["Component", "Dataset", "InputError", "Intervention", "Model", "circuit", "directions", "elicit",
+           "interventions", "load", "metrics", "patch", "perturb", "scan", "steering", "tasks", "trace", "zoo"]

@@ -39,6 +39,10 @@ class Family:
     mlp_out: str  # module whose output is added to the residual by the MLP
     qkv: tuple[str, ...]  # (q, k, v) modules, or one fused module
     qkv_layout: str = "split"  # split | gpt2 (q|k|v blocks) | neox ([H, 3, Dh]) | phi3 (q|k|v, GQA)
+    # readers of the residual stream (circuits): the norm before attention, the norm before the MLP,
+    # the module whose input is the normed MLP input, and the final norm (path from the CausalLM)
+    readers: tuple[str, str, str] = ("input_layernorm", "post_attention_layernorm", "mlp")
+    final_norm: str = "model.norm"
 
 
 _LLAMA = dict(
@@ -49,13 +53,15 @@ _LLAMA = dict(
     mlp_out="mlp.down_proj",
     qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 )
-_GEMMA2 = dict(_LLAMA, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+_GEMMA2 = dict(_LLAMA, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
+               readers=("input_layernorm", "pre_feedforward_layernorm", "mlp"))
 
 FAMILIES = (
     Family("gpt2", ("gpt2",), "transformer.h", "attn.c_proj", "attn.c_proj", "mlp.c_proj", "mlp.c_proj",
-           ("attn.c_attn",), "gpt2"),
+           ("attn.c_attn",), "gpt2", ("ln_1", "ln_2", "mlp"), "transformer.ln_f"),
     Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention.dense", "attention.dense",
-           "mlp.dense_4h_to_h", "mlp.dense_4h_to_h", ("attention.query_key_value",), "neox"),
+           "mlp.dense_4h_to_h", "mlp.dense_4h_to_h", ("attention.query_key_value",), "neox",
+           final_norm="gpt_neox.final_layer_norm"),
     Family("llama", ("llama",), **_LLAMA),
     Family("mistral", ("mistral",), **_LLAMA),
     Family("qwen2", ("qwen2",), **_LLAMA),
@@ -64,11 +70,13 @@ FAMILIES = (
     Family("gemma2", ("gemma2",), **_GEMMA2),
     Family("gemma3", ("gemma3_text",), **_GEMMA2),
     Family("phi", ("phi",), "model.layers", "self_attn.dense", "self_attn.dense", "mlp.fc2", "mlp.fc2",
-           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           readers=("input_layernorm", "input_layernorm", "mlp"), final_norm="model.final_layernorm"),
     Family("phi3", ("phi3",), "model.layers", "self_attn.o_proj", "self_attn.o_proj", "mlp.down_proj",
            "mlp.down_proj", ("self_attn.qkv_proj",), "phi3"),
     Family("opt", ("opt",), "model.decoder.layers", "self_attn.out_proj", "self_attn.out_proj", "fc2", "fc2",
-           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           readers=("self_attn_layer_norm", "final_layer_norm", "fc1"), final_norm="model.decoder.final_layer_norm"),
 )
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -184,6 +192,17 @@ class Adapter:
             start = (0, qw, qw + kw)[i]
             raw = raw[..., start:start + (qw if i == 0 else kw)]
         return raw.unflatten(-1, (c, d))
+
+    def weight(self, site: str, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A q/k/v projection's weight ``[d_model, C, D]`` and bias ``[C, D]`` (or None) per component,
+        so that component ``c`` of the site is ``x @ W[:, c] + b[c]``; for ``head``, the output
+        projection's ``[C, D, d_model]``: head ``c`` writes ``z_c @ W[c]`` (its bias is shared)."""
+        module, _ = self.hook_point(site, layer)
+        w = module.weight if not isinstance(module, nn.Linear) else module.weight.T  # [in, out]
+        if site == "head":
+            return w.unflatten(0, self.shape("head")), None
+        b = None if module.bias is None else self.view(module.bias[None], site, 1, 1)[0, 0]
+        return self.view(w, site, 1, w.shape[0])[0], b
 
     def write(self, raw: torch.Tensor, site: str, batch: int, seq: int, new: torch.Tensor) -> torch.Tensor:
         """The raw module tensor with the site's view replaced by ``new`` [B, T, C, D]."""

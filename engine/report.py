@@ -26,7 +26,7 @@ from causalscan import files
 from causalscan.errors import InputError
 
 MAX_COLUMNS = 64  # a sweep wider than this (neurons) shows each layer's top MAX_COLUMNS by |value|
-DOCS = ("scan.json", "trace.json", "summary.json")
+DOCS = ("scan.json", "trace.json", "circuit.json", "summary.json")
 
 
 def load(out_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -135,6 +135,54 @@ def _scatter(name: str, est: torch.Tensor, exact: torch.Tensor, stats: dict | No
     return fig
 
 
+def _position(node: str, n_layers: int) -> tuple[float, float]:
+    """Where a circuit node sits: the embedding at the bottom, each layer's heads (and key-value
+    heads) in a row and its MLP above them, the logits on top."""
+    if node == "embed":
+        return 0.0, -1.0
+    if node == "logits":
+        return 0.0, 2.0 * n_layers
+    layer, rest = node[1:].split(".", 1)
+    if rest == "MLP":
+        return 0.0, 2 * int(layer) + 1.0
+    return float(rest.lstrip("KVH")) + (0.5 if rest.startswith("KV") else 0.0) + 1.0, 2.0 * int(layer)
+
+
+def _circuit_graph(doc: dict):
+    """The circuit's edges as lines between nodes: blue positive, red negative, width by |score|."""
+    import plotly.graph_objects as go
+
+    edges = doc.get("edges", [])[:doc["settings"]["size"]]
+    n_layers = 1 + max([int(n[1:].split(".")[0]) for n in doc.get("nodes", []) if n.startswith("L")] + [0])
+    big = max([abs(e["score"]) for e in edges] + [1e-12])
+    fig = go.Figure()
+    for e in edges:
+        (x0, y0), (x1, y1) = _position(e["upstream"], n_layers), _position(e["reader_node"], n_layers)
+        fig.add_scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="skip",
+                        line={"color": "#2166ac" if e["score"] >= 0 else "#b2182b",
+                              "width": 0.5 + 6 * abs(e["score"]) / big}, opacity=0.7)
+    mid = [((_position(e["upstream"], n_layers)[0] + _position(e["reader_node"], n_layers)[0]) / 2,
+            (_position(e["upstream"], n_layers)[1] + _position(e["reader_node"], n_layers)[1]) / 2) for e in edges]
+    fig.add_scatter(x=[m[0] for m in mid], y=[m[1] for m in mid], mode="markers", showlegend=False,
+                    marker={"size": 6, "color": "rgba(0,0,0,0.15)"},
+                    text=[f"{_label(e['edge'])}<br>score {_num(e['score'])}<br>exact {_num(e['exact'])}"
+                          for e in edges],
+                    hovertemplate="%{text}<extra></extra>")
+    nodes = doc.get("nodes", [])
+    pos = [_position(n, n_layers) for n in nodes]
+    fig.add_scatter(x=[p[0] for p in pos], y=[p[1] for p in pos], mode="markers+text", text=[_label(n) for n in nodes],
+                    textposition="middle right", showlegend=False, marker={"size": 11, "color": "#444"},
+                    hovertemplate="%{text}<extra></extra>")
+    fig.update_layout(title=f"circuit: top {len(edges)} edges ({doc['settings']['method']}; blue raises the "
+                            "metric, red lowers it, width |score|)", height=max(420, 70 * n_layers),
+                      xaxis={"visible": False},
+                      yaxis={"zeroline": False, "tickvals": list(range(-1, 2 * n_layers + 1)),
+                             "ticktext": ["embed", *[f"L{i // 2} {'MLP' if i % 2 else 'heads'}"
+                                                     for i in range(2 * n_layers)], "logits"]},
+                      margin={"l": 60, "r": 20, "t": 50, "b": 30})
+    return fig
+
+
 def _need_plotly() -> None:
     try:
         import plotly  # noqa: F401
@@ -169,6 +217,22 @@ def figures(doc: dict, tensors: dict[str, torch.Tensor]) -> dict:
         for sweep, stats in (doc.get("agreement_by_sweep") or {}).items():
             out[f"agreement/{sweep}"] = _scatter(sweep, tensors[f"{method}_signed/{sweep}"].flatten(),
                                                  tensors[f"exact/{sweep}"].flatten(), stats)
+    elif kind == "circuit":
+        out["circuit"] = _circuit_graph(doc)
+        f = doc.get("faithfulness")
+        if f:
+            n = [x for x in f["n"] if x > 0]
+            fig = go.Figure(go.Scatter(x=n, y=f["recovered"][-len(n):], mode="lines+markers",
+                                       hovertemplate="%{x} edges: %{y:.3f}<extra></extra>"))
+            fig.add_hline(y=0.8, line={"dash": "dot", "color": "grey"})
+            fig.update_layout(title=f"faithfulness: share of clean - corrupt the top n edges keep (80% at {f['n_80']}, "
+                                    f"95% at {f['n_95']}; every other edge: {doc['settings']['ablation']})",
+                              xaxis={"title": "edges in the circuit", "type": "log"}, yaxis_title="recovered",
+                              height=340)
+            out["faithfulness"] = fig
+        if "exact/edges" in tensors:
+            out["agreement/edges"] = _scatter("edges", tensors[f"{doc['settings']['method']}/edges"].flatten(),
+                                              tensors["exact/edges"].flatten(), doc.get("agreement"))
     elif kind == "patch":
         for sweep in doc["settings"]["sweeps"]:
             out[f"exact/{sweep}"] = _sweep_heatmap(doc, f"exact/{sweep}", tensors[f"exact/{sweep}"], gap)
@@ -269,7 +333,8 @@ def render(doc: dict, tensors: dict[str, torch.Tensor]) -> str:
     figs = figures(doc, tensors)
     parts, specs = [_header(doc)], []
     for i, (name, fig) in enumerate(figs.items()):
-        cls = "cs-figure" if name.split("/")[0] in ("agreement", "objective", "radius", "pattern") else "cs-heatmap"
+        cls = "cs-figure" if name.split("/")[0] in ("agreement", "objective", "radius", "pattern", "circuit",
+                                                     "faithfulness") else "cs-heatmap"
         parts.append(f"<div id='fig{i}' class='{cls}' data-name='{html.escape(name, quote=True)}'></div>")
         specs.append((f"fig{i}", _json_for_script(to_json(fig, validate=False))))
     kind = doc.get("kind")
@@ -277,6 +342,9 @@ def render(doc: dict, tensors: dict[str, torch.Tensor]) -> str:
         cols = ["component", "score", "estimate", "exact"] if kind == "scan" else ["component", "exact", "exact_abs",
                                                                                  "exact_norm"]
         parts.append(_table(doc.get("components", []), cols, "ranked nodes (click a column to sort)"))
+    if kind == "circuit":
+        parts.append(_table(doc.get("edges", []), ["rank", "edge", "score", "exact"],
+                            "ranked edges (click a column to sort)"))
     if kind == "trace":
         parts.append(_table(doc.get("top", []), ["grid", "position", "token", "layer", "effect", "recovered"],
                             "strongest restorations"))
@@ -328,4 +396,6 @@ def repr_html(doc: dict) -> str:
     cols = ["component", "score", "estimate", "exact"] if doc.get("kind") == "scan" else ["component", "exact",
                                                                                         "exact_abs"]
     rows = doc.get("components") or doc.get("top") or []
+    if doc.get("kind") == "circuit":
+        return _header(doc) + _table(doc.get("edges", [])[:20], ["rank", "edge", "score", "exact"], "top edges")
     return _header(doc) + (_table(rows[:20], cols, "top nodes") if doc.get("kind") in ("scan", "patch") else "")

@@ -256,3 +256,84 @@ def naive_continuation_effects(model, records, comps, direction="noising", metri
                 total += s.exp() if metric == "prob" else sign * s
             out[i, j] = total
     return out
+
+
+# Edges (circuits) -------------------------------------------------------------------------------
+def writes(model, ids, graph):
+    """Upstream writes [B, n_up, T, d] in a plain forward: the block-0 input, each head's output
+    projection applied to that head alone (the bias, shared by every head, taken off), each MLP's
+    output module. Numbered as ``graph``."""
+    ad = model.adapter
+    f = ad.family
+    b, t = ids.shape
+    out = torch.zeros(b, graph.n_up, t, ad.d_model)
+    def embed(m, a, k):
+        out[:, 0] = a[0] if a else k["hidden_states"]
+    hooks = [ad.blocks[0].register_forward_pre_hook(embed, with_kwargs=True)]
+    for layer in range(ad.n_layers):
+        o_proj = ad.blocks[layer].get_submodule(f.head)
+
+        def heads(m, a, layer=layer):
+            z = a[0].reshape(b, t, ad.n_heads, ad.d_head)
+            zero = m.forward(torch.zeros_like(a[0]))
+            for h in range(ad.n_heads):
+                only = torch.zeros_like(z)
+                only[:, :, h] = z[:, :, h]
+                out[:, graph.head(layer, h)] = m.forward(only.reshape(a[0].shape)) - zero
+        hooks.append(o_proj.register_forward_pre_hook(heads))
+        def mlp(m, a, o, layer=layer):
+            out[:, graph.mlp(layer)] = (o[0] if isinstance(o, tuple) else o).reshape(b, t, -1)  # OPT: [B * T, d]
+        hooks.append(ad.blocks[layer].get_submodule(f.mlp_out).register_forward_hook(mlp))
+    try:
+        with torch.no_grad():
+            model.hf(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def reader_run(model, ids, kind, layer, index, extra, metric):
+    """``metric(last logits)`` [B] with reader (``kind`` q/k/v/mlp/logits, ``layer``, ``index``) reading
+    its input (the residual before its norm) plus ``extra`` [B, T, d]; every other reader reads the
+    plain residual. Plain hooks: the reader's norm and projection (its own slice) are called again on
+    the shifted input."""
+    ad = model.adapter
+    f = ad.family
+    b, t = ids.shape
+    blk = ad.blocks[layer]
+    seen, hooks = {}, []
+
+    def keep(m, a, k):
+        seen.setdefault("x", a[0] if a else k["hidden_states"])
+    if kind == "logits":
+        hooks.append(model.hf.get_submodule(f.final_norm).register_forward_pre_hook(lambda m, a: (a[0] + extra,)))
+    elif kind == "mlp":
+        ln = blk.get_submodule(f.readers[1])
+        hooks.append(ln.register_forward_pre_hook(keep, with_kwargs=True))
+        hooks.append(blk.get_submodule(f.readers[2]).register_forward_pre_hook(  # OPT: [B * T, d]
+            lambda m, a: (ln.forward(seen["x"] + extra.reshape(seen["x"].shape)), *a[1:])))
+    else:
+        ln = blk.get_submodule(f.readers[0])
+        proj = blk.get_submodule(f.qkv["qkv".index(kind)] if len(f.qkv) == 3 else f.qkv[0])
+        hooks.append(ln.register_forward_pre_hook(keep, with_kwargs=True))
+
+        def swap(m, a, o):
+            new = m.forward(ln.forward(seen["x"] + extra))
+            with torch.no_grad():  # 1 on the reader's own slice of the projection output
+                own = torch.zeros_like(o)
+                _raw_view(ad, kind, own, b, t)[:, :, index] = 1
+            return o + own * (new - o)
+        hooks.append(proj.register_forward_hook(swap))
+    try:
+        return metric(model.hf(input_ids=ids).logits[:, -1])
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def reader_grad(model, ids, kind, layer, index, metric):
+    """``dM/dx_r`` [B, T, d] at a reader's input by autograd on a zero shift of that reader alone."""
+    probe = torch.zeros(*ids.shape, model.adapter.d_model, requires_grad=True)
+    with torch.enable_grad():
+        return torch.autograd.grad(reader_run(model, ids, kind, layer, index, probe, metric).sum(), probe)[0]
