@@ -13,7 +13,7 @@ MLP also sees its own layer's heads.
 >>> import causalscan as cs
 >>> g = Graph(cs.load("random:llama-tiny").adapter)     # 2 layers, 4 heads, 2 key-value heads
 >>> g.n_up, g.n_read, int(g.valid().sum())
-(11, 19, 130)
+(11, 19, 82)
 >>> g.edge_name(g.head(0, 1), g.reader("k", 1, 0))
 'L0.H1 -> L1.KV0.k'
 """
