@@ -16,8 +16,8 @@ faithfulness curve of the top-n circuits.
 
 >>> import causalscan as cs
 >>> res = cs.circuit("induction", cs.zoo.dataset_path("induction", "previous"), confirm=8, edges=10)
->>> [e["edge"] for e in res.top(6)]  # the copied token's value, the induction heads' output, their keys
-['embed -> L0.KV1.v', 'embed -> L0.KV0.v', 'L1.H1 -> logits', 'L1.H0 -> logits', 'L0.H1 -> L1.KV1.k', 'L0.H1 -> L1.KV0.k']
+>>> [e["edge"] for e in res.top(6)][2:]  # after the copied token's value: the induction heads, their keys
+['L1.H1 -> logits', 'L1.H0 -> logits', 'L0.H1 -> L1.KV1.k', 'L0.H1 -> L1.KV0.k']
 >>> res.agreement["recall_at_k"], res.faithfulness["n_80"]    # of 46 edges
 (1.0, 10)
 """
@@ -190,18 +190,25 @@ def measure(inp: Inputs, g: Graph, groups: Sequence[torch.Tensor], base_is_clean
     cap = [max(1, budget // _row_bytes(inp, g, len(rows.pairs[idx[0]].clean))) for idx in buckets]
     total = sum(math.ceil(len(idx) * len(groups) / c) for idx, c in zip(buckets, cap, strict=True))
     done = 0
+    starts = [edges.start_layer(g, m) for m in groups]
     for idx, chunk in zip(buckets, cap, strict=True):
         b = rows.batch(idx, base_is_clean, embed)
         other = edges.writes(g, b.other, b.other_noise)
         if ablation == "mean":
             other = other.mean(0, keepdim=True).expand_as(other)
+        base, resid = edges.writes(g, b.base, b.base_noise, resid=True)
+        base_diff = other - base
+        del base
         clean_ids, clean_noise = (b.base, b.base_noise) if base_is_clean else (b.other, b.other_noise)
         clean_lp = runner.forward(ad, clean_ids, noise=clean_noise, logits_to_keep=rows.keep).float().log_softmax(-1)
-        cells = [(i, j) for j in range(len(groups)) for i in range(len(idx))]
+        cells = sorted(((starts[j], j, i) for j in range(len(groups)) for i in range(len(idx))), key=lambda c: c[0])
         for lo in range(0, len(cells), chunk):
-            i, j = (torch.tensor(x) for x in zip(*cells[lo:lo + chunk], strict=True))
-            logits = edges.patched_logits(g, b.base[i], other[i], torch.stack([groups[k] for k in j.tolist()]),
-                                          rows.keep, None if b.base_noise is None else b.base_noise[i])
+            part = cells[lo:lo + chunk]
+            layer = part[0][0]  # the earliest start of the chunk: every row runs from there
+            j, i = torch.tensor([c[1] for c in part]), torch.tensor([c[2] for c in part])
+            logits = edges.patched_logits(g, b.base[i], other, torch.stack([groups[x] for x in j.tolist()]),
+                                          rows.keep, None if b.base_noise is None else b.base_noise[i], i, layer,
+                                          resid[i, layer] if layer else None, base_diff)
             out[torch.tensor(idx)[i], j] = inp.metric_fn(logits, b.labels.take(i), clean_lp[i]).float().cpu()
             done += 1
             report(progress, stage, done, total)

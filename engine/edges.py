@@ -186,36 +186,63 @@ def attribute(g: Graph, base_ids: torch.Tensor, other_ids: torch.Tensor,
 
 
 @torch.no_grad()
-def writes(g: Graph, ids: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """The upstream writes ``[B, n_up, T, d_model]`` (fp32) of a plain forward of ``ids`` [B, T]."""
+def writes(g: Graph, ids: torch.Tensor, noise: torch.Tensor | None = None, resid: bool = False):
+    """The upstream writes ``[B, n_up, T, d_model]`` (fp32) of a plain forward of ``ids`` [B, T]; with
+    ``resid``, also the residual entering each block ``[B, L, T, d_model]`` (model dtype)."""
     store: dict = {}
-    runner.forward(g.ad, ids, _write_taps(g, _store(g, store)), noise=noise)
-    return store["w"]
+    taps = _write_taps(g, _store(g, store))
+    if resid:
+        res: dict = {}
+        taps += [runner.capture(g.ad, "resid_pre", layer, res) for layer in range(g.ad.n_layers)]
+    runner.forward(g.ad, ids, taps, noise=noise)
+    if not resid:
+        return store["w"]
+    return store["w"], torch.stack([res[("resid_pre", layer)][:, :, 0] for layer in range(g.ad.n_layers)], 1)
+
+
+def start_layer(g: Graph, mask: torch.Tensor) -> int:
+    """The first block an edge set ``[n_up, n_read]`` changes (its earliest reader's layer)."""
+    read = mask.any(0).nonzero()
+    return min(int(read.min()) // g.per_layer, g.ad.n_layers - 1) if len(read) else g.ad.n_layers - 1
 
 
 class _Patch:
     """The state of one edge-patched forward: ``diff = w_other - w`` as the forward writes it, the
     norm inputs, and the per-row edge sets."""
 
-    def __init__(self, g: Graph, other: torch.Tensor, mask: torch.Tensor):
-        self.g, self.other, self.mask = g, other, mask.to(other.device)
+    def __init__(self, g: Graph, other: torch.Tensor, mask: torch.Tensor, pair: torch.Tensor, skipped: int,
+                 base_diff: torch.Tensor | None):
+        self.g, self.other, self.pair, self.mask = g, other, pair.to(other.device), mask.to(other.device)
         self.active = mask.any(1)  # [B, n_read] bool, on the host: which rows rebuild which reader
-        self.diff = torch.zeros_like(other)
+        # nodes before ``skipped`` keep the base run's difference (per pair); the rest are written by
+        # the forward (per row) before any reader reads them: no zero fill
+        self.skipped, self.base_diff = skipped, base_diff
+        self.diff = other.new_empty(len(pair), other.shape[1] - skipped, *other.shape[2:])
         self.x: dict = {}
 
     def wrote(self, u0: int, w: torch.Tensor) -> None:  # w [B, C, T, d]
-        self.diff[:, u0:u0 + w.shape[1]] = self.other[:, u0:u0 + w.shape[1]] - w.float()
+        if u0 >= self.skipped:
+            u = u0 - self.skipped
+            self.diff[:, u:u + w.shape[1]] = self.other[self.pair, u0:u0 + w.shape[1]] - w.float()
 
     def shift(self, r0: int, r1: int) -> torch.Tensor:
         """``[r1 - r0, B, T, d]``: what readers ``r0 .. r1`` add to their input, per row."""
-        k = int(self.g.prefix[r0])
+        k, k0 = int(self.g.prefix[r0]), self.skipped
         m = self.mask[:, :k, r0:r1]
         nz = m.nonzero()
         if len(nz) <= m.shape[0] * m.shape[2]:  # sparse edge sets (confirmation): add the few differences
             b, u, r = nz.unbind(1)
-            out = self.diff.new_zeros(r1 - r0, *self.diff.shape[:1], *self.diff.shape[2:])
-            return out.index_put_((r, b), self.diff[b, u], accumulate=True)
-        return torch.einsum("butd,bur->rbtd", self.diff[:, :k], m.to(self.diff.dtype))
+            early = u < k0
+            val = self.diff.new_empty(len(nz), *self.diff.shape[2:])
+            val[early] = self.base_diff[self.pair[b[early]], u[early]] if k0 else val[early]
+            val[~early] = self.diff[b[~early], u[~early] - k0]
+            out = self.diff.new_zeros(r1 - r0, len(self.pair), *self.diff.shape[2:])
+            return out.index_put_((r, b), val, accumulate=True)
+        m = m.to(self.diff.dtype)
+        out = torch.einsum("butd,bur->rbtd", self.diff[:, :max(k - k0, 0)], m[:, k0:])
+        if k0:
+            out += torch.einsum("butd,bur->rbtd", self.base_diff[self.pair, :min(k, k0)], m[:, :k0])
+        return out
 
     def qkv_tap(self, site: str, layer: int):
         g = self.g
@@ -246,7 +273,7 @@ class _Patch:
             rows = self.active[:, r].nonzero().flatten()
             if not len(rows):
                 return None
-            x = self.x[("mlp", layer)].reshape(self.other.shape[0], self.other.shape[2], -1)
+            x = self.x[("mlp", layer)].reshape(len(self.pair), self.other.shape[2], -1)
             rows = rows.to(normed.device)
             out = normed.reshape(x.shape).clone()
             out[rows] = ln.forward(x[rows] + self.shift(r, r + 1)[0, rows].to(x.dtype))
@@ -262,15 +289,24 @@ class _Patch:
 
 @torch.no_grad()
 def patched_logits(g: Graph, base_ids: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, keep: int = 1,
-                   base_noise: torch.Tensor | None = None) -> torch.Tensor:
+                   base_noise: torch.Tensor | None = None, pair: torch.Tensor | None = None, start: int = 0,
+                   resid: torch.Tensor | None = None, base_diff: torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``[B, keep, V]`` of the base rows ``base_ids`` [B, T] with the edges of ``mask``
-    ``[B, n_up, n_read]`` (bool) taking the other run's writes ``other`` [B, n_up, T, d]."""
+    ``[B, n_up, n_read]`` (bool) taking the other run's writes ``other[pair]`` (``other``
+    ``[P, n_up, T, d]`` per pair, ``pair`` [B] each row's; default: row b is pair b).
+
+    ``start`` > 0 (no reader of ``mask`` before that block): the forward starts there from the base
+    residual ``resid`` [B, T, d], and ``base_diff`` [P, n_up, T, d] (``other`` minus the base run's
+    writes) gives the differences of the nodes written before it.
+    """
     ad = g.ad
-    st = _Patch(g, other, mask)
+    pair = torch.arange(len(base_ids)) if pair is None else pair
+    st = _Patch(g, other, mask, pair, g.head(start, 0) if start else 0, base_diff)
     taps = _write_taps(g, st.wrote) + [(site, layer, st.qkv_tap(site, layer)) for layer in range(ad.n_layers)
                                        for site in QKV]
     hooks = _norm_inputs(g, st.x)
     hooks += [(g.norms(layer)[2], st.mlp_hook(layer)) for layer in range(ad.n_layers)]
     hooks += [(g.final_norm(), st.logits_hook)]
     with _pre_hooks(hooks):
-        return runner.forward(ad, base_ids, taps, noise=base_noise, logits_to_keep=keep)
+        return runner.forward(ad, base_ids, taps, noise=base_noise, logits_to_keep=keep, start_layer=start,
+                              resid=resid)

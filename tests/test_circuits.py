@@ -141,6 +141,10 @@ def test_many_edges_into_one_reader(tiny, family):
         with torch.no_grad():
             ref = naive.reader_run(model, clean, kind, layer, i, delta[:, :len(s)].sum(1), lambda x: x)
         assert_close(got, ref, 1e-5)
+        # started at block 1 from the base residual, the layer-0 nodes' differences taken from the base run
+        base, resid = edges.writes(g, clean, resid=True)
+        late = edges.patched_logits(g, clean, other, m, start=1, resid=resid[:, 1], base_diff=other - base)[:, -1]
+        assert_close(late, ref, 1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
