@@ -101,7 +101,7 @@ def norm_vjp(norm: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torc
 
 class _EdgeScores:
     """``scores [n_up, n_read]`` (summed over rows, each backward's share times ``weight``), filled by
-    the reader hooks of a base run's backward against ``delta`` ``[P, n_up, T, d]``."""
+    the reader hooks of a base run's backward against ``delta`` ``[n_up, P, T, d]`` (node-major)."""
 
     def __init__(self, g: Graph, device):
         self.g, self.scores, self.weight = g, torch.zeros(g.n_up, g.n_read, device=device), 1.0
@@ -111,9 +111,8 @@ class _EdgeScores:
     def add(self, r0: int, grad_x: torch.Tensor) -> None:
         """Reader gradients ``[C, P, T, d]`` at readers ``r0 .. r0 + C`` against every node they see."""
         k = int(self.g.prefix[r0])
-        d = self.delta[:, :k]
-        grad_x = grad_x.reshape(grad_x.shape[0], d.shape[0], *d.shape[2:]).float()  # OPT's MLP runs on [P * T, d]
-        self.scores[:k, r0:r0 + grad_x.shape[0]] += self.weight * torch.einsum("putd,cptd->uc", d, grad_x)
+        d = self.delta[:k].flatten(1)  # [k, P * T * d], contiguous: one matrix product
+        self.scores[:k, r0:r0 + grad_x.shape[0]] += self.weight * (d @ grad_x.reshape(grad_x.shape[0], -1).float().T)
 
     def qkv_hook(self, site: str, layer: int):
         ad, g = self.g.ad, self.g
@@ -174,7 +173,7 @@ def attribute(g: Graph, base_ids: torch.Tensor, other_ids: torch.Tensor,
             finally:
                 handle.remove()
             if k == 0:
-                acc.delta = other.pop("w") - base.pop("w")
+                acc.delta = (other.pop("w") - base.pop("w")).transpose(0, 1).contiguous()
                 clean_logprobs = (logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)
             m = metric(logits, clean_logprobs)
             m.sum().backward()
@@ -238,11 +237,12 @@ class _Patch:
             val[~early] = self.diff[b[~early], u[~early] - k0]
             out = self.diff.new_zeros(r1 - r0, len(self.pair), *self.diff.shape[2:])
             return out.index_put_((r, b), val, accumulate=True)
-        m = m.to(self.diff.dtype)
-        out = torch.einsum("butd,bur->rbtd", self.diff[:, :max(k - k0, 0)], m[:, k0:])
+        m = m.to(self.diff.dtype).transpose(1, 2)  # [B, R, k]: one batched matrix product per part
+        t_d = self.diff.shape[2:]
+        out = torch.bmm(m[:, :, k0:], self.diff[:, :max(k - k0, 0)].flatten(2))
         if k0:
-            out += torch.einsum("butd,bur->rbtd", self.base_diff[self.pair, :min(k, k0)], m[:, :k0])
-        return out
+            out += torch.bmm(m[:, :, :k0], self.base_diff[self.pair, :min(k, k0)].flatten(2))
+        return out.transpose(0, 1).unflatten(2, t_d)
 
     def qkv_tap(self, site: str, layer: int):
         g = self.g
