@@ -24,19 +24,23 @@ faithfulness curve of the top-n circuits.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from causalscan import corruption, edges, runner
+from causalscan.checkpoint import Checkpoint, fingerprint
+from causalscan.checkpoint import key as checkpoint_key
 from causalscan.errors import InputError, check_options
 from causalscan.graph import Graph
 from causalscan.inputs import Inputs, prepare
-from causalscan.progress import Progress, report
+from causalscan.progress import Progress, log, report
 from causalscan.progress import check as check_progress
 from causalscan.results import Result, _write
 from causalscan.scan import agreement
@@ -64,6 +68,8 @@ def circuit(
     progress: Progress | None = None,
     samples: int = corruption.SAMPLES,
     noise_scale: float = corruption.SCALE,
+    checkpoint: str | Path | None = None,
+    checkpoint_every_s: float = 30.0,
 ) -> CircuitResult:
     """Score every edge of the model's graph on ``metric``, confirm the top, measure faithfulness.
 
@@ -75,7 +81,8 @@ def circuit(
     the faithfulness curve always keeps the circuit clean. ``curve``: measure faithfulness;
     ``ablation``: ``patch`` (the corrupt run) or ``mean`` (its mean over the pairs, which needs
     one token length). ``memory_budget``: bytes per patched forward (default 1 GiB on CPU, half
-    the free GPU memory). ``batch_size``, ``samples``, ``noise_scale``, ``seed``, ``progress``: as
+    the free GPU memory). ``batch_size``, ``samples``, ``noise_scale``, ``seed``, ``progress``,
+    ``checkpoint`` (the attribution stage's partial sums, written as it goes and resumed from): as
     in :func:`causalscan.scan`.
     """
     t0 = time.perf_counter()
@@ -95,7 +102,13 @@ def circuit(
                          f"the same token length, found {inp.lengths}", file=inp.dataset.name, field="ablation")
     g = Graph(inp.model.adapter)
     noising = direction == "noising"
-    sums = estimate(inp, g, noising, batch_size, ig_steps, progress)
+    ck = None
+    if checkpoint is not None:
+        settings = {"model": inp.model.name, "weights": fingerprint(inp.model.hf), "data": inp.dataset.sha256,
+                    "method": method, "ig_steps": ig_steps, "direction": direction, "metric": inp.metric,
+                    "samples": samples, "noise_scale": noise_scale, "seed": seed, "batch_size": batch_size}
+        ck = Checkpoint(checkpoint, "circuit", checkpoint_key(settings), checkpoint_every_s)
+    sums = estimate(inp, g, noising, batch_size, ig_steps, progress, ck)
     res = CircuitResult(**inp.header(), graph=g, method=method, ig_steps=ig_steps or None, direction=direction,
                         size=edges, ablation=ablation, scores=sums["scores"], clean=sums["clean"],
                         corrupt=sums["corrupt"], timings={"attribution_s": time.perf_counter() - t0})
@@ -120,28 +133,45 @@ def circuit(
         res.curve = measure(inp, g, groups, True, ablation, memory_budget, progress, "faithfulness")
         res.timings["faithfulness_s"] = time.perf_counter() - t1
     res.timings["total_s"] = time.perf_counter() - t0
+    if ck:
+        ck.remove()
     return res
 
 
 def estimate(inp: Inputs, g: Graph, noising: bool, batch_size: int, ig_steps: int,
-             progress: Progress | None = None) -> dict:
-    """Edge scores ``[n_up, n_read]`` (mean over pairs) and the ``clean``/``corrupt`` metrics [P]."""
+             progress: Progress | None = None, ck: Checkpoint | None = None) -> dict:
+    """Edge scores ``[n_up, n_read]`` (mean over pairs) and the ``clean``/``corrupt`` metrics [P]; the
+    running sums resumed from and written to ``ck`` as it goes."""
     rows = inp.rows
     per_row = 1.0 / rows.samples
-    scores = torch.zeros(g.n_up, g.n_read)
-    clean, corrupt = torch.zeros(len(inp.pairs)), torch.zeros(len(inp.pairs))
+    n = len(inp.pairs)
+    sums = {"scores": torch.zeros(g.n_up, g.n_read), "clean": torch.zeros(n), "corrupt": torch.zeros(n)}
     embed = inp.model.hf.get_input_embeddings().weight
     batches = [idx[lo:lo + batch_size] for idx in rows.buckets() for lo in range(0, len(idx), batch_size)]
-    for i, batch in enumerate(batches):
-        b = rows.batch(batch, noising, embed)
-        out = edges.attribute(g, b.base, b.other, lambda logits, lp, b=b: inp.metric_fn(logits, b.labels, lp),
-                              noising, b.base_noise, b.other_noise, rows.keep, ig_steps)
-        scores += per_row * out["scores"]
-        owner = rows.owner[batch]
-        clean.index_add_(0, owner, per_row * (out["base"] if noising else out["other"]))
-        corrupt.index_add_(0, owner, per_row * (out["other"] if noising else out["base"]))
-        report(progress, "attribution", i + 1, len(batches))
-    return {"scores": scores / len(inp.pairs), "clean": clean, "corrupt": corrupt}
+    done: set[int] = set()
+    saved = ck.load({k: tuple(v.shape) for k, v in sums.items()}, len(batches)) if ck else None
+    if saved:
+        sums, done = saved
+        log.info("resuming from %s: %d/%d batches done", ck.path, len(done), len(batches))
+    consistent = True
+    with ck.held(lambda: (sums, done) if consistent else None) if ck else contextlib.nullcontext():
+        for i, batch in enumerate(batches):
+            if i in done:
+                continue
+            b = rows.batch(batch, noising, embed)
+            out = edges.attribute(g, b.base, b.other, lambda logits, lp, b=b: inp.metric_fn(logits, b.labels, lp),
+                                  noising, b.base_noise, b.other_noise, rows.keep, ig_steps)
+            owner = rows.owner[batch]
+            consistent = False  # sums hold part of this batch until done names it
+            sums["scores"] += per_row * out["scores"]
+            sums["clean"].index_add_(0, owner, per_row * (out["base"] if noising else out["other"]))
+            sums["corrupt"].index_add_(0, owner, per_row * (out["other"] if noising else out["base"]))
+            done.add(i)
+            consistent = True
+            if ck:
+                ck.save(sums, done, force=len(done) == len(batches))
+            report(progress, "attribution", len(done), len(batches))
+    return {"scores": sums["scores"] / n, "clean": sums["clean"], "corrupt": sums["corrupt"]}
 
 
 def grid(n_edges: int, size: int) -> list[int]:

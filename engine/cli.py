@@ -202,7 +202,7 @@ def cmd_circuit(args) -> dict:
                   confirm_random=args.confirm_random, ig_steps=args.ig_steps, direction=args.direction,
                   metric=args.metric, batch_size=args.batch_size, curve=not args.no_curve, ablation=args.ablation,
                   memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None, seed=args.seed,
-                  progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale)
+                  progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale, checkpoint=args.out)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -499,8 +499,9 @@ def parser() -> argparse.ArgumentParser:
                               "each head's q/k/v input, each MLP's input and the logits) with EAP or EAP-IG, "
                               "confirm the top edges and a random sample by exact edge patching, and measure "
                               "the faithfulness of the top-n circuits. With --out: circuit.json, "
-                              "scores.safetensors and circuit.dot (Graphviz). With no --model and no --data: the "
-                              "zoo's induction model on its 'previous' dataset.")
+                              "scores.safetensors and circuit.dot (Graphviz); the attribution stage writes its "
+                              "partial sums there as it goes, and a rerun with the same settings resumes. With no "
+                              "--model and no --data: the zoo's induction model on its 'previous' dataset.")
     _model_args(cp, default="induction")
     _report_arg(cp)
     _data_args(cp, out="circuit.json")

@@ -54,12 +54,19 @@ def _write_taps(g: Graph, put: Callable[[int, torch.Tensor], None]) -> list[runn
     return taps
 
 
-def _store(g: Graph, store: dict):
-    """A ``put`` for :func:`_write_taps` filling ``store["w"]`` [B, n_up, T, d] (fp32)."""
+def _store(g: Graph, store: dict, node_major: bool = False):
+    """A ``put`` for :func:`_write_taps` filling ``store["w"]`` [B, n_up, T, d] (``node_major``:
+    [n_up, B, T, d]), fp32."""
     def put(u0, w):
+        if node_major:
+            w = w.transpose(0, 1)
         if "w" not in store:
-            store["w"] = w.new_zeros(w.shape[0], g.n_up, w.shape[2], w.shape[3], dtype=torch.float32)
-        store["w"][:, u0:u0 + w.shape[1]] = w.float()
+            n = (g.n_up, w.shape[1]) if node_major else (w.shape[0], g.n_up)
+            store["w"] = w.new_zeros(*n, w.shape[2], w.shape[3], dtype=torch.float32)
+        if node_major:
+            store["w"][u0:u0 + w.shape[0]] = w
+        else:
+            store["w"][:, u0:u0 + w.shape[1]] = w
     return put
 
 
@@ -149,7 +156,7 @@ def attribute(g: Graph, base_ids: torch.Tensor, other_ids: torch.Tensor,
     ad = g.ad
     with torch.no_grad():
         other = {}
-        other_logits = runner.forward(ad, other_ids, _write_taps(g, _store(g, other)), noise=other_noise,
+        other_logits = runner.forward(ad, other_ids, _write_taps(g, _store(g, other, True)), noise=other_noise,
                                       logits_to_keep=keep)
     acc = _EdgeScores(g, base_ids.device)
     steps = max(ig_steps, 1)
@@ -168,12 +175,12 @@ def attribute(g: Graph, base_ids: torch.Tensor, other_ids: torch.Tensor,
             base = {}
             handle = embed.register_forward_hook(_leaf)
             try:
-                taps = grads + (_write_taps(g, _store(g, base)) if k == 0 else [])
+                taps = grads + (_write_taps(g, _store(g, base, True)) if k == 0 else [])
                 logits = runner.forward(ad, base_ids, taps, noise=noise, logits_to_keep=keep)
             finally:
                 handle.remove()
             if k == 0:
-                acc.delta = (other.pop("w") - base.pop("w")).transpose(0, 1).contiguous()
+                acc.delta = other.pop("w").sub_(base.pop("w"))
                 clean_logprobs = (logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)
             m = metric(logits, clean_logprobs)
             m.sum().backward()

@@ -73,17 +73,25 @@ class Graph:
         layer, i = divmod(u - 1, self.ad.n_heads + 1)
         return f"L{layer}.MLP" if i == self.ad.n_heads else f"L{layer}.H{i}"
 
-    def reader_name(self, r: int) -> str:
+    def reader_of(self, r: int) -> tuple[str, int, int]:
+        """``(kind, layer, index)`` of reader ``r`` (the logits: the last layer's, index 0)."""
         if r == self.n_read - 1:
-            return "logits"
+            return "logits", self.ad.n_layers - 1, 0
         layer, i = divmod(r, self.per_layer)
         h, kv = self.ad.n_heads, self.ad.n_kv_heads
         if i < h:
-            return f"L{layer}.H{i}.q"
+            return "q", layer, i
         if i < h + 2 * kv:
-            kind, j = ("k", i - h) if i < h + kv else ("v", i - h - kv)
-            return f"L{layer}.KV{j}.{kind}"
-        return f"L{layer}.MLP.in"
+            return ("k", layer, i - h) if i < h + kv else ("v", layer, i - h - kv)
+        return "mlp", layer, 0
+
+    def reader_name(self, r: int) -> str:
+        kind, layer, i = self.reader_of(r)
+        if kind == "logits":
+            return "logits"
+        if kind == "mlp":
+            return f"L{layer}.MLP.in"
+        return f"L{layer}.H{i}.q" if kind == "q" else f"L{layer}.KV{i}.{kind}"
 
     def edge_name(self, u: int, r: int) -> str:
         return f"{self.node_name(u)} -> {self.reader_name(r)}"

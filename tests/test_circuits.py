@@ -40,11 +40,16 @@ scores_only = partial(circuit, method="eap", confirm=0, curve=False)
 
 
 def readers(ad) -> list[tuple[str, int, int]]:
-    """``(kind, layer, index)`` of every reader, in the graph's order."""
+    """``(kind, layer, index)`` of every reader, in the graph's order (written out here, and checked
+    against the graph's own numbering)."""
     out = [(kind, layer, i) for layer in range(ad.n_layers)
            for kind, n in (("q", ad.n_heads), ("k", ad.n_kv_heads), ("v", ad.n_kv_heads), ("mlp", 1))
            for i in range(n)]
-    return out + [("logits", 0, 0)]
+    out.append(("logits", ad.n_layers - 1, 0))
+    g = Graph(ad)
+    assert [g.reader_of(r) for r in range(g.n_read)] == out
+    assert [g.reader(*x) for x in out] == list(range(g.n_read))
+    return out
 
 
 def logit_diff(ans, wrong):
@@ -257,3 +262,20 @@ def test_cli_circuit(tmp_path, capsys):
     assert "per-head writes" in capsys.readouterr().err
     assert main(["circuit", "--method", "eap", "--ig-steps", "3"]) == 2
     assert "ig_steps needs method eap-ig" in capsys.readouterr().err
+
+
+def test_attribution_resumes_from_its_checkpoint(tiny, tmp_path):
+    model, recs = tiny("llama"), records(pairs=4)
+    full = scores_only(model, recs, batch_size=1)
+
+    def stop(stage, done, total):
+        if stage == "attribution" and done == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        scores_only(model, recs, batch_size=1, checkpoint=tmp_path, progress=stop)
+    assert (tmp_path / "circuit.partial.safetensors").is_file()
+    seen = []
+    res = scores_only(model, recs, batch_size=1, checkpoint=tmp_path, progress=lambda s, d, t: seen.append((s, d)))
+    assert seen[0] == ("attribution", 3)  # batches 0 and 1 came from the file
+    assert torch.equal(res.scores, full.scores) and torch.equal(res.clean, full.clean)
+    assert not (tmp_path / "circuit.partial.safetensors").exists()

@@ -199,3 +199,21 @@ def test_elicit_and_trace_reports_render(browser, tmp_path):
     doc = json.loads((trace_dir / "trace.json").read_text())
     assert sorted(names) == sorted(f"trace/{g.split('/')[1]}" for g in doc["grids"])
     page.close()
+
+
+def test_circuit_report_renders(browser, tmp_path):
+    out = tmp_path / "circuit"
+    assert main(["circuit", "--method", "eap", "--edges", "8", "--confirm", "4", "--out", str(out), "--report"]) == 0
+    page, seen = _open(browser, out / "report.html")
+    assert seen == {"errors": [], "requests": []}
+    names = page.eval_on_selector_all(".cs-figure", "ds => ds.map(d => d.dataset.name)")
+    assert names == ["circuit", "faithfulness", "agreement/edges"]
+    doc = json.loads((out / "circuit.json").read_text())
+    div = page.evaluate("document.querySelector(\"[data-name='circuit']\").id")
+    # one drawn line per edge of the circuit, plus the edge midpoints and the nodes
+    lines = page.evaluate(f"document.getElementById('{div}').data.filter(t => t.mode === 'lines').length")
+    assert lines == doc["settings"]["size"]
+    labels = page.evaluate(f"document.getElementById('{div}').data.at(-1).text")
+    assert sorted(labels) == sorted(n.replace(" ", "\u2423") for n in doc["nodes"])
+    assert page.inner_text("table.sortable").count("->") == len(doc["edges"])
+    page.close()
