@@ -190,6 +190,25 @@ def test_faithfulness_runs_from_corrupt_to_clean(tiny):
                                          if n < f["n_95"])
 
 
+@pytest.mark.parametrize("kind", ["multi-token answers", "gaussian noise"])
+def test_faithfulness_ends_with_continuations_and_noise(tiny, kind):
+    """Rows of multi-token answers (continuations teacher-forced as extra rows) and Gaussian-noise
+    rows (several draws per pair): no edge kept is the corrupt run, every edge the clean run."""
+    from conftest import IOI
+    from test_answers import MULTI
+
+    if kind == "gaussian noise":
+        recs = [{"clean": r["clean"], "noise_span": r["clean"].split()[1], "answer": r["answer"]} for r in IOI[:2]]
+        res = circuit(tiny("gpt2"), recs, method="eap", confirm=2, confirm_random=0, edges=5, metric="logprob",
+                      samples=3)
+    else:
+        res = circuit(tiny("llama"), MULTI, method="eap", confirm=2, confirm_random=0, edges=5)
+    gap = (res.clean - res.corrupt).abs().max()
+    assert_close(res.curve[:, 0], res.corrupt, 1e-4, scale=gap)
+    assert_close(res.curve[:, -1], res.clean, 1e-4, scale=gap)
+    assert res.exact.isfinite().all()
+
+
 def test_mean_ablation_of_one_pair_is_the_patch(tiny):
     model, recs = tiny("gpt2"), records(pairs=1)
     patch = circuit(model, recs, method="eap", confirm=0, edges=5)
