@@ -194,8 +194,9 @@ def test_faithfulness_runs_from_corrupt_to_clean(tiny):
 def test_faithfulness_ends_with_continuations_and_noise(tiny, kind):
     """Rows of multi-token answers (continuations teacher-forced as extra rows) and Gaussian-noise
     rows (several draws per pair): no edge kept is the corrupt run, every edge the clean run."""
-    from conftest import IOI
     from test_answers import MULTI
+
+    from conftest import IOI
 
     if kind == "gaussian noise":
         recs = [{"clean": r["clean"], "noise_span": r["clean"].split()[1], "answer": r["answer"]} for r in IOI[:2]]
