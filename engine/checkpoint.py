@@ -10,6 +10,7 @@ match, or whose tensors or units are not what the job expects is set aside (rena
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -98,6 +99,35 @@ class Checkpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def run(ck: Checkpoint | None, sums: dict[str, torch.Tensor], n: int,
+        step: Callable[[int], Callable[[dict], None]], progress=None, stage: str = "attribution"
+        ) -> dict[str, torch.Tensor]:
+    """Work units ``0 .. n-1`` into the accumulators ``sums``: ``step(i)`` computes unit ``i`` and
+    returns what adds it into the sums; finished units are resumed from ``ck`` and written to it as
+    they go (and on Ctrl-C, unless it lands mid-addition). Returns the sums."""
+    from causalscan.progress import report
+
+    done: set[int] = set()
+    saved = ck.load({k: tuple(v.shape) for k, v in sums.items()}, n) if ck else None
+    if saved:
+        sums, done = saved
+        log.info("resuming from %s: %d/%d batches done", ck.path, len(done), n)
+    consistent = True
+    with ck.held(lambda: (sums, done) if consistent else None) if ck else contextlib.nullcontext():
+        for i in range(n):
+            if i in done:
+                continue
+            add = step(i)
+            consistent = False  # sums hold part of this unit until done names it
+            add(sums)
+            done.add(i)
+            consistent = True
+            if ck:
+                ck.save(sums, done, force=len(done) == n)
+            report(progress, stage, len(done), n)
+    return sums
 
 
 def digest(tensors: dict[str, torch.Tensor], done: list[int], settings_key: str) -> str:

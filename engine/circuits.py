@@ -24,7 +24,6 @@ faithfulness curve of the top-n circuits.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -35,12 +34,12 @@ from typing import ClassVar
 import torch
 
 from causalscan import corruption, edges, runner
-from causalscan.checkpoint import Checkpoint, fingerprint
+from causalscan.checkpoint import Checkpoint, fingerprint, run
 from causalscan.checkpoint import key as checkpoint_key
 from causalscan.errors import InputError, check_options
 from causalscan.graph import Graph
 from causalscan.inputs import Inputs, prepare
-from causalscan.progress import Progress, log, report
+from causalscan.progress import Progress, report
 from causalscan.progress import check as check_progress
 from causalscan.results import Result, _write
 from causalscan.scan import agreement
@@ -148,29 +147,20 @@ def estimate(inp: Inputs, g: Graph, noising: bool, batch_size: int, ig_steps: in
     sums = {"scores": torch.zeros(g.n_up, g.n_read), "clean": torch.zeros(n), "corrupt": torch.zeros(n)}
     embed = inp.model.hf.get_input_embeddings().weight
     batches = [idx[lo:lo + batch_size] for idx in rows.buckets() for lo in range(0, len(idx), batch_size)]
-    done: set[int] = set()
-    saved = ck.load({k: tuple(v.shape) for k, v in sums.items()}, len(batches)) if ck else None
-    if saved:
-        sums, done = saved
-        log.info("resuming from %s: %d/%d batches done", ck.path, len(done), len(batches))
-    consistent = True
-    with ck.held(lambda: (sums, done) if consistent else None) if ck else contextlib.nullcontext():
-        for i, batch in enumerate(batches):
-            if i in done:
-                continue
-            b = rows.batch(batch, noising, embed)
-            out = edges.attribute(g, b.base, b.other, lambda logits, lp, b=b: inp.metric_fn(logits, b.labels, lp),
-                                  noising, b.base_noise, b.other_noise, rows.keep, ig_steps)
-            owner = rows.owner[batch]
-            consistent = False  # sums hold part of this batch until done names it
+
+    def step(i: int):
+        b = rows.batch(batches[i], noising, embed)
+        out = edges.attribute(g, b.base, b.other, lambda logits, lp: inp.metric_fn(logits, b.labels, lp), noising,
+                              b.base_noise, b.other_noise, rows.keep, ig_steps)
+        owner = rows.owner[batches[i]]
+
+        def add(sums):
             sums["scores"] += per_row * out["scores"]
             sums["clean"].index_add_(0, owner, per_row * (out["base"] if noising else out["other"]))
             sums["corrupt"].index_add_(0, owner, per_row * (out["other"] if noising else out["base"]))
-            done.add(i)
-            consistent = True
-            if ck:
-                ck.save(sums, done, force=len(done) == len(batches))
-            report(progress, "attribution", len(done), len(batches))
+        return add
+
+    sums = run(ck, sums, len(batches), step, progress)
     return {"scores": sums["scores"] / n, "clean": sums["clean"], "corrupt": sums["corrupt"]}
 
 

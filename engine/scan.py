@@ -10,7 +10,6 @@ false-negative diagnostic patches random subsets of the unconfirmed nodes jointl
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -19,12 +18,12 @@ from pathlib import Path
 import torch
 
 from causalscan import attention, attribution, corruption, runner
-from causalscan.checkpoint import Checkpoint, fingerprint
+from causalscan.checkpoint import Checkpoint, fingerprint, run
 from causalscan.checkpoint import key as checkpoint_key
 from causalscan.errors import InputError, check_options
 from causalscan.inputs import Inputs, prepare
 from causalscan.patching import cost, measure
-from causalscan.progress import Progress, log, report
+from causalscan.progress import Progress
 from causalscan.progress import check as check_progress
 from causalscan.results import ScanResult
 from causalscan.sweeps import Component, Sweep, build_sweeps
@@ -172,43 +171,34 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
     if graddrop:
         sums["graddrop"] = torch.zeros(n_pairs, n_nodes)
     batches = [idx[lo:lo + batch_size] for idx in rows.buckets() for lo in range(0, len(idx), batch_size)]
-    done: set[int] = set()
-    saved = ck.load({k: tuple(v.shape) for k, v in sums.items()}, len(batches)) if ck else None
-    if saved:
-        sums, done = saved
-        log.info("resuming from %s: %d/%d batches done", ck.path, len(done), len(batches))
     noising = direction == "noising"
     embed = inp.model.hf.get_input_embeddings().weight
-    consistent = True
-    with ck.held(lambda: (sums, done) if consistent else None) if ck else contextlib.nullcontext():
-        for i, batch in enumerate(batches):
-            if i in done:
-                continue
-            b = rows.batch(batch, noising, embed)
+    roles = inp.dataset.roles
 
-            def metric(logits, clean_logprobs, b=b):
-                return inp.metric_fn(logits, b.labels, clean_logprobs)
+    def step(i: int):
+        batch = batches[i]
+        b = rows.batch(batch, noising, embed)
 
-            roles = inp.dataset.roles
-            role_pos = torch.tensor([[rows.pairs[i].roles[r] for r in roles] for i in batch]) if roles else None
-            out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
-                                        graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
-                                        other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep,
-                                        ig_steps=ig_steps, ig_path=ig_path)
-            owner = rows.owner[batch]
-            consistent = False  # sums hold part of this batch until done names it
+        def metric(logits, clean_logprobs):
+            return inp.metric_fn(logits, b.labels, clean_logprobs)
+
+        role_pos = torch.tensor([[rows.pairs[j].roles[r] for r in roles] for j in batch]) if roles else None
+        out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
+                                    graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
+                                    other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep,
+                                    ig_steps=ig_steps, ig_path=ig_path)
+        owner = rows.owner[batch]
+
+        def add(sums):
             for name in ("signed", "graddrop") if graddrop else ("signed",):
                 flat = torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1)
                 sums[name].index_add_(0, owner, per_row * flat)
             clean_run, corrupt_run = (out["base"], out["other"]) if noising else (out["other"], out["base"])
             sums["clean"].index_add_(0, owner, per_row * clean_run)
             sums["corrupt"].index_add_(0, owner, per_row * corrupt_run)
-            done.add(i)
-            consistent = True
-            if ck:
-                ck.save(sums, done, force=len(done) == len(batches))
-            report(progress, "attribution", len(done), len(batches))
-    return sums
+        return add
+
+    return run(ck, sums, len(batches), step, progress)
 
 
 @torch.no_grad()
