@@ -299,3 +299,15 @@ def test_attribution_resumes_from_its_checkpoint(tiny, tmp_path):
     assert seen[0] == ("attribution", 3)  # batches 0 and 1 came from the file
     assert torch.equal(res.scores, full.scores) and torch.equal(res.clean, full.clean)
     assert not (tmp_path / "circuit.partial.safetensors").exists()
+
+
+@pytest.mark.gpu
+def test_circuit_on_cuda_equals_cpu(tiny):
+    """Every stage on CUDA (reader gradients, edge patching, the curve) against the same model on the CPU."""
+    recs = records()
+    cpu = circuit(tiny("llama"), recs, method="eap-ig", ig_steps=2, confirm=5, edges=6)
+    gpu = circuit(cs.load("random:llama-tiny", device="cuda"), recs, method="eap-ig", ig_steps=2, confirm=5, edges=6)
+    assert_close(gpu.scores, cpu.scores, 1e-3)  # TF32 matmuls on the GPU
+    assert torch.equal(gpu.confirmed, cpu.confirmed) or set(gpu.ranked()[:5].tolist()) == set(cpu.ranked()[:5].tolist())
+    gap = (cpu.clean - cpu.corrupt).abs().max()
+    assert_close(gpu.curve, cpu.curve, 1e-3, scale=gap)
