@@ -179,8 +179,8 @@ def test_patching_every_edge_is_patching_every_node(tiny, family):
 def test_faithfulness_runs_from_corrupt_to_clean(tiny):
     model, recs = tiny("llama"), records(pairs=4)
     res = circuit(model, recs, method="eap", confirm=0, edges=7)
-    assert res.curve_n == grid(res.n_rows(), 7) and res.curve_n[0] == 0 and res.curve_n[-1] == res.n_rows()
-    assert 7 in res.curve_n
+    assert set(grid(res.n_rows(), 7)) <= set(res.curve_n) and res.curve_n == sorted(set(res.curve_n))
+    assert res.curve_n[0] == 0 and res.curve_n[-1] == res.n_rows() and 7 in res.curve_n
     gap = (res.clean - res.corrupt).abs().max()
     assert_close(res.curve[:, 0], res.corrupt, 1e-4, scale=gap)
     assert_close(res.curve[:, -1], res.clean, 1e-4, scale=gap)
@@ -188,6 +188,11 @@ def test_faithfulness_runs_from_corrupt_to_clean(tiny):
     assert f["recovered"][0] == pytest.approx(0, abs=1e-4) and f["recovered"][-1] == pytest.approx(1, abs=1e-4)
     assert f["n_95"] is not None and all(r < 0.95 for n, r in zip(f["n"], f["recovered"], strict=True)
                                          if n < f["n_95"])
+    for t, n_t in ((0.8, f["n_80"]), (0.95, f["n_95"])):  # bisected: the size below it is within 2% or one edge
+        below = max(n for n in f["n"] if n < n_t)
+        assert n_t - below <= max(1, n_t // 50), (t, n_t, below, f["n"])
+    grid_only = circuit(model, recs, method="eap", confirm=0, edges=7, refine=0)
+    assert grid_only.curve_n == grid(res.n_rows(), 7)
 
 
 @pytest.mark.parametrize("kind", ["multi-token answers", "gaussian noise"])
