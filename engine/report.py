@@ -156,14 +156,13 @@ def _circuit_graph(doc: dict):
     n_layers = 1 + max([int(n[1:].split(".")[0]) for n in doc.get("nodes", []) if n.startswith("L")] + [0])
     big = max([abs(e["score"]) for e in edges] + [1e-12])
     fig = go.Figure()
-    for e in edges:
-        (x0, y0), (x1, y1) = _position(e["upstream"], n_layers), _position(e["reader_node"], n_layers)
+    ends = [(_position(e["upstream"], n_layers), _position(e["reader_node"], n_layers)) for e in edges]
+    for e, ((x0, y0), (x1, y1)) in zip(edges, ends, strict=True):
         fig.add_scatter(x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="skip",
                         line={"color": "#2166ac" if e["score"] >= 0 else "#b2182b",
                               "width": 0.5 + 6 * abs(e["score"]) / big}, opacity=0.7)
-    mid = [((_position(e["upstream"], n_layers)[0] + _position(e["reader_node"], n_layers)[0]) / 2,
-            (_position(e["upstream"], n_layers)[1] + _position(e["reader_node"], n_layers)[1]) / 2) for e in edges]
-    fig.add_scatter(x=[m[0] for m in mid], y=[m[1] for m in mid], mode="markers", showlegend=False,
+    fig.add_scatter(x=[(a[0] + b[0]) / 2 for a, b in ends], y=[(a[1] + b[1]) / 2 for a, b in ends], mode="markers",
+                    showlegend=False,
                     marker={"size": 6, "color": "rgba(0,0,0,0.15)"},
                     text=[f"{_label(e['edge'])}<br>score {_num(e['score'])}<br>exact {_num(e['exact'])}"
                           for e in edges],
