@@ -265,22 +265,13 @@ def _attribute_ig(ad: Adapter, base_ids, other_ids, metric, sweeps: list[Sweep],
     for key, a in other_acts.items():
         delta[key] = a - delta[key]  # a_other - a_base, in place of the base activation
     other_acts.clear()
-    embed = ad.model.get_input_embeddings()
-    with torch.no_grad():  # the path, as noise on the base run's embeddings: e_base + noise + alpha * step
-        step = embed(other_ids) - embed(base_ids)
-        step = step + (0 if other_noise is None else other_noise) - (0 if base_noise is None else base_noise)
     scores = _Scores(sweeps, base_ids.shape[0], base_ids.device, False, role_pos)
     scores.weight = 1.0 / steps
 
     taps = [(s, layer, _Grad.tap(_ig_hook(scores, delta, s, layer))) for s, layer in tapped]
     with frozen(ad.model), torch.enable_grad():
-        for k in range(steps):
-            noise = step * (k / steps) if base_noise is None else base_noise + step * (k / steps)
-            handle = embed.register_forward_hook(_leaf)
-            try:
-                logits = runner.forward(ad, base_ids, taps, noise=noise, logits_to_keep=keep)
-            finally:
-                handle.remove()
+        for k, noise in enumerate(input_path(ad, base_ids, other_ids, base_noise, other_noise, steps)):
+            logits = graph_forward(ad, base_ids, taps, noise, keep)
             if k == 0:
                 clean_logprobs = (logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)
             m = metric(logits, clean_logprobs)
@@ -307,6 +298,28 @@ def _ig_hook(scores: _Scores, delta: dict, site: str, layer: int):
 def _leaf(mod, args, out):
     """A forward hook making a module's output a graph leaf (the base run's graph starts there)."""
     return out.detach().requires_grad_()
+
+
+def graph_forward(ad: Adapter, ids: torch.Tensor, taps, noise: torch.Tensor | None, keep: int) -> torch.Tensor:
+    """``runner.forward`` whose autograd graph starts at the input embeddings (no parameter or
+    embedding-table gradient); logits [B, keep, V]."""
+    handle = ad.model.get_input_embeddings().register_forward_hook(_leaf)
+    try:
+        return runner.forward(ad, ids, taps, noise=noise, logits_to_keep=keep)
+    finally:
+        handle.remove()
+
+
+def input_path(ad: Adapter, base_ids: torch.Tensor, other_ids: torch.Tensor, base_noise: torch.Tensor | None,
+               other_noise: torch.Tensor | None, steps: int):
+    """The embedding noise of each IG step ``k = 0 .. steps - 1`` on the base run: the base run's own
+    noise plus ``(k / steps) (e_other + other_noise - e_base - base_noise)`` ``[B, T, d]``."""
+    embed = ad.model.get_input_embeddings()
+    with torch.no_grad():
+        step = embed(other_ids) - embed(base_ids)
+        step = step + (0 if other_noise is None else other_noise) - (0 if base_noise is None else base_noise)
+    for k in range(steps):
+        yield step * (k / steps) if base_noise is None else base_noise + step * (k / steps)
 
 
 def _attribute_ig_activations(ad: Adapter, base_ids, other_ids, metric, sweeps: list[Sweep], base_is_clean: bool,
@@ -373,11 +386,7 @@ def _base_run_and_backwards(ad: Adapter, ids: torch.Tensor, taps, metric, attn_l
     summed metric, and with GradDrop one more per block over the same graph. Returns the base
     metric [P] and the clean log-probabilities [P, keep, V]."""
     with frozen(ad.model), torch.enable_grad(), attention.recording(ad, attn_layers, base_rec):
-        handle = ad.model.get_input_embeddings().register_forward_hook(_leaf)
-        try:
-            logits = runner.forward(ad, ids, taps, noise=noise, logits_to_keep=keep)
-        finally:
-            handle.remove()
+        logits = graph_forward(ad, ids, taps, noise, keep)
         clean_logprobs = (logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)
         base_m = metric(logits, clean_logprobs)
         graddrop = scores.graddrop is not None

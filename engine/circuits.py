@@ -33,12 +33,13 @@ from typing import ClassVar
 
 import torch
 
-from causalscan import corruption, edges, runner
+from causalscan import corruption, edges
 from causalscan.checkpoint import Checkpoint, fingerprint, run
 from causalscan.checkpoint import key as checkpoint_key
 from causalscan.errors import InputError, check_options
 from causalscan.graph import Graph
 from causalscan.inputs import Inputs, prepare
+from causalscan.patching import default_budget
 from causalscan.progress import Progress, report
 from causalscan.progress import check as check_progress
 from causalscan.results import Result, _write
@@ -164,7 +165,7 @@ def estimate(inp: Inputs, g: Graph, noising: bool, batch_size: int, ig_steps: in
     n = len(inp.pairs)
     sums = {"scores": torch.zeros(g.n_up, g.n_read), "clean": torch.zeros(n), "corrupt": torch.zeros(n)}
     embed = inp.model.hf.get_input_embeddings().weight
-    batches = [idx[lo:lo + batch_size] for idx in rows.buckets() for lo in range(0, len(idx), batch_size)]
+    batches = rows.batches(batch_size)
 
     def step(i: int):
         b = rows.batch(batches[i], noising, embed)
@@ -219,10 +220,9 @@ def measure(inp: Inputs, g: Graph, groups: Sequence[torch.Tensor], base_is_clean
             ) -> torch.Tensor:
     """The metric ``[P, G]`` of the base run with each group of edges (a ``[n_up, n_read]`` bool mask)
     taking the other run's writes (``ablation="mean"``: their mean over the rows), per pair."""
-    ad, rows = inp.model.adapter, inp.rows
+    rows = inp.rows
     embed = inp.model.hf.get_input_embeddings().weight
-    budget = memory_budget or (1 << 30 if inp.model.device.type != "cuda"
-                               else int(torch.cuda.mem_get_info(inp.model.device)[0] * 0.5))
+    budget = memory_budget or default_budget(inp.model)
     out = torch.empty(len(rows.pairs), len(groups))
     buckets = rows.buckets()
     cap = [max(1, budget // _row_bytes(inp, g, len(rows.pairs[idx[0]].clean))) for idx in buckets]
@@ -231,14 +231,14 @@ def measure(inp: Inputs, g: Graph, groups: Sequence[torch.Tensor], base_is_clean
     starts = [edges.start_layer(g, m) for m in groups]
     for idx, chunk in zip(buckets, cap, strict=True):
         b = rows.batch(idx, base_is_clean, embed)
-        other = edges.writes(g, b.other, b.other_noise)
+        other_run = edges.record(g, b.other, b.other_noise, rows.keep)
+        base_run = edges.record(g, b.base, b.base_noise, rows.keep, resid=True)
+        clean_lp = (base_run if base_is_clean else other_run).logits.float().log_softmax(-1)
+        other, resid = other_run.writes, base_run.resid
         if ablation == "mean":
             other = other.mean(0, keepdim=True).expand_as(other)
-        base, resid = edges.writes(g, b.base, b.base_noise, resid=True)
-        base_diff = other - base
-        del base
-        clean_ids, clean_noise = (b.base, b.base_noise) if base_is_clean else (b.other, b.other_noise)
-        clean_lp = runner.forward(ad, clean_ids, noise=clean_noise, logits_to_keep=rows.keep).float().log_softmax(-1)
+        base_diff = other - base_run.writes
+        del other_run, base_run
         cells = sorted(((starts[j], j, i) for j in range(len(groups)) for i in range(len(idx))), key=lambda c: c[0])
         for lo in range(0, len(cells), chunk):
             part = cells[lo:lo + chunk]

@@ -67,6 +67,10 @@ class Rows:
             by_len.setdefault(len(p.clean), []).append(i)
         return [by_len[t] for t in sorted(by_len)]
 
+    def batches(self, size: int) -> list[list[int]]:
+        """Row ids in batches of at most ``size``, each of one token length (shortest first)."""
+        return [idx[lo:lo + size] for idx in self.buckets() for lo in range(0, len(idx), size)]
+
     def noise(self, rows: list[int], like: torch.Tensor) -> torch.Tensor | None:
         """Noise of ``rows`` on the embeddings ``[B, T, d_model]`` (zero off the span), or None."""
         if self.draws is None:

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
+from typing import NamedTuple
 
 import torch
 
 from causalscan import runner
-from causalscan.attribution import _Grad, _leaf, frozen
+from causalscan.attribution import _Grad, frozen, graph_forward, input_path
 from causalscan.graph import QKV, Graph
 from causalscan.runner import _hidden_in, _with_hidden_in
 
@@ -161,24 +162,15 @@ def attribute(g: Graph, base_ids: torch.Tensor, other_ids: torch.Tensor,
     acc = _EdgeScores(g, base_ids.device)
     steps = max(ig_steps, 1)
     acc.weight = 1.0 / steps
-    embed = ad.model.get_input_embeddings()
-    with torch.no_grad():
-        step = embed(other_ids) - embed(base_ids)
-        step = step + (0 if other_noise is None else other_noise) - (0 if base_noise is None else base_noise)
     grads = [(site, layer, _Grad.tap(acc.qkv_hook(site, layer))) for layer in range(ad.n_layers) for site in QKV]
     hooks = _norm_inputs(g, acc.x)
     hooks += [(g.norms(layer)[2], _Grad.tap(acc.mlp_hook(layer))) for layer in range(ad.n_layers)]
     hooks += [(g.final_norm(), _Grad.tap(acc.logits_hook))]
     with frozen(ad.model), torch.enable_grad(), _pre_hooks(hooks):
-        for k in range(steps):
-            noise = step * (k / steps) if base_noise is None else base_noise + step * (k / steps)
+        for k, noise in enumerate(input_path(ad, base_ids, other_ids, base_noise, other_noise, steps)):
             base = {}
-            handle = embed.register_forward_hook(_leaf)
-            try:
-                taps = grads + (_write_taps(g, _store(g, base, True)) if k == 0 else [])
-                logits = runner.forward(ad, base_ids, taps, noise=noise, logits_to_keep=keep)
-            finally:
-                handle.remove()
+            logits = graph_forward(ad, base_ids, grads + (_write_taps(g, _store(g, base, True)) if k == 0 else []),
+                                   noise, keep)
             if k == 0:
                 acc.delta = other.pop("w").sub_(base.pop("w"))
                 clean_logprobs = (logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)
@@ -191,19 +183,26 @@ def attribute(g: Graph, base_ids: torch.Tensor, other_ids: torch.Tensor,
     return {"scores": acc.scores.cpu(), "base": base_m.float().cpu(), "other": other_m.float().cpu()}
 
 
+class Recorded(NamedTuple):
+    """A plain forward's logits ``[B, keep, V]``, upstream writes ``[B, n_up, T, d_model]`` (fp32) and,
+    if asked, the residual entering each block ``[B, L, T, d_model]`` (model dtype)."""
+
+    logits: torch.Tensor
+    writes: torch.Tensor
+    resid: torch.Tensor | None = None
+
+
 @torch.no_grad()
-def writes(g: Graph, ids: torch.Tensor, noise: torch.Tensor | None = None, resid: bool = False):
-    """The upstream writes ``[B, n_up, T, d_model]`` (fp32) of a plain forward of ``ids`` [B, T]; with
-    ``resid``, also the residual entering each block ``[B, L, T, d_model]`` (model dtype)."""
-    store: dict = {}
+def record(g: Graph, ids: torch.Tensor, noise: torch.Tensor | None = None, keep: int = 1,
+           resid: bool = False) -> Recorded:
+    """One plain forward of ``ids`` [B, T] keeping what edge patching starts from."""
+    store, res = {}, {}
     taps = _write_taps(g, _store(g, store))
     if resid:
-        res: dict = {}
         taps += [runner.capture(g.ad, "resid_pre", layer, res) for layer in range(g.ad.n_layers)]
-    runner.forward(g.ad, ids, taps, noise=noise)
-    if not resid:
-        return store["w"]
-    return store["w"], torch.stack([res[("resid_pre", layer)][:, :, 0] for layer in range(g.ad.n_layers)], 1)
+    logits = runner.forward(g.ad, ids, taps, noise=noise, logits_to_keep=keep)
+    blocks = torch.stack([res[("resid_pre", layer)][:, :, 0] for layer in range(g.ad.n_layers)], 1) if resid else None
+    return Recorded(logits, store["w"], blocks)
 
 
 def start_layer(g: Graph, mask: torch.Tensor) -> int:

@@ -42,7 +42,8 @@ def _row_bytes(model: Model, seq: int, new: int, n_layers: int, tapped_width: in
     return el * (kv + live + 2 * keep * vocab) + 64 * n_layers
 
 
-def _default_budget(model: Model) -> int:
+def default_budget(model: Model) -> int:
+    """Bytes per batched forward by default: 1 GiB on CPU, half the free memory of a GPU."""
     dev = model.device
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
@@ -157,7 +158,7 @@ def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: 
 def planned(model: Model, rows: Rows, groups: list[list[Component]], memory_budget: int | None = None,
             min_tokens: int | None = None) -> list[tuple[list[int], list[tuple[int, int]], list[Forward]]]:
     """Per bucket of equal-length rows: ``(row ids, each group's start, the planned forwards)``."""
-    budget = memory_budget or _default_budget(model)
+    budget = memory_budget or default_budget(model)
     if min_tokens is None:
         min_tokens = 16384 if model.device.type == "cuda" else 2048
     work = []

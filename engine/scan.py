@@ -170,7 +170,7 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
     sums = {"signed": torch.zeros(n_pairs, n_nodes), "clean": torch.zeros(n_pairs), "corrupt": torch.zeros(n_pairs)}
     if graddrop:
         sums["graddrop"] = torch.zeros(n_pairs, n_nodes)
-    batches = [idx[lo:lo + batch_size] for idx in rows.buckets() for lo in range(0, len(idx), batch_size)]
+    batches = rows.batches(batch_size)
     noising = direction == "noising"
     embed = inp.model.hf.get_input_embeddings().weight
     roles = inp.dataset.roles

@@ -136,7 +136,7 @@ def test_many_edges_into_one_reader(tiny, family):
     model = tiny(family)
     clean, corrupt, ans, wrong = ids_of(records(pairs=2))
     g = Graph(model.adapter)
-    other = edges.writes(g, corrupt)
+    other = edges.record(g, corrupt).writes
     delta = naive.writes(model, corrupt, g) - naive.writes(model, clean, g)
     q = g.reader("q", 1, 1)
     sets = [[(u, g.n_read - 1) for u in range(g.n_up)], [(u, q) for u in range(int(g.prefix[q]))]]
@@ -147,8 +147,8 @@ def test_many_edges_into_one_reader(tiny, family):
             ref = naive.reader_run(model, clean, kind, layer, i, delta[:, :len(s)].sum(1), lambda x: x)
         assert_close(got, ref, 1e-5)
         # started at block 1 from the base residual, the layer-0 nodes' differences taken from the base run
-        base, resid = edges.writes(g, clean, resid=True)
-        late = edges.patched_logits(g, clean, other, m, start=1, resid=resid[:, 1], base_diff=other - base)[:, -1]
+        _, base, blocks = edges.record(g, clean, resid=True)
+        late = edges.patched_logits(g, clean, other, m, start=1, resid=blocks[:, 1], base_diff=other - base)[:, -1]
         assert_close(late, ref, 1e-5)
 
 
@@ -158,7 +158,7 @@ def test_patching_every_edge_is_patching_every_node(tiny, family):
     clean, corrupt, _, _ = ids_of(records(pairs=2))
     ad = model.adapter
     g = Graph(ad)
-    other = edges.writes(g, corrupt)
+    other = edges.record(g, corrupt).writes
     valid = g.valid()
     # every edge: the other run
     every = edges.patched_logits(g, clean, other, valid.expand(2, -1, -1))[:, -1]
