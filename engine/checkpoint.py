@@ -102,11 +102,13 @@ class Checkpoint:
 
 
 def run(ck: Checkpoint | None, sums: dict[str, torch.Tensor], n: int,
-        step: Callable[[int], Callable[[dict], None]], progress=None, stage: str = "attribution"
-        ) -> dict[str, torch.Tensor]:
-    """Work units ``0 .. n-1`` into the accumulators ``sums``: ``step(i)`` computes unit ``i`` and
-    returns what adds it into the sums; finished units are resumed from ``ck`` and written to it as
-    they go (and on Ctrl-C, unless it lands mid-addition). Returns the sums."""
+        parts: Callable[[list[int]], Iterator[tuple[int, object]]], add: Callable[[dict, object], None],
+        progress=None, stage: str = "attribution") -> dict[str, torch.Tensor]:
+    """Work units ``0 .. n-1`` into the accumulators ``sums``: ``parts(todo)`` computes the units
+    ``todo`` and yields ``(unit, part)`` in any order (an executor's ``map``); ``add(sums, part)``
+    adds one in. Parts are added in unit order whatever order they come in, so the sums do not
+    depend on who computed what. Finished units are resumed from ``ck`` and written to it as they
+    go (and on Ctrl-C, unless it lands mid-addition). Returns the sums."""
     from causalscan.progress import report
 
     done: set[int] = set()
@@ -114,19 +116,22 @@ def run(ck: Checkpoint | None, sums: dict[str, torch.Tensor], n: int,
     if saved:
         sums, done = saved
         log.info("resuming from %s: %d/%d batches done", ck.path, len(done), n)
+    todo = [i for i in range(n) if i not in done]
+    waiting: dict[int, object] = {}  # parts that came before an earlier unit's
     consistent = True
     with ck.held(lambda: (sums, done) if consistent else None) if ck else contextlib.nullcontext():
-        for i in range(n):
-            if i in done:
-                continue
-            add = step(i)
-            consistent = False  # sums hold part of this unit until done names it
-            add(sums)
-            done.add(i)
-            consistent = True
-            if ck:
-                ck.save(sums, done, force=len(done) == n)
-            report(progress, stage, len(done), n)
+        nxt = 0
+        for j, part in parts(todo):
+            waiting[j] = part
+            while nxt < len(todo) and nxt in waiting:
+                consistent = False  # sums hold part of this unit until done names it
+                add(sums, waiting.pop(nxt))
+                done.add(todo[nxt])
+                consistent = True
+                nxt += 1
+                if ck:
+                    ck.save(sums, done, force=len(done) == n)
+                report(progress, stage, len(done), n)
     return sums
 
 

@@ -36,9 +36,12 @@ import torch
 from causalscan import corruption, edges
 from causalscan.checkpoint import Checkpoint, fingerprint, run
 from causalscan.checkpoint import key as checkpoint_key
+from causalscan.corruption import Rows
 from causalscan.errors import InputError, check_options
+from causalscan.executor import get as executor_get
 from causalscan.graph import Graph
 from causalscan.inputs import Inputs, prepare
+from causalscan.load import Model
 from causalscan.patching import default_budget
 from causalscan.progress import Progress, report
 from causalscan.progress import check as check_progress
@@ -72,6 +75,7 @@ def circuit(
     noise_scale: float = corruption.SCALE,
     checkpoint: str | Path | None = None,
     checkpoint_every_s: float = 30.0,
+    executor=None,
 ) -> CircuitResult:
     """Score every edge of the model's graph on ``metric``, confirm the top, measure faithfulness.
 
@@ -87,7 +91,9 @@ def circuit(
     one token length). ``memory_budget``: bytes per patched forward (default 1 GiB on CPU, half
     the free GPU memory). ``batch_size``, ``samples``, ``noise_scale``, ``seed``, ``progress``,
     ``checkpoint`` (the attribution stage's partial sums, written as it goes and resumed from): as
-    in :func:`causalscan.scan`.
+    in :func:`causalscan.scan`. ``executor``: where the attribution batches run (None: here;
+    :class:`causalscan.executor.Ray`: on a Ray cluster's actors, with the same result); exact edge
+    patching and the curve run in this process.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -100,6 +106,7 @@ def circuit(
     check_options(edges=edges, refine=refine, confirm=confirm, confirm_random=confirm_random, batch_size=batch_size,
                   memory_budget=memory_budget, seed=seed, **({"ig_steps": ig_steps} if ig_steps else {}))
     check_progress(progress)
+    executor_get(executor)
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
     if ablation == "mean" and len(inp.lengths) > 1:
         raise InputError(f"mean ablation averages the corrupt run over pairs position by position: every pair needs "
@@ -112,7 +119,7 @@ def circuit(
                     "method": method, "ig_steps": ig_steps, "direction": direction, "metric": inp.metric,
                     "samples": samples, "noise_scale": noise_scale, "seed": seed, "batch_size": batch_size}
         ck = Checkpoint(checkpoint, "circuit", checkpoint_key(settings), checkpoint_every_s)
-    sums = estimate(inp, g, noising, batch_size, ig_steps, progress, ck)
+    sums = estimate(inp, g, noising, batch_size, ig_steps, progress, ck, executor)
     res = CircuitResult(**inp.header(), graph=g, method=method, ig_steps=ig_steps or None, direction=direction,
                         size=edges, ablation=ablation, scores=sums["scores"], clean=sums["clean"],
                         corrupt=sums["corrupt"], timings={"attribution_s": time.perf_counter() - t0})
@@ -157,30 +164,39 @@ def circuit(
 
 
 def estimate(inp: Inputs, g: Graph, noising: bool, batch_size: int, ig_steps: int,
-             progress: Progress | None = None, ck: Checkpoint | None = None) -> dict:
-    """Edge scores ``[n_up, n_read]`` (mean over pairs) and the ``clean``/``corrupt`` metrics [P]; the
-    running sums resumed from and written to ``ck`` as it goes."""
-    rows = inp.rows
-    per_row = 1.0 / rows.samples
-    n = len(inp.pairs)
+             progress: Progress | None = None, ck: Checkpoint | None = None, executor=None) -> dict:
+    """Edge scores ``[n_up, n_read]`` (mean over pairs) and the ``clean``/``corrupt`` metrics [P], one
+    batch at a time on ``executor``; the running sums resumed from and written to ``ck`` as it goes."""
+    per_row, n = 1.0 / inp.rows.samples, len(inp.pairs)
     sums = {"scores": torch.zeros(g.n_up, g.n_read), "clean": torch.zeros(n), "corrupt": torch.zeros(n)}
-    embed = inp.model.hf.get_input_embeddings().weight
+
+    def add(sums, part):
+        sums["scores"] += per_row * part["scores"]
+        sums["clean"].index_add_(0, part["owner"], per_row * part["clean"])
+        sums["corrupt"].index_add_(0, part["owner"], per_row * part["corrupt"])
+
+    stage = (inp.rows, inp.metric_fn, noising, batch_size, ig_steps)
+    sums = run(ck, sums, len(inp.rows.batches(batch_size)),
+               lambda todo: executor_get(executor).map(inp.model, edge_units, stage, todo), add,
+               progress)
+    return {"scores": sums["scores"] / n, "clean": sums["clean"], "corrupt": sums["corrupt"]}
+
+
+def edge_units(model: Model, rows: Rows, metric_fn, noising: bool, batch_size: int, ig_steps: int):
+    """``compute(i)``: the edge scores of attribution batch ``i`` summed over its rows ``[n_up, n_read]``,
+    its rows' ``clean``/``corrupt`` metrics [B] and their pairs ``owner`` [B]."""
+    g = Graph(model.adapter)
+    embed = model.hf.get_input_embeddings().weight
     batches = rows.batches(batch_size)
 
-    def step(i: int):
+    def compute(i: int) -> dict:
         b = rows.batch(batches[i], noising, embed)
-        out = edges.attribute(g, b.base, b.other, lambda logits, lp: inp.metric_fn(logits, b.labels, lp), noising,
+        out = edges.attribute(g, b.base, b.other, lambda logits, lp: metric_fn(logits, b.labels, lp), noising,
                               b.base_noise, b.other_noise, rows.keep, ig_steps)
-        owner = rows.owner[batches[i]]
-
-        def add(sums):
-            sums["scores"] += per_row * out["scores"]
-            sums["clean"].index_add_(0, owner, per_row * (out["base"] if noising else out["other"]))
-            sums["corrupt"].index_add_(0, owner, per_row * (out["other"] if noising else out["base"]))
-        return add
-
-    sums = run(ck, sums, len(batches), step, progress)
-    return {"scores": sums["scores"] / n, "clean": sums["clean"], "corrupt": sums["corrupt"]}
+        clean, corrupt = (out["base"], out["other"]) if noising else (out["other"], out["base"])
+        return {"scores": out["scores"].cpu(), "clean": clean.cpu(), "corrupt": corrupt.cpu(),
+                "owner": rows.owner[batches[i]]}
+    return compute
 
 
 def grid(n_edges: int, size: int) -> list[int]:

@@ -78,6 +78,11 @@ def _data_args(p: argparse.ArgumentParser, metric: str = "logit_diff", out: str 
     p.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
     p.add_argument("--out", default=None, help=f"write {out} and scores.safetensors here")
     p.add_argument("--top", type=int, default=top, help=f"rows listed in {out}")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the batches on a Ray cluster's actors (ADDRESS: auto or host:port; none: start a local "
+                        "cluster); the result is the single-process result")
+    p.add_argument("--actors", type=int, default=None,
+                   help="--ray: actors (default: one per GPU, or per CPU of the cluster without GPUs)")
     _output_args(p)
 
 
@@ -101,6 +106,28 @@ def _load(args):
     else:
         hf_logging.disable_progress_bar()
     return causalscan.load(args.model, device=device, dtype=getattr(torch, args.dtype))
+
+
+@contextlib.contextmanager
+def _executor(args):
+    """``--ray``: a :class:`causalscan.executor.Ray` on that cluster, closed afterwards; else None."""
+    if args.ray is None:
+        if args.actors is not None:
+            raise InputError("--actors needs --ray", field="actors")
+        yield None
+        return
+    from causalscan.executor import Ray
+
+    gpus = 1 if args.device in (None, "cuda") and _cuda() else 0
+    with Ray(args.ray or None, args.actors, gpus_per_actor=gpus) as ex:
+        print(f"ray: {ex.n} actors", file=sys.stderr, flush=True)
+        yield ex
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _data_path(args, prefer: str | None = None) -> str:
@@ -127,9 +154,11 @@ def cmd_patch(args) -> dict:
 
     ds = _dataset(args)
     model = _load(args)
-    res = patch(model, ds, sites=[s for s in args.sites.split(",") if s], direction=args.direction,
-                metric=args.metric, memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None,
-                progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale, seed=args.seed)
+    with _executor(args) as ex:
+        res = patch(model, ds, sites=[s for s in args.sites.split(",") if s], direction=args.direction,
+                    metric=args.metric, memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None,
+                    progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale, seed=args.seed,
+                    executor=ex)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -146,12 +175,13 @@ def cmd_scan(args) -> dict:
 
     ds = _dataset(args)
     model = _load(args)
-    res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method, confirm=args.confirm,
-               confirm_random=args.confirm_random, direction=args.direction, metric=args.metric,
-               batch_size=args.batch_size, graddrop=args.graddrop, fn_subsets=args.fn_subsets,
-               seed=args.seed, progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale,
-               checkpoint=args.out, ig_steps=args.ig_steps, ig_path=args.ig_path,
-               **({} if args.exact_budget is None else {"exact_budget": args.exact_budget}))
+    with _executor(args) as ex:
+        res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method,
+                   confirm=args.confirm, confirm_random=args.confirm_random, direction=args.direction,
+                   metric=args.metric, batch_size=args.batch_size, graddrop=args.graddrop, fn_subsets=args.fn_subsets,
+                   seed=args.seed, progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale,
+                   checkpoint=args.out, ig_steps=args.ig_steps, ig_path=args.ig_path, executor=ex,
+                   **({} if args.exact_budget is None else {"exact_budget": args.exact_budget}))
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -198,11 +228,13 @@ def cmd_circuit(args) -> dict:
 
     ds = _dataset(args, prefer="previous")
     model = _load(args)
-    res = circuit(model, ds, method=args.method, edges=args.edges, confirm=args.confirm,
-                  confirm_random=args.confirm_random, ig_steps=args.ig_steps, direction=args.direction,
-                  metric=args.metric, batch_size=args.batch_size, curve=not args.no_curve, ablation=args.ablation,
-                  memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None, seed=args.seed,
-                  progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale, checkpoint=args.out)
+    with _executor(args) as ex:
+        res = circuit(model, ds, method=args.method, edges=args.edges, confirm=args.confirm,
+                      confirm_random=args.confirm_random, ig_steps=args.ig_steps, direction=args.direction,
+                      metric=args.metric, batch_size=args.batch_size, curve=not args.no_curve, ablation=args.ablation,
+                      memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None, seed=args.seed,
+                      progress=_bars(args), samples=args.samples, noise_scale=args.noise_scale, checkpoint=args.out,
+                      executor=ex)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)
@@ -235,8 +267,10 @@ def cmd_trace(args) -> dict:
 
     ds = _dataset(args, prefer="subjects")
     model = _load(args)
-    res = trace(model, ds, kinds=[k for k in args.kinds.split(",") if k], window=args.window, metric=args.metric,
-                samples=args.samples, noise_scale=args.noise_scale, seed=args.seed, progress=_bars(args))
+    with _executor(args) as ex:
+        res = trace(model, ds, kinds=[k for k in args.kinds.split(",") if k], window=args.window,
+                    metric=args.metric, samples=args.samples, noise_scale=args.noise_scale, seed=args.seed,
+                    progress=_bars(args), executor=ex)
     doc = res.to_json(top=args.top)
     if args.out:
         res.save(args.out, top=args.top)

@@ -57,7 +57,7 @@ RANGES: dict[str, tuple] = {
     "memory_budget": (1, None, True, False), "memory_budget_mb": (1, None, True, False),
     "min_tokens": (0, None, True, False), "ig_steps": (1, 1000, True, False),
     "exact_budget": (0, 1e9, False, False), "edges": (1, 1 << 24, True, False),
-    "refine": (0, 64, True, False),
+    "refine": (0, 64, True, False), "actors": (1, 1 << 16, True, False),
 }
 
 

@@ -29,7 +29,7 @@ def t95(df: int) -> float:
 
 @torch.no_grad()
 def false_negative_bound(res, model, rows: Rows, metric_fn, n_subsets: int, p: float = 0.1, seed: int = 0,
-                         memory_budget: int | None = None, progress: Progress | None = None) -> dict:
+                         memory_budget: int | None = None, progress: Progress | None = None, executor=None) -> dict:
     """Joint random patches of the unconfirmed nodes of scan result ``res``, measured with the scan's
     ``metric_fn`` (the signature of :mod:`causalscan.metrics`) on the scan's ``rows``; returns the bound.
 
@@ -46,7 +46,7 @@ def false_negative_bound(res, model, rows: Rows, metric_fn, n_subsets: int, p: f
     member = torch.rand(n_subsets, len(nodes), generator=g) < p  # [S, N]
     groups = [[nodes[k] for k in row.nonzero()[:, 0].tolist()] for row in member]
     m = measure(model, rows, groups, res.direction, metric_fn, memory_budget, progress=progress,
-                stage="false negatives")
+                stage="false negatives", executor=executor)
     effect = m.effect(res.direction).mean(0)  # [S]: mean over pairs
 
     best, best_node = 0.0, None

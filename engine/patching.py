@@ -25,6 +25,7 @@ from causalscan import corruption, runner
 from causalscan.bindings import ops
 from causalscan.corruption import Rows
 from causalscan.errors import check_options
+from causalscan.executor import get as get_executor
 from causalscan.inputs import prepare
 from causalscan.load import Model
 from causalscan.progress import Progress, report
@@ -65,6 +66,7 @@ def patch(
     samples: int = corruption.SAMPLES,
     noise_scale: float = corruption.SCALE,
     seed: int = 0,
+    executor=None,
 ) -> PatchResult:
     """Exact effects of patching each component, every prompt pair, many patches per forward.
 
@@ -77,7 +79,9 @@ def patch(
     2048 on CPU, 16384 on GPU; 0 never merges).
     ``samples``, ``noise_scale``, ``seed``: Gaussian-noise corruption of ``noise_span`` pairs
     (:mod:`causalscan.corruption`); every per-pair value is the mean over the samples.
-    ``progress(stage, done, total)``: called after each batched forward.
+    ``progress(stage, done, total)``: called after each unit of batched forwards.
+    ``executor``: where the forwards run (None: this process; :class:`causalscan.executor.Ray`: a
+    Ray cluster's actors, with the same result).
 
     >>> import causalscan as cs
     >>> pairs = [{"clean": "a b c d", "corrupt": "a b e d", "answer": "c", "wrong": "e"}]
@@ -94,7 +98,7 @@ def patch(
     else:
         sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
     m = measure(inp.model, inp.rows, [[c] for c in comps], direction, inp.metric_fn, memory_budget, min_tokens,
-                progress)
+                progress, executor=executor)
     return PatchResult(**inp.header(), direction=direction, components=comps, sweeps=sweeps, patched=m.patched,
                        clean=m.clean, corrupt=m.corrupt, tokens=inp.tokens(),
                        timings={"patch_s": time.perf_counter() - t0, "forwards": m.forwards})
@@ -127,32 +131,58 @@ class Forward(NamedTuple):
 @torch.no_grad()
 def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: str, metric_fn,
             memory_budget: int | None = None, min_tokens: int | None = None,
-            progress: Progress | None = None, stage: str = "patch") -> Measured:
+            progress: Progress | None = None, stage: str = "patch", executor=None) -> Measured:
     """The metric with each group of components patched together, per pair, in ``direction``.
 
     Rows of each token length run as one bucket: a base run (its residuals and keys/values
     cached at the groups' start layers), an other run (activations at the patched sites), then
     the planned forwards, each within ``memory_budget`` bytes. An empty group is the base run.
-    ``progress(stage, done, total)`` is called after each forward.
+    ``executor``: where the buckets' forwards run (:mod:`causalscan.executor`), in units of at
+    most ``UNIT_FORWARDS`` forwards of one bucket; every value is written to its own place, so the
+    result does not depend on the order. ``progress(stage, done, total)`` is called after each unit.
     """
     work = planned(model, rows, groups, memory_budget, min_tokens)
+    units = [(b, lo) for b, (*_, fws) in enumerate(work) for lo in range(0, max(1, len(fws)), UNIT_FORWARDS)]
     total, done = sum(2 + len(fw) for *_, fw in work), 0
     n = len(rows.pairs)
     patched, clean_m, corrupt_m = torch.empty(n, len(groups)), torch.empty(n), torch.empty(n)
-    for idx, starts, fws in work:
-        bucket = _Bucket(model, rows, idx, groups, starts, direction, metric_fn)
+    empty = [j for j, g in enumerate(groups) if not g]
+    seen = set()
+    for u, part in get_executor(executor).map(model, patch_units, (rows, groups, direction, metric_fn, work), units):
+        b, lo = units[u]
+        idx, _, fws = work[b]
         r = torch.tensor(idx)
-        clean_m[r], corrupt_m[r] = bucket.clean, bucket.corrupt
-        done += 2
-        report(progress, stage, done, total)
-        out = torch.empty(len(idx), len(groups))
-        out[:, [j for j, g in enumerate(groups) if not g]] = bucket.base_metric[:, None]  # empty groups
-        for fw in fws:
-            out[fw.pairs, fw.groups] = bucket.run(fw)
+        if b not in seen:  # the bucket's unpatched runs come with each of its units
+            seen.add(b)
+            clean_m[r], corrupt_m[r] = part["clean"], part["corrupt"]
+            patched[r[:, None], torch.tensor(empty, dtype=torch.long)] = part["base"][:, None]
+            done += 2
+        for fw, value in zip(fws[lo:lo + UNIT_FORWARDS], part["values"], strict=True):
+            patched[r[fw.pairs], fw.groups] = value
             done += 1
-            report(progress, stage, done, total)
-        patched[r] = out
+        report(progress, stage, done, total)
     return Measured(rows.mean(patched), rows.mean(clean_m), rows.mean(corrupt_m), total)
+
+
+UNIT_FORWARDS = 8  # planned forwards per unit of work (an executor's scheduling grain)
+
+
+def patch_units(model: Model, rows: Rows, groups: list[list[Component]], direction: str, metric_fn, work: list):
+    """``compute((b, lo))``: the metric of bucket ``b``'s planned forwards ``lo .. lo + UNIT_FORWARDS``
+    (``values``, one tensor [rows] per forward) and the bucket's unpatched ``clean``, ``corrupt`` and
+    ``base`` metrics [rows]; the bucket's runs are cached for its next units."""
+    cached: dict[int, _Bucket] = {}
+
+    def compute(unit: tuple[int, int]) -> dict:
+        b, lo = unit
+        idx, starts, fws = work[b]
+        if b not in cached:
+            cached.clear()  # one bucket's cache at a time: units come bucket by bucket
+            cached[b] = _Bucket(model, rows, idx, groups, starts, direction, metric_fn)
+        bucket = cached[b]
+        return {"clean": bucket.clean, "corrupt": bucket.corrupt, "base": bucket.base_metric,
+                "values": [bucket.run(fw) for fw in fws[lo:lo + UNIT_FORWARDS]]}
+    return compute
 
 
 def planned(model: Model, rows: Rows, groups: list[list[Component]], memory_budget: int | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from causalscan import attention, attribution, corruption, runner
 from causalscan.checkpoint import Checkpoint, fingerprint, run
 from causalscan.checkpoint import key as checkpoint_key
 from causalscan.errors import InputError, check_options
+from causalscan.executor import get as executor_get
 from causalscan.inputs import Inputs, prepare
 from causalscan.patching import cost, measure
 from causalscan.progress import Progress
@@ -60,6 +62,7 @@ def scan(
     ig_steps: int | None = None,
     ig_path: str = "inputs",
     exact_budget: float = EXACT_BUDGET,
+    executor=None,
 ) -> ScanResult:
     """Estimate the effect of every component of ``sites`` on ``metric``, then confirm the top.
 
@@ -84,7 +87,9 @@ def scan(
     ``checkpoint``: a directory where the attribution stage writes its partial sums as it goes (at
     most every ``checkpoint_every_s``); a scan with the same model weights, data and settings
     resumes from them, and the file is removed when the scan completes. ``progress(stage, done,
-    total)``: called after each attribution batch and each confirmation forward.
+    total)``: called after each attribution batch and each unit of confirmation forwards.
+    ``executor``: where attribution batches and patched forwards run (None: this process;
+    :class:`causalscan.executor.Ray`: a Ray cluster's actors); the result is the same.
 
     >>> import causalscan as cs
     >>> data = cs.zoo.dataset_path("induction", "previous")
@@ -101,6 +106,7 @@ def scan(
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
     check_progress(progress)
+    executor_get(executor)
     check_options(batch_size=batch_size, confirm=confirm, confirm_random=confirm_random, fn_subsets=fn_subsets,
                   fn_p=fn_p)
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
@@ -126,7 +132,7 @@ def scan(
                     "ig_steps": ig_steps, "ig_path": ig_path}
         ck = Checkpoint(checkpoint, "scan", checkpoint_key(settings), checkpoint_every_s)
     sums = estimate(inp, sweeps, len(comps), direction, method == "atp*", graddrop, batch_size, ck, progress,
-                    ig_steps or 0, ig_path)
+                    ig_steps or 0, ig_path, executor)
     signed, gd = sums["signed"], sums.get("graddrop")
     res = ScanResult(
         **inp.header(), direction=direction, method=method, graddrop=gd, components=comps, sweeps=sweeps,
@@ -139,18 +145,18 @@ def scan(
         if exact_budget else []  # the default (0) plans nothing: no cost walk over every node
     if exact_sweeps:
         t1 = time.perf_counter()
-        _patch_exactly(res, inp, exact_sweeps, progress)
+        _patch_exactly(res, inp, exact_sweeps, progress, executor)
         res.timings["exact_s"] = time.perf_counter() - t1
     if confirm and any(m != "exact" for m in res.scored_by.values()):
         t1 = time.perf_counter()
-        _confirm(res, inp, confirm, confirm if confirm_random is None else confirm_random, seed, progress)
+        _confirm(res, inp, confirm, confirm if confirm_random is None else confirm_random, seed, progress, executor)
         res.timings["confirm_s"] = time.perf_counter() - t1
     if fn_subsets:
         from causalscan.negatives import false_negative_bound
 
         t1 = time.perf_counter()
         res.false_negatives = false_negative_bound(res, inp.model, inp.rows, inp.metric_fn, fn_subsets, p=fn_p,
-                                                   seed=seed, progress=progress)
+                                                   seed=seed, progress=progress, executor=executor)
         res.timings["false_negatives_s"] = time.perf_counter() - t1
     res.patterns = top_patterns(res, inp)
     res.timings["total_s"] = time.perf_counter() - t0
@@ -161,21 +167,37 @@ def scan(
 
 def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_fix: bool, graddrop: bool,
              batch_size: int, ck: Checkpoint | None = None, progress: Progress | None = None,
-             ig_steps: int = 0, ig_path: str = "inputs") -> dict:
+             ig_steps: int = 0, ig_path: str = "inputs", executor=None) -> dict:
     """The attribution stage: per-pair sums over each pair's rows, ``signed`` (and ``graddrop``)
     ``[P, n]`` and the ``clean``/``corrupt`` metrics ``[P]``, one batch of ``batch_size`` rows (of
-    one token length) at a time; resumed from and written to ``ck`` as it goes."""
-    rows, n_pairs = inp.rows, len(inp.pairs)
-    per_row = 1.0 / rows.samples
+    one token length) at a time, on ``executor`` (:mod:`causalscan.executor`); resumed from and
+    written to ``ck`` as it goes."""
+    n_pairs, per_row = len(inp.pairs), 1.0 / inp.rows.samples
     sums = {"signed": torch.zeros(n_pairs, n_nodes), "clean": torch.zeros(n_pairs), "corrupt": torch.zeros(n_pairs)}
     if graddrop:
         sums["graddrop"] = torch.zeros(n_pairs, n_nodes)
-    batches = rows.batches(batch_size)
-    noising = direction == "noising"
-    embed = inp.model.hf.get_input_embeddings().weight
-    roles = inp.dataset.roles
+    args = (replace(inp, model=None), sweeps, direction, qk_fix, graddrop, batch_size, ig_steps, ig_path)
 
-    def step(i: int):
+    def add(sums, part):
+        for name in ("signed", "graddrop", "clean", "corrupt"):
+            if name in sums:
+                sums[name].index_add_(0, part["owner"], per_row * part[name])
+
+    return run(ck, sums, len(inp.rows.batches(batch_size)),
+               lambda todo: executor_get(executor).map(inp.model, attribution_units, args, todo), add, progress)
+
+
+def attribution_units(model, inp: Inputs, sweeps: list[Sweep], direction: str, qk_fix: bool, graddrop: bool,
+                      batch_size: int, ig_steps: int, ig_path: str):
+    """``compute(i)``: attribution batch ``i`` of ``inp.rows.batches(batch_size)`` on ``model``, as the
+    per-row ``signed`` (and ``graddrop``) ``[B, n]``, ``clean``/``corrupt`` metrics [B] and their
+    pairs ``owner`` [B]."""
+    inp = replace(inp, model=model)
+    rows, noising, roles = inp.rows, direction == "noising", inp.dataset.roles
+    batches = rows.batches(batch_size)
+    embed = inp.model.hf.get_input_embeddings().weight
+
+    def compute(i: int) -> dict:
         batch = batches[i]
         b = rows.batch(batch, noising, embed)
 
@@ -187,18 +209,11 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
                                     graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
                                     other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep,
                                     ig_steps=ig_steps, ig_path=ig_path)
-        owner = rows.owner[batch]
-
-        def add(sums):
-            for name in ("signed", "graddrop") if graddrop else ("signed",):
-                flat = torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1)
-                sums[name].index_add_(0, owner, per_row * flat)
-            clean_run, corrupt_run = (out["base"], out["other"]) if noising else (out["other"], out["base"])
-            sums["clean"].index_add_(0, owner, per_row * clean_run)
-            sums["corrupt"].index_add_(0, owner, per_row * corrupt_run)
-        return add
-
-    return run(ck, sums, len(batches), step, progress)
+        part = {name: torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1).cpu()
+                for name in (("signed", "graddrop") if graddrop else ("signed",))}
+        clean_run, corrupt_run = (out["base"], out["other"]) if noising else (out["other"], out["base"])
+        return {**part, "clean": clean_run.cpu(), "corrupt": corrupt_run.cpu(), "owner": rows.owner[batch]}
+    return compute
 
 
 @torch.no_grad()
@@ -222,11 +237,12 @@ def exact_cost(inp: Inputs, comps: list[Component]) -> float:
     return cost(inp.model, inp.rows, [[c] for c in comps])
 
 
-def _patch_exactly(res: ScanResult, inp: Inputs, sweeps: list[Sweep], progress: Progress | None) -> None:
+def _patch_exactly(res: ScanResult, inp: Inputs, sweeps: list[Sweep], progress: Progress | None,
+                   executor=None) -> None:
     """Replace the estimates of ``sweeps`` by their exact effects (per pair), in ``signed`` and ``score``."""
     cols = [j for sw in sweeps for j in range(sw.start, sw.stop)]
     m = measure(inp.model, inp.rows, [[res.components[j]] for j in cols], res.direction, inp.metric_fn,
-                progress=progress, stage="exact")
+                progress=progress, stage="exact", executor=executor)
     effect = m.effect(res.direction)
     res.signed[:, cols], res.score[:, cols] = effect, effect.abs()
     if res.graddrop is not None:
@@ -234,7 +250,8 @@ def _patch_exactly(res: ScanResult, inp: Inputs, sweeps: list[Sweep], progress: 
     res.scored_by.update({sw.name: "exact" for sw in sweeps})
 
 
-def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, progress: Progress | None) -> None:
+def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, progress: Progress | None,
+             executor=None) -> None:
     """Exact effects of the top ``k`` nodes and ``n_random`` others, measured on the scan's own rows,
     and of a sample stratified by sweep (when there are several): each sweep's own top
     ``min(k, size // 2)`` and as many random others, so that every sweep gets its own agreement
@@ -255,7 +272,7 @@ def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, pro
         seen.update(dict.fromkeys(ids.tolist()))
     chosen = torch.tensor(list(seen), dtype=torch.long)
     m = measure(inp.model, inp.rows, [[res.components[j]] for j in chosen.tolist()], res.direction, inp.metric_fn,
-                progress=progress, stage="confirm")
+                progress=progress, stage="confirm", executor=executor)
     res.confirmed, res.n_top, res.exact = chosen, k, m.effect(res.direction)
     col = {j: c for c, j in enumerate(chosen.tolist())}
 

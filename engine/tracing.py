@@ -65,6 +65,7 @@ def trace(
     seed: int = 0,
     memory_budget: int | None = None,
     progress: Progress | None = None,
+    executor=None,
 ) -> TraceResult:
     """Causal tracing grids ``[T, L]`` of ``dataset`` (all pairs of one token length), or ``[R, L]``
     over the roles a dataset names (``positions``; pairs of any lengths).
@@ -72,7 +73,8 @@ def trace(
     ``kinds``: ``state``, ``mlp``, ``attn``; ``window``: layers restored together for ``mlp`` and
     ``attn`` (1: single layer); ``metric``: ``prob`` (ROME's p(answer)), ``logit_diff``, ... ;
     ``samples``/``noise_scale``/``seed``: Gaussian corruption of ``noise_span`` pairs;
-    ``progress(stage, done, total)``: called after each batched forward.
+    ``progress(stage, done, total)``: called after each unit of batched forwards; ``executor``: where
+    they run (None: this process; :class:`causalscan.executor.Ray`: a Ray cluster's actors).
 
     >>> import causalscan as cs
     >>> tr = trace("facts", cs.zoo.dataset_path("facts", "subjects"), window=1)
@@ -93,7 +95,7 @@ def trace(
     groups = [[Component(site, lay, 0, t) for lay in window_layers(layer, w, n_layers)]
               for site, w in names.values() for t in where for layer in range(n_layers)]
     m = measure(inp.model, inp.rows, groups, "denoising", inp.metric_fn, memory_budget, progress=progress,
-                stage="trace")
+                stage="trace", executor=executor)
     effect = (m.patched - m.corrupt[:, None]).reshape(len(inp.pairs), len(names), len(where), n_layers)
     first = inp.pairs[0]
     tokens = list(roles) if roles else inp.tokens()
