@@ -130,6 +130,45 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (predicted peak per device, chunk sizes) and stop")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="memory the run may take per device (default: what each device has free); the planner "
+                        "refuses a run whose predicted peak is larger")
+
+
+def _planned(args, model, ds) -> dict | None:
+    """The memory plan of this command: printed (and returned) with ``--dry-run``, checked against
+    ``--memory-gb`` or the free memory either way (:class:`InputError` if the run cannot fit)."""
+    from causalscan import memplan
+    from causalscan.inputs import prepare
+    from causalscan.sweeps import build_sweeps
+
+    direction = getattr(args, "direction", "denoising")
+    inp = prepare(model, ds, args.metric, direction, args.samples, args.noise_scale, args.seed)
+    budget = args.memory_budget_mb << 20 if getattr(args, "memory_budget_mb", None) else None
+    sites = [s for s in getattr(args, "sites", "").split(",") if s]
+    if args.command == "scan":
+        plan = memplan.scan_plan(inp, sites, args.method, args.batch_size, args.confirm, args.confirm_random,
+                                 direction, args.graddrop, args.ig_steps, args.ig_path)
+    else:
+        plan = memplan.Plan(memplan.weights(inp.model))
+        if args.command == "patch":
+            groups = [[c] for c in build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name,
+                                                inp.dataset.roles)[1]]
+        else:
+            from causalscan.tracing import trace_groups
+
+            groups = trace_groups(inp, [k for k in args.kinds.split(",") if k], args.window)[1]
+        memplan.patching_stage(plan, inp, groups, direction, budget, name="patching")
+    if args.dry_run:
+        print(plan, file=sys.stderr)
+    limit = None if args.memory_gb is None else {d: int(args.memory_gb * 2**30) for d in plan.peak()}
+    plan.check(limit)
+    return plan.to_json() if args.dry_run else None
+
+
 def _data_path(args, prefer: str | None = None) -> str:
     """``--data``, or a dataset shipped with a zoo ``--model`` (``prefer`` if it has one, else its first)."""
     if args.data:
@@ -154,6 +193,8 @@ def cmd_patch(args) -> dict:
 
     ds = _dataset(args)
     model = _load(args)
+    if (plan := _planned(args, model, ds)) is not None:
+        return {"plan": plan}
     with _executor(args) as ex:
         res = patch(model, ds, sites=[s for s in args.sites.split(",") if s], direction=args.direction,
                     metric=args.metric, memory_budget=args.memory_budget_mb << 20 if args.memory_budget_mb else None,
@@ -175,6 +216,8 @@ def cmd_scan(args) -> dict:
 
     ds = _dataset(args)
     model = _load(args)
+    if (plan := _planned(args, model, ds)) is not None:
+        return {"plan": plan}
     with _executor(args) as ex:
         res = scan(model, ds, sites=[s for s in args.sites.split(",") if s], method=args.method,
                    confirm=args.confirm, confirm_random=args.confirm_random, direction=args.direction,
@@ -267,6 +310,8 @@ def cmd_trace(args) -> dict:
 
     ds = _dataset(args, prefer="subjects")
     model = _load(args)
+    if (plan := _planned(args, model, ds)) is not None:
+        return {"plan": plan}
     with _executor(args) as ex:
         res = trace(model, ds, kinds=[k for k in args.kinds.split(",") if k], window=args.window,
                     metric=args.metric, samples=args.samples, noise_scale=args.noise_scale, seed=args.seed,
@@ -491,6 +536,7 @@ def parser() -> argparse.ArgumentParser:
     pp = _command(sub, "patch", cmd_patch, help="exact activation patching, many patches per forward",
                   description="Exact activation patching of whole sweeps, batched.")
     _model_args(pp)
+    _plan_args(pp)
     _report_arg(pp)
     _sweep_args(pp, "head", "comma-separated sweeps: head, head:pos, resid_pre (by position), mlp_out:all, "
                             "neuron, q, k, v, ... (default: head)")
@@ -503,6 +549,7 @@ def parser() -> argparse.ArgumentParser:
                               "With --out, partial attribution sums are written there as the scan goes "
                               "and a rerun with the same settings resumes from them.")
     _model_args(sp, default="induction")
+    _plan_args(sp)
     _report_arg(sp)
     _sweep_args(sp, "head,neuron,resid_pre", "comma-separated sweeps (default: head,neuron,resid_pre); also q, k, "
                                              "v, attn_out, mlp_out, resid_post, head:pos, ...")
@@ -558,6 +605,7 @@ def parser() -> argparse.ArgumentParser:
                               "corrupt prompt). With no --model and no --data: the zoo's facts model on its "
                               "subjects dataset.")
     _model_args(tp, default="facts")
+    _plan_args(tp)
     _data_args(tp, metric="prob", out="trace.json", top=20)
     _report_arg(tp)
     tp.add_argument("--kinds", default="state,mlp,attn", help="comma-separated: state, mlp, attn")

@@ -58,6 +58,7 @@ RANGES: dict[str, tuple] = {
     "min_tokens": (0, None, True, False), "ig_steps": (1, 1000, True, False),
     "exact_budget": (0, 1e9, False, False), "edges": (1, 1 << 24, True, False),
     "refine": (0, 64, True, False), "actors": (1, 1 << 16, True, False),
+    "memory_gb": (0, None, False, True),
 }
 
 

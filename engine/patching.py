@@ -173,6 +173,7 @@ def patch_units(model: Model, rows: Rows, groups: list[list[Component]], directi
     ``base`` metrics [rows]; the bucket's runs are cached for its next units."""
     cached: dict[int, _Bucket] = {}
 
+    @torch.no_grad()
     def compute(unit: tuple[int, int]) -> dict:
         b, lo = unit
         idx, starts, fws = work[b]

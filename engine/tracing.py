@@ -91,9 +91,7 @@ def trace(
                          f"lengths {inp.lengths}; or name positions on every pair (\"positions\")",
                          file=inp.dataset.name)
     where, n_layers = (list(roles) if roles else list(range(inp.lengths[0]))), inp.model.adapter.n_layers
-    names = grids(kinds, window)
-    groups = [[Component(site, lay, 0, t) for lay in window_layers(layer, w, n_layers)]
-              for site, w in names.values() for t in where for layer in range(n_layers)]
+    names, groups = trace_groups(inp, kinds, window)
     m = measure(inp.model, inp.rows, groups, "denoising", inp.metric_fn, memory_budget, progress=progress,
                 stage="trace", executor=executor)
     effect = (m.patched - m.corrupt[:, None]).reshape(len(inp.pairs), len(names), len(where), n_layers)
@@ -104,6 +102,15 @@ def trace(
         corrupt=m.corrupt, tokens=tokens, span=None if roles else first.span,
         timings={"trace_s": time.perf_counter() - t0, "forwards": m.forwards},
     )
+
+
+def trace_groups(inp, kinds, window: int) -> tuple[dict[str, tuple[str, int]], list[list[Component]]]:
+    """The grids (:func:`grids`) and the restored groups of every grid, position (or role) and layer."""
+    roles = inp.dataset.roles
+    where, n_layers = (list(roles) if roles else list(range(inp.lengths[0]))), inp.model.adapter.n_layers
+    names = grids(kinds, window)
+    return names, [[Component(site, lay, 0, t) for lay in window_layers(layer, w, n_layers)]
+                   for site, w in names.values() for t in where for layer in range(n_layers)]
 
 
 __all__ = ["KINDS", "WINDOW", "trace", "window_layers"]
