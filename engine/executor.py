@@ -17,6 +17,7 @@ GPU. An actor killed mid-run is restarted by Ray and its unfinished units re-run
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -68,8 +69,8 @@ class Ray:
         if actors is None:
             slots = res.get("GPU", 0) // gpus_per_actor if gpus_per_actor else res.get("CPU", 1) // cpus_per_actor
             actors = max(1, int(slots))
-        free = ray.available_resources()
         need = {"CPU": actors * cpus_per_actor, "GPU": actors * gpus_per_actor}
+        free = _free(ray, need)
         for kind, n in need.items():
             if n > free.get(kind, 0) + 1e-9:
                 raise InputError(f"{actors} actors need {n:g} {kind}s; the Ray cluster has {free.get(kind, 0):g} free "
@@ -100,6 +101,9 @@ class Ray:
         """``(i, compute(units[i]))`` as the actors finish them (any order); ``compute = build(model,
         *args)`` is built once per actor with its own copy of ``model`` (a :class:`Model`, sent once)."""
         ray = self.ray
+        if getattr(model.hf, "hf_device_map", None) is not None:
+            raise InputError("a model split across devices (device_map) runs in one process; each Ray actor holds "
+                             "a whole model on its device", field="executor")
         self._start()
         if self._model is None or self._model[0] is not model:
             self._model = (model, ray.put(model))
@@ -137,6 +141,17 @@ class Ray:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _free(ray, need: dict, wait_s: float = 10.0) -> dict:
+    """The cluster's free resources, waited for up to ``wait_s`` while short of ``need`` (actors
+    just killed, by a closed executor, give their CPUs back a moment later)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = ray.available_resources()
+        if all(n <= free.get(k, 0) + 1e-9 for k, n in need.items()) or time.monotonic() > deadline:
+            return free
+        time.sleep(0.2)
 
 
 class Worker:

@@ -164,7 +164,9 @@ def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: 
     return Measured(rows.mean(patched), rows.mean(clean_m), rows.mean(corrupt_m), total)
 
 
-UNIT_FORWARDS = 8  # planned forwards per unit of work (an executor's scheduling grain)
+# planned forwards per unit of work (an executor's scheduling grain): one, since the planner fills
+# each forward up to the memory budget, leaving a bucket only a few (one per layer, often)
+UNIT_FORWARDS = 1
 
 
 def patch_units(model: Model, rows: Rows, groups: list[list[Component]], direction: str, metric_fn, work: list):
