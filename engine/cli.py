@@ -61,6 +61,9 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
                    help="HF directory, zoo name, or random:<family>[-<size>]"
                    + (f" (default: {default})" if default else ""))
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device-map", default=None, metavar="auto|balanced|FILE",
+                   help="split the model across devices (instead of --device): auto, balanced, or a JSON file "
+                        "{module name: device}")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
@@ -99,13 +102,17 @@ def _load(args):
 
     import causalscan
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"loading {args.model} on {device}", file=sys.stderr, flush=True)
+    split = getattr(args, "device_map", None)
+    if split is not None and getattr(args, "ray", None) is not None:
+        raise InputError("--device-map with --ray: each Ray actor holds the whole model on its own device",
+                         field="device_map")
+    device = None if split else args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"loading {args.model} on {device or f'the devices of {split}'}", file=sys.stderr, flush=True)
     if _shown(args):  # transformers' own weight-loading bar follows ours
         hf_logging.enable_progress_bar()
     else:
         hf_logging.disable_progress_bar()
-    return causalscan.load(args.model, device=device, dtype=getattr(torch, args.dtype))
+    return causalscan.load(args.model, device=device, device_map=split, dtype=getattr(torch, args.dtype))
 
 
 @contextlib.contextmanager

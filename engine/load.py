@@ -14,6 +14,7 @@ and the residual decomposition ``resid_pre + attn_out + mlp_out = resid_post`` m
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the input embedding's device (the first block's, on a split model)."""
+        return self.hf.get_input_embeddings().weight.device
 
     @property
     def max_positions(self) -> int | None:
@@ -138,6 +140,7 @@ def load(
     tokenizer=None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict | os.PathLike | None = None,
     attn_implementation: str | None = None,
     seed: int = 0,
     check: bool = True,
@@ -146,12 +149,18 @@ def load(
     """Load ``spec``: a :class:`Model`, an HF CausalLM, a local HF directory, a ``.gguf`` file (or a
     directory holding one), a zoo name, or ``random:<family>[-<size>]``.
 
+    ``device_map`` splits the model across devices instead of ``device``: ``auto`` (fill each GPU in
+    turn, then the CPU), ``balanced`` (the same share of blocks on every GPU), a JSON file or a dict
+    ``{module name: device}`` (:func:`split`).
+
     >>> m = load("random:llama-tiny")
     >>> m.adapter.n_layers
     2
     """
     if isinstance(spec, Model):
         return spec
+    if device is not None and device_map is not None:
+        raise InputError("give device or device_map, not both", field="device_map")
     device = check_device(device)
     dtype = check_dtype(dtype)
     card: dict = {}
@@ -185,10 +194,67 @@ def load(
         name = path.name
     if device is not None:
         hf = hf.to(device)
+    if device_map is not None:
+        hf = split(hf, device_map)
     model = Model(hf, Adapter(hf), tokenizer, name, card)
     if check:
         check_adapter(model)
     return model
+
+
+def split(hf: nn.Module, device_map: str | dict | os.PathLike) -> nn.Module:
+    """``hf`` dispatched across devices by accelerate: every module's inputs follow it to its device,
+    the logits come back to the input's device.
+
+    ``device_map``: ``auto`` or ``balanced`` (accelerate's planners over the free memory of every GPU
+    and the CPU, a block never cut), a dict ``{module name: "cpu" | "cuda:N" | N}`` covering every
+    weight, or the path of a JSON file holding one. Disk offload is refused (weights that are not
+    in memory would be read on every forward). A module mapped to ``cpu`` computes on the CPU (not
+    accelerate's CPU offload, which would copy its weights to the GPU on every forward)."""
+    try:
+        import accelerate
+    except ImportError as e:
+        raise InputError("device_map needs accelerate: pip install 'causalscan[gguf]'", field="device_map") from e
+    src = None
+    if isinstance(device_map, str | os.PathLike) and str(device_map) not in ("auto", "balanced"):
+        src = Path(device_map)
+        if not src.is_file():
+            raise InputError("not auto, balanced or a JSON file", file=str(src), field="device_map")
+        try:
+            device_map = json.loads(src.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"invalid JSON ({e})", file=str(src), field="device_map") from None
+    if device_map in ("auto", "balanced"):
+        no_split = getattr(hf, "_no_split_modules", None) or []
+        memory = (accelerate.utils.get_balanced_memory(hf, no_split_module_classes=no_split)
+                  if device_map == "balanced" else None)
+        device_map = accelerate.infer_auto_device_map(hf, max_memory=memory, no_split_module_classes=no_split)
+    if not isinstance(device_map, dict) or not device_map:
+        raise InputError("a device map is a JSON object {module name: device}", file=str(src) if src else None,
+                         field="device_map")
+    names = {n for n, _ in hf.named_modules()}
+    for name, dev in device_map.items():
+        where = f"device_map[{name!r}]"
+        if name not in names:
+            raise InputError(f"{where}: the model has no module of that name (e.g. {sorted(names - {''})[:3]})",
+                             file=str(src) if src else None, field="device_map")
+        if dev in ("disk", "meta"):
+            raise InputError(f"{where}: {dev!r}: causalscan keeps every weight in memory (cpu or cuda:N)",
+                             file=str(src) if src else None, field="device_map")
+        check_device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    device_map = {name: f"cuda:{dev}" if isinstance(dev, int) else str(dev) for name, dev in device_map.items()}
+    # a module mapped to the CPU computes there (accelerate's default would stream its weights to the GPU)
+    main = "cpu" if "cpu" in device_map.values() else None
+    quiet = logging.getLogger("accelerate.big_modeling")  # it warns of meta weights it does not make here
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return accelerate.dispatch_model(hf, device_map, main_device=main, force_hooks=True)
+    except ValueError as e:  # accelerate's message names the weights the map misses
+        raise InputError(f"{str(e).splitlines()[0][:300]}", file=str(src) if src else None,
+                         field="device_map") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def check_dtype(dtype) -> torch.dtype | None:

@@ -114,8 +114,8 @@ def installed(
         if noise is not None:
             hold(ad.model.get_input_embeddings().register_forward_hook(_noise_adder(noise)))
         for i in range(start_layer):
+            stack.callback(_restore_forward, ad.blocks[i], ad.blocks[i].__dict__.get("forward"))
             ad.blocks[i].forward = _identity_block
-            stack.callback(ad.blocks[i].__dict__.pop, "forward", None)
         shape = _InFlight()
         for layer in sorted({t[1] for t in taps}):
             hold(ad.blocks[layer].register_forward_pre_hook(shape.record, with_kwargs=True, prepend=True))
@@ -132,6 +132,14 @@ def installed(
         if stop is not None:
             hold(_install_stop(ad, stop))
         yield
+
+
+def _restore_forward(block, own) -> None:
+    """Undo a skip: the block's class forward, or the instance's own (accelerate's device hook)."""
+    if own is None:
+        block.__dict__.pop("forward", None)
+    else:
+        block.forward = own
 
 
 def _noise_adder(noise: torch.Tensor):
@@ -213,7 +221,7 @@ def forward(
             out = ad.model(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
                            **({} if past is None else {_cache_arg(type(ad.model)): past}))
         except _Stop as s:
-            return s.value
+            return s.value.to(input_ids.device)  # a split model's block may sit on another device
     if stop is not None:
         raise RuntimeError("stop hook did not fire")
     if not use_cache:
