@@ -50,6 +50,16 @@ def test_a_split_model_scans_and_patches_as_the_whole_one(tmp_path):
     assert [b.__dict__.get("forward") for b in blocks] == hooked  # every skipped block got its hook back
 
 
+def test_a_split_model_traces_as_the_whole_one():
+    facts = cs.load("facts")
+    halves = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+              **{f"model.layers.{i}": "cpu" for i in range(facts.adapter.n_layers)}}
+    parts = cs.load("facts", device_map=halves)
+    with open(cs.zoo.dataset_path("facts", "subjects")) as f:
+        data = [json.loads(line) for line in f][:4]  # Gaussian noise on the subject
+    same(cs.trace(facts, data, window=2, samples=2).tensors(), cs.trace(parts, data, window=2, samples=2).tensors())
+
+
 def test_auto_on_a_machine_without_gpus_keeps_everything_on_the_cpu():
     model = cs.load("random:llama-tiny", device_map="auto")
     assert {p.device.type for p in model.hf.parameters()} == {"cpu"}

@@ -19,6 +19,7 @@ import torch
 import causalscan as cs
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'causalscan[ray]'")
+from causalscan.errors import InputError  # noqa: E402
 from causalscan.executor import Ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -128,6 +129,12 @@ def test_an_actor_killed_halfway_is_restarted_and_the_result_is_the_same(pool, o
     new = pool.pids()
     assert new[0] != pids[0] and new[1] == pids[1]  # restarted by Ray
     same(cs.scan(model, INDUCTION, **kw).tensors(), there.tensors())
+
+
+def test_a_model_split_across_devices_is_refused(pool):
+    split = cs.load("induction", device_map={"model": "cpu", "lm_head": "cpu"})
+    with pytest.raises(InputError, match="split across devices"):
+        cs.patch(split, INDUCTION, sites=["head"], executor=pool)
 
 
 DRIVER = textwrap.dedent("""
