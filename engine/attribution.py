@@ -145,6 +145,7 @@ class _Scores:
         """``score`` [P, T, C] or [P, C] of one layer into every sweep of ``site`` with ``by_pos``."""
         for sw in self.of(site, by_pos):
             val = self.at_positions(score, sw).float().reshape(self.n_pairs, *sw.shape[1:])
+            val = val.to(self.signed[sw.name].device)  # the layer's block may sit on another device
             if self.weight is not None:
                 self.signed[sw.name][:, layer] += self.weight * val
             elif self.drop is None:
@@ -178,11 +179,11 @@ class _Scores:
                 shape = delta.shape[:3] if by_pos else (delta.shape[0], delta.shape[2])
                 for sw in self.of(site, by_pos):
                     acc = self.graddrop[sw.name][:, layer]
-                    if not by_pos or sw.roles is None and shape[1] == sw.shape[1]:
+                    if acc.device == delta.device and (not by_pos or sw.roles is None and shape[1] == sw.shape[1]):
                         ops.attribute(None, delta, grad, by_pos, abs=True, out=acc.view(shape))
-                    else:  # per-pair or prompt positions: taken, then added
+                    else:  # per-pair or prompt positions, or another device: taken, then added
                         score = ops.attribute(None, delta, grad, by_pos)
-                        acc += self.at_positions(score, sw).abs().reshape(acc.shape)
+                        acc += self.at_positions(score, sw).abs().reshape(acc.shape).to(acc.device)
         return hook
 
     def qk_hook(self, layer: int, base: dict[int, attention.Record], other: dict[int, attention.Record],

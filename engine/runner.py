@@ -82,7 +82,8 @@ class KVPrefix:
                 shape = (len(rows), k.shape[1], length, k.shape[3])
                 data.append((k.new_zeros(()).expand(shape), v.new_zeros(()).expand(v.shape[:1] + shape[1:])))
             else:
-                data.append((k[rows, :, :length], v[rows, :, :length]))
+                r = rows.to(k.device)  # each layer's keys on its block's device
+                data.append((k[r, :, :length], v[r, :, :length]))
         return DynamicCache(ddp_cache_data=data, config=config)
 
 
