@@ -18,6 +18,8 @@ import torch
 
 import causalscan as cs
 
+from tolerance import assert_close
+
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'causalscan[ray]'")
 from causalscan.errors import InputError  # noqa: E402
 from causalscan.executor import Ray  # noqa: E402
@@ -195,3 +197,19 @@ def test_cli_scan_with_ray(cluster, pool, tmp_path):
     too_many = subprocess.run([sys.executable, *args, "--ray", cluster, "--actors", "3"], env=env,
                               capture_output=True, text=True, timeout=300)
     assert too_many.returncode == 2 and "3 actors need 3 CPUs; the Ray cluster has 2 free" in too_many.stderr
+
+
+@pytest.mark.gpu
+def test_two_actors_sharing_one_gpu_equal_one_actor(cluster, pool):
+    """Half a GPU each (the driver's model on the CPU; each actor moves its copy to cuda)."""
+    release(pool)
+    model = cs.load("induction")
+    kw = dict(sites=["head", "neuron", "resid_pre"], confirm=8, exact_budget=0, batch_size=4)
+    with Ray(cluster, actors=1, gpus_per_actor=1) as one:
+        a = cs.scan(model, INDUCTION, executor=one, **kw).tensors()
+    with Ray(cluster, actors=2, gpus_per_actor=0.5) as two:
+        b = cs.scan(model, INDUCTION, executor=two, **kw).tensors()
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            assert_close(b[k].cpu(), a[k].cpu(), msg=k)  # same kernels; the parts added in the same order
