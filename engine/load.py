@@ -214,7 +214,7 @@ def split(hf: nn.Module, device_map: str | dict | os.PathLike) -> nn.Module:
     try:
         import accelerate
     except ImportError as e:
-        raise InputError("device_map needs accelerate: pip install 'causalscan[gguf]'", field="device_map") from e
+        raise InputError("device_map needs accelerate: pip install accelerate", field="device_map") from e
     src = None
     if isinstance(device_map, str | os.PathLike) and str(device_map) not in ("auto", "balanced"):
         src = Path(device_map)
