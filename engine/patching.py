@@ -275,9 +275,9 @@ def forwards(model: Model, groups: list[list[Component]], starts: list[tuple[int
     return out
 
 
-def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows ``rows`` of ``t``, on ``t``'s device (a split model's layers sit on different devices)."""
-    return t[rows.to(t.device)]
+def _take(t: torch.Tensor, rows: torch.Tensor, pos: int) -> torch.Tensor:
+    """``t[rows, pos:]`` indexed on ``t``'s device (a split model's layers sit on different devices)."""
+    return t[rows.to(t.device), pos:]
 
 
 class _Bucket:
@@ -332,10 +332,10 @@ class _Bucket:
             if one:
                 r, t, c = torch.tensor(one).T
                 mask[r, t, c] = True
-            source = _take(self.sources[(site, layer)], rows)[:, fw.pos:]
+            source = _take(self.sources[(site, layer)], rows, fw.pos)
             mask = mask.to(source.device)
             taps.append((site, layer, lambda x, m=mask, s=source: ops.perturb(x, "patch", m, source=s)))
-        resid = _take(self.base_resid[("resid_pre", fw.layer)], rows)[:, fw.pos:, 0]
+        resid = _take(self.base_resid[("resid_pre", fw.layer)], rows, fw.pos)[:, :, 0]
         past = self.kv.cache(rows, fw.pos, fw.layer, self.model.hf.config)
         logits = runner.forward(ad, self.base_ids[rows, fw.pos:], taps, start_layer=fw.layer, resid=resid,
                                 past=past, logits_to_keep=self.keep)
