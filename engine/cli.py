@@ -102,7 +102,7 @@ def _load(args):
 
     import causalscan
 
-    split = getattr(args, "device_map", None)
+    split = getattr(args, "device_map", None)  # steer has no --device-map
     if split is not None and getattr(args, "ray", None) is not None:
         raise InputError("--device-map with --ray: each Ray actor holds the whole model on its own device",
                          field="device_map")

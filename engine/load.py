@@ -217,32 +217,31 @@ def split(hf: nn.Module, device_map: str | dict | os.PathLike) -> nn.Module:
         raise InputError("device_map needs accelerate: pip install accelerate", field="device_map") from e
     src = None
     if isinstance(device_map, str | os.PathLike) and str(device_map) not in ("auto", "balanced"):
-        src = Path(device_map)
-        if not src.is_file():
-            raise InputError("not auto, balanced or a JSON file", file=str(src), field="device_map")
+        src = str(device_map)
+        if not Path(src).is_file():
+            raise InputError("not auto, balanced or a JSON file", file=src, field="device_map")
         try:
-            device_map = json.loads(src.read_text(encoding="utf-8"))
+            device_map = json.loads(Path(src).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"invalid JSON ({e})", file=str(src), field="device_map") from None
+            raise InputError(f"invalid JSON ({e})", file=src, field="device_map") from None
     if device_map in ("auto", "balanced"):
         no_split = getattr(hf, "_no_split_modules", None) or []
         memory = (accelerate.utils.get_balanced_memory(hf, no_split_module_classes=no_split)
                   if device_map == "balanced" else None)
         device_map = accelerate.infer_auto_device_map(hf, max_memory=memory, no_split_module_classes=no_split)
     if not isinstance(device_map, dict) or not device_map:
-        raise InputError("a device map is a JSON object {module name: device}", file=str(src) if src else None,
-                         field="device_map")
+        raise InputError("a device map is a JSON object {module name: device}", file=src, field="device_map")
+    device_map = {name: f"cuda:{dev}" if isinstance(dev, int) else str(dev) for name, dev in device_map.items()}
     names = {n for n, _ in hf.named_modules()}
     for name, dev in device_map.items():
         where = f"device_map[{name!r}]"
         if name not in names:
             raise InputError(f"{where}: the model has no module of that name (e.g. {sorted(names - {''})[:3]})",
-                             file=str(src) if src else None, field="device_map")
+                             file=src, field="device_map")
         if dev in ("disk", "meta"):
             raise InputError(f"{where}: {dev!r}: causalscan keeps every weight in memory (cpu or cuda:N)",
-                             file=str(src) if src else None, field="device_map")
-        check_device(f"cuda:{dev}" if isinstance(dev, int) else dev)
-    device_map = {name: f"cuda:{dev}" if isinstance(dev, int) else str(dev) for name, dev in device_map.items()}
+                             file=src, field="device_map")
+        check_device(dev)
     # a module mapped to the CPU computes there (accelerate's default would stream its weights to the GPU)
     main = "cpu" if "cpu" in device_map.values() else None
     quiet = logging.getLogger("accelerate.big_modeling")  # it warns of meta weights it does not make here
@@ -251,8 +250,7 @@ def split(hf: nn.Module, device_map: str | dict | os.PathLike) -> nn.Module:
     try:
         return accelerate.dispatch_model(hf, device_map, main_device=main, force_hooks=True)
     except ValueError as e:  # accelerate's message names the weights the map misses
-        raise InputError(f"{str(e).splitlines()[0][:300]}", file=str(src) if src else None,
-                         field="device_map") from None
+        raise InputError(str(e).splitlines()[0][:300], file=src, field="device_map") from None
     finally:
         quiet.setLevel(level)
 
