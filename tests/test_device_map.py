@@ -13,7 +13,7 @@ import torch
 import causalscan as cs
 from causalscan.errors import InputError
 
-from tolerance import assert_close
+from tolerance import assert_close, assert_identical
 
 INDUCTION = cs.zoo.dataset_path("induction", "previous")
 HALVES = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
@@ -23,12 +23,6 @@ HALVES = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1"
 def split_map(second: str) -> dict:
     """The induction model's layer 1, final norm and unembedding on ``second``."""
     return {**HALVES, "model.layers.1": second, "model.norm": second, "lm_head": second}
-
-
-def same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
 
 
 def test_a_split_model_scans_and_patches_as_the_whole_one(tmp_path):
@@ -43,10 +37,10 @@ def test_a_split_model_scans_and_patches_as_the_whole_one(tmp_path):
     assert torch.equal(parts.hf(input_ids=ids).logits, whole.hf(input_ids=ids).logits)
     kw = dict(sites=["head", "neuron", "resid_pre", "q"], confirm=6, exact_budget=0, batch_size=4, fn_subsets=4)
     here, there = cs.scan(whole, INDUCTION, **kw), cs.scan(parts, INDUCTION, **kw)
-    same(here.tensors(), there.tensors())
+    assert_identical(here.tensors(), there.tensors())
     # exact patching skips the blocks before a group's start layer and reuses a KV prefix
-    same(cs.patch(whole, INDUCTION, sites=["head:pos", "mlp_out"]).tensors(),
-         cs.patch(parts, INDUCTION, sites=["head:pos", "mlp_out"]).tensors())
+    assert_identical(cs.patch(whole, INDUCTION, sites=["head:pos", "mlp_out"]).tensors(),
+                     cs.patch(parts, INDUCTION, sites=["head:pos", "mlp_out"]).tensors())
     assert [b.__dict__.get("forward") for b in blocks] == hooked  # every skipped block got its hook back
 
 
@@ -57,7 +51,8 @@ def test_a_split_model_traces_as_the_whole_one():
     parts = cs.load("facts", device_map=halves)
     with open(cs.zoo.dataset_path("facts", "subjects")) as f:
         data = [json.loads(line) for line in f][:4]  # Gaussian noise on the subject
-    same(cs.trace(facts, data, window=2, samples=2).tensors(), cs.trace(parts, data, window=2, samples=2).tensors())
+    kw = dict(window=2, samples=2)
+    assert_identical(cs.trace(facts, data, **kw).tensors(), cs.trace(parts, data, **kw).tensors())
 
 
 def test_auto_on_a_machine_without_gpus_keeps_everything_on_the_cpu():

@@ -18,7 +18,7 @@ import torch
 
 import causalscan as cs
 
-from tolerance import assert_close
+from tolerance import assert_close, assert_identical
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'causalscan[ray]'")
 from causalscan.errors import InputError  # noqa: E402
@@ -80,12 +80,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
-
-
 INDUCTION = cs.zoo.dataset_path("induction", "previous")
 
 
@@ -93,26 +87,27 @@ def test_scan_through_ray_is_the_single_process_scan(pool, one_thread):
     model = cs.load("induction")
     kw = dict(sites=["head", "neuron", "resid_pre", "q"], confirm=8, exact_budget=0, batch_size=4, fn_subsets=6)
     here, there = cs.scan(model, INDUCTION, **kw), cs.scan(model, INDUCTION, executor=pool, **kw)
-    same(here.tensors(), there.tensors())
+    assert_identical(here.tensors(), there.tensors())
     assert str(here.agreement) == str(there.agreement) and str(here.false_negatives) == str(there.false_negatives)
 
 
 def test_patch_and_trace_through_ray(pool, one_thread):
     model = cs.load("induction")
-    same(cs.patch(model, INDUCTION, sites=["head", "head:pos", "mlp_out"]).tensors(),
-         cs.patch(model, INDUCTION, sites=["head", "head:pos", "mlp_out"], executor=pool).tensors())
+    assert_identical(cs.patch(model, INDUCTION, sites=["head", "head:pos", "mlp_out"]).tensors(),
+                     cs.patch(model, INDUCTION, sites=["head", "head:pos", "mlp_out"], executor=pool).tensors())
     facts = cs.load("facts")
     with open(cs.zoo.dataset_path("facts", "subjects")) as f:
         data = [json.loads(line) for line in f][:8]  # Gaussian-noise rows
     kw = dict(window=2, samples=3)
     here, there = cs.trace(facts, data, **kw), cs.trace(facts, data, executor=pool, **kw)
-    same(here.tensors(), there.tensors())
+    assert_identical(here.tensors(), there.tensors())
 
 
 def test_circuit_estimate_through_ray(pool, one_thread):
     model = cs.load("induction")
     kw = dict(method="eap-ig", ig_steps=2, batch_size=3, confirm=4, curve=False)
-    same(cs.circuit(model, INDUCTION, **kw).tensors(), cs.circuit(model, INDUCTION, executor=pool, **kw).tensors())
+    here, there = cs.circuit(model, INDUCTION, **kw), cs.circuit(model, INDUCTION, executor=pool, **kw)
+    assert_identical(here.tensors(), there.tensors())
 
 
 def test_an_actor_killed_halfway_is_restarted_and_the_result_is_the_same(pool, one_thread):
@@ -130,7 +125,7 @@ def test_an_actor_killed_halfway_is_restarted_and_the_result_is_the_same(pool, o
     assert killed
     new = pool.pids()
     assert new[0] != pids[0] and new[1] == pids[1]  # restarted by Ray
-    same(cs.scan(model, INDUCTION, **kw).tensors(), there.tensors())
+    assert_identical(cs.scan(model, INDUCTION, **kw).tensors(), there.tensors())
 
 
 def test_a_model_split_across_devices_is_refused(pool):
@@ -176,7 +171,7 @@ def test_a_killed_driver_resumes_from_its_checkpoint(cluster, pool, one_thread, 
     resumed = cs.scan("induction", INDUCTION, checkpoint=out, executor=pool,
                       progress=lambda s, d, t: seen.append(d) if s == "attribution" else None, **kw)
     assert seen[0] == 6  # units 0-4 came from the file
-    same(cs.scan("induction", INDUCTION, **kw).tensors(), resumed.tensors())
+    assert_identical(cs.scan("induction", INDUCTION, **kw).tensors(), resumed.tensors())
     assert not (out / "scan.partial.safetensors").exists()
 
 

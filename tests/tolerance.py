@@ -30,3 +30,11 @@ def assert_close(got, ref, rtol: float = FP32, *, low=None, scale=None, msg: str
     allowed = rtol * float(s) + (0.0 if low is None else 2 * (low.detach().float() - ref).abs().max().item())
     err = (got[live] - ref[live]).abs().max().item() if live.any() else 0.0
     assert err <= allowed, f"max error {err:.3g} > {allowed:.3g} (rtol {rtol:g} x scale {float(s):.3g}) {msg}"
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    """Two result dicts of tensors equal bit for bit (NaN where NaN): runs that must add the same
+    numbers in the same order (Ray actors against one process, a split model against the whole)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
