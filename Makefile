@@ -17,8 +17,9 @@ test:
 test-threads:
 	CAUSALSCAN_TEST_THREADS=1 CAUSALSCAN_BACKEND=torch $(PYTEST) -m "not slow and not real"
 
+# compiled kernels, never the interpreter (the GPU tests refuse TRITON_INTERPRET=1)
 test-gpu:
-	python -m pytest -q -m gpu
+	TRITON_INTERPRET=0 python -m pytest -q -m gpu
 
 aot:
 	python tests/aot_compile.py --arch 90

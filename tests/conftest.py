@@ -1,9 +1,13 @@
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+import torch
+
+# without a GPU the kernels run under Triton's interpreter (set before any kernel module is imported);
+# with one they are compiled, and the GPU tests refuse the interpreter (_compiled_kernels_on_gpu)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Property tests: "ci" (default) is bounded and derandomised, so every machine runs the same examples
@@ -54,6 +58,13 @@ def tiny():
         return _cache[key]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _compiled_kernels_on_gpu(request):
+    """A GPU test under ``TRITON_INTERPRET=1`` would check the interpreter, not the compiled kernels."""
+    if request.node.get_closest_marker("gpu") and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("the GPU tests check the compiled kernels: run them without TRITON_INTERPRET=1 (make test-gpu)")
 
 
 @pytest.fixture
