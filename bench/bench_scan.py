@@ -61,8 +61,9 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
     corrupt[:, seq // 2] = torch.randint(4, vocab, (pairs,), generator=g).to(dev)
     ans, wrong = torch.randint(4, vocab, (2, pairs), generator=g).to(dev)
 
-    def metric(logits, ref=None):
-        return logits.gather(-1, ans[:, None])[:, 0].float() - logits.gather(-1, wrong[:, None])[:, 0].float()
+    def metric(logits, ref=None):  # logits [P, T or keep, V] -> logit difference at the last position [P]
+        last = logits[:, -1]
+        return last.gather(-1, ans[:, None])[:, 0].float() - last.gather(-1, wrong[:, None])[:, 0].float()
 
     sweeps = []
     for site in SITES:
@@ -80,7 +81,7 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
         with attribution.frozen(model.hf), torch.enable_grad():
             h = model.hf.get_input_embeddings().register_forward_hook(leaf)
             try:
-                m = metric(runner.forward(ad, clean)[:, -1])
+                m = metric(runner.forward(ad, clean))
             finally:
                 h.remove()
             m.sum().backward()
@@ -103,7 +104,7 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
         with attribution.frozen(model.hf), torch.enable_grad():
             h = model.hf.get_input_embeddings().register_forward_hook(leaf)
             try:
-                m = metric(runner.forward(ad, clean, [keep(s, layer) for s, layer in taps_sites])[:, -1])
+                m = metric(runner.forward(ad, clean, [keep(s, layer) for s, layer in taps_sites]))
             finally:
                 h.remove()
             m.sum().backward()
@@ -130,6 +131,14 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
             "nodes": sum(int(torch.tensor(sw.shape).prod()) for sw in sweeps), "layers": ad.n_layers}
 
 
+def run_one(cmd: list[str], env: dict | None) -> dict:
+    """One variant in its own process; its error output when it fails."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd[2:])} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="tiny,small,medium")
@@ -143,21 +152,6 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(*args.one, args.pairs, args.seq, args.repeats)))
         return
-    rows = []
-    for size in args.sizes.split(","):
-        for variant in args.variants.split(","):
-            cmd = [sys.executable, __file__, "--one", size, variant, "--pairs", str(args.pairs), "--seq",
-                   str(args.seq), "--repeats", str(args.repeats)]
-            timed, sized = (json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-                                       .stdout.strip().splitlines()[-1]) for env in (None, MEMORY_ENV))
-            rows.append({**timed, "peak_bytes": sized["peak_bytes"]})
-        plain = next(r for r in rows if r["size"] == size and r["variant"] == "plain")
-        for r in rows:
-            if r["size"] == size:
-                r["time_vs_plain"] = r["seconds"] / plain["seconds"]
-                r["memory_vs_plain"] = r["peak_bytes"] / max(plain["peak_bytes"], 1)
-                print(f"{size:<7} {r['variant']:<8} {r['seconds'] * 1e3:9.1f} ms  x{r['time_vs_plain']:5.2f}   "
-                      f"peak {r['peak_bytes'] / 2**20:8.1f} MiB  x{r['memory_vs_plain']:5.2f}", flush=True)
     cuda = torch.cuda.is_available()
     machine = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
@@ -165,8 +159,28 @@ def main() -> None:
                else "peak RSS above post-load RSS (own process)"}
     default = ROOT / "bench" / "results" / f"scan-{'cuda' if cuda else 'cpu'}-{platform.machine()}.json"
     out = Path(args.out) if args.out else default
-    out.write_text(json.dumps({"machine": machine, "pairs": args.pairs, "seq": args.seq, "sites": SITES,
-                               "rows": rows}, indent=2) + "\n")
+    rows = []
+    envs = (None,) if cuda else (None, MEMORY_ENV)  # on CUDA the timed run's allocator peak is the memory
+    variants = args.variants.split(",")
+    variants.sort(key=lambda v: v != "plain")  # the floor first: every later variant's ratio to it
+    for size in args.sizes.split(","):
+        plain = None
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--one", size, variant, "--pairs", str(args.pairs), "--seq",
+                   str(args.seq), "--repeats", str(args.repeats)]
+            runs = [run_one(cmd, env) for env in envs]
+            r = {**runs[0], "peak_bytes": runs[-1]["peak_bytes"]}
+            plain = r if variant == "plain" else plain
+            line = f"{size:<7} {variant:<8} {r['seconds'] * 1e3:9.1f} ms  peak {r['peak_bytes'] / 2**20:8.1f} MiB"
+            if plain:
+                r["time_vs_plain"] = r["seconds"] / plain["seconds"]
+                r["memory_vs_plain"] = r["peak_bytes"] / max(plain["peak_bytes"], 1)
+                line += f"  time x{r['time_vs_plain']:5.2f}  memory x{r['memory_vs_plain']:5.2f}"
+            rows.append(r)
+            print(line, flush=True)
+            # after every variant: a run stopped at a time limit keeps what it measured
+            out.write_text(json.dumps({"machine": machine, "pairs": args.pairs, "seq": args.seq, "sites": SITES,
+                                       "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
