@@ -3,8 +3,9 @@ hook loop, and TransformerLens (TransformerBridge over the same weights, when in
 
 Sweeps: every head at all positions, and resid_pre by layer x position, on 8 IOI-style pairs
 (denoising, TransformerLens's convention). Also times the floor: plain batched forwards over
-exactly the layers and positions our plan recomputes. Prints ratios and saves them with the
-machine to bench/results/.
+exactly the layers and positions our plan recomputes. Runs on the GPU when there is one (fp32,
+every method on the same device; ``random:llama-135m`` is the real tier's shape). Prints ratios
+and saves them with the machine to bench/results/.
 
     python bench/bench_patching.py [--models random:gpt2-small,random:gpt2-medium] [--repeats 3]
 """
@@ -25,18 +26,24 @@ import torch
 import causalscan as cs
 from causalscan import runner
 from causalscan.data import Dataset, stack
-from causalscan.patching import patch, plan, start
+from causalscan.patching import default_min_tokens, patch, plan, start
 from causalscan.sweeps import sweep_components
 
 ROOT = Path(__file__).resolve().parents[1]
-MIN_TOKENS = 2048  # patch()'s CPU default, used by ours and by the floor alike
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def best_of(fn, repeats):
     times, out = [], None
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times), out
 
@@ -47,7 +54,7 @@ def naive(model, clean, corrupt, ans, wrong, site):
     comps, shape = sweep_components(model, site, site == "resid_pre", clean.shape[1])
     src = {}
     runner.forward(ad, clean, [runner.capture(ad, site, layer, src) for layer in range(ad.n_layers)])
-    out = torch.empty(len(comps))
+    out = torch.empty(len(comps), device=clean.device)
     for j, c in enumerate(comps):
         s = src[(site, c.layer)]
         pos = slice(None) if c.position is None else slice(c.position, c.position + 1)
@@ -67,8 +74,8 @@ def floor(model, corrupt, site):
     p, seq = corrupt.shape
     comps, _ = sweep_components(model, site, site == "resid_pre", seq)
     _, acts, kv = runner.run_with_cache(ad, corrupt, [("resid_pre", s) for s in range(ad.n_layers)])
-    for layer, pos, members in plan([start([c]) for c in comps], p, seq, MIN_TOKENS):
-        rows = torch.arange(p).repeat_interleave(len(members))
+    for layer, pos, members in plan([start([c]) for c in comps], p, seq, default_min_tokens(model.device)):
+        rows = torch.arange(p, device=corrupt.device).repeat_interleave(len(members))
         runner.forward(ad, corrupt[rows, pos:], start_layer=layer, resid=acts[("resid_pre", layer)][rows, pos:, 0],
                        past=kv.cache(rows, pos, layer, model.hf.config))
 
@@ -82,7 +89,7 @@ def transformer_lens(model, clean, corrupt, ans, wrong, site):
     model.tokenizer.save_pretrained(d)
     tok = PreTrainedTokenizerFast.from_pretrained(d)
     bridge = TransformerBridge.boot_transformers(model.adapter.family.name, hf_model=copy.deepcopy(model.hf),
-                                                 tokenizer=tok, device="cpu")
+                                                 tokenizer=tok, device=str(model.device))
 
     def metric(logits):
         last = logits[:, -1]
@@ -98,21 +105,20 @@ def transformer_lens(model, clean, corrupt, ans, wrong, site):
 
 @torch.no_grad()
 def bench_model(spec, repeats, with_tl):
-    model = cs.load(spec)
+    model = cs.load(spec, device="cuda" if torch.cuda.is_available() else "cpu")
     ds = Dataset.from_jsonl(ROOT / "examples/ioi.jsonl")
-    b = stack(ds.tokenize(model.tokenizer))
+    b = stack(ds.tokenize(model.tokenizer), model.device)
     clean, corrupt, ans, wrong = b["clean"], b["corrupt"], b["answer"], b["wrong"]
     rows = []
     for site in ("head", "resid_pre"):
-        t_ours, res = best_of(lambda s=site: patch(model, ds, sites=s, direction="denoising",
-                                                        min_tokens=MIN_TOKENS), repeats)
-        ours = res.patched.mean(0).reshape(res.sweeps[0].shape)
+        t_ours, res = best_of(lambda s=site: patch(model, ds, sites=s, direction="denoising"), repeats)
+        ours = res.patched.mean(0).reshape(res.sweeps[0].shape).cpu()
         t_naive, ref = best_of(lambda s=site: naive(model, clean, corrupt, ans, wrong, s), repeats)
         t_floor, _ = best_of(lambda s=site: floor(model, corrupt, s), repeats)
         row = {"model": spec, "sweep": site, "pairs": len(ds), "seq": clean.shape[1], "patches": ours.numel(),
                "ours_s": t_ours, "naive_s": t_naive, "floor_s": t_floor,
                "naive_over_ours": t_naive / t_ours, "ours_over_floor": t_ours / t_floor,
-               "max_abs_diff_naive": (ours - ref).abs().max().item()}
+               "max_abs_diff_naive": (ours - ref.cpu()).abs().max().item(), "max_abs_naive": ref.abs().max().item()}
         if with_tl:
             run = transformer_lens(model, clean, corrupt, ans, wrong, site)
             t_tl, tl = best_of(run, repeats)
@@ -135,9 +141,10 @@ def main():
     except ImportError:
         with_tl = False
         print("transformer-lens not installed (pip install -e '.[peers]'): skipping the peer", flush=True)
-    rows = [r for spec in args.models.split(",") for r in bench_model(spec, args.repeats, with_tl)]
+    rows: list[dict] = []
     doc = {"bench": "patching", "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
-           "cpus": os.cpu_count(), "rows": rows}
+           "cpus": os.cpu_count(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "rows": rows}
     from causalscan.versions import versions
 
     doc["versions"] = versions()
@@ -148,7 +155,9 @@ def main():
     dev = "cuda-" + torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
     out = Path(args.out) / f"patching-{dev}-{platform.machine()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2))
+    for spec in args.models.split(","):
+        rows += bench_model(spec, args.repeats, with_tl)
+        out.write_text(json.dumps(doc, indent=2))  # after every model: a stopped run keeps what it measured
     print(f"saved {out}")
 
 

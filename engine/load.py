@@ -5,8 +5,9 @@ A GGUF file is dequantised by ``transformers``' own GGUF loader to the requested
 the ``gguf`` and ``accelerate`` packages: ``pip install 'causalscan[gguf]'``), its tokenizer
 rebuilt from the file's vocabulary.
 
-``random:<family>[-<size>]`` builds a seeded model with random weights from a small config (sizes
-``tiny``, ``small``, ``1b``) and a word-level tokenizer; nothing is downloaded.
+``random:<family>[-<size>]`` builds a seeded model with random weights from a config of ``SIZES``
+(``tiny`` to ``1b``, and the shapes of SmolLM2-135M and Llama-2-7B for benchmarks) and a word-level
+tokenizer; nothing is downloaded.
 Every load checks the adapter: a run with taps at every site must give the model's own logits,
 and the residual decomposition ``resid_pre + attn_out + mlp_out = resid_post`` must hold.
 """
@@ -36,7 +37,10 @@ SIZES = {
     "small": (4, 256, 8, 4, 1024, 2048),
     "medium": (8, 512, 8, 4, 2048, 4096),
     "1b": (16, 2048, 32, 8, 8192, 32000),
+    "135m": (30, 576, 9, 3, 1536, 49152),  # SmolLM2-135M, the real tier's shape (tied embeddings)
+    "7b": (32, 4096, 32, 32, 11008, 32000),  # Llama-2-7B's shape
 }
+TIED = {"135m"}  # sizes whose unembedding is the embedding
 RANDOM_FAMILIES = tuple(f.name for f in FAMILIES)
 
 
@@ -92,7 +96,8 @@ def random_config(family: str, size: str = "tiny") -> transformers.PretrainedCon
     std = 0.1 if size == "tiny" else 0.02
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)  # vocab.SPECIALS
     common = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=h,
-                  intermediate_size=d_mlp, max_position_embeddings=512, initializer_range=std, **ids)
+                  intermediate_size=d_mlp, max_position_embeddings=512, initializer_range=std, **ids,
+                  **({"tie_word_embeddings": True} if size in TIED else {}))
     gqa = dict(common, num_key_value_heads=kv)
     t = transformers
     if family == "gpt2":

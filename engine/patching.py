@@ -188,12 +188,17 @@ def patch_units(model: Model, rows: Rows, groups: list[list[Component]], directi
     return compute
 
 
+def default_min_tokens(device: torch.device) -> int:
+    """Row-positions a merged forward gathers by default: enough to fill a GPU, fewer on a CPU."""
+    return 16384 if torch.device(device).type == "cuda" else 2048
+
+
 def planned(model: Model, rows: Rows, groups: list[list[Component]], memory_budget: int | None = None,
             min_tokens: int | None = None) -> list[tuple[list[int], list[tuple[int, int]], list[Forward]]]:
     """Per bucket of equal-length rows: ``(row ids, each group's start, the planned forwards)``."""
     budget = memory_budget or default_budget(model)
     if min_tokens is None:
-        min_tokens = 16384 if model.device.type == "cuda" else 2048
+        min_tokens = default_min_tokens(model.device)
     work = []
     for idx in rows.buckets():
         roles = rows.pairs[idx[0]].roles or {}

@@ -207,3 +207,14 @@ def test_circuit_on_ioi_agrees_with_exact_edge_patching(smollm2, ioi_pairs):
         ref = naive.reader_run(smollm2, clean, *g.reader_of(r), delta[:, u], ld) - \
             ld(smollm2.hf(input_ids=clean).logits[:, -1])
     assert_close(res.exact[:, 0], ref, 1e-4, scale=res.clean.abs().max())
+
+
+def test_the_random_135m_shape_is_the_checkpoints(smollm2):
+    """``random:llama-135m`` stands in for the checkpoint where its file cannot go (the GPU run):
+    the same shape and parameter count."""
+    shaped = cs.load("random:llama-135m", check=False)
+    assert (shaped.adapter.n_layers, shaped.adapter.n_heads, shaped.adapter.n_kv_heads, shaped.adapter.d_model,
+            shaped.adapter.d_mlp) == (smollm2.adapter.n_layers, smollm2.adapter.n_heads, smollm2.adapter.n_kv_heads,
+                                      smollm2.adapter.d_model, smollm2.adapter.d_mlp)
+    assert shaped.vocab_size == smollm2.vocab_size
+    assert sum(p.numel() for p in shaped.hf.parameters()) == sum(p.numel() for p in smollm2.hf.parameters())
