@@ -103,6 +103,10 @@ def main() -> None:
         print(json.dumps(one(args.one)))
         return
     results = []
+    unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
+    if unknown:
+        ap.error(f"unknown shape {', '.join(unknown)}; shapes: {', '.join(SHAPES)} ("
+                 + "; ".join(f"{k}: {v[0]} {v[1]}x{v[2]}" for k, v in SHAPES.items()) + ")")
     for name in args.shapes.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", name], env=ENV, capture_output=True, text=True,
                               check=True)
