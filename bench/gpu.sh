@@ -33,7 +33,8 @@ step_setup() {
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   python3 -c "import causalscan" 2>/dev/null \
-    || python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
+    || python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    || python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . || return 1
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 - <<'EOF'
 import importlib, platform, torch
