@@ -86,28 +86,22 @@ def main() -> None:
            "prompts": len(ids), "source": source, "target": target,
            "radius": radius, "n": args.n, "melbo_steps": args.melbo_steps, "dct_iters": args.dct_iters,
            "best_of": args.repeats, "results": rows, "dct_over_melbo": round(ratio, 2) if ratio else None}
-    size = args.model.rpartition("-")[2] if args.model.startswith("random:") else ""
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        f"elicit-{'cuda' if cuda else 'cpu'}-{platform.machine()}{'-' + size if size == '7b' else ''}.json")
+        f"elicit-{'cuda' if cuda else 'cpu'}-{platform.machine()}{'-7b' if args.model.endswith('-7b') else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print(f"saved {out}")
 
 
 def load(spec: str, device: str, dtype: str | None):
-    """``spec`` on ``device``; a large ``random:`` shape on a GPU is built there, not on the CPU first."""
+    """``spec`` on ``device``; the 7B random shape on a GPU is drawn there, not on the CPU first."""
     import causalscan as cs
-    from causalscan.load import random_config
+    from causalscan.load import check_dtype, random_model
 
-    if not (spec.startswith("random:") and spec.endswith("-7b") and device == "cuda"):
-        return cs.load(spec, device=device, dtype=dtype)
-    import transformers
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = transformers.AutoModelForCausalLM.from_config(random_config(*spec[len("random:"):].split("-")),
-                                                           dtype=getattr(torch, dtype or "bfloat16"))
-    return cs.load(hf.eval())
+    if spec.startswith("random:") and spec.endswith("-7b") and device == "cuda":
+        family, _, size = spec[len("random:"):].partition("-")
+        return cs.load(random_model(family, size, dtype=check_dtype(dtype) or torch.bfloat16, device="cuda"))
+    return cs.load(spec, device=device, dtype=dtype)
 
 
 if __name__ == "__main__":

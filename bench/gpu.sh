@@ -12,9 +12,10 @@
 # bench JSONs and the GPU tests' junit XML, for bench/results/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 OUT=${OUT:-$(mktemp -d)}
 RES=$(mktemp -d)  # packed into $OUT/results.tar.gz after every step ($OUT brings back 8 files at most)
+SITE=/tmp/causalscan-gpu-site  # what setup installs outside the image's environment
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 SMOKE=${GPU_SMOKE:-0}
 STEPS=("$@")
@@ -29,12 +30,11 @@ EOF
 
 step_setup() {
   if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
   fi
   python3 -c "import causalscan" 2>/dev/null \
     || python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-    || python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . || return 1
+    || python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" . || return 1
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 - <<'EOF'
 import importlib, platform, torch
@@ -65,9 +65,11 @@ step_scan() {
 }
 
 step_patching() {  # a GPT-2 shape and the real tier's shape (SmolLM2-135M, random weights)
-  local models=random:gpt2-small,random:llama-135m
-  [ "$SMOKE" = 1 ] && models=random:llama-tiny
-  python3 bench/bench_patching.py --models "$models" --repeats "$([ "$SMOKE" = 1 ] && echo 1 || echo 3)" --out "$RES"
+  if [ "$SMOKE" = 1 ]; then
+    python3 bench/bench_patching.py --models random:llama-tiny --repeats 1 --out "$RES"
+  else
+    python3 bench/bench_patching.py --models random:gpt2-small,random:llama-135m --repeats 3 --out "$RES"
+  fi
 }
 
 step_dct() {  # 512 DCT vectors on a 7B shape, bf16 (the reference implementation: ~30 s on an H100)
@@ -88,10 +90,9 @@ for s in "${STEPS[@]}"; do
   echo "=== $s (limit ${LIMIT[$s]} s) $(date -u +%H:%M:%S)" | tee -a "$OUT/log.txt"
   t0=$(date +%s)
   # a step's own function under a time limit, in a subshell: a hung step costs its limit, no more
-  export -f "step_$s"; export RES TAG SMOKE
+  export -f "step_$s"; export RES SITE TAG SMOKE
   timeout -k 10 "${LIMIT[$s]}" bash -c "step_$s" 2>&1 | tee -a "$OUT/log.txt"
   rc=${PIPESTATUS[0]}
-  [ "$s" = setup ] && [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   echo "$s rc=$rc $(( $(date +%s) - t0 ))s$([ "$rc" = 124 ] && echo ' (timed out)')" | tee -a "$OUT/summary.txt"
   tar -czf "$OUT/results.tar.gz" -C "$RES" . 2>/dev/null
 done

@@ -128,13 +128,16 @@ def random_config(family: str, size: str = "tiny") -> transformers.PretrainedCon
 
 
 def random_model(family: str, size: str = "tiny", seed: int = 0, dtype=torch.float32,
-                 attn_implementation: str | None = None) -> nn.Module:
-    """A seeded HF CausalLM with random weights (``attn_implementation``: HF's default if None)."""
+                 attn_implementation: str | None = None, device: str = "cpu") -> nn.Module:
+    """A seeded HF CausalLM with random weights (``attn_implementation``: HF's default if None).
+
+    Drawn on the CPU, so every device gets the same weights; ``device="cuda"`` draws them there
+    (other numbers) for shapes too large to build on the CPU first."""
     config = random_config(family, size)
     if attn_implementation:
         config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    with torch.device("cpu"):
+    with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
