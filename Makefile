@@ -5,6 +5,7 @@ PYTEST = TRITON_INTERPRET=1 python -m pytest -q
 
 lint:
 	ruff check .
+	ruff format --check .
 	python tools/check_imports.py
 
 test-fast:

@@ -63,8 +63,13 @@ def one(variant: str, n_pairs: int) -> dict:
 
 
 def in_process(variant: str, n_pairs: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", variant, "--pairs", str(n_pairs)], check=True,
-                         capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", variant, "--pairs", str(n_pairs)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -78,9 +83,12 @@ def pool_agreement(res, exact: torch.Tensor, pool: torch.Tensor) -> dict:
     top_est = set(pool[est.abs().argsort(descending=True)[:K]].tolist())
     top_ex = set(pool[ex.abs().argsort(descending=True)[:K]].tolist())
     live = ex.abs() >= 0.05 * ex.abs().max()
-    return {"recall_at_50": len(top_est & top_ex) / K, "spearman": spearman(est.abs(), ex.abs()),
-            "sign_agreement": (est[live].sign() == ex[live].sign()).float().mean().item(),
-            "sign_edges": int(live.sum())}
+    return {
+        "recall_at_50": len(top_est & top_ex) / K,
+        "spearman": spearman(est.abs(), ex.abs()),
+        "sign_agreement": (est[live].sign() == ex[live].sign()).float().mean().item(),
+        "sign_edges": int(live.sum()),
+    }
 
 
 def real_tier(n_pairs: int) -> dict:
@@ -101,9 +109,13 @@ def real_tier(n_pairs: int) -> dict:
         t0 = time.perf_counter()
         res = circuit(model, pairs, method=method, confirm=0, edges=200)
         results[method] = res
-        out[method] = {"faithfulness": res.faithfulness, "seconds": time.perf_counter() - t0,
-                       "top10": [e["edge"] for e in res.top(10)], "edges": res.n_rows(),
-                       "timings": res.timings}
+        out[method] = {
+            "faithfulness": res.faithfulness,
+            "seconds": time.perf_counter() - t0,
+            "top10": [e["edge"] for e in res.top(10)],
+            "edges": res.n_rows(),
+            "timings": res.timings,
+        }
         print(method, json.dumps(out[method]["faithfulness"]), flush=True)
     g = results["eap"].graph
     ranked = {m: r.ranked() for m, r in results.items()}
@@ -122,10 +134,15 @@ def real_tier(n_pairs: int) -> dict:
         groups.append(m.view(g.n_up, g.n_read))
     exact = measure(inp, g, groups, True, "patch") - results["eap"].clean[:, None]
     secs = time.perf_counter() - t0
-    out["exact_pool"] = {"edges": len(pool), "rows": len(pool) * n_pairs, "seconds": secs,
-                         "rows_per_s": len(pool) * n_pairs / secs,
-                         "top10_exact": [g.edge_name(*divmod(e, g.n_read))
-                                         for e in pool[exact.mean(0).abs().argsort(descending=True)[:10]].tolist()]}
+    out["exact_pool"] = {
+        "edges": len(pool),
+        "rows": len(pool) * n_pairs,
+        "seconds": secs,
+        "rows_per_s": len(pool) * n_pairs / secs,
+        "top10_exact": [
+            g.edge_name(*divmod(e, g.n_read)) for e in pool[exact.mean(0).abs().argsort(descending=True)[:10]].tolist()
+        ],
+    }
     for method, res in results.items():
         out[method]["agreement"] = pool_agreement(res, exact, pool)
         print(method, out[method]["agreement"], flush=True)
@@ -146,8 +163,9 @@ def peer(n_pairs: int = 8, seq: int = 16) -> dict:
     from causalscan.graph import Graph
 
     tok = cs.load(str(checkpoint())).tokenizer
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=256, n_layer=4, n_head=8, n_positions=64,
-                                  initializer_range=0.05)
+    cfg = transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=256, n_layer=4, n_head=8, n_positions=64, initializer_range=0.05
+    )
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     gen = torch.Generator().manual_seed(1)
@@ -155,8 +173,10 @@ def peer(n_pairs: int = 8, seq: int = 16) -> dict:
     corrupt = clean.clone()
     corrupt[:, seq // 2] = torch.randint(100, 5000, (n_pairs,), generator=gen)
     ans, wrong = torch.randint(100, 5000, (2, n_pairs), generator=gen)
-    records = [{"clean_ids": c.tolist(), "corrupt_ids": k.tolist(), "answer": a.item(), "wrong": w.item()}
-               for c, k, a, w in zip(clean, corrupt, ans, wrong, strict=True)]
+    records = [
+        {"clean_ids": c.tolist(), "corrupt_ids": k.tolist(), "answer": a.item(), "wrong": w.item()}
+        for c, k, a, w in zip(clean, corrupt, ans, wrong, strict=True)
+    ]
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         tok.save_pretrained(d)
@@ -171,20 +191,32 @@ def peer(n_pairs: int = 8, seq: int = 16) -> dict:
         theirs = torch.zeros(g.n_up, g.n_read)
         t0 = time.perf_counter()
         for i in range(n_pairs):
+
             def metric(logits, i=i):
                 last = logits[0, -1]
                 return last[ans[i]] - last[wrong[i]]
-            res = attribution_patch(bridge, clean[i:i + 1], corrupt[i:i + 1], metric,
-                                    EdgeAttributionConfig(granularity="edge"))
+
+            res = attribution_patch(
+                bridge, clean[i : i + 1], corrupt[i : i + 1], metric, EdgeAttributionConfig(granularity="edge")
+            )
             for (src, dst), score in res.edge_scores.items():
                 theirs[_up(g, src), _reader(g, dst)] += score / n_pairs
         tl_s = time.perf_counter() - t0
     diff = (ours.scores - theirs).abs().max().item()
     top_ours = set(ours.ranked()[:50].tolist())
     top_tl = set(theirs.flatten().abs().argsort(descending=True)[:50].tolist())
-    return {"shape": "gpt2 4 x 256, 8 heads", "pairs": n_pairs, "seq": seq, "edges": int(g.valid().sum()),
-            "ours_s": ours_s, "transformer_lens_s": tl_s, "time_ratio_tl_over_ours": tl_s / ours_s,
-            "max_abs_diff": diff, "rel": diff / theirs.abs().max().item(), "top50_overlap": len(top_ours & top_tl) / 50}
+    return {
+        "shape": "gpt2 4 x 256, 8 heads",
+        "pairs": n_pairs,
+        "seq": seq,
+        "edges": int(g.valid().sum()),
+        "ours_s": ours_s,
+        "transformer_lens_s": tl_s,
+        "time_ratio_tl_over_ours": tl_s / ours_s,
+        "max_abs_diff": diff,
+        "rel": diff / theirs.abs().max().item(),
+        "top50_overlap": len(top_ours & top_tl) / 50,
+    }
 
 
 def _up(g, node) -> int:
@@ -213,8 +245,16 @@ def main() -> None:
         return
     from causalscan.versions import versions
 
-    out = {"machine": {"device": "cpu", "arch": platform.machine(), "cores": os.cpu_count(),
-                       "threads": torch.get_num_threads(), **versions()}, "pairs": args.pairs}
+    out = {
+        "machine": {
+            "device": "cpu",
+            "arch": platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            **versions(),
+        },
+        "pairs": args.pairs,
+    }
     if not args.skip_real:
         out["smollm2"] = real_tier(args.pairs)
     if not args.skip_peer:

@@ -24,8 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-ITEMS = ["phone", "movie", "restaurant", "book", "laptop", "hotel", "game", "camera", "album", "car", "chair",
-         "coffee"]
+ITEMS = ["phone", "movie", "restaurant", "book", "laptop", "hotel", "game", "camera", "album", "car", "chair", "coffee"]
 POSITIVE = [" great", " excellent", " amazing", " wonderful", " fantastic", " perfect"]
 NEGATIVE = [" terrible", " awful", " horrible", " disappointing", " poor", " bad"]
 ALPHAS = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
@@ -45,10 +44,18 @@ def cross_check() -> dict:
     cos = torch.cosine_similarity(el.vectors, d[None], dim=-1)
     rand = torch.cosine_similarity(el.random, d[None], dim=-1)
     hits = el.hits("learned")
-    out = {"source": el.source, "hit_vectors": hits, "cosine_of_hits": cos[hits].tolist(),
-           "max_abs_cosine_learned": cos.abs().max().item(), "max_abs_cosine_random": rand.abs().max().item()}
-    print(f"backdoor: DCT hit vectors {hits}, cosine with the trigger direction {out['cosine_of_hits']}; "
-          f"random vectors at most {out['max_abs_cosine_random']:.3f}", flush=True)
+    out = {
+        "source": el.source,
+        "hit_vectors": hits,
+        "cosine_of_hits": cos[hits].tolist(),
+        "max_abs_cosine_learned": cos.abs().max().item(),
+        "max_abs_cosine_random": rand.abs().max().item(),
+    }
+    print(
+        f"backdoor: DCT hit vectors {hits}, cosine with the trigger direction {out['cosine_of_hits']}; "
+        f"random vectors at most {out['max_abs_cosine_random']:.3f}",
+        flush=True,
+    )
     return out
 
 
@@ -90,16 +97,27 @@ def main() -> None:
     base = steered_logprobs(model, test, units, "none")
     curve = []
     for a in ALPHAS:
-        lp = steered_logprobs(model, test, units[layer:layer + 1], "add", torch.tensor([layer]),
-                              torch.tensor([a * norms[layer].item()]))
+        lp = steered_logprobs(
+            model, test, units[layer : layer + 1], "add", torch.tensor([layer]), torch.tensor([a * norms[layer].item()])
+        )
         curve.append({"alpha": a, "sentiment": sentiment(lp).item(), "kl": kl_divergence(base, lp).item()})
         print(f"alpha {a:+.1f}  sentiment {curve[-1]['sentiment']:+.3f}  KL {curve[-1]['kl']:.3f}", flush=True)
-    doc = {"model": "SmolLM2-135M-Instruct", "items": len(ITEMS), "layer": layer,
-           "per_layer": {"gain_at_alpha_1": gain.tolist(), "kl_at_alpha_1": kl.tolist()},
-           "baseline_sentiment": sentiment(base).item(), "curve": curve, "directions_s": t_dir,
-           "total_s": time.perf_counter() - t0,
-           "machine": {"device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                       "torch": torch.__version__}, "date": time.strftime("%Y-%m-%d")}
+    doc = {
+        "model": "SmolLM2-135M-Instruct",
+        "items": len(ITEMS),
+        "layer": layer,
+        "per_layer": {"gain_at_alpha_1": gain.tolist(), "kl_at_alpha_1": kl.tolist()},
+        "baseline_sentiment": sentiment(base).item(),
+        "curve": curve,
+        "directions_s": t_dir,
+        "total_s": time.perf_counter() - t0,
+        "machine": {
+            "device": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+    }
     doc["backdoor_cross_check"] = cross_check()
     out = ROOT / "bench" / "results" / f"directions-smollm2-cpu-{platform.machine()}.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -56,10 +56,14 @@ def main() -> None:
     with frozen(model.hf):
         sl = search.make_slice(model, ids, source, target)
         radius, _ = search.auto_radius(sl, device=model.device)
-        methods = {"melbo": lambda: search.melbo(sl, sl.d_model, args.n, radius, steps=args.melbo_steps,
-                                              device=model.device)[0],
-                "dct": lambda: search.dct(sl.mean_delta, sl.d_model, args.n, radius, iters=args.dct_iters,
-                                          device=model.device)[0]}
+        methods = {
+            "melbo": lambda: search.melbo(sl, sl.d_model, args.n, radius, steps=args.melbo_steps, device=model.device)[
+                0
+            ],
+            "dct": lambda: search.dct(
+                sl.mean_delta, sl.d_model, args.n, radius, iters=args.dct_iters, device=model.device
+            )[0],
+        }
         runs = {m: methods[m] for m in args.methods.split(",")}
         for name, fn in runs.items():
             best, vecs = float("inf"), None
@@ -75,19 +79,42 @@ def main() -> None:
             if phrase:
                 comp = steering.generate(model, ids, vecs, source, max_new_tokens=4)
                 rows[name]["hits"] = sum(any(phrase in c for c in cs_) for cs_ in comp)
-            print(f"{name:6s} {args.n} vectors in {best:7.2f}s = {rows[name]['vectors_per_s']:8.2f} vectors/s"
-                  + (f", {rows[name]['hits']} with {phrase!r}" if phrase else ""))
+            print(
+                f"{name:6s} {args.n} vectors in {best:7.2f}s = {rows[name]['vectors_per_s']:8.2f} vectors/s"
+                + (f", {rows[name]['hits']} with {phrase!r}" if phrase else "")
+            )
     ratio = rows["dct"]["vectors_per_s"] / rows["melbo"]["vectors_per_s"] if len(rows) == 2 else None
     if ratio:
         print(f"DCT / MELBO vectors per second: {ratio:.1f}x")
-    machine = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
-    doc = {"machine": machine, "model": args.model, "dtype": str(next(model.hf.parameters()).dtype),
-           "prompts": len(ids), "source": source, "target": target,
-           "radius": radius, "n": args.n, "melbo_steps": args.melbo_steps, "dct_iters": args.dct_iters,
-           "best_of": args.repeats, "results": rows, "dct_over_melbo": round(ratio, 2) if ratio else None}
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        f"elicit-{'cuda' if cuda else 'cpu'}-{platform.machine()}{'-7b' if args.model.endswith('-7b') else ''}.json")
+    machine = {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    doc = {
+        "machine": machine,
+        "model": args.model,
+        "dtype": str(next(model.hf.parameters()).dtype),
+        "prompts": len(ids),
+        "source": source,
+        "target": target,
+        "radius": radius,
+        "n": args.n,
+        "melbo_steps": args.melbo_steps,
+        "dct_iters": args.dct_iters,
+        "best_of": args.repeats,
+        "results": rows,
+        "dct_over_melbo": round(ratio, 2) if ratio else None,
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT
+        / "bench"
+        / "results"
+        / (f"elicit-{'cuda' if cuda else 'cpu'}-{platform.machine()}{'-7b' if args.model.endswith('-7b') else ''}.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     print(f"saved {out}")
@@ -99,7 +126,7 @@ def load(spec: str, device: str, dtype: str | None):
     from causalscan.load import check_dtype, random_model
 
     if spec.startswith("random:") and spec.endswith("-7b") and device == "cuda":
-        family, _, size = spec[len("random:"):].partition("-")
+        family, _, size = spec[len("random:") :].partition("-")
         return cs.load(random_model(family, size, dtype=check_dtype(dtype) or torch.bfloat16, device="cuda"))
     return cs.load(spec, device=device, dtype=dtype)
 

@@ -33,10 +33,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-METHODS = {"atp": {"method": "atp"}, "atp*": {"method": "atp*", "graddrop": True},
-           "atp*-nogd": {"method": "atp*"}, "atp-ig5": {"method": "atp-ig", "ig_steps": 5},
-           "atp-ig10": {"method": "atp-ig", "ig_steps": 10},
-           "atp-ig5-act": {"method": "atp-ig", "ig_steps": 5, "ig_path": "activations"}, "default": {}}
+METHODS = {
+    "atp": {"method": "atp"},
+    "atp*": {"method": "atp*", "graddrop": True},
+    "atp*-nogd": {"method": "atp*"},
+    "atp-ig5": {"method": "atp-ig", "ig_steps": 5},
+    "atp-ig10": {"method": "atp-ig", "ig_steps": 10},
+    "atp-ig5-act": {"method": "atp-ig", "ig_steps": 5, "ig_path": "activations"},
+    "default": {},
+}
 REAL_METHODS = ("atp", "atp*", "atp*-nogd", "atp-ig5", "atp-ig10", "default")
 SITES = ("head", "resid_pre", "attn_out", "mlp_out", "neuron")
 NEURON_SAMPLE, NEURON_TOP, K = 500, 100, 20
@@ -72,8 +77,7 @@ def floor_s(model, pairs) -> float:
             with torch.no_grad():
                 runner.forward(model.adapter, corrupt)
             with attribution.frozen(model.hf), torch.enable_grad():
-                h = model.hf.get_input_embeddings().register_forward_hook(
-                    lambda m, a, o: o.detach().requires_grad_())
+                h = model.hf.get_input_embeddings().register_forward_hook(lambda m, a, o: o.detach().requires_grad_())
                 try:
                     logits = runner.forward(model.adapter, clean)[:, -1]
                 finally:
@@ -85,20 +89,29 @@ def floor_s(model, pairs) -> float:
 
 def scores(res, sweep: str) -> tuple[torch.Tensor, torch.Tensor, list]:
     sw = next(s for s in res.sweeps if s.name == sweep)
-    return res.score[:, sw.start:sw.stop].mean(0), res.signed[:, sw.start:sw.stop].mean(0), \
-        res.components[sw.start:sw.stop]
+    return (
+        res.score[:, sw.start : sw.stop].mean(0),
+        res.signed[:, sw.start : sw.stop].mean(0),
+        res.components[sw.start : sw.stop],
+    )
 
 
 def compare(score, signed, exact_abs, exact_mean) -> dict:
     from causalscan.scan import spearman
 
     k = min(K, len(score))
-    top_est, top_ex = set(score.argsort(descending=True)[:k].tolist()), set(exact_abs.argsort(descending=True)[:k]
-                                                                          .tolist())
+    top_est, top_ex = (
+        set(score.argsort(descending=True)[:k].tolist()),
+        set(exact_abs.argsort(descending=True)[:k].tolist()),
+    )
     big = exact_mean.abs() >= 0.05 * exact_mean.abs().max()
-    return {"recall_at_20": len(top_est & top_ex) / k, "spearman": spearman(score, exact_abs),
-            "sign": (torch.sign(signed[big]) == torch.sign(exact_mean[big])).float().mean().item(),
-            "nodes": len(score), "signed_nodes": int(big.sum())}
+    return {
+        "recall_at_20": len(top_est & top_ex) / k,
+        "spearman": spearman(score, exact_abs),
+        "sign": (torch.sign(signed[big]) == torch.sign(exact_mean[big])).float().mean().item(),
+        "nodes": len(score),
+        "signed_nodes": int(big.sum()),
+    }
 
 
 def main() -> None:
@@ -130,8 +143,11 @@ def main() -> None:
         kw = METHODS[name] if name == "default" else {"exact_budget": 0, **METHODS[name]}
         t0 = time.perf_counter()
         res = cs.scan(model, pairs, sites=sites, confirm=0, batch_size=args.pairs, **kw)
-        timing[name] = {"s": time.perf_counter() - t0, "x_floor": (time.perf_counter() - t0) / floor,
-                        "scored_by": res.scored_by}
+        timing[name] = {
+            "s": time.perf_counter() - t0,
+            "x_floor": (time.perf_counter() - t0) / floor,
+            "scored_by": res.scored_by,
+        }
         estimates[name] = res
         print(f"{name:<10} {timing[name]['s']:7.2f}s  {timing[name]['x_floor']:6.2f}x floor", flush=True)
     table: dict = {}
@@ -158,15 +174,32 @@ def main() -> None:
                 score, signed = score[idx], signed[idx]
             table[site][name] = compare(score, signed, exact_abs, exact_mean)
             r = table[site][name]
-            print(f"  {name:<10} recall@20 {r['recall_at_20']:.2f}  spearman {r['spearman']:.3f}  "
-                  f"sign {r['sign']:.2f} ({r['signed_nodes']} nodes)", flush=True)
-    machine = {"device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "torch": torch.__version__, "python": platform.python_version()}
-    doc = {"model": args.model, "pairs": len(pairs), "floor_s": floor, "timing": timing, "faithfulness": table,
-           "peak_rss_above_load_mib": (peak_rss() - rss0) / 2**20, "machine": machine,
-           "date": time.strftime("%Y-%m-%d")}
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / \
-        f"faithfulness-{args.model}-cpu-{platform.machine()}.json"
+            print(
+                f"  {name:<10} recall@20 {r['recall_at_20']:.2f}  spearman {r['spearman']:.3f}  "
+                f"sign {r['sign']:.2f} ({r['signed_nodes']} nodes)",
+                flush=True,
+            )
+    machine = {
+        "device": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    doc = {
+        "model": args.model,
+        "pairs": len(pairs),
+        "floor_s": floor,
+        "timing": timing,
+        "faithfulness": table,
+        "peak_rss_above_load_mib": (peak_rss() - rss0) / 2**20,
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "results" / f"faithfulness-{args.model}-cpu-{platform.machine()}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")

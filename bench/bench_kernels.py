@@ -53,7 +53,7 @@ def cases(rows: int, seq: int, dev: str = "cuda"):
         x = torch.randn(shape, device=dev, dtype=bf, generator=g)
         n = x.numel() * x.element_size()
         mask = torch.zeros(b, t, c, dtype=torch.bool, device=dev)
-        mask[:, t // 2:] = True  # half the positions patched
+        mask[:, t // 2 :] = True  # half the positions patched
         src = torch.randn_like(x)
         vec = torch.randn(b, c, d, device=dev, dtype=bf)
         alpha = torch.randn(b, device=dev, dtype=bf)
@@ -66,14 +66,25 @@ def cases(rows: int, seq: int, dev: str = "cuda"):
             "project_out": (dict(direction=u), 2 * n + m_bytes),
         }
         for op, (kw, nbytes) in per_op.items():
-            out.append((f"perturb/{op}/{site}", lambda x=x, op=op, kw=kw, m=mask: ops.perturb(x, op, m, **kw),
-                        lambda x=x, op=op, kw=kw, m=mask: perturb_ref(x, op, m, **kw), nbytes))
+            out.append(
+                (
+                    f"perturb/{op}/{site}",
+                    lambda x=x, op=op, kw=kw, m=mask: ops.perturb(x, op, m, **kw),
+                    lambda x=x, op=op, kw=kw, m=mask: perturb_ref(x, op, m, **kw),
+                    nbytes,
+                )
+            )
         delta, grad = torch.randn_like(x), torch.randn_like(x)
         for by_pos in (True, False):
             res = b * c * (t if by_pos else 1) * 4
-            out.append((f"attribute/{'by_pos' if by_pos else 'all_pos'}/{site}",
-                        lambda d_=delta, g_=grad, bp=by_pos: ops.attribute(None, d_, g_, bp),
-                        lambda d_=delta, g_=grad, bp=by_pos: attribute_ref(None, d_, g_, bp), 2 * n + res))
+            out.append(
+                (
+                    f"attribute/{'by_pos' if by_pos else 'all_pos'}/{site}",
+                    lambda d_=delta, g_=grad, bp=by_pos: ops.attribute(None, d_, g_, bp),
+                    lambda d_=delta, g_=grad, bp=by_pos: attribute_ref(None, d_, g_, bp),
+                    2 * n + res,
+                )
+            )
     return out
 
 
@@ -89,9 +100,10 @@ def qk_case(rows: int, seq: int, dev: str = "cuda"):
     dz = torch.randn(rows, seq, h, dh, device=dev, dtype=bf)
     i = torch.arange(seq, device=dev)
     bias = torch.zeros(seq, seq, device=dev).masked_fill(i[None] > i[:, None], float("-inf"))
-    args = (q, k, v, dz, bias, dh ** -0.5, None, q_o, k_o)
+    args = (q, k, v, dz, bias, dh**-0.5, None, q_o, k_o)
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-        q, k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1), is_causal=True)
+        q, k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1), is_causal=True
+    )
     return lambda: ops.qk_fix(*args), lambda: qk_fix_ref(*args), sdpa
 
 
@@ -105,8 +117,10 @@ def check() -> None:
         if isinstance(got, dict):  # qk_fix: {name: tensor}
             got, want = [got[k] for k in sorted(want)], [want[k] for k in sorted(want)]
         got, want = ([t] if isinstance(t, torch.Tensor) else t for t in (got, want))
-        err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
-                  for a, b in zip(got, want, strict=True))
+        err = max(
+            float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+            for a, b in zip(got, want, strict=True)
+        )
         print(f"{name:32s} ours vs reference: max diff / max |ref| = {err:.1e}")
         if err > 2e-2:  # bf16 outputs: a few ulps of 2^-8 at most
             sys.exit(f"{name}: ours and the reference disagree ({err:.1e})")
@@ -128,16 +142,23 @@ def main() -> None:
     os.environ["CAUSALSCAN_BACKEND"] = "triton"
     import triton
 
-    machine = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "cuda": torch.version.cuda, "python": platform.python_version()}
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        "kernels-" + torch.cuda.get_device_name().replace(" ", "_") + ".json")
+    machine = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "results" / ("kernels-" + torch.cuda.get_device_name().replace(" ", "_") + ".json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
     def save():  # after every figure: a run stopped at a time limit keeps what it measured
-        out.write_text(json.dumps({"machine": machine, "rows": args.rows, "seq": args.seq, "results": rows},
-                                  indent=1))
+        out.write_text(json.dumps({"machine": machine, "rows": args.rows, "seq": args.seq, "results": rows}, indent=1))
 
     copy_gbs = {}
     memory_bound = cases(args.rows, args.seq)
@@ -149,20 +170,37 @@ def main() -> None:
             y = torch.empty_like(x)
             copy_gbs[key] = 2 * x.numel() * 2 / 1e6 / bench(lambda x=x, y=y: y.copy_(x))
         gbs = {k: nbytes / 1e6 / v for k, v in ms.items()}
-        rows.append({"case": name, "bytes": nbytes, **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
-                     **{f"{k}_GBps": round(v, 1) for k, v in gbs.items()}, "copy_GBps": round(copy_gbs[key], 1),
-                     "share_of_copy": round(gbs["ours"] / copy_gbs[key], 3)})
+        rows.append(
+            {
+                "case": name,
+                "bytes": nbytes,
+                **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
+                **{f"{k}_GBps": round(v, 1) for k, v in gbs.items()},
+                "copy_GBps": round(copy_gbs[key], 1),
+                "share_of_copy": round(gbs["ours"] / copy_gbs[key], 3),
+            }
+        )
         r = rows[-1]
-        print(f"{name:32s} ours {r['ours_GBps']:7.0f} GB/s  eager {r['eager_GBps']:7.0f}  "
-              f"copy {r['copy_GBps']:7.0f}  ours/copy {r['share_of_copy']:.2f}", flush=True)
+        print(
+            f"{name:32s} ours {r['ours_GBps']:7.0f} GB/s  eager {r['eager_GBps']:7.0f}  "
+            f"copy {r['copy_GBps']:7.0f}  ours/copy {r['share_of_copy']:.2f}",
+            flush=True,
+        )
         save()
     ours, ref, sdpa = qk_case(args.rows, args.seq)
-    qk = {"case": f"qk_fix/q+k/B{args.rows}-H32-Hkv8-T{args.seq}-Dh64", "ours_ms": bench(ours),
-          "eager_ms": bench(ref), "sdpa_forward_ms": bench(sdpa)}
+    qk = {
+        "case": f"qk_fix/q+k/B{args.rows}-H32-Hkv8-T{args.seq}-Dh64",
+        "ours_ms": bench(ours),
+        "eager_ms": bench(ref),
+        "sdpa_forward_ms": bench(sdpa),
+    }
     qk["eager_over_ours"] = round(qk["eager_ms"] / qk["ours_ms"], 2)  # the reference materialises [T, T]
     rows.append(qk)
-    print(f"{qk['case']:32s} ours {qk['ours_ms']:.3f} ms  eager {qk['eager_ms']:.3f} ms ({qk['eager_over_ours']}x)  "
-          f"(attention forward {qk['sdpa_forward_ms']:.3f} ms)", flush=True)
+    print(
+        f"{qk['case']:32s} ours {qk['ours_ms']:.3f} ms  eager {qk['eager_ms']:.3f} ms ({qk['eager_over_ours']}x)  "
+        f"(attention forward {qk['sdpa_forward_ms']:.3f} ms)",
+        flush=True,
+    )
     save()
     if args.no_compile:
         print(f"saved {out}")

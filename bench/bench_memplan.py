@@ -77,10 +77,12 @@ def one(name: str) -> dict:
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, None)
     from dataclasses import replace
 
-    compute = attribution_units(inp.model, replace(inp, model=None), sweeps, "noising", method == "atp*", False,
-                                rows, 0, "inputs")
+    compute = attribution_units(
+        inp.model, replace(inp, model=None), sweeps, "noising", method == "atp*", False, rows, 0, "inputs"
+    )
     groups = [[c] for c in comps[:k]]
     work = planned(inp.model, inp.rows, groups)
+
     def patched():  # a fresh bucket cache each time, as the plan's unit builds one
         patch_units(inp.model, inp.rows, groups, "noising", inp.metric_fn, work)((0, 0))
 
@@ -88,9 +90,19 @@ def one(name: str) -> dict:
     patched()
     measured = {"attribution": _peak_of(lambda: compute(0)), "exact patching": _peak_of(patched)}
     predicted = {stage: plan.stages[stage]["cpu"] for stage in measured}
-    return {"shape": name, "model": spec, "rows": rows, "tokens": seq, "sites": sites, "method": method,
-            "weights_bytes": plan.weights["cpu"], "predicted_bytes": predicted, "measured_bytes": measured,
-            "ratio": {s: predicted[s] / measured[s] for s in measured}, "chunks": plan.chunks}
+    return {
+        "shape": name,
+        "model": spec,
+        "rows": rows,
+        "tokens": seq,
+        "sites": sites,
+        "method": method,
+        "weights_bytes": plan.weights["cpu"],
+        "predicted_bytes": predicted,
+        "measured_bytes": measured,
+        "ratio": {s: predicted[s] / measured[s] for s in measured},
+        "chunks": plan.chunks,
+    }
 
 
 def main() -> None:
@@ -105,22 +117,35 @@ def main() -> None:
     results = []
     unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
     if unknown:
-        ap.error(f"unknown shape {', '.join(unknown)}; shapes: {', '.join(SHAPES)} ("
-                 + "; ".join(f"{k}: {v[0]} {v[1]}x{v[2]}" for k, v in SHAPES.items()) + ")")
+        ap.error(
+            f"unknown shape {', '.join(unknown)}; shapes: {', '.join(SHAPES)} ("
+            + "; ".join(f"{k}: {v[0]} {v[1]}x{v[2]}" for k, v in SHAPES.items())
+            + ")"
+        )
     for name in args.shapes.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--one", name], env=ENV, capture_output=True, text=True,
-                              check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", name], env=ENV, capture_output=True, text=True, check=True
+        )
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
         for stage in r["measured_bytes"]:
-            print(f"{name} {r['model']:<22} {r['rows']}x{r['tokens']} {stage:<15} predicted "
-                  f"{r['predicted_bytes'][stage] / 2**20:8.1f} MiB  measured {r['measured_bytes'][stage] / 2**20:8.1f}"
-                  f" MiB  ratio {r['ratio'][stage]:.3f}")
+            print(
+                f"{name} {r['model']:<22} {r['rows']}x{r['tokens']} {stage:<15} predicted "
+                f"{r['predicted_bytes'][stage] / 2**20:8.1f} MiB  measured {r['measured_bytes'][stage] / 2**20:8.1f}"
+                f" MiB  ratio {r['ratio'][stage]:.3f}"
+            )
     import torch
 
-    out = {"machine": {"device": "cpu", "arch": platform.machine(), "cpus": os.cpu_count(),
-                       "processor": platform.processor(), "torch": torch.__version__},
-           "results": results}
+    out = {
+        "machine": {
+            "device": "cpu",
+            "arch": platform.machine(),
+            "cpus": os.cpu_count(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+        },
+        "results": results,
+    }
     path = Path(args.out or ROOT / "bench" / "results" / f"memplan-cpu-{platform.machine()}.json")
     path.write_text(json.dumps(out, indent=1))
     print(f"saved {path}")

@@ -63,6 +63,7 @@ def naive(model, clean, corrupt, ans, wrong, site):
             x = x.clone()
             x[:, pos, c.index] = s[:, pos, c.index]
             return x
+
         logits = runner.forward(ad, corrupt, [(site, c.layer, fn)])[:, -1]
         out[j] = (logits.gather(1, ans[:, None]) - logits.gather(1, wrong[:, None])).mean()
     return out.reshape(shape)
@@ -76,8 +77,13 @@ def floor(model, corrupt, site):
     _, acts, kv = runner.run_with_cache(ad, corrupt, [("resid_pre", s) for s in range(ad.n_layers)])
     for layer, pos, members in plan([start([c]) for c in comps], p, seq, default_min_tokens(model.device)):
         rows = torch.arange(p, device=corrupt.device).repeat_interleave(len(members))
-        runner.forward(ad, corrupt[rows, pos:], start_layer=layer, resid=acts[("resid_pre", layer)][rows, pos:, 0],
-                       past=kv.cache(rows, pos, layer, model.hf.config))
+        runner.forward(
+            ad,
+            corrupt[rows, pos:],
+            start_layer=layer,
+            resid=acts[("resid_pre", layer)][rows, pos:, 0],
+            past=kv.cache(rows, pos, layer, model.hf.config),
+        )
 
 
 def transformer_lens(model, clean, corrupt, ans, wrong, site):
@@ -88,8 +94,9 @@ def transformer_lens(model, clean, corrupt, ans, wrong, site):
     d = tempfile.mkdtemp()  # TransformerLens re-reads the tokenizer from its path
     model.tokenizer.save_pretrained(d)
     tok = PreTrainedTokenizerFast.from_pretrained(d)
-    bridge = TransformerBridge.boot_transformers(model.adapter.family.name, hf_model=copy.deepcopy(model.hf),
-                                                 tokenizer=tok, device=str(model.device))
+    bridge = TransformerBridge.boot_transformers(
+        model.adapter.family.name, hf_model=copy.deepcopy(model.hf), tokenizer=tok, device=str(model.device)
+    )
 
     def metric(logits):
         last = logits[:, -1]
@@ -100,6 +107,7 @@ def transformer_lens(model, clean, corrupt, ans, wrong, site):
     def run():
         _, cache = bridge.run_with_cache(clean)
         return fn(bridge, corrupt, cache, metric)
+
     return run
 
 
@@ -115,10 +123,20 @@ def bench_model(spec, repeats, with_tl):
         ours = res.patched.mean(0).reshape(res.sweeps[0].shape).cpu()
         t_naive, ref = best_of(lambda s=site: naive(model, clean, corrupt, ans, wrong, s), repeats)
         t_floor, _ = best_of(lambda s=site: floor(model, corrupt, s), repeats)
-        row = {"model": spec, "sweep": site, "pairs": len(ds), "seq": clean.shape[1], "patches": ours.numel(),
-               "ours_s": t_ours, "naive_s": t_naive, "floor_s": t_floor,
-               "naive_over_ours": t_naive / t_ours, "ours_over_floor": t_ours / t_floor,
-               "max_abs_diff_naive": (ours - ref.cpu()).abs().max().item(), "max_abs_naive": ref.abs().max().item()}
+        row = {
+            "model": spec,
+            "sweep": site,
+            "pairs": len(ds),
+            "seq": clean.shape[1],
+            "patches": ours.numel(),
+            "ours_s": t_ours,
+            "naive_s": t_naive,
+            "floor_s": t_floor,
+            "naive_over_ours": t_naive / t_ours,
+            "ours_over_floor": t_ours / t_floor,
+            "max_abs_diff_naive": (ours - ref.cpu()).abs().max().item(),
+            "max_abs_naive": ref.abs().max().item(),
+        }
         if with_tl:
             run = transformer_lens(model, clean, corrupt, ans, wrong, site)
             t_tl, tl = best_of(run, repeats)
@@ -142,9 +160,14 @@ def main():
         with_tl = False
         print("transformer-lens not installed (pip install -e '.[peers]'): skipping the peer", flush=True)
     rows: list[dict] = []
-    doc = {"bench": "patching", "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
-           "cpus": os.cpu_count(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "rows": rows}
+    doc = {
+        "bench": "patching",
+        "date": time.strftime("%Y-%m-%d"),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "rows": rows,
+    }
     from causalscan.versions import versions
 
     doc["versions"] = versions()

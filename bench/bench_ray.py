@@ -66,18 +66,39 @@ def main() -> None:
     for name, (secs, res) in runs.items():
         t = res.tensors()
         equal = all(torch.equal(torch.nan_to_num(ref[k], 7.0), torch.nan_to_num(t[k], 7.0)) for k in ref)
-        rows[name] = {"seconds": secs, "pairs_per_s": args.pairs / secs, "attribution_s": res.timings["attribution_s"],
-                      "confirm_s": res.timings.get("confirm_s"), "bitwise_equal_to_plain_1t": equal,
-                      "speed_vs_plain_1t": runs["plain-1t"][0] / secs}
-        print(f"{name:<12} {secs:7.2f} s  {args.pairs / secs:6.2f} pairs/s  x{rows[name]['speed_vs_plain_1t']:.2f} "
-              f"vs plain-1t  bitwise equal: {equal}")
-    out = {"machine": {"device": "cpu", "arch": platform.machine(), "cpus": cores, "processor": platform.processor(),
-                       "torch": torch.__version__, "ray": ray.__version__},
-           "model": args.model, "pairs": args.pairs, "tokens": args.seq, "scan": {k: str(v) for k, v in kw.items()},
-           "ray_overhead_1_actor": runs["ray-1"][0] / runs["plain-1t"][0],
-           "speedup_2_actors_vs_1": runs["ray-1"][0] / runs["ray-2"][0], "runs": rows}
-    print(f"Ray overhead, 1 actor against the plain scan at one thread: x{out['ray_overhead_1_actor']:.3f}; "
-          f"2 actors against 1: x{out['speedup_2_actors_vs_1']:.2f}")
+        rows[name] = {
+            "seconds": secs,
+            "pairs_per_s": args.pairs / secs,
+            "attribution_s": res.timings["attribution_s"],
+            "confirm_s": res.timings.get("confirm_s"),
+            "bitwise_equal_to_plain_1t": equal,
+            "speed_vs_plain_1t": runs["plain-1t"][0] / secs,
+        }
+        print(
+            f"{name:<12} {secs:7.2f} s  {args.pairs / secs:6.2f} pairs/s  x{rows[name]['speed_vs_plain_1t']:.2f} "
+            f"vs plain-1t  bitwise equal: {equal}"
+        )
+    out = {
+        "machine": {
+            "device": "cpu",
+            "arch": platform.machine(),
+            "cpus": cores,
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+        },
+        "model": args.model,
+        "pairs": args.pairs,
+        "tokens": args.seq,
+        "scan": {k: str(v) for k, v in kw.items()},
+        "ray_overhead_1_actor": runs["ray-1"][0] / runs["plain-1t"][0],
+        "speedup_2_actors_vs_1": runs["ray-1"][0] / runs["ray-2"][0],
+        "runs": rows,
+    }
+    print(
+        f"Ray overhead, 1 actor against the plain scan at one thread: x{out['ray_overhead_1_actor']:.3f}; "
+        f"2 actors against 1: x{out['speedup_2_actors_vs_1']:.2f}"
+    )
     path = Path(args.out or ROOT / "bench" / "results" / f"ray-cpu-{platform.machine()}.json")
     path.write_text(json.dumps(out, indent=1))
     print(f"saved {path}")

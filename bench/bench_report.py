@@ -43,11 +43,21 @@ def main() -> None:
     import plotly
     import torch
 
-    doc = {"nodes": len(res.components), "pairs": len(pairs), "scan_s": scan_s, "report_s": report_s,
-           "report_bytes": size, "scored_by": res.scored_by,
-           "machine": {"device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                       "torch": torch.__version__, "plotly": plotly.__version__},
-           "date": time.strftime("%Y-%m-%d")}
+    doc = {
+        "nodes": len(res.components),
+        "pairs": len(pairs),
+        "scan_s": scan_s,
+        "report_s": report_s,
+        "report_bytes": size,
+        "scored_by": res.scored_by,
+        "machine": {
+            "device": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "plotly": plotly.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(json.dumps(doc, indent=2))
     out = ROOT / "bench" / "results" / f"report-smollm2-cpu-{platform.machine()}.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")

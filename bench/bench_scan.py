@@ -100,7 +100,9 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
                 acts_c[(s, layer)] = x
                 x.register_hook(lambda gr: grads.__setitem__((s, layer), gr))
                 return x
+
             return s, layer, fn
+
         with attribution.frozen(model.hf), torch.enable_grad():
             h = model.hf.get_input_embeddings().register_forward_hook(leaf)
             try:
@@ -110,8 +112,13 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
             m.sum().backward()
         return {k: ((acts_k[k] - acts_c[k].detach()) * grads[k]).sum(-1) for k in acts_c}
 
-    fn = {"plain": plain, "atp": ours(False, False), "atp*-qk": ours(True, False), "atp*": ours(True, True),
-          "cache": cache}[variant]
+    fn = {
+        "plain": plain,
+        "atp": ours(False, False),
+        "atp*-qk": ours(True, False),
+        "atp*": ours(True, True),
+        "cache": cache,
+    }[variant]
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -127,8 +134,14 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes()) - base
-    return {"size": size, "variant": variant, "seconds": min(times), "peak_bytes": peak,
-            "nodes": sum(int(torch.tensor(sw.shape).prod()) for sw in sweeps), "layers": ad.n_layers}
+    return {
+        "size": size,
+        "variant": variant,
+        "seconds": min(times),
+        "peak_bytes": peak,
+        "nodes": sum(int(torch.tensor(sw.shape).prod()) for sw in sweeps),
+        "layers": ad.n_layers,
+    }
 
 
 def run_one(cmd: list[str], env: dict | None) -> dict:
@@ -153,10 +166,14 @@ def main() -> None:
         print(json.dumps(one(*args.one, args.pairs, args.seq, args.repeats)))
         return
     cuda = torch.cuda.is_available()
-    machine = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-               "dtype": "bfloat16" if cuda else "float32", "memory": "cuda max_memory_allocated" if cuda
-               else "peak RSS above post-load RSS (own process)"}
+    machine = {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "dtype": "bfloat16" if cuda else "float32",
+        "memory": "cuda max_memory_allocated" if cuda else "peak RSS above post-load RSS (own process)",
+    }
     default = ROOT / "bench" / "results" / f"scan-{'cuda' if cuda else 'cpu'}-{platform.machine()}.json"
     out = Path(args.out) if args.out else default
     rows = []
@@ -166,8 +183,19 @@ def main() -> None:
     for size in args.sizes.split(","):
         plain = None
         for variant in variants:
-            cmd = [sys.executable, __file__, "--one", size, variant, "--pairs", str(args.pairs), "--seq",
-                   str(args.seq), "--repeats", str(args.repeats)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--one",
+                size,
+                variant,
+                "--pairs",
+                str(args.pairs),
+                "--seq",
+                str(args.seq),
+                "--repeats",
+                str(args.repeats),
+            ]
             runs = [run_one(cmd, env) for env in envs]
             r = {**runs[0], "peak_bytes": runs[-1]["peak_bytes"]}
             plain = r if variant == "plain" else plain
@@ -179,8 +207,12 @@ def main() -> None:
             rows.append(r)
             print(line, flush=True)
             # after every variant: a run stopped at a time limit keeps what it measured
-            out.write_text(json.dumps({"machine": machine, "pairs": args.pairs, "seq": args.seq, "sites": SITES,
-                                       "rows": rows}, indent=2) + "\n")
+            out.write_text(
+                json.dumps(
+                    {"machine": machine, "pairs": args.pairs, "seq": args.seq, "sites": SITES, "rows": rows}, indent=2
+                )
+                + "\n"
+            )
     print(f"wrote {out}")
 
 

@@ -83,8 +83,10 @@ def one(variant: str, n_pairs: int, repeats: int, out: Path) -> dict:
     from causalscan.data import Dataset, stack
 
     model = cs.load(CACHE, attn_implementation="eager")  # TransformerLens forces eager attention
-    pairs = [{k: v for k, v in r.items() if k != "positions"}  # one template: sweep token positions, not roles
-             for r in tasks.ioi(model.tokenizer, n=n_pairs, seed=0, templates=[0])]
+    pairs = [
+        {k: v for k, v in r.items() if k != "positions"}  # one template: sweep token positions, not roles
+        for r in tasks.ioi(model.tokenizer, n=n_pairs, seed=0, templates=[0])
+    ]
     b = stack(Dataset(pairs).tokenize(model.tokenizer))
     clean, corrupt, ans, wrong = b["clean"], b["corrupt"], b["answer"], b["wrong"]
     ad = model.adapter
@@ -110,19 +112,25 @@ def one(variant: str, n_pairs: int, repeats: int, out: Path) -> dict:
     def scan(sites, method, direction="noising"):
         def run():
             res = cs.scan(model, pairs, sites=sites, method=method, confirm=0, direction=direction, batch_size=n_pairs)
-            return {sw.name: res.signed[:, sw.start:sw.stop].mean(0).reshape(sw.shape) for sw in res.sweeps}
+            return {sw.name: res.signed[:, sw.start : sw.stop].mean(0).reshape(sw.shape) for sw in res.sweeps}
+
         return run
 
     def exact(site):
         def run():
             res = cs.patch(model, pairs, sites=site, direction="denoising")
             return {site: res.patched.mean(0).reshape(res.sweeps[0].shape)}
+
         return run
 
-    fns = {"floor": floor, "scan-atp": scan(["head", "neuron", "resid_pre"], "atp"),
-           "scan-atp*": scan(["head", "neuron", "resid_pre"], "atp*"),
-           "patch-head": exact("head"), "patch-resid": exact("resid_pre"),
-           "nodes": scan(["head:pos", "mlp_out"], "atp", "denoising")}
+    fns = {
+        "floor": floor,
+        "scan-atp": scan(["head", "neuron", "resid_pre"], "atp"),
+        "scan-atp*": scan(["head", "neuron", "resid_pre"], "atp*"),
+        "patch-head": exact("head"),
+        "patch-resid": exact("resid_pre"),
+        "nodes": scan(["head:pos", "mlp_out"], "atp", "denoising"),
+    }
     if variant in PEERS:
         fns[variant] = transformer_lens(model, variant, clean, corrupt, ans, wrong, logit_diff)
     fn = fns[variant]
@@ -138,8 +146,7 @@ def one(variant: str, n_pairs: int, repeats: int, out: Path) -> dict:
     peak = rss_bytes() - base
     if result:
         save_file({k: v.detach().float().contiguous() for k, v in result.items()}, str(out))
-    return {"variant": variant, "seconds": min(times), "peak_bytes": peak, "pairs": len(pairs),
-            "seq": clean.shape[1]}
+    return {"variant": variant, "seconds": min(times), "peak_bytes": peak, "pairs": len(pairs), "seq": clean.shape[1]}
 
 
 def transformer_lens(model, variant, clean, corrupt, ans, wrong, logit_diff):
@@ -150,8 +157,9 @@ def transformer_lens(model, variant, clean, corrupt, ans, wrong, logit_diff):
     from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens.tools.analysis.attribution_patching import attribution_patch
 
-    bridge = TransformerBridge.boot_transformers(str(CACHE), hf_model=copy.deepcopy(model.hf),
-                                                 tokenizer=model.tokenizer, device="cpu")
+    bridge = TransformerBridge.boot_transformers(
+        str(CACHE), hf_model=copy.deepcopy(model.hf), tokenizer=model.tokenizer, device="cpu"
+    )
     bridge.eval()
     layers, heads = model.adapter.n_layers, model.adapter.n_heads
 
@@ -159,28 +167,36 @@ def transformer_lens(model, variant, clean, corrupt, ans, wrong, logit_diff):
         return logit_diff(logits[:, -1]).mean()
 
     if variant == "tl-nodes":  # its metric sees one example's logits: one call per pair (as it loops inside)
+
         def run():
             t, n = clean.shape[1], clean.shape[0]
             head, mlp = torch.zeros(layers, t, heads), torch.zeros(layers, t)
             for i in range(n):
+
                 def one_metric(logits, i=i):
                     last = logits[0, -1]
                     return last[ans[i]] - last[wrong[i]]
-                res = attribution_patch(bridge, clean[i:i + 1], corrupt[i:i + 1], one_metric)
+
+                res = attribution_patch(bridge, clean[i : i + 1], corrupt[i : i + 1], one_metric)
                 for node, score in res.node_scores.items():
                     if node.kind == "attn_head_out":
                         head[node.layer, node.position, node.head] += score / n
                     elif node.kind == "mlp_out":
                         mlp[node.layer, node.position] += score / n
             return {"head_pos": head, "mlp_out": mlp}
+
         return run
-    fn, name = ((patching.get_act_patch_attn_head_out_all_pos, "head") if variant == "tl-head"
-                else (patching.get_act_patch_resid_pre, "resid_pre"))
+    fn, name = (
+        (patching.get_act_patch_attn_head_out_all_pos, "head")
+        if variant == "tl-head"
+        else (patching.get_act_patch_resid_pre, "resid_pre")
+    )
 
     def run():
         with torch.no_grad():
             _, cache = bridge.run_with_cache(clean)
             return {name: fn(bridge, corrupt, cache, metric)}
+
     return run
 
 
@@ -197,8 +213,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--variants", default=None, help=f"default: {','.join(OURS)} and, with transformer-lens, "
-                                                    f"{','.join(PEERS)}")
+    p.add_argument(
+        "--variants", default=None, help=f"default: {','.join(OURS)} and, with transformer-lens, {','.join(PEERS)}"
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (made for ours only)")
     p.add_argument("--out", default=None, help="results file (default bench/results/smollm2-<device>.json)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -222,12 +239,23 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     rows = {}
     for v in variants:
-        cmd = [sys.executable, __file__, "--one", v, "--pairs", str(args.pairs), "--repeats", str(args.repeats),
-               "--tensors", str(tmp / f"{v}.safetensors")]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            v,
+            "--pairs",
+            str(args.pairs),
+            "--repeats",
+            str(args.repeats),
+            "--tensors",
+            str(tmp / f"{v}.safetensors"),
+        ]
         timed = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
         if not args.no_memory and v in OURS:  # the peers' one-patch-per-forward loops are timed only
-            sized = subprocess.run(cmd[:-1] + [str(tmp / "memory.safetensors")], capture_output=True, text=True,
-                                   check=True, env=MEMORY_ENV)
+            sized = subprocess.run(
+                cmd[:-1] + [str(tmp / "memory.safetensors")], capture_output=True, text=True, check=True, env=MEMORY_ENV
+            )
             timed["peak_bytes"] = json.loads(sized.stdout.splitlines()[-1])["peak_bytes"]
         else:
             timed["peak_bytes"] = None
@@ -244,8 +272,9 @@ def main() -> None:
     for peer, ours in AGREE.items():
         if peer in rows and ours in rows:
             rows[peer]["over_ours"] = rows[peer]["seconds"] / rows[ours]["seconds"]
-            rows[peer]["agreement"] = agreement(load_file(str(tmp / f"{ours}.safetensors")),
-                                                load_file(str(tmp / f"{peer}.safetensors")))
+            rows[peer]["agreement"] = agreement(
+                load_file(str(tmp / f"{ours}.safetensors")), load_file(str(tmp / f"{peer}.safetensors"))
+            )
             rows[peer]["agree"] = all(a["rel"] <= RTOL for a in rows[peer]["agreement"].values())
     for v, r in rows.items():
         mem = f"peak {r['peak_bytes'] / 2**20:8.1f} MiB x{r['memory_vs_floor']:6.2f}" if "memory_vs_floor" in r else ""
@@ -253,14 +282,32 @@ def main() -> None:
         print(f"{v:<12} {r['seconds']:9.2f} s x{r.get('time_vs_floor', 0):7.2f}  {mem}{extra}", flush=True)
     from causalscan.versions import versions
 
-    machine = {"device": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "threads": torch.get_num_threads(), **versions(), "transformer_lens": tl_version,
-               "dtype": "float32", "attention": "eager (as TransformerLens forces)",
-               "memory": "peak RSS above post-load RSS (own process, mmap threshold 64 KiB)"}
+    machine = {
+        "device": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        **versions(),
+        "transformer_lens": tl_version,
+        "dtype": "float32",
+        "attention": "eager (as TransformerLens forces)",
+        "memory": "peak RSS above post-load RSS (own process, mmap threshold 64 KiB)",
+    }
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"smollm2-cpu-{platform.machine()}.json"
-    out.write_text(json.dumps({"bench": "smollm2", "date": time.strftime("%Y-%m-%d"), "machine": machine,
-                               "pairs": args.pairs, "repeats": args.repeats, "rtol": RTOL, "rows": rows},
-                              indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "bench": "smollm2",
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": machine,
+                "pairs": args.pairs,
+                "repeats": args.repeats,
+                "rtol": RTOL,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

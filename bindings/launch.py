@@ -55,10 +55,28 @@ def perturb_fwd(x, op, mask, source=None, vector=None, alpha=None, direction=Non
     br = max(1, min(_tile() // bd, _p2(b * t * c)))
     grid = (triton.cdiv(b * t * c, br),)
     perturb_fwd_kernel[grid](
-        y, x, mask, src, vec, a, u,
-        b * t * c, t, c, d,
-        *x.stride(), *mask.stride(), *src.stride(), *vec.stride(), a.stride(0), *u.stride(),
-        OP=OPS.index(op), HAS_ALPHA=alpha is not None, HAS_DIR=direction is not None, BR=br, BD=bd,
+        y,
+        x,
+        mask,
+        src,
+        vec,
+        a,
+        u,
+        b * t * c,
+        t,
+        c,
+        d,
+        *x.stride(),
+        *mask.stride(),
+        *src.stride(),
+        *vec.stride(),
+        a.stride(0),
+        *u.stride(),
+        OP=OPS.index(op),
+        HAS_ALPHA=alpha is not None,
+        HAS_DIR=direction is not None,
+        BR=br,
+        BD=bd,
     )
     return y
 
@@ -82,8 +100,23 @@ def attribute_fwd(base, other, grad, by_pos=True, abs=False, out=None) -> torch.
     flags = dict(HAS_BASE=base is not None, BT=bt, BR=br, BD=bd)
     if by_pos:
         attribute_fwd_kernel[(row_programs, triton.cdiv(t, bt))](
-            out, base_, other, grad, b * c, t, c, d, bt, *out.stride(), 0, *strides,
-            BY_POS=True, ABS=abs, ACCUM=accum, **flags)
+            out,
+            base_,
+            other,
+            grad,
+            b * c,
+            t,
+            c,
+            d,
+            bt,
+            *out.stride(),
+            0,
+            *strides,
+            BY_POS=True,
+            ABS=abs,
+            ACCUM=accum,
+            **flags,
+        )
         return out
     # summed over positions: split T into chunks when the rows alone give too few programs
     chunks = max(1, min(_tile("programs_") // row_programs, triton.cdiv(t, bt)))
@@ -91,13 +124,47 @@ def attribute_fwd(base, other, grad, by_pos=True, abs=False, out=None) -> torch.
     chunks = triton.cdiv(t, t_per)
     if chunks == 1:
         attribute_fwd_kernel[(row_programs, 1)](
-            out, base_, other, grad, b * c, t, c, d, t_per, out.stride(0), 0, out.stride(1), 0, *strides,
-            BY_POS=False, ABS=abs, ACCUM=accum, **flags)
+            out,
+            base_,
+            other,
+            grad,
+            b * c,
+            t,
+            c,
+            d,
+            t_per,
+            out.stride(0),
+            0,
+            out.stride(1),
+            0,
+            *strides,
+            BY_POS=False,
+            ABS=abs,
+            ACCUM=accum,
+            **flags,
+        )
         return out
     part = torch.empty(chunks, b, c, dtype=torch.float32, device=other.device)  # [K, B, C]
     attribute_fwd_kernel[(row_programs, chunks)](
-        part, base_, other, grad, b * c, t, c, d, t_per, c, 0, 1, b * c, *strides,
-        BY_POS=False, ABS=False, ACCUM=False, **flags)
+        part,
+        base_,
+        other,
+        grad,
+        b * c,
+        t,
+        c,
+        d,
+        t_per,
+        c,
+        0,
+        1,
+        b * c,
+        *strides,
+        BY_POS=False,
+        ABS=False,
+        ACCUM=False,
+        **flags,
+    )
     s = part.sum(0)
     s = s.abs() if abs else s
     return out.add_(s) if accum else out.copy_(s)
@@ -130,16 +197,58 @@ def qk_fix_fwd(q, k, v, dz, bias, scaling, softcap=None, q_other=None, k_other=N
     qo = q_other if has_q else q
     ko = k_other if has_k else k
     qk_fix_rows_kernel[(b * h, triton.cdiv(tq, bt))](
-        iq, iall, mx, top, lrest, grest, srow, q, k, v, dz, bias, qo, ko,
-        tq, tk, h, grp, dh, float(scaling), float(softcap or 0.0), *strides,
-        HAS_Q=has_q, HAS_K=has_k, **common,
+        iq,
+        iall,
+        mx,
+        top,
+        lrest,
+        grest,
+        srow,
+        q,
+        k,
+        v,
+        dz,
+        bias,
+        qo,
+        ko,
+        tq,
+        tk,
+        h,
+        grp,
+        dh,
+        float(scaling),
+        float(softcap or 0.0),
+        *strides,
+        HAS_Q=has_q,
+        HAS_K=has_k,
+        **common,
     )
     ik = k_all = None
     if has_k:
         ik = torch.empty(b, tk, hkv, **f32)
         qk_fix_keys_kernel[(b * hkv, triton.cdiv(tk, bs))](
-            ik, mx, top, lrest, grest, srow, q, k, v, dz, bias, ko,
-            tq, tk, h, hkv, grp, dh, float(scaling), float(softcap or 0.0), *strides, **common,
+            ik,
+            mx,
+            top,
+            lrest,
+            grest,
+            srow,
+            q,
+            k,
+            v,
+            dz,
+            bias,
+            ko,
+            tq,
+            tk,
+            h,
+            hkv,
+            grp,
+            dh,
+            float(scaling),
+            float(softcap or 0.0),
+            *strides,
+            **common,
         )
         k_all = iall.sum(-1).unflatten(1, (hkv, grp)).sum(2)
     iq = iq.transpose(1, 2).contiguous() if has_q else None

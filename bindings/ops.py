@@ -32,16 +32,23 @@ def backend(device: torch.device | str) -> str:
         if env not in BACKENDS:
             raise ValueError(f"CAUSALSCAN_BACKEND must be one of {', '.join(BACKENDS)}, not {env!r}")
         if env == "triton" and torch.device(device).type != "cuda" and not launch.interpreting():
-            raise RuntimeError("CAUSALSCAN_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                               "causalscan is imported")
+            raise RuntimeError(
+                "CAUSALSCAN_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1 set before causalscan is imported"
+            )
         return env
     return "triton" if torch.device(device).type == "cuda" or launch.interpreting() else "torch"
 
 
 # ---- perturb -------------------------------------------------------------------------------------
 
-_NEEDS = {"patch": ("source",), "add": ("vector",), "zero": (), "scale": ("alpha",),
-          "project_out": ("direction",), "clamp": ("alpha",)}
+_NEEDS = {
+    "patch": ("source",),
+    "add": ("vector",),
+    "zero": (),
+    "scale": ("alpha",),
+    "project_out": ("direction",),
+    "clamp": ("alpha",),
+}
 
 
 def perturb(
@@ -70,8 +77,15 @@ def perturb(
 
 
 @torch.library.custom_op("causalscan::perturb", mutates_args=())
-def _perturb_op(x: Tensor, op: str, mask: Tensor, source: Tensor | None, vector: Tensor | None,
-                alpha: Tensor | None, direction: Tensor | None) -> Tensor:
+def _perturb_op(
+    x: Tensor,
+    op: str,
+    mask: Tensor,
+    source: Tensor | None,
+    vector: Tensor | None,
+    alpha: Tensor | None,
+    direction: Tensor | None,
+) -> Tensor:
     if backend(x.device) == "triton":
         return launch.perturb_fwd(x, op, mask, source, vector, alpha, direction)
     return perturb_ref(x, op, mask, source, vector, alpha, direction).contiguous()
@@ -97,10 +111,19 @@ def _perturb_backward(ctx, gy):
     op, needs = ctx.op, ctx.needs_input_grad
     gx = gsrc = gvec = ga = gu = None
     if needs[0]:  # d x' / d x is symmetric: the same op's linear part applied to gy
-        lin = {"patch": "zero", "zero": "zero", "add": None, "scale": "scale", "project_out": "project_out",
-               "clamp": "zero" if direction is None else "project_out"}[op]
-        gx = gy if lin is None else torch.ops.causalscan.perturb(
-            gy, lin, mask, None, None, alpha if lin == "scale" else None, direction)
+        lin = {
+            "patch": "zero",
+            "zero": "zero",
+            "add": None,
+            "scale": "scale",
+            "project_out": "project_out",
+            "clamp": "zero" if direction is None else "project_out",
+        }[op]
+        gx = (
+            gy
+            if lin is None
+            else torch.ops.causalscan.perturb(gy, lin, mask, None, None, alpha if lin == "scale" else None, direction)
+        )
     if not any(needs[3:]):
         return gx, None, None, gsrc, gvec, ga, gu
     b, t, c, d = ctx.x_shape
@@ -122,8 +145,11 @@ def _perturb_backward(ctx, gy):
         gu_ = (g * u).sum(-1, keepdim=True)
         if needs[6]:
             both = m * (xu * g + gu_ * xf)
-            gdir = {"project_out": lambda: -both, "scale": lambda: (a - 1) * both,
-                    "clamp": lambda: m * ((a - xu) * g - gu_ * xf)}[op]()
+            gdir = {
+                "project_out": lambda: -both,
+                "scale": lambda: (a - 1) * both,
+                "clamp": lambda: m * ((a - xu) * g - gu_ * xf),
+            }[op]()
             gu = gdir.sum(1).sum_to_size(direction.shape).to(direction.dtype)
         if needs[5] and op != "project_out":
             ga = (m * gu_ * (xu if op == "scale" else 1.0)).sum((1, 2, 3))
@@ -139,8 +165,10 @@ _perturb_op.register_autograd(_perturb_backward, setup_context=_perturb_setup)
 
 # ---- attribute -----------------------------------------------------------------------------------
 
-def attribute(base: Tensor | None, other: Tensor, grad: Tensor, by_pos: bool = True, abs: bool = False,
-              out: Tensor | None = None) -> Tensor:
+
+def attribute(
+    base: Tensor | None, other: Tensor, grad: Tensor, by_pos: bool = True, abs: bool = False, out: Tensor | None = None
+) -> Tensor:
     """``sum_D (other - base) * grad`` of ``[B, T, C, D]`` tensors -> ``[B, T, C]`` or ``[B, C]`` (fp32);
     ``base=None``: ``other`` is the difference already; ``abs``: per-row ``|.|`` after the reduction;
     ``out``: accumulate into it (and return it). See :mod:`causalscan.kernels.attribute`.
@@ -166,8 +194,7 @@ def _(base, other, grad, by_pos, abs):
 
 
 @torch.library.custom_op("causalscan::attribute_", mutates_args=("out",))
-def _attribute_acc_op(out: Tensor, base: Tensor | None, other: Tensor, grad: Tensor, by_pos: bool, abs: bool
-                      ) -> None:
+def _attribute_acc_op(out: Tensor, base: Tensor | None, other: Tensor, grad: Tensor, by_pos: bool, abs: bool) -> None:
     if backend(other.device) == "triton":
         launch.attribute_fwd(base, other, grad, by_pos, abs, out=out)
     else:
@@ -181,11 +208,13 @@ def _(out, base, other, grad, by_pos, abs):
 
 # ---- qk_fix --------------------------------------------------------------------------------------
 
+
 def qk_fix(q, k, v, dz, bias, scaling, softcap=None, q_other=None, k_other=None) -> dict[str, Tensor]:
     """Exact-pattern effects of patched queries/keys: ``{"q": [B, T, H]}`` and/or ``{"k": [B, T, Hkv],
     "k_all": [B, Hkv]}`` (fp32) for the patches given. See :mod:`causalscan.kernels.qk_fix`."""
-    iq, ik, k_all = torch.ops.causalscan.qk_fix(q, k, v, dz, bias, float(scaling),
-                                                None if softcap is None else float(softcap), q_other, k_other)
+    iq, ik, k_all = torch.ops.causalscan.qk_fix(
+        q, k, v, dz, bias, float(scaling), None if softcap is None else float(softcap), q_other, k_other
+    )
     out = {}
     if q_other is not None:
         out["q"] = iq
@@ -195,13 +224,24 @@ def qk_fix(q, k, v, dz, bias, scaling, softcap=None, q_other=None, k_other=None)
 
 
 @torch.library.custom_op("causalscan::qk_fix", mutates_args=())
-def _qk_fix_op(q: Tensor, k: Tensor, v: Tensor, dz: Tensor, bias: Tensor, scaling: float, softcap: float | None,
-               q_other: Tensor | None, k_other: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _qk_fix_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dz: Tensor,
+    bias: Tensor,
+    scaling: float,
+    softcap: float | None,
+    q_other: Tensor | None,
+    k_other: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     if backend(q.device) == "triton":
         return launch.qk_fix_fwd(q, k, v, dz, bias, scaling, softcap, q_other, k_other)
     res = qk_fix_ref(q, k, v, dz, bias, scaling, softcap, q_other, k_other)
-    return tuple(res[n].contiguous() if n in res else q.new_empty(0, dtype=torch.float32)  # outputs never alias
-                 for n in ("q", "k", "k_all"))
+    return tuple(
+        res[n].contiguous() if n in res else q.new_empty(0, dtype=torch.float32)  # outputs never alias
+        for n in ("q", "k", "k_all")
+    )
 
 
 @_qk_fix_op.register_fake
@@ -209,6 +249,8 @@ def _(q, k, v, dz, bias, scaling, softcap, q_other, k_other):
     b, h, t, _ = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     f32 = dict(dtype=torch.float32, device=q.device)
-    return (torch.empty(b, t, h, **f32) if q_other is not None else torch.empty(0, **f32),
-            torch.empty(b, tk, hkv, **f32) if k_other is not None else torch.empty(0, **f32),
-            torch.empty(b, hkv, **f32) if k_other is not None else torch.empty(0, **f32))
+    return (
+        torch.empty(b, t, h, **f32) if q_other is not None else torch.empty(0, **f32),
+        torch.empty(b, tk, hkv, **f32) if k_other is not None else torch.empty(0, **f32),
+        torch.empty(b, hkv, **f32) if k_other is not None else torch.empty(0, **f32),
+    )

@@ -23,5 +23,23 @@ from causalscan.sweeps import Component
 from causalscan.tracing import trace
 
 __version__ = "0.1.0"
-__all__ = ["Component", "Dataset", "InputError", "Intervention", "Model", "circuit", "directions", "elicit",
-           "interventions", "load", "metrics", "patch", "perturb", "scan", "steering", "tasks", "trace", "zoo"]
+__all__ = [
+    "Component",
+    "Dataset",
+    "InputError",
+    "Intervention",
+    "Model",
+    "circuit",
+    "directions",
+    "elicit",
+    "interventions",
+    "load",
+    "metrics",
+    "patch",
+    "perturb",
+    "scan",
+    "steering",
+    "tasks",
+    "trace",
+    "zoo",
+]

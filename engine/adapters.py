@@ -53,15 +53,39 @@ _LLAMA = dict(
     mlp_out="mlp.down_proj",
     qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 )
-_GEMMA2 = dict(_LLAMA, attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
-               readers=("input_layernorm", "pre_feedforward_layernorm", "mlp"))
+_GEMMA2 = dict(
+    _LLAMA,
+    attn_out="post_attention_layernorm",
+    mlp_out="post_feedforward_layernorm",
+    readers=("input_layernorm", "pre_feedforward_layernorm", "mlp"),
+)
 
 FAMILIES = (
-    Family("gpt2", ("gpt2",), "transformer.h", "attn.c_proj", "attn.c_proj", "mlp.c_proj", "mlp.c_proj",
-           ("attn.c_attn",), "gpt2", ("ln_1", "ln_2", "mlp"), "transformer.ln_f"),
-    Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention.dense", "attention.dense",
-           "mlp.dense_4h_to_h", "mlp.dense_4h_to_h", ("attention.query_key_value",), "neox",
-           final_norm="gpt_neox.final_layer_norm"),
+    Family(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        "attn.c_proj",
+        "attn.c_proj",
+        "mlp.c_proj",
+        "mlp.c_proj",
+        ("attn.c_attn",),
+        "gpt2",
+        ("ln_1", "ln_2", "mlp"),
+        "transformer.ln_f",
+    ),
+    Family(
+        "gpt_neox",
+        ("gpt_neox",),
+        "gpt_neox.layers",
+        "attention.dense",
+        "attention.dense",
+        "mlp.dense_4h_to_h",
+        "mlp.dense_4h_to_h",
+        ("attention.query_key_value",),
+        "neox",
+        final_norm="gpt_neox.final_layer_norm",
+    ),
     Family("llama", ("llama",), **_LLAMA),
     Family("mistral", ("mistral",), **_LLAMA),
     Family("qwen2", ("qwen2",), **_LLAMA),
@@ -69,14 +93,41 @@ FAMILIES = (
     Family("gemma", ("gemma",), **_LLAMA),
     Family("gemma2", ("gemma2",), **_GEMMA2),
     Family("gemma3", ("gemma3_text",), **_GEMMA2),
-    Family("phi", ("phi",), "model.layers", "self_attn.dense", "self_attn.dense", "mlp.fc2", "mlp.fc2",
-           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-           readers=("input_layernorm", "input_layernorm", "mlp"), final_norm="model.final_layernorm"),
-    Family("phi3", ("phi3",), "model.layers", "self_attn.o_proj", "self_attn.o_proj", "mlp.down_proj",
-           "mlp.down_proj", ("self_attn.qkv_proj",), "phi3"),
-    Family("opt", ("opt",), "model.decoder.layers", "self_attn.out_proj", "self_attn.out_proj", "fc2", "fc2",
-           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-           readers=("self_attn_layer_norm", "final_layer_norm", "fc1"), final_norm="model.decoder.final_layer_norm"),
+    Family(
+        "phi",
+        ("phi",),
+        "model.layers",
+        "self_attn.dense",
+        "self_attn.dense",
+        "mlp.fc2",
+        "mlp.fc2",
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        readers=("input_layernorm", "input_layernorm", "mlp"),
+        final_norm="model.final_layernorm",
+    ),
+    Family(
+        "phi3",
+        ("phi3",),
+        "model.layers",
+        "self_attn.o_proj",
+        "self_attn.o_proj",
+        "mlp.down_proj",
+        "mlp.down_proj",
+        ("self_attn.qkv_proj",),
+        "phi3",
+    ),
+    Family(
+        "opt",
+        ("opt",),
+        "model.decoder.layers",
+        "self_attn.out_proj",
+        "self_attn.out_proj",
+        "fc2",
+        "fc2",
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        readers=("self_attn_layer_norm", "final_layer_norm", "fc1"),
+        final_norm="model.decoder.final_layer_norm",
+    ),
 )
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -133,8 +184,10 @@ class Adapter:
         self.post_ln = mt == "opt" and not getattr(cfg, "do_layer_norm_before", True)
 
     def __repr__(self) -> str:
-        return (f"Adapter({self.family.name}: layers={self.n_layers}, d_model={self.d_model}, heads={self.n_heads}"
-                f"/{self.n_kv_heads}kv x {self.d_head}, d_mlp={self.d_mlp})")
+        return (
+            f"Adapter({self.family.name}: layers={self.n_layers}, d_model={self.d_model}, heads={self.n_heads}"
+            f"/{self.n_kv_heads}kv x {self.d_head}, d_mlp={self.d_mlp})"
+        )
 
     # shapes ---------------------------------------------------------------------------------
     def shape(self, site: str) -> tuple[int, int]:
@@ -152,8 +205,9 @@ class Adapter:
         if site not in SITES:
             raise InputError(f"unknown site {site!r}; sites: {', '.join(SITES)}", field="site")
         if site == "resid_mid" and (self.parallel or self.post_ln):
-            raise InputError(f"{self.family.name} blocks have no resid_mid (parallel or post-LN residual)",
-                             field="site")
+            raise InputError(
+                f"{self.family.name} blocks have no resid_mid (parallel or post-LN residual)", field="site"
+            )
         if layer is not None and not 0 <= layer < self.n_layers:
             raise InputError(f"layer {layer} out of range [0, {self.n_layers})", field="layer")
 
@@ -187,10 +241,10 @@ class Adapter:
         if site in ("q", "k", "v") and layout != "split":
             i = "qkv".index(site)
             if layout == "neox":
-                return raw.unflatten(-1, (self.n_heads, 3 * self.d_head))[..., i * self.d_head:(i + 1) * self.d_head]
+                return raw.unflatten(-1, (self.n_heads, 3 * self.d_head))[..., i * self.d_head : (i + 1) * self.d_head]
             qw, kw = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
             start = (0, qw, qw + kw)[i]
-            raw = raw[..., start:start + (qw if i == 0 else kw)]
+            raw = raw[..., start : start + (qw if i == 0 else kw)]
         return raw.unflatten(-1, (c, d))
 
     def weight(self, site: str, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:

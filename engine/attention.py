@@ -74,9 +74,15 @@ def recording(ad: Adapter, layers, store: dict):
         layer = owner.get(id(module))
         if layer in layers:
             scaling = kwargs.get("scaling")
-            store[layer] = Record(query.detach(), key.detach(), value.detach(), attention_mask,
-                                  query.shape[-1] ** -0.5 if scaling is None else float(scaling),
-                                  kwargs.get("softcap"), kwargs.get("sliding_window"))
+            store[layer] = Record(
+                query.detach(),
+                key.detach(),
+                value.detach(),
+                attention_mask,
+                query.shape[-1] ** -0.5 if scaling is None else float(scaling),
+                kwargs.get("softcap"),
+                kwargs.get("sliding_window"),
+            )
         inner = inner_default or sys.modules[type(module).__module__].eager_attention_forward
         return inner(module, query, key, value, attention_mask, *args, **kwargs)
 

@@ -127,8 +127,7 @@ class _Scores:
     cuts (None: the plain backward).
     """
 
-    def __init__(self, sweeps: list[Sweep], n_pairs: int, device, graddrop: bool,
-                 role_pos: torch.Tensor | None = None):
+    def __init__(self, sweeps: list[Sweep], n_pairs: int, device, graddrop: bool, role_pos: torch.Tensor | None = None):
         self.sweeps, self.n_pairs, self.drop, self.role_pos = sweeps, n_pairs, None, role_pos
         self.weight: float | None = None  # AtP-IG: each step's scores are added with this weight
         self.signed = {sw.name: torch.zeros(n_pairs, *sw.shape, device=device) for sw in sweeps}
@@ -160,7 +159,7 @@ class _Scores:
         if not sw.by_pos:
             return score
         if sw.roles is None:
-            return score[:, :sw.shape[1]]
+            return score[:, : sw.shape[1]]
         idx = self.role_pos.to(score.device)[:, :, None].expand(-1, -1, score.shape[-1])
         return score.gather(1, idx)
 
@@ -184,22 +183,35 @@ class _Scores:
                     else:  # per-pair or prompt positions, or another device: taken, then added
                         score = ops.attribute(None, delta, grad, by_pos)
                         acc += self.at_positions(score, sw).abs().reshape(acc.shape).to(acc.device)
+
         return hook
 
-    def qk_hook(self, layer: int, base: dict[int, attention.Record], other: dict[int, attention.Record],
-                sites: set[str]):
+    def qk_hook(
+        self, layer: int, base: dict[int, attention.Record], other: dict[int, attention.Record], sites: set[str]
+    ):
         """The backward hook of a layer's head output: the QK fix of its q and k nodes, where
         ``dL/dz`` is at hand."""
+
         def hook(z, dz):
             if not self.wanted("q", layer):
                 return
             rec, oth = base[layer], other[layer]
-            res = ops.qk_fix(rec.q, rec.k, rec.v, dz, rec.bias(), rec.scaling, rec.softcap,
-                             q_other=oth.q if "q" in sites else None, k_other=oth.k if "k" in sites else None)
+            res = ops.qk_fix(
+                rec.q,
+                rec.k,
+                rec.v,
+                dz,
+                rec.bias(),
+                rec.scaling,
+                rec.softcap,
+                q_other=oth.q if "q" in sites else None,
+                k_other=oth.k if "k" in sites else None,
+            )
             for site in sites & set(QK):
                 for sw in self.of(site):
                     val = res[site] if sw.by_pos else (res["q"].sum(1) if site == "q" else res["k_all"])
                     self.store(site, layer, sw.by_pos, val)
+
         return hook
 
 
@@ -233,8 +245,9 @@ def attribute(
     """
     if ig_steps:
         ig = _attribute_ig if ig_path == "inputs" else _attribute_ig_activations
-        return ig(ad, base_ids, other_ids, metric, sweeps, base_is_clean, base_noise, other_noise, role_pos, keep,
-                  ig_steps)
+        return ig(
+            ad, base_ids, other_ids, metric, sweeps, base_is_clean, base_noise, other_noise, role_pos, keep, ig_steps
+        )
     sites = {sw.site for sw in sweeps}
     fixed = sites & set(QK) if qk_fix else set()
     tapped = [(s, layer) for s in sorted(sites - fixed) for layer in range(ad.n_layers)]
@@ -244,21 +257,34 @@ def attribute(
     scores = _Scores(sweeps, base_ids.shape[0], base_ids.device, graddrop, role_pos)  # on the device: no sync
     base_rec: dict = {}
     taps = _base_taps(ad, scores, tapped, other_acts, attn_layers, base_rec, other_rec, fixed, graddrop)
-    base_m, clean_logprobs = _base_run_and_backwards(ad, base_ids, taps, metric, attn_layers, base_rec, scores,
-                                                     other_logits, base_is_clean, base_noise, keep)
+    base_m, clean_logprobs = _base_run_and_backwards(
+        ad, base_ids, taps, metric, attn_layers, base_rec, scores, other_logits, base_is_clean, base_noise, keep
+    )
     other_acts.clear()
     with torch.no_grad():
         other_m = metric(other_logits, clean_logprobs)
     signed = {name: v.cpu() for name, v in scores.signed.items()}
     out = {"signed": signed, "base": base_m.detach().float().cpu(), "other": other_m.float().cpu()}
     if graddrop:
-        out["graddrop"] = {sw.name: _graddrop_mean(sw, signed[sw.name], scores.graddrop[sw.name].cpu(), ad.n_layers)
-                           for sw in sweeps}
+        out["graddrop"] = {
+            sw.name: _graddrop_mean(sw, signed[sw.name], scores.graddrop[sw.name].cpu(), ad.n_layers) for sw in sweeps
+        }
     return out
 
 
-def _attribute_ig(ad: Adapter, base_ids, other_ids, metric, sweeps: list[Sweep], base_is_clean: bool, base_noise,
-                  other_noise, role_pos, keep: int, steps: int) -> dict:
+def _attribute_ig(
+    ad: Adapter,
+    base_ids,
+    other_ids,
+    metric,
+    sweeps: list[Sweep],
+    base_is_clean: bool,
+    base_noise,
+    other_noise,
+    role_pos,
+    keep: int,
+    steps: int,
+) -> dict:
     """AtP-IG along the input path (see the module docstring); returns as :func:`attribute`."""
     tapped = [(s, layer) for s in sorted({sw.site for sw in sweeps}) for layer in range(ad.n_layers)]
     other_logits, other_acts, _ = _other_run(ad, other_ids, tapped, range(0), other_noise, keep)
@@ -282,8 +308,11 @@ def _attribute_ig(ad: Adapter, base_ids, other_ids, metric, sweeps: list[Sweep],
     delta.clear()
     with torch.no_grad():
         other_m = metric(other_logits, clean_logprobs)
-    return {"signed": {name: v.cpu() for name, v in scores.signed.items()}, "base": base_m.float().cpu(),
-            "other": other_m.float().cpu()}
+    return {
+        "signed": {name: v.cpu() for name, v in scores.signed.items()},
+        "base": base_m.float().cpu(),
+        "other": other_m.float().cpu(),
+    }
 
 
 def _ig_hook(scores: _Scores, delta: dict, site: str, layer: int):
@@ -293,6 +322,7 @@ def _ig_hook(scores: _Scores, delta: dict, site: str, layer: int):
     def hook(grad):
         for by_pos in modes:
             scores.store(site, layer, by_pos, ops.attribute(None, d, grad, by_pos))
+
     return hook
 
 
@@ -311,8 +341,14 @@ def graph_forward(ad: Adapter, ids: torch.Tensor, taps, noise: torch.Tensor | No
         handle.remove()
 
 
-def input_path(ad: Adapter, base_ids: torch.Tensor, other_ids: torch.Tensor, base_noise: torch.Tensor | None,
-               other_noise: torch.Tensor | None, steps: int):
+def input_path(
+    ad: Adapter,
+    base_ids: torch.Tensor,
+    other_ids: torch.Tensor,
+    base_noise: torch.Tensor | None,
+    other_noise: torch.Tensor | None,
+    steps: int,
+):
     """The embedding noise of each IG step ``k = 0 .. steps - 1`` on the base run: the base run's own
     noise plus ``(k / steps) (e_other + other_noise - e_base - base_noise)`` ``[B, T, d]``."""
     embed = ad.model.get_input_embeddings()
@@ -323,8 +359,19 @@ def input_path(ad: Adapter, base_ids: torch.Tensor, other_ids: torch.Tensor, bas
         yield step * (k / steps) if base_noise is None else base_noise + step * (k / steps)
 
 
-def _attribute_ig_activations(ad: Adapter, base_ids, other_ids, metric, sweeps: list[Sweep], base_is_clean: bool,
-                              base_noise, other_noise, role_pos, keep: int, steps: int) -> dict:
+def _attribute_ig_activations(
+    ad: Adapter,
+    base_ids,
+    other_ids,
+    metric,
+    sweeps: list[Sweep],
+    base_is_clean: bool,
+    base_noise,
+    other_noise,
+    role_pos,
+    keep: int,
+    steps: int,
+) -> dict:
     """AtP-IG along each site's own path (see the module docstring); returns as :func:`attribute`."""
     tapped = [(s, layer) for s in sorted({sw.site for sw in sweeps}) for layer in range(ad.n_layers)]
     other_logits, other_acts, _ = _other_run(ad, other_ids, tapped, range(0), other_noise, keep)
@@ -340,49 +387,80 @@ def _attribute_ig_activations(ad: Adapter, base_ids, other_ids, metric, sweeps: 
         for site, layer in tapped:
             hook = _ig_hook(scores, delta, site, layer)
             for k in range(steps):
+
                 def tap(x, alpha=k / steps, d=delta[(site, layer)], hook=hook):
                     return _Grad.apply((x.detach() + alpha * d).requires_grad_(), hook)
-                logits = runner.forward(ad, base_ids, [(site, layer, tap)], start_layer=layer, resid=resid[layer],
-                                        logits_to_keep=keep)
+
+                logits = runner.forward(
+                    ad, base_ids, [(site, layer, tap)], start_layer=layer, resid=resid[layer], logits_to_keep=keep
+                )
                 metric(logits, clean_logprobs).sum().backward()
     delta.clear()
     with torch.no_grad():
         base_m, other_m = metric(base_logits, clean_logprobs), metric(other_logits, clean_logprobs)
-    return {"signed": {name: v.cpu() for name, v in scores.signed.items()}, "base": base_m.float().cpu(),
-            "other": other_m.float().cpu()}
+    return {
+        "signed": {name: v.cpu() for name, v in scores.signed.items()},
+        "base": base_m.float().cpu(),
+        "other": other_m.float().cpu(),
+    }
 
 
 @torch.no_grad()
-def _other_run(ad: Adapter, ids: torch.Tensor, tapped, attn_layers, noise, keep: int
-               ) -> tuple[torch.Tensor, dict, dict]:
+def _other_run(
+    ad: Adapter, ids: torch.Tensor, tapped, attn_layers, noise, keep: int
+) -> tuple[torch.Tensor, dict, dict]:
     """The other run without a graph: the last ``keep`` positions' logits [P, keep, V], activations
     at the tapped sites, and the attention inputs of ``attn_layers``."""
     acts: dict = {}
     rec: dict = {}
     with attention.recording(ad, attn_layers, rec):
-        logits = runner.forward(ad, ids, [runner.capture(ad, s, layer, acts) for s, layer in tapped], noise=noise,
-                                logits_to_keep=keep)
+        logits = runner.forward(
+            ad, ids, [runner.capture(ad, s, layer, acts) for s, layer in tapped], noise=noise, logits_to_keep=keep
+        )
     return logits, acts, rec
 
 
-def _base_taps(ad: Adapter, scores: _Scores, tapped, other_acts: dict, attn_layers, base_rec: dict,
-               other_rec: dict, fixed: set[str], graddrop: bool) -> list[runner.TapSpec]:
+def _base_taps(
+    ad: Adapter,
+    scores: _Scores,
+    tapped,
+    other_acts: dict,
+    attn_layers,
+    base_rec: dict,
+    other_rec: dict,
+    fixed: set[str],
+    graddrop: bool,
+) -> list[runner.TapSpec]:
     """The base run's taps: one per scanned site (keeping ``a_other - a_base``; the other run's
     activation is dropped once taken), one per head output for the QK fix, and GradDrop's cuts."""
+
     def tap(hook, key=None):
         return lambda x: _Tap.apply(x, None if key is None else other_acts.pop(key), hook)
 
     taps = [(s, layer, tap(scores.site_hook(s, layer), (s, layer))) for s, layer in tapped]
     taps += [("head", layer, tap(scores.qk_hook(layer, base_rec, other_rec, fixed))) for layer in attn_layers]
     if graddrop:
-        taps += [(s, layer, lambda x, layer=layer: _Drop.apply(x, scores, layer))
-                 for layer in range(ad.n_layers) for s in ("attn_out", "mlp_out")]
+        taps += [
+            (s, layer, lambda x, layer=layer: _Drop.apply(x, scores, layer))
+            for layer in range(ad.n_layers)
+            for s in ("attn_out", "mlp_out")
+        ]
     return taps
 
 
-def _base_run_and_backwards(ad: Adapter, ids: torch.Tensor, taps, metric, attn_layers, base_rec: dict,
-                            scores: _Scores, other_logits: torch.Tensor, base_is_clean: bool, noise, keep: int
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _base_run_and_backwards(
+    ad: Adapter,
+    ids: torch.Tensor,
+    taps,
+    metric,
+    attn_layers,
+    base_rec: dict,
+    scores: _Scores,
+    other_logits: torch.Tensor,
+    base_is_clean: bool,
+    noise,
+    keep: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The base run with its graph (from the embeddings, parameters frozen), one backward of the
     summed metric, and with GradDrop one more per block over the same graph. Returns the base
     metric [P] and the clean log-probabilities [P, keep, V]."""

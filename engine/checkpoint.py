@@ -50,8 +50,9 @@ class Checkpoint:
         self.path = Path(directory) / f"{name}.partial.safetensors"
         self.key, self.every_s, self.last = settings_key, every_s, time.monotonic()
 
-    def load(self, shapes: dict[str, tuple] | None = None, units: int | None = None
-             ) -> tuple[dict[str, torch.Tensor], set[int]] | None:
+    def load(
+        self, shapes: dict[str, tuple] | None = None, units: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], set[int]] | None:
         """The saved tensors and finished units, if the file exists and has this job's key. ``shapes``:
         the tensors the job expects (None in a shape: any size); ``units``: the number of work units.
         A damaged or foreign-shaped file is set aside and None returned."""
@@ -101,9 +102,15 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
-def run(ck: Checkpoint | None, sums: dict[str, torch.Tensor], n: int,
-        parts: Callable[[list[int]], Iterator[tuple[int, object]]], add: Callable[[dict, object], None],
-        progress=None, stage: str = "attribution") -> dict[str, torch.Tensor]:
+def run(
+    ck: Checkpoint | None,
+    sums: dict[str, torch.Tensor],
+    n: int,
+    parts: Callable[[list[int]], Iterator[tuple[int, object]]],
+    add: Callable[[dict, object], None],
+    progress=None,
+    stage: str = "attribution",
+) -> dict[str, torch.Tensor]:
     """Work units ``0 .. n-1`` into the accumulators ``sums``: ``parts(todo)`` computes the units
     ``todo`` and yields ``(unit, part)`` in any order (an executor's ``map``); ``add(sums, part)``
     adds one in. Parts are added in unit order whatever order they come in, so the sums do not

@@ -103,26 +103,58 @@ def circuit(
     if ig_steps is not None and method != "eap-ig":
         raise InputError(f"ig_steps needs method eap-ig, not {method!r}", field="ig_steps")
     ig_steps = (IG_STEPS if ig_steps is None else ig_steps) if method == "eap-ig" else 0
-    check_options(edges=edges, refine=refine, confirm=confirm, confirm_random=confirm_random, batch_size=batch_size,
-                  memory_budget=memory_budget, seed=seed, **({"ig_steps": ig_steps} if ig_steps else {}))
+    check_options(
+        edges=edges,
+        refine=refine,
+        confirm=confirm,
+        confirm_random=confirm_random,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        seed=seed,
+        **({"ig_steps": ig_steps} if ig_steps else {}),
+    )
     check_progress(progress)
     executor_get(executor)
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
     if ablation == "mean" and len(inp.lengths) > 1:
-        raise InputError(f"mean ablation averages the corrupt run over pairs position by position: every pair needs "
-                         f"the same token length, found {inp.lengths}", file=inp.dataset.name, field="ablation")
+        raise InputError(
+            f"mean ablation averages the corrupt run over pairs position by position: every pair needs "
+            f"the same token length, found {inp.lengths}",
+            file=inp.dataset.name,
+            field="ablation",
+        )
     g = Graph(inp.model.adapter)
     noising = direction == "noising"
     ck = None
     if checkpoint is not None:
-        settings = {"model": inp.model.name, "weights": fingerprint(inp.model.hf), "data": inp.dataset.sha256,
-                    "method": method, "ig_steps": ig_steps, "direction": direction, "metric": inp.metric,
-                    "samples": samples, "noise_scale": noise_scale, "seed": seed, "batch_size": batch_size}
+        settings = {
+            "model": inp.model.name,
+            "weights": fingerprint(inp.model.hf),
+            "data": inp.dataset.sha256,
+            "method": method,
+            "ig_steps": ig_steps,
+            "direction": direction,
+            "metric": inp.metric,
+            "samples": samples,
+            "noise_scale": noise_scale,
+            "seed": seed,
+            "batch_size": batch_size,
+        }
         ck = Checkpoint(checkpoint, "circuit", checkpoint_key(settings), checkpoint_every_s)
     sums = estimate(inp, g, noising, batch_size, ig_steps, progress, ck, executor)
-    res = CircuitResult(**inp.header(), graph=g, method=method, ig_steps=ig_steps or None, direction=direction,
-                        size=edges, ablation=ablation, scores=sums["scores"], clean=sums["clean"],
-                        corrupt=sums["corrupt"], timings={"attribution_s": time.perf_counter() - t0})
+    res = CircuitResult(
+        **inp.header(),
+        graph=g,
+        method=method,
+        ig_steps=ig_steps or None,
+        direction=direction,
+        size=edges,
+        ablation=ablation,
+        scores=sums["scores"],
+        clean=sums["clean"],
+        corrupt=sums["corrupt"],
+        timings={"attribution_s": time.perf_counter() - t0},
+    )
     ids = res.ranked()
     if confirm:
         t1 = time.perf_counter()
@@ -130,8 +162,16 @@ def circuit(
         k = min(confirm, len(ids))
         rest = ids[k:][torch.randperm(len(ids) - k, generator=torch.Generator().manual_seed(seed))[:n_random]]
         res.confirmed, res.n_top = torch.cat([ids[:k], rest]), k
-        patched = measure(inp, g, [_single(g, e) for e in res.confirmed.tolist()], noising, "patch", memory_budget,
-                          progress, "confirm")
+        patched = measure(
+            inp,
+            g,
+            [_single(g, e) for e in res.confirmed.tolist()],
+            noising,
+            "patch",
+            memory_budget,
+            progress,
+            "confirm",
+        )
         res.exact = patched - (res.clean if noising else res.corrupt)[:, None]
         est = res.scores.flatten()[res.confirmed]
         res.agreement = agreement(est.abs(), est, res.exact, k)
@@ -141,8 +181,16 @@ def circuit(
         valid = g.valid()
 
         def run_curve(sizes: list[int]) -> None:  # measure more circuit sizes into the curve, kept sorted
-            new = measure(inp, g, [_complement(valid, ids[:n]) for n in sizes], True, ablation, memory_budget,
-                          progress, "faithfulness")
+            new = measure(
+                inp,
+                g,
+                [_complement(valid, ids[:n]) for n in sizes],
+                True,
+                ablation,
+                memory_budget,
+                progress,
+                "faithfulness",
+            )
             n_all = (res.curve_n or []) + sizes
             cols = torch.cat([new] if res.curve is None else [res.curve, new], 1)
             order = sorted(range(len(n_all)), key=n_all.__getitem__)
@@ -163,8 +211,16 @@ def circuit(
     return res
 
 
-def estimate(inp: Inputs, g: Graph, noising: bool, batch_size: int, ig_steps: int,
-             progress: Progress | None = None, ck: Checkpoint | None = None, executor=None) -> dict:
+def estimate(
+    inp: Inputs,
+    g: Graph,
+    noising: bool,
+    batch_size: int,
+    ig_steps: int,
+    progress: Progress | None = None,
+    ck: Checkpoint | None = None,
+    executor=None,
+) -> dict:
     """Edge scores ``[n_up, n_read]`` (mean over pairs) and the ``clean``/``corrupt`` metrics [P], one
     batch at a time on ``executor``; the running sums resumed from and written to ``ck`` as it goes."""
     per_row, n = 1.0 / inp.rows.samples, len(inp.pairs)
@@ -176,9 +232,14 @@ def estimate(inp: Inputs, g: Graph, noising: bool, batch_size: int, ig_steps: in
         sums["corrupt"].index_add_(0, part["owner"], per_row * part["corrupt"])
 
     stage = (inp.rows, inp.metric_fn, noising, batch_size, ig_steps)
-    sums = run(ck, sums, len(inp.rows.batches(batch_size)),
-               lambda todo: executor_get(executor).map(inp.model, edge_units, stage, todo), add,
-               progress)
+    sums = run(
+        ck,
+        sums,
+        len(inp.rows.batches(batch_size)),
+        lambda todo: executor_get(executor).map(inp.model, edge_units, stage, todo),
+        add,
+        progress,
+    )
     return {"scores": sums["scores"] / n, "clean": sums["clean"], "corrupt": sums["corrupt"]}
 
 
@@ -191,11 +252,25 @@ def edge_units(model: Model, rows: Rows, metric_fn, noising: bool, batch_size: i
 
     def compute(i: int) -> dict:
         b = rows.batch(batches[i], noising, embed)
-        out = edges.attribute(g, b.base, b.other, lambda logits, lp: metric_fn(logits, b.labels, lp), noising,
-                              b.base_noise, b.other_noise, rows.keep, ig_steps)
+        out = edges.attribute(
+            g,
+            b.base,
+            b.other,
+            lambda logits, lp: metric_fn(logits, b.labels, lp),
+            noising,
+            b.base_noise,
+            b.other_noise,
+            rows.keep,
+            ig_steps,
+        )
         clean, corrupt = (out["base"], out["other"]) if noising else (out["other"], out["base"])
-        return {"scores": out["scores"].cpu(), "clean": clean.cpu(), "corrupt": corrupt.cpu(),
-                "owner": rows.owner[batches[i]]}
+        return {
+            "scores": out["scores"].cpu(),
+            "clean": clean.cpu(),
+            "corrupt": corrupt.cpu(),
+            "owner": rows.owner[batches[i]],
+        }
+
     return compute
 
 
@@ -226,14 +301,24 @@ def _row_bytes(inp: Inputs, g: Graph, seq: int) -> int:
     """Rough peak bytes of one edge-patched row: the other run's writes, their differences and the
     reader shifts (fp32), the edge mask, and a forward's live activations."""
     ad = inp.model.adapter
-    return 4 * seq * ad.d_model * (2 * g.n_up + g.per_layer + 8) + 5 * g.n_up * g.n_read + \
-        4 * seq * (ad.d_mlp + 2 * ad.n_heads * seq)
+    return (
+        4 * seq * ad.d_model * (2 * g.n_up + g.per_layer + 8)
+        + 5 * g.n_up * g.n_read
+        + 4 * seq * (ad.d_mlp + 2 * ad.n_heads * seq)
+    )
 
 
 @torch.no_grad()
-def measure(inp: Inputs, g: Graph, groups: Sequence[torch.Tensor], base_is_clean: bool, ablation: str,
-            memory_budget: int | None = None, progress: Progress | None = None, stage: str = "patch"
-            ) -> torch.Tensor:
+def measure(
+    inp: Inputs,
+    g: Graph,
+    groups: Sequence[torch.Tensor],
+    base_is_clean: bool,
+    ablation: str,
+    memory_budget: int | None = None,
+    progress: Progress | None = None,
+    stage: str = "patch",
+) -> torch.Tensor:
     """The metric ``[P, G]`` of the base run with each group of edges (a ``[n_up, n_read]`` bool mask)
     taking the other run's writes (``ablation="mean"``: their mean over the rows), per pair."""
     rows = inp.rows
@@ -257,12 +342,21 @@ def measure(inp: Inputs, g: Graph, groups: Sequence[torch.Tensor], base_is_clean
         del other_run, base_run
         cells = sorted(((starts[j], j, i) for j in range(len(groups)) for i in range(len(idx))), key=lambda c: c[0])
         for lo in range(0, len(cells), chunk):
-            part = cells[lo:lo + chunk]
+            part = cells[lo : lo + chunk]
             layer = part[0][0]  # the earliest start of the chunk: every row runs from there
             j, i = torch.tensor([c[1] for c in part]), torch.tensor([c[2] for c in part])
-            logits = edges.patched_logits(g, b.base[i], other, torch.stack([groups[x] for x in j.tolist()]),
-                                          rows.keep, None if b.base_noise is None else b.base_noise[i], i, layer,
-                                          resid[i, layer] if layer else None, base_diff)
+            logits = edges.patched_logits(
+                g,
+                b.base[i],
+                other,
+                torch.stack([groups[x] for x in j.tolist()]),
+                rows.keep,
+                None if b.base_noise is None else b.base_noise[i],
+                i,
+                layer,
+                resid[i, layer] if layer else None,
+                base_diff,
+            )
             out[torch.tensor(idx)[i], j] = inp.metric_fn(logits, b.labels.take(i), clean_lp[i]).float().cpu()
             done += 1
             report(progress, stage, done, total)
@@ -309,21 +403,34 @@ class CircuitResult(Result):
             return None
         gap = (self.clean.mean() - self.corrupt.mean()).item()
         rec = [(c - self.corrupt.mean().item()) / gap if gap else math.nan for c in self.curve.mean(0).tolist()]
-        first = {f"n_{int(100 * t)}": next((n for n, r in zip(self.curve_n, rec, strict=True) if r >= t), None)
-                 for t in THRESHOLDS}
+        first = {
+            f"n_{int(100 * t)}": next((n for n, r in zip(self.curve_n, rec, strict=True) if r >= t), None)
+            for t in THRESHOLDS
+        }
         return {"n": self.curve_n, "recovered": rec, **first}
 
     def top(self, k: int = 10) -> list[dict]:
         """The ``k`` edges of highest |score|: names, score and (if confirmed) the exact effect."""
         g = self.graph
-        exact = {} if self.confirmed is None else dict(zip(self.confirmed.tolist(), self.exact.mean(0).tolist(),
-                                                           strict=True))
+        exact = (
+            {}
+            if self.confirmed is None
+            else dict(zip(self.confirmed.tolist(), self.exact.mean(0).tolist(), strict=True))
+        )
         rows = []
         for rank, e in enumerate(self.ranked()[:k].tolist()):
             u, r = divmod(e, g.n_read)
-            rows.append({"rank": rank, "edge": g.edge_name(u, r), "upstream": g.node_name(u),
-                         "reader": g.reader_name(r), "reader_node": g.reader_node(r),
-                         "score": self.scores[u, r].item(), "exact": exact.get(e)})
+            rows.append(
+                {
+                    "rank": rank,
+                    "edge": g.edge_name(u, r),
+                    "upstream": g.node_name(u),
+                    "reader": g.reader_name(r),
+                    "reader_node": g.reader_node(r),
+                    "score": self.scores[u, r].item(),
+                    "exact": exact.get(e),
+                }
+            )
         return rows
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -344,12 +451,21 @@ class CircuitResult(Result):
         check_options(top=top)
         edges_ = self.top(self.size if top is None else max(top, self.size))
         nodes = sorted({e["upstream"] for e in edges_} | {e["reader_node"] for e in edges_})
-        settings = {"method": self.method, "ig_steps": self.ig_steps, "direction": self.direction, "size": self.size,
-                    "ablation": self.ablation, "edges_in_graph": self.n_rows(),
-                    "confirmed": {"top": self.n_top,
-                                  "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top}}
-        return self._document("circuit", settings, nodes=nodes, edges=edges_, agreement=self.agreement,
-                              faithfulness=self.faithfulness)
+        settings = {
+            "method": self.method,
+            "ig_steps": self.ig_steps,
+            "direction": self.direction,
+            "size": self.size,
+            "ablation": self.ablation,
+            "edges_in_graph": self.n_rows(),
+            "confirmed": {
+                "top": self.n_top,
+                "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top,
+            },
+        }
+        return self._document(
+            "circuit", settings, nodes=nodes, edges=edges_, agreement=self.agreement, faithfulness=self.faithfulness
+        )
 
     def save(self, out_dir, top: int | None = None):
         """``circuit.json``, ``scores.safetensors`` and ``circuit.dot`` into ``out_dir``."""
@@ -367,8 +483,10 @@ class CircuitResult(Result):
 
 def to_dot(edges_: list[dict]) -> str:
     """Graphviz text of ranked edge rows (``top``), nodes ranked by layer."""
+
     def q(s):
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
     big = max((abs(e["score"]) for e in edges_), default=1.0) or 1.0
     lines = ["digraph circuit {", "  rankdir=BT;", "  node [shape=box, fontname=Helvetica];"]
     for e in edges_:
@@ -376,8 +494,7 @@ def to_dot(edges_: list[dict]) -> str:
         colour = "#2166ac" if e["score"] >= 0 else "#b2182b"
         width = 0.5 + 4.5 * abs(e["score"]) / big
         label = f', label="{kind}"' if kind in ("q", "k", "v") else ""
-        lines.append(f"  {q(e['upstream'])} -> {q(e['reader_node'])} [color=\"{colour}\", "
-                     f"penwidth={width:.2f}{label}];")
+        lines.append(f'  {q(e["upstream"])} -> {q(e["reader_node"])} [color="{colour}", penwidth={width:.2f}{label}];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 

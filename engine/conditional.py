@@ -28,8 +28,9 @@ def _check(model, condition: torch.Tensor, vector: torch.Tensor | None, conditio
         if v is not None:
             check_vector(v, ad.d_model, name)
     if not 0 <= condition_layer <= layer < ad.n_layers:
-        raise InputError(f"needs 0 <= condition_layer ({condition_layer}) <= layer ({layer}) < {ad.n_layers}",
-                         field="layer")
+        raise InputError(
+            f"needs 0 <= condition_layer ({condition_layer}) <= layer ({layer}) < {ad.n_layers}", field="layer"
+        )
 
 
 def _score(x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
@@ -38,8 +39,9 @@ def _score(x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scores(model, prompts: torch.Tensor | list[list[int]], condition: torch.Tensor, condition_layer: int
-           ) -> torch.Tensor:
+def scores(
+    model, prompts: torch.Tensor | list[list[int]], condition: torch.Tensor, condition_layer: int
+) -> torch.Tensor:
     """The condition score of each prompt (token ids, one forward each length) ``[N]``."""
     model = load(model)
     _check(model, condition, None, condition_layer, condition_layer)
@@ -47,9 +49,12 @@ def scores(model, prompts: torch.Tensor | list[list[int]], condition: torch.Tens
     out = torch.empty(len(rows))
     for idx in by_length(rows):
         store: dict = {}
-        runner.forward(model.adapter, torch.tensor([rows[i] for i in idx], device=model.device),
-                       [runner.capture(model.adapter, "resid_pre", condition_layer, store)],
-                       stop=condition_layer + 1)
+        runner.forward(
+            model.adapter,
+            torch.tensor([rows[i] for i in idx], device=model.device),
+            [runner.capture(model.adapter, "resid_pre", condition_layer, store)],
+            stop=condition_layer + 1,
+        )
         out[idx] = _score(store[("resid_pre", condition_layer)], condition).cpu()
     return out
 
@@ -67,8 +72,15 @@ def fit_threshold(model, positive, negative, condition: torch.Tensor, condition_
 
 
 @contextmanager
-def cast(model, condition: torch.Tensor, vector: torch.Tensor, condition_layer: int, layer: int,
-         threshold: float, alpha: float = 1.0):
+def cast(
+    model,
+    condition: torch.Tensor,
+    vector: torch.Tensor,
+    condition_layer: int,
+    layer: int,
+    threshold: float,
+    alpha: float = 1.0,
+):
     """Every forward of ``model.hf`` inside the block steers the rows whose condition score exceeds
     ``threshold``; yields a dict whose ``"mask"`` [B] and ``"score"`` [B] are those of the last
     prompt forward (``generate`` keeps them for the tokens it adds)."""
@@ -85,8 +97,13 @@ def cast(model, condition: torch.Tensor, vector: torch.Tensor, condition_layer: 
 
     def steer(x):  # resid_post [B, T, 1, D]
         mask = state["mask"].to(x.device)[:, None, None].expand(x.shape[0], x.shape[1], 1)
-        return ops.perturb(x, "add", mask, vector=vector.to(x.device, x.dtype).reshape(1, 1, -1),
-                           alpha=torch.tensor([alpha], dtype=x.dtype, device=x.device))
+        return ops.perturb(
+            x,
+            "add",
+            mask,
+            vector=vector.to(x.device, x.dtype).reshape(1, 1, -1),
+            alpha=torch.tensor([alpha], dtype=x.dtype, device=x.device),
+        )
 
     with runner.installed(model.adapter, [("resid_pre", condition_layer, decide), ("resid_post", layer, steer)]):
         yield state

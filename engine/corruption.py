@@ -69,7 +69,7 @@ class Rows:
 
     def batches(self, size: int) -> list[list[int]]:
         """Row ids in batches of at most ``size``, each of one token length (shortest first)."""
-        return [idx[lo:lo + size] for idx in self.buckets() for lo in range(0, len(idx), size)]
+        return [idx[lo : lo + size] for idx in self.buckets() for lo in range(0, len(idx), size)]
 
     def noise(self, rows: list[int], like: torch.Tensor) -> torch.Tensor | None:
         """Noise of ``rows`` on the embeddings ``[B, T, d_model]`` (zero off the span), or None."""
@@ -106,20 +106,32 @@ class Rows:
         """What the JSON outputs record about the corruption."""
         if self.draws is None:
             return {"kind": "tokens"}
-        return {"kind": "gaussian_noise", "std": self.std, "scale": self.scale, "samples": self.samples,
-                "seed": self.seed}
+        return {
+            "kind": "gaussian_noise",
+            "std": self.std,
+            "scale": self.scale,
+            "samples": self.samples,
+            "seed": self.seed,
+        }
 
 
 def embedding_std(model, pairs: list[Pair]) -> float:
     """Std of the input-embedding entries at the span tokens of ``pairs`` (every occurrence)."""
     emb = model.hf.get_input_embeddings()
-    ids = torch.tensor([t for p in pairs for t in p.clean[p.span[0]:p.span[1]]], device=model.device)
+    ids = torch.tensor([t for p in pairs for t in p.clean[p.span[0] : p.span[1]]], device=model.device)
     with torch.no_grad():
         return emb(ids[None]).float().std().item()
 
 
-def rows(model, pairs: list[Pair], samples: int = SAMPLES, scale: float = SCALE, seed: int = 0,
-         std: float | None = None, metric: str = "logit_diff") -> Rows:
+def rows(
+    model,
+    pairs: list[Pair],
+    samples: int = SAMPLES,
+    scale: float = SCALE,
+    seed: int = 0,
+    std: float | None = None,
+    metric: str = "logit_diff",
+) -> Rows:
     """The rows of ``pairs``; noise pairs get ``samples`` rows with seeded draws (``std``: override the
     ``scale x embedding std`` rule); multi-token answers one row per continuation ``metric`` scores."""
     if not pairs or pairs[0].span is None:
@@ -153,5 +165,15 @@ def continuations(rows: Rows, metric: str) -> Rows:
             sign.append(1.0 if c == "answer" else -1.0)
             if rows.draws is not None:
                 draws.append(rows.draws[r])
-    return Rows(pairs, torch.tensor(owner), rows.n_pairs, draws if rows.draws is not None else None, rows.std,
-                rows.samples, rows.scale, rows.seed, torch.tensor(targets), torch.tensor(sign))
+    return Rows(
+        pairs,
+        torch.tensor(owner),
+        rows.n_pairs,
+        draws if rows.draws is not None else None,
+        rows.std,
+        rows.samples,
+        rows.scale,
+        rows.seed,
+        torch.tensor(targets),
+        torch.tensor(sign),
+    )

@@ -60,8 +60,11 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], list[int]]:
     try:
         content = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})", file=str(path),
-                         line=raw[:e.start].count(b"\n") + 1) from None
+        raise InputError(
+            f"not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})",
+            file=str(path),
+            line=raw[: e.start].count(b"\n") + 1,
+        ) from None
     records, lines = [], []
     for i, text in enumerate(content.splitlines(), start=1):
         if not text.strip():
@@ -99,8 +102,11 @@ class Dataset:
         noisy = ["noise_span" in r for r in self.records]
         if any(noisy) and not all(noisy):
             line = self.lines[noisy.index(not noisy[0])]
-            raise self._err("the dataset mixes noise_span and corrupt pairs; use one kind of corruption per "
-                            "dataset", line, "noise_span" if not noisy[0] else "corrupt")
+            raise self._err(
+                "the dataset mixes noise_span and corrupt pairs; use one kind of corruption per dataset",
+                line,
+                "noise_span" if not noisy[0] else "corrupt",
+            )
 
     @classmethod
     def from_jsonl(cls, path: str | Path) -> Dataset:
@@ -127,16 +133,33 @@ class Dataset:
             if got is None and names is None:
                 continue
             if not isinstance(got, dict) or not got or not names:
-                raise self._err("must name the same roles as line 1 (a non-empty object)" if names else
-                                "line 1 names no positions: name them on every line or on none", line, "positions")
+                raise self._err(
+                    "must name the same roles as line 1 (a non-empty object)"
+                    if names
+                    else "line 1 names no positions: name them on every line or on none",
+                    line,
+                    "positions",
+                )
             if set(got) != set(names):
                 raise self._err(f"roles {sorted(got)} differ from line 1's {sorted(names)}", line, "positions")
             for role, spec in got.items():
-                if not (isinstance(spec, str) and spec or isinstance(spec, int) and not isinstance(spec, bool)
-                        or isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and spec[0]
-                        and isinstance(spec[1], int) and spec[1] >= 1):
-                    raise self._err(f"role {role!r}: give a substring, [substring, occurrence >= 1] or a token "
-                                    "index", line, "positions")
+                if not (
+                    isinstance(spec, str)
+                    and spec
+                    or isinstance(spec, int)
+                    and not isinstance(spec, bool)
+                    or isinstance(spec, list)
+                    and len(spec) == 2
+                    and isinstance(spec[0], str)
+                    and spec[0]
+                    and isinstance(spec[1], int)
+                    and spec[1] >= 1
+                ):
+                    raise self._err(
+                        f"role {role!r}: give a substring, [substring, occurrence >= 1] or a token index",
+                        line,
+                        "positions",
+                    )
         return names
 
     def _check(self, rec: dict, line: int) -> None:
@@ -148,8 +171,11 @@ class Dataset:
             raise self._err("give corrupt or noise_span, not both", line, "noise_span")
         for side in ("clean",) if noise else ("clean", "corrupt"):
             if side not in rec and f"{side}_ids" not in rec:
-                raise self._err(f"missing (give {side!r}, {side + '_ids'!r}"
-                                + (" or 'noise_span')" if side == "corrupt" else ")"), line, side)
+                raise self._err(
+                    f"missing (give {side!r}, {side + '_ids'!r}" + (" or 'noise_span')" if side == "corrupt" else ")"),
+                    line,
+                    side,
+                )
             if side in rec and not isinstance(rec[side], str):
                 raise self._err("must be a string", line, side)
             ids = rec.get(f"{side}_ids")
@@ -159,11 +185,15 @@ class Dataset:
             span = rec["noise_span"]
             ints = isinstance(span, list) and len(span) == 2 and all(is_int(i) for i in span)
             if not (ints and 0 <= span[0] < span[1]) and not (isinstance(span, str) and span.strip()):
-                raise self._err("must be a non-empty substring of clean or token positions [start, end)",
-                                line, "noise_span")
+                raise self._err(
+                    "must be a non-empty substring of clean or token positions [start, end)", line, "noise_span"
+                )
             if isinstance(span, str) and ("clean" not in rec or "clean_ids" in rec):
-                raise self._err("a string span needs the clean string (not clean_ids); give token positions "
-                                "[start, end)", line, "noise_span")
+                raise self._err(
+                    "a string span needs the clean string (not clean_ids); give token positions [start, end)",
+                    line,
+                    "noise_span",
+                )
             if isinstance(span, str) and span not in rec["clean"]:
                 raise self._err(f"{span!r} is not a substring of clean", line, "noise_span")
         if "chat" in rec and not isinstance(rec["chat"], bool):
@@ -172,8 +202,9 @@ class Dataset:
             raise self._err("missing", line, "answer")
         for f in ("answer", "wrong"):
             v = rec.get(f)
-            if f in rec and not (isinstance(v, str) and v or is_int(v) or isinstance(v, list) and v
-                                 and all(is_int(i) for i in v)):
+            if f in rec and not (
+                isinstance(v, str) and v or is_int(v) or isinstance(v, list) and v and all(is_int(i) for i in v)
+            ):
                 raise self._err("must be a non-empty string, a token id or a list of token ids", line, f)
 
     def tokenize(self, tokenizer, vocab_size: int | None = None) -> list[Pair]:
@@ -193,8 +224,12 @@ class Dataset:
             if noise:
                 ids["corrupt"] = ids["clean"]
             if len(ids["clean"]) != len(ids["corrupt"]):
-                raise self._err(f"clean has {len(ids['clean'])} tokens, corrupt has {len(ids['corrupt'])}: "
-                                "pairs must have equal token length", line, "corrupt")
+                raise self._err(
+                    f"clean has {len(ids['clean'])} tokens, corrupt has {len(ids['corrupt'])}: "
+                    "pairs must have equal token length",
+                    line,
+                    "corrupt",
+                )
             tok = {f: self._answer(tokenizer, rec[f], line, f) for f in ("answer", "wrong") if f in rec}
             for f, t in [*ids.items(), *tok.items()]:
                 bad = [i for i in t if vocab_size and not 0 <= i < vocab_size]
@@ -224,13 +259,17 @@ class Dataset:
         spec = rec["positions"][role]
         if isinstance(spec, int):
             if not -len(clean) <= spec < len(clean):
-                raise self._err(f"role {role!r}: index {spec} outside the prompt's {len(clean)} tokens", line,
-                                "positions")
+                raise self._err(
+                    f"role {role!r}: index {spec} outside the prompt's {len(clean)} tokens", line, "positions"
+                )
             return spec % len(clean)
         text, n = (spec, 1) if isinstance(spec, str) else spec
         if tokenizer is None or "clean" not in rec:
-            raise self._err(f"role {role!r}: a substring needs the clean string and a tokenizer; give a token "
-                            "index", line, "positions")
+            raise self._err(
+                f"role {role!r}: a substring needs the clean string and a tokenizer; give a token index",
+                line,
+                "positions",
+            )
         return self._tokens_of(tokenizer, rec, text, n, line, "positions")[-1]
 
     def _tokens_of(self, tokenizer, rec: dict, sub: str, n: int, line: int, field: str) -> list[int]:
@@ -293,8 +332,9 @@ def chat_text(tokenizer, text: str, file: str | None = None, line: int | None = 
     """``text`` as one user turn in the tokenizer's chat template, with the generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise InputError("the tokenizer has no chat template", file=file, line=line, field="chat")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
 
 
 def encode(tokenizer, text: str, chat: bool = False, file: str | None = None, line: int | None = None) -> list[int]:

@@ -58,24 +58,37 @@ class DirectionResult:
     def summary(self) -> dict:
         from causalscan.versions import versions
 
-        doc = {"kind": "directions", "model": self.model, "position": self.position,
-               "prompts": {"positive": self.n_positive, "negative": self.n_negative},
-               "diff_means_norm": self.diff_means.norm(dim=-1).tolist()}
+        doc = {
+            "kind": "directions",
+            "model": self.model,
+            "position": self.position,
+            "prompts": {"positive": self.n_positive, "negative": self.n_negative},
+            "diff_means_norm": self.diff_means.norm(dim=-1).tolist(),
+        }
         if self.pca is not None:
             doc["pca_cosine_with_diff_means"] = torch.cosine_similarity(self.pca, self.diff_means, dim=-1).tolist()
         if self.probe_accuracy is not None:
             acc = self.probe_accuracy
             order = acc.flatten().argsort(descending=True)[:10].tolist()
-            doc["best_probes"] = [{"layer": j // acc.shape[1], "head": j % acc.shape[1],
-                                   "accuracy": acc.flatten()[j].item()} for j in order]
+            doc["best_probes"] = [
+                {"layer": j // acc.shape[1], "head": j % acc.shape[1], "accuracy": acc.flatten()[j].item()}
+                for j in order
+            ]
         return {**doc, "timings": self.timings, "versions": versions()}
 
     def save(self, out_dir: str | Path) -> Path:
         """``directions.safetensors`` (every direction; metadata: model, position) and ``directions.json``."""
         out = files.out_dir(out_dir)
-        tensors = {k: v.float().contiguous() for k, v in (("diff_means", self.diff_means), ("pca", self.pca),
-                                                         ("probes", self.probes),
-                                                         ("probe_accuracy", self.probe_accuracy)) if v is not None}
+        tensors = {
+            k: v.float().contiguous()
+            for k, v in (
+                ("diff_means", self.diff_means),
+                ("pca", self.pca),
+                ("probes", self.probes),
+                ("probe_accuracy", self.probe_accuracy),
+            )
+            if v is not None
+        }
         meta = {"model": self.model, "position": str(self.position), "site": "resid_pre"}
         files.write(out / "directions.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         files.write(out / "directions.json", files.strict_json(self.summary()))
@@ -98,8 +111,9 @@ def encode_prompts(model, prompts, field_name: str, chat: bool = False) -> list[
 
 
 @torch.no_grad()
-def read(model, prompts: list[list[int]], position, heads: bool, batch_size: int = 32
-         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def read(
+    model, prompts: list[list[int]], position, heads: bool, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per prompt: ``resid_pre`` of every layer at ``position`` ``[N, L, d_model]`` and, with ``heads``,
     every head's output ``[N, L, H, d_head]``, reduced inside the taps (prompts batched by length)."""
     ad = model.adapter
@@ -113,19 +127,23 @@ def read(model, prompts: list[list[int]], position, heads: bool, batch_size: int
             return x.float().mean(1).cpu()
         if isinstance(position, int):
             return x[:, position].float().cpu()
-        return x[:, position[0]:position[1]].float().mean(1).cpu()
+        return x[:, position[0] : position[1]].float().mean(1).cpu()
 
     for idx in by_length(prompts):
         for lo in range(0, len(idx), batch_size):
-            rows = idx[lo:lo + batch_size]
+            rows = idx[lo : lo + batch_size]
             taps = []
             for layer in range(ad.n_layers):
+
                 def keep_resid(x, layer=layer, rows=rows):
                     resid[rows, layer] = at(x)[:, 0]
+
                 taps.append(("resid_pre", layer, keep_resid))
                 if heads:
+
                     def keep_z(x, layer=layer, rows=rows):
                         z[rows, layer] = at(x)
+
                     taps.append(("head", layer, keep_z))
             runner.forward(ad, torch.tensor([prompts[i] for i in rows], device=model.device), taps)
     return resid, z
@@ -140,8 +158,9 @@ def pca_direction(diffs: torch.Tensor) -> torch.Tensor:
     return (u * torch.where(sign == 0, 1.0, sign)[:, None]).float()
 
 
-def fit_probes(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 100
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_probes(
+    x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logistic regressions of ``y`` [N] (0/1) on ``x`` [N, *probes, D], one per probe, fitted together
     (L-BFGS on the summed mean losses, ``l2`` on the weights, features standardised). Returns the
     weights ``[*probes, D]`` and biases ``[*probes]`` in the original coordinates: probe ``k`` predicts
@@ -162,16 +181,24 @@ def fit_probes(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-2, steps: int = 
         loss = loss + l2 * (w * w).sum()
         loss.backward()
         return loss
+
     with torch.enable_grad():
         opt.step(closure)
-    w_orig = (w.detach() / sd)  # the same decision in unstandardised coordinates
+    w_orig = w.detach() / sd  # the same decision in unstandardised coordinates
     b_orig = b.detach() - (w_orig * mu).sum(-1)
     return w_orig.reshape(shape).float(), b_orig.reshape(shape[:-1]).float()
 
 
-def directions(model, positive, negative, position: str | int | tuple[int, int] = "last", probes: bool = False,
-               chat: bool = False,
-               batch_size: int = 32, seed: int = 0) -> DirectionResult:
+def directions(
+    model,
+    positive,
+    negative,
+    position: str | int | tuple[int, int] = "last",
+    probes: bool = False,
+    chat: bool = False,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> DirectionResult:
     """Candidate directions at every layer from ``positive`` and ``negative`` prompts (strings or
     token-id lists; ``pca`` needs as many of each, taken as pairs in order). ``position``: ``last``
     token, ``mean`` over the prompt, a token index (negative: from the end) or a span ``(start, stop)``
@@ -180,30 +207,37 @@ def directions(model, positive, negative, position: str | int | tuple[int, int] 
     t0 = time.perf_counter()
     span = isinstance(position, tuple) and len(position) == 2 and all(is_int(i) for i in position)
     if not (position in POSITIONS or is_int(position) or span):
-        raise InputError(f"position must be last, mean, a token index or a (start, stop) span, not {position!r}",
-                         field="position")
+        raise InputError(
+            f"position must be last, mean, a token index or a (start, stop) span, not {position!r}", field="position"
+        )
     check_options(batch_size=batch_size, seed=seed)
     model = load(model)
     pos = encode_prompts(model, positive, "positive", chat)
     neg = encode_prompts(model, negative, "negative", chat)
     shortest = min(len(p) for p in pos + neg)
-    if is_int(position) and not -shortest <= position < shortest or span and not (
-            0 <= position[0] < position[1] <= shortest):
-        raise InputError(f"position {position!r} is not inside every prompt (the shortest has {shortest} tokens)",
-                         field="position")
+    if (
+        is_int(position)
+        and not -shortest <= position < shortest
+        or span
+        and not (0 <= position[0] < position[1] <= shortest)
+    ):
+        raise InputError(
+            f"position {position!r} is not inside every prompt (the shortest has {shortest} tokens)", field="position"
+        )
     xp, zp = read(model, pos, position, probes, batch_size)
     xn, zn = read(model, neg, position, probes, batch_size)
     diff_means = xp.mean(0) - xn.mean(0)
     pca = pca_direction(xp - xn) if len(pos) == len(neg) else None
-    res = DirectionResult(model=model.name, position=position, n_positive=len(pos), n_negative=len(neg),
-                          diff_means=diff_means, pca=pca)
+    res = DirectionResult(
+        model=model.name, position=position, n_positive=len(pos), n_negative=len(neg), diff_means=diff_means, pca=pca
+    )
     if probes:
         x, y = torch.cat([zp, zn]), torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
         g = torch.Generator().manual_seed(seed)
         held = torch.zeros(len(y), dtype=torch.bool)
         for cls in (0, 1):  # a fifth of each class held out
             ids = (y == cls).nonzero()[:, 0]
-            held[ids[torch.randperm(len(ids), generator=g)[:max(1, len(ids) // 5)]]] = True
+            held[ids[torch.randperm(len(ids), generator=g)[: max(1, len(ids) // 5)]]] = True
         w, b = fit_probes(x[~held], y[~held])
         pred = ((x[held] * w).sum(-1) + b) > 0  # [n_held, L, H]
         res.probes = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -232,9 +266,12 @@ def _writers(model) -> list[tuple[torch.nn.Module, str]]:
             elif type(module).__name__ == "Conv1D":
                 out.append((module, "conv1d"))
             else:
-                raise InputError(f"{ad.family.name}: the {site} write of layer {layer} comes from a "
-                                 f"{type(module).__name__}, not a linear map; its weights cannot be made "
-                                 "orthogonal to a direction (ablate at run time instead)", field="model")
+                raise InputError(
+                    f"{ad.family.name}: the {site} write of layer {layer} comes from a "
+                    f"{type(module).__name__}, not a linear map; its weights cannot be made "
+                    "orthogonal to a direction (ablate at run time instead)",
+                    field="model",
+                )
     return out
 
 
@@ -288,7 +325,6 @@ def bake(model, direction: torch.Tensor, out_dir: str | Path) -> Path:
     return out
 
 
-
 def export_control_vector(vectors: dict[int, torch.Tensor], path: str | Path, model_hint: str) -> Path:
     """``vectors`` ``{layer: [d_model]}`` (each added to the output of block ``layer``, our
     ``resid_post``) as a llama.cpp control-vector GGUF file: architecture ``controlvector``,
@@ -298,8 +334,9 @@ def export_control_vector(vectors: dict[int, torch.Tensor], path: str | Path, mo
     import gguf
 
     if not vectors or not all(isinstance(k, int) and k >= 1 for k in vectors):
-        raise InputError("needs vectors for layers >= 1 (llama.cpp steers the outputs of blocks 1..L-1)",
-                         field="vectors")
+        raise InputError(
+            "needs vectors for layers >= 1 (llama.cpp steers the outputs of blocks 1..L-1)", field="vectors"
+        )
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), "controlvector")
@@ -318,5 +355,12 @@ def export_control_vector(vectors: dict[int, torch.Tensor], path: str | Path, mo
     return path
 
 
-__all__ = ["DirectionResult", "bake", "directions", "export_control_vector", "fit_probes", "orthogonalise",
-           "pca_direction"]
+__all__ = [
+    "DirectionResult",
+    "bake",
+    "directions",
+    "export_control_vector",
+    "fit_probes",
+    "orthogonalise",
+    "pca_direction",
+]

@@ -58,6 +58,7 @@ def _write_taps(g: Graph, put: Callable[[int, torch.Tensor], None]) -> list[runn
 def _store(g: Graph, store: dict, node_major: bool = False):
     """A ``put`` for :func:`_write_taps` filling ``store["w"]`` [B, n_up, T, d] (``node_major``:
     [n_up, B, T, d]), fp32."""
+
     def put(u0, w):
         if node_major:
             w = w.transpose(0, 1)
@@ -65,9 +66,10 @@ def _store(g: Graph, store: dict, node_major: bool = False):
             n = (g.n_up, w.shape[1]) if node_major else (w.shape[0], g.n_up)
             store["w"] = w.new_zeros(*n, w.shape[2], w.shape[3], dtype=torch.float32)
         if node_major:
-            store["w"][u0:u0 + w.shape[0]] = w
+            store["w"][u0 : u0 + w.shape[0]] = w
         else:
-            store["w"][:, u0:u0 + w.shape[1]] = w
+            store["w"][:, u0 : u0 + w.shape[1]] = w
+
     return put
 
 
@@ -76,9 +78,11 @@ def _pre_hooks(hooks: list[tuple[torch.nn.Module, Callable]]):
     """Forward pre-hooks ``fn(x) -> x'`` on the first input of each module, for the block's duration."""
     with ExitStack() as stack:
         for module, fn in hooks:
+
             def pre(mod, args, kwargs, fn=fn):
                 new = fn(_hidden_in(args, kwargs))
                 return None if new is None else _with_hidden_in(args, kwargs, new)
+
             stack.callback(module.register_forward_pre_hook(pre, with_kwargs=True).remove)
         yield
 
@@ -93,6 +97,7 @@ def _norm_inputs(g: Graph, store: dict) -> list[tuple[torch.nn.Module, Callable]
         def keep(x, keys=keys):
             for k in keys:
                 store[k] = x.detach()
+
         hooks.append((ln_attn, keep))
         if ln_mlp is not ln_attn:
             hooks.append((ln_mlp, lambda x, k=("mlp", layer): store.__setitem__(k, x.detach())))
@@ -120,7 +125,7 @@ class _EdgeScores:
         """Reader gradients ``[C, P, T, d]`` at readers ``r0 .. r0 + C`` against every node they see."""
         k = int(self.g.prefix[r0])
         d = self.delta[:k].flatten(1)  # [k, P * T * d], contiguous: one matrix product
-        self.scores[:k, r0:r0 + grad_x.shape[0]] += self.weight * (d @ grad_x.reshape(grad_x.shape[0], -1).float().T)
+        self.scores[:k, r0 : r0 + grad_x.shape[0]] += self.weight * (d @ grad_x.reshape(grad_x.shape[0], -1).float().T)
 
     def qkv_hook(self, site: str, layer: int):
         ad, g = self.g.ad, self.g
@@ -130,6 +135,7 @@ class _EdgeScores:
         def hook(grad):  # [P, T, C, D] at the projection's output
             normed = torch.einsum("ptcD,dcD->cptd", grad, w)
             self.add(g.reader(site, layer), norm_vjp(ln, self.x[("attn", layer)], normed))
+
         return hook
 
     def mlp_hook(self, layer: int):
@@ -138,16 +144,24 @@ class _EdgeScores:
         def hook(grad):  # [P, T, d] at the normed input ([P * T, d] in OPT)
             x = self.x[("mlp", layer)]
             self.add(self.g.reader("mlp", layer), norm_vjp(ln, x, grad.reshape(1, *x.shape)))
+
         return hook
 
     def logits_hook(self, grad):
         self.add(self.g.n_read - 1, grad[None])
 
 
-def attribute(g: Graph, base_ids: torch.Tensor, other_ids: torch.Tensor,
-              metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], base_is_clean: bool = True,
-              base_noise: torch.Tensor | None = None, other_noise: torch.Tensor | None = None, keep: int = 1,
-              ig_steps: int = 0) -> dict:
+def attribute(
+    g: Graph,
+    base_ids: torch.Tensor,
+    other_ids: torch.Tensor,
+    metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    base_is_clean: bool = True,
+    base_noise: torch.Tensor | None = None,
+    other_noise: torch.Tensor | None = None,
+    keep: int = 1,
+    ig_steps: int = 0,
+) -> dict:
     """EAP (``ig_steps`` 0) or EAP-IG scores of every edge for pairs ``base_ids``/``other_ids`` [P, T].
 
     ``metric(logits [P, keep, V], clean_logprobs) -> [P]`` as in :func:`causalscan.attribution.attribute`.
@@ -157,8 +171,9 @@ def attribute(g: Graph, base_ids: torch.Tensor, other_ids: torch.Tensor,
     ad = g.ad
     with torch.no_grad():
         other = {}
-        other_logits = runner.forward(ad, other_ids, _write_taps(g, _store(g, other, True)), noise=other_noise,
-                                      logits_to_keep=keep)
+        other_logits = runner.forward(
+            ad, other_ids, _write_taps(g, _store(g, other, True)), noise=other_noise, logits_to_keep=keep
+        )
     acc = _EdgeScores(g, base_ids.device)
     steps = max(ig_steps, 1)
     acc.weight = 1.0 / steps
@@ -169,8 +184,9 @@ def attribute(g: Graph, base_ids: torch.Tensor, other_ids: torch.Tensor,
     with frozen(ad.model), torch.enable_grad(), _pre_hooks(hooks):
         for k, noise in enumerate(input_path(ad, base_ids, other_ids, base_noise, other_noise, steps)):
             base = {}
-            logits = graph_forward(ad, base_ids, grads + (_write_taps(g, _store(g, base, True)) if k == 0 else []),
-                                   noise, keep)
+            logits = graph_forward(
+                ad, base_ids, grads + (_write_taps(g, _store(g, base, True)) if k == 0 else []), noise, keep
+            )
             if k == 0:
                 acc.delta = other.pop("w").sub_(base.pop("w"))
                 clean_logprobs = (logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)
@@ -193,8 +209,9 @@ class Recorded(NamedTuple):
 
 
 @torch.no_grad()
-def record(g: Graph, ids: torch.Tensor, noise: torch.Tensor | None = None, keep: int = 1,
-           resid: bool = False) -> Recorded:
+def record(
+    g: Graph, ids: torch.Tensor, noise: torch.Tensor | None = None, keep: int = 1, resid: bool = False
+) -> Recorded:
     """One plain forward of ``ids`` [B, T] keeping what edge patching starts from."""
     store, res = {}, {}
     taps = _write_taps(g, _store(g, store))
@@ -215,8 +232,15 @@ class _Patch:
     """The state of one edge-patched forward: ``diff = w_other - w`` as the forward writes it, the
     norm inputs, and the per-row edge sets."""
 
-    def __init__(self, g: Graph, other: torch.Tensor, mask: torch.Tensor, pair: torch.Tensor, skipped: int,
-                 base_diff: torch.Tensor | None):
+    def __init__(
+        self,
+        g: Graph,
+        other: torch.Tensor,
+        mask: torch.Tensor,
+        pair: torch.Tensor,
+        skipped: int,
+        base_diff: torch.Tensor | None,
+    ):
         self.g, self.other, self.pair, self.mask = g, other, pair.to(other.device), mask.to(other.device)
         self.active = mask.any(1)  # [B, n_read] bool, on the host: which rows rebuild which reader
         # nodes before ``skipped`` keep the base run's difference (per pair); the rest are written by
@@ -228,7 +252,7 @@ class _Patch:
     def wrote(self, u0: int, w: torch.Tensor) -> None:  # w [B, C, T, d]
         if u0 >= self.skipped:
             u = u0 - self.skipped
-            self.diff[:, u:u + w.shape[1]] = self.other[self.pair, u0:u0 + w.shape[1]] - w.float()
+            self.diff[:, u : u + w.shape[1]] = self.other[self.pair, u0 : u0 + w.shape[1]] - w.float()
 
     def shift(self, r0: int, r1: int) -> torch.Tensor:
         """``[r1 - r0, B, T, d]``: what readers ``r0 .. r1`` add to their input, per row."""
@@ -245,9 +269,9 @@ class _Patch:
             return out.index_put_((r, b), val, accumulate=True)
         m = m.to(self.diff.dtype).transpose(1, 2)  # [B, R, k]: one batched matrix product per part
         t_d = self.diff.shape[2:]
-        out = torch.bmm(m[:, :, k0:], self.diff[:, :max(k - k0, 0)].flatten(2))
+        out = torch.bmm(m[:, :, k0:], self.diff[:, : max(k - k0, 0)].flatten(2))
         if k0:
-            out += torch.bmm(m[:, :, :k0], self.base_diff[self.pair, :min(k, k0)].flatten(2))
+            out += torch.bmm(m[:, :, :k0], self.base_diff[self.pair, : min(k, k0)].flatten(2))
         return out.transpose(0, 1).unflatten(2, t_d)
 
     def qkv_tap(self, site: str, layer: int):
@@ -258,7 +282,7 @@ class _Patch:
         ln = g.norms(layer)[0]
 
         def tap(view):  # [B, T, C, D] projection output
-            act = self.active[:, r0:r0 + n]
+            act = self.active[:, r0 : r0 + n]
             if not act.any():
                 return None
             delta = self.shift(r0, r0 + n)
@@ -269,6 +293,7 @@ class _Patch:
                 y = ln.forward(x[rows] + delta[c, rows].to(x.dtype)) @ w[:, c]
                 out[rows, :, c] = y if bias is None else y + bias[c]
             return out
+
         return tap
 
     def mlp_hook(self, layer: int):
@@ -284,6 +309,7 @@ class _Patch:
             out = normed.reshape(x.shape).clone()
             out[rows] = ln.forward(x[rows] + self.shift(r, r + 1)[0, rows].to(x.dtype))
             return out.reshape(normed.shape)
+
         return hook
 
     def logits_hook(self, x):
@@ -294,9 +320,18 @@ class _Patch:
 
 
 @torch.no_grad()
-def patched_logits(g: Graph, base_ids: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, keep: int = 1,
-                   base_noise: torch.Tensor | None = None, pair: torch.Tensor | None = None, start: int = 0,
-                   resid: torch.Tensor | None = None, base_diff: torch.Tensor | None = None) -> torch.Tensor:
+def patched_logits(
+    g: Graph,
+    base_ids: torch.Tensor,
+    other: torch.Tensor,
+    mask: torch.Tensor,
+    keep: int = 1,
+    base_noise: torch.Tensor | None = None,
+    pair: torch.Tensor | None = None,
+    start: int = 0,
+    resid: torch.Tensor | None = None,
+    base_diff: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logits ``[B, keep, V]`` of the base rows ``base_ids`` [B, T] with the edges of ``mask``
     ``[B, n_up, n_read]`` (bool) taking the other run's writes ``other[pair]`` (``other``
     ``[P, n_up, T, d]`` per pair, ``pair`` [B] each row's; default: row b is pair b).
@@ -308,11 +343,11 @@ def patched_logits(g: Graph, base_ids: torch.Tensor, other: torch.Tensor, mask: 
     ad = g.ad
     pair = torch.arange(len(base_ids)) if pair is None else pair
     st = _Patch(g, other, mask, pair, g.head(start, 0) if start else 0, base_diff)
-    taps = _write_taps(g, st.wrote) + [(site, layer, st.qkv_tap(site, layer)) for layer in range(ad.n_layers)
-                                       for site in QKV]
+    taps = _write_taps(g, st.wrote) + [
+        (site, layer, st.qkv_tap(site, layer)) for layer in range(ad.n_layers) for site in QKV
+    ]
     hooks = _norm_inputs(g, st.x)
     hooks += [(g.norms(layer)[2], st.mlp_hook(layer)) for layer in range(ad.n_layers)]
     hooks += [(g.final_norm(), st.logits_hook)]
     with _pre_hooks(hooks):
-        return runner.forward(ad, base_ids, taps, noise=base_noise, logits_to_keep=keep, start_layer=start,
-                              resid=resid)
+        return runner.forward(ad, base_ids, taps, noise=base_noise, logits_to_keep=keep, start_layer=start, resid=resid)

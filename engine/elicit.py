@@ -57,8 +57,9 @@ def zoo_prompts(model) -> list[str]:
 
     name = (model.card or {}).get("name")
     if not name or "prompts" not in model.card:
-        raise InputError("give prompts: this model ships none (only zoo models with a 'prompts' file do)",
-                         field="prompts")
+        raise InputError(
+            "give prompts: this model ships none (only zoo models with a 'prompts' file do)", field="prompts"
+        )
     return read_prompts(zoo.path(name) / model.card["prompts"]["file"])
 
 
@@ -92,21 +93,40 @@ class ElicitResult:
     def summary(self) -> dict:
         from causalscan.versions import versions
 
-        doc = {"kind": "elicit", "model": self.model, "method": self.method, "source": self.source,
-               "target": self.target, "radius": self.radius, "radius_rule": self.radius_info, **self.settings,
-               "n": len(self.vectors), "prompts": len(self.prompts),
-               "objective": {"learned_mean": self.score.mean().item(), "random_mean": self.score_random.mean().item(),
-                             "learned_max": self.score.max().item(), "random_max": self.score_random.max().item()}}
+        doc = {
+            "kind": "elicit",
+            "model": self.model,
+            "method": self.method,
+            "source": self.source,
+            "target": self.target,
+            "radius": self.radius,
+            "radius_rule": self.radius_info,
+            **self.settings,
+            "n": len(self.vectors),
+            "prompts": len(self.prompts),
+            "objective": {
+                "learned_mean": self.score.mean().item(),
+                "random_mean": self.score_random.mean().item(),
+                "learned_max": self.score.max().item(),
+                "random_max": self.score_random.max().item(),
+            },
+        }
         if self.phrase:
             hl, hr = self.hits("learned"), self.hits("random")
-            doc.update(phrase=self.phrase, hits_learned=len(hl), hits_random=len(hr), hit_vectors=hl,
-                       hit_rates={k: sum(self.phrase in s for s in self.completions[k]) / len(self.prompts)
-                                  for k in hl})
+            doc.update(
+                phrase=self.phrase,
+                hits_learned=len(hl),
+                hits_random=len(hr),
+                hit_vectors=hl,
+                hit_rates={k: sum(self.phrase in s for s in self.completions[k]) / len(self.prompts) for k in hl},
+            )
         return {**doc, "timings": self.timings, "versions": versions()}
 
     def rows(self):
-        for kind, vecs, comp, score in (("learned", self.vectors, self.completions, self.score),
-                                        ("random", self.random, self.completions_random, self.score_random)):
+        for kind, vecs, comp, score in (
+            ("learned", self.vectors, self.completions, self.score),
+            ("random", self.random, self.completions_random, self.score_random),
+        ):
             for k in range(len(vecs)):
                 for prompt, text in zip(self.prompts, comp[k], strict=True):
                     row = {"vector": k, "kind": kind, "prompt": prompt, "completion": text, "score": score[k].item()}
@@ -118,8 +138,10 @@ class ElicitResult:
         """The saved summary with its completion rows, as :mod:`causalscan.report` reads them back."""
         import json
 
-        return {**json.loads(files.strict_json(self.summary())),
-                "rows": [json.loads(files.strict_json(r, indent=None)) for r in self.rows()]}
+        return {
+            **json.loads(files.strict_json(self.summary())),
+            "rows": [json.loads(files.strict_json(r, indent=None)) for r in self.rows()],
+        }
 
     def report(self, path: str | Path) -> Path:
         """Write the self-contained HTML report (:mod:`causalscan.report`) to ``path``."""
@@ -138,8 +160,13 @@ class ElicitResult:
         """``vectors.safetensors`` (``vectors``, ``random`` [n, d_model]; metadata: model, layer),
         ``completions.jsonl`` and ``summary.json`` into ``out_dir``."""
         out = files.out_dir(out_dir)
-        meta = {"model": self.model, "method": self.method, "source": str(self.source), "target": str(self.target),
-                "radius": repr(self.radius)}
+        meta = {
+            "model": self.model,
+            "method": self.method,
+            "source": str(self.source),
+            "target": str(self.target),
+            "radius": repr(self.radius),
+        }
         tensors = {"vectors": self.vectors, "random": self.random}
         tensors = {k: v.float().cpu().contiguous() for k, v in tensors.items()}
         files.write(out / "vectors.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -187,8 +214,18 @@ def elicit(
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
-    check_options(n=n, radius=radius, p=p, q=q, max_new_tokens=max_new_tokens, steps=steps, lr=lr, seed=seed,
-                  source=source, target=target)
+    check_options(
+        n=n,
+        radius=radius,
+        p=p,
+        q=q,
+        max_new_tokens=max_new_tokens,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        source=source,
+        target=target,
+    )
     if prompts is not None:
         prompts = [prompts] if isinstance(prompts, str) else prompts  # one prompt
         check_type(prompts, list | tuple, "prompts", "a list of strings")
@@ -215,17 +252,45 @@ def elicit(
         if method == "melbo":
             ck = None
             if checkpoint is not None:
-                key = checkpoint_key({"model": model.name, "weights": fingerprint(model.hf), "prompts": prompts,
-                                      "n": n, "source": source, "target": target, "radius": radius, "p": p, "q": q,
-                                      "positions": positions, "steps": steps, "lr": lr, "seed": seed, "chat": chat})
+                key = checkpoint_key(
+                    {
+                        "model": model.name,
+                        "weights": fingerprint(model.hf),
+                        "prompts": prompts,
+                        "n": n,
+                        "source": source,
+                        "target": target,
+                        "radius": radius,
+                        "p": p,
+                        "q": q,
+                        "positions": positions,
+                        "steps": steps,
+                        "lr": lr,
+                        "seed": seed,
+                        "chat": chat,
+                    }
+                )
                 ck = Checkpoint(checkpoint, "elicit", key, checkpoint_every_s)
-            vectors, score = search.melbo(sl, d, n, radius, p, q, steps=steps or 50, lr=lr, seed=seed, device=dev,
-                                          checkpoint=ck, progress=progress)
+            vectors, score = search.melbo(
+                sl,
+                d,
+                n,
+                radius,
+                p,
+                q,
+                steps=steps or 50,
+                lr=lr,
+                seed=seed,
+                device=dev,
+                checkpoint=ck,
+                progress=progress,
+            )
             if ck:
                 ck.remove()
         else:
-            vectors, _alpha = search.dct(sl.mean_delta, d, n, radius, iters=steps or 10, seed=seed, device=dev,
-                                         progress=progress)
+            vectors, _alpha = search.dct(
+                sl.mean_delta, d, n, radius, iters=steps or 10, seed=seed, device=dev, progress=progress
+            )
             score = search.scores(sl, vectors, p, q)
         t_search = time.perf_counter() - t1
         log.info("%s: %d vectors in %.1fs", method, n, t_search)
@@ -235,7 +300,31 @@ def elicit(
     comp = steering.generate(model, ids, vectors, source, max_new_tokens=max_new_tokens, progress=progress)
     comp_r = steering.generate(model, ids, rand, source, max_new_tokens=max_new_tokens, progress=progress)
     timings = {"search_s": t_search, "generate_s": time.perf_counter() - t2, "total_s": time.perf_counter() - t0}
-    settings = {"p": p, "q": q, "positions": positions, "steps": steps or (50 if method == "melbo" else 10),
-                "lr": lr, "seed": seed, "max_new_tokens": max_new_tokens, "chat": chat}
-    return ElicitResult(model.name, method, source, target, radius, info, settings, prompts, vectors.cpu(),
-                        rand.cpu(), score.cpu(), score_r.cpu(), comp, comp_r, phrase, timings)
+    settings = {
+        "p": p,
+        "q": q,
+        "positions": positions,
+        "steps": steps or (50 if method == "melbo" else 10),
+        "lr": lr,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "chat": chat,
+    }
+    return ElicitResult(
+        model.name,
+        method,
+        source,
+        target,
+        radius,
+        info,
+        settings,
+        prompts,
+        vectors.cpu(),
+        rand.cpu(),
+        score.cpu(),
+        score_r.cpu(),
+        comp,
+        comp_r,
+        phrase,
+        timings,
+    )

@@ -28,8 +28,9 @@ def check_vector(v, d: int, field: str) -> None:
         raise InputError(f"must be a finite non-zero tensor [{d}]", field=field)
 
 
-def check_number(value, field: str, lo: float | None = None, hi: float | None = None, *, integer: bool = False,
-                 open_lo: bool = False) -> None:
+def check_number(
+    value, field: str, lo: float | None = None, hi: float | None = None, *, integer: bool = False, open_lo: bool = False
+) -> None:
     """Raise :class:`InputError` unless ``value`` is a finite number (an int with ``integer``) in
     ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``)."""
     kind = "an integer" if integer else "a finite number"
@@ -46,18 +47,36 @@ def check_number(value, field: str, lo: float | None = None, hi: float | None = 
 # ``(lo, hi, integer, open_lo)``. Upper bounds keep a typo from allocating or looping without end.
 _SEED_MAX = 2**63 - 1
 RANGES: dict[str, tuple] = {
-    "samples": (1, 10_000, True, False), "noise_scale": (0, 1e6, False, True), "seed": (0, _SEED_MAX, True, False),
-    "top": (0, None, True, False), "batch_size": (1, 1 << 20, True, False), "confirm": (0, 1 << 24, True, False),
-    "confirm_random": (0, 1 << 24, True, False), "fn_subsets": (0, 100_000, True, False),
-    "fn_p": (0, 1, False, True), "window": (1, 1 << 16, True, False), "n": (1, 1 << 16, True, False),
-    "radius": (0, 1e12, False, True), "p": (0, 1e3, False, True), "q": (0, 1e3, False, True),
-    "max_new_tokens": (1, 1 << 20, True, False), "steps": (1, 1_000_000, True, False), "lr": (0, 1e6, False, True),
-    "alpha": (None, None, False, False), "index": (0, None, True, False), "layer": (0, None, True, False),
-    "source": (0, None, True, False), "target": (0, None, True, False),
-    "memory_budget": (1, None, True, False), "memory_budget_mb": (1, None, True, False),
-    "min_tokens": (0, None, True, False), "ig_steps": (1, 1000, True, False),
-    "exact_budget": (0, 1e9, False, False), "edges": (1, 1 << 24, True, False),
-    "refine": (0, 64, True, False), "actors": (1, 1 << 16, True, False),
+    "samples": (1, 10_000, True, False),
+    "noise_scale": (0, 1e6, False, True),
+    "seed": (0, _SEED_MAX, True, False),
+    "top": (0, None, True, False),
+    "batch_size": (1, 1 << 20, True, False),
+    "confirm": (0, 1 << 24, True, False),
+    "confirm_random": (0, 1 << 24, True, False),
+    "fn_subsets": (0, 100_000, True, False),
+    "fn_p": (0, 1, False, True),
+    "window": (1, 1 << 16, True, False),
+    "n": (1, 1 << 16, True, False),
+    "radius": (0, 1e12, False, True),
+    "p": (0, 1e3, False, True),
+    "q": (0, 1e3, False, True),
+    "max_new_tokens": (1, 1 << 20, True, False),
+    "steps": (1, 1_000_000, True, False),
+    "lr": (0, 1e6, False, True),
+    "alpha": (None, None, False, False),
+    "index": (0, None, True, False),
+    "layer": (0, None, True, False),
+    "source": (0, None, True, False),
+    "target": (0, None, True, False),
+    "memory_budget": (1, None, True, False),
+    "memory_budget_mb": (1, None, True, False),
+    "min_tokens": (0, None, True, False),
+    "ig_steps": (1, 1000, True, False),
+    "exact_budget": (0, 1e9, False, False),
+    "edges": (1, 1 << 24, True, False),
+    "refine": (0, 64, True, False),
+    "actors": (1, 1 << 16, True, False),
     "memory_gb": (0, None, False, True),
 }
 

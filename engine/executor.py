@@ -51,9 +51,16 @@ class Ray:
     local one unless Ray is already initialised). ``max_restarts``: restarts of a killed actor
     (its units are retried as often). :meth:`close` stops the actors, and a local cluster it started."""
 
-    def __init__(self, address: str | None = None, actors: int | None = None, cpus_per_actor: float = 1,
-                 gpus_per_actor: float = 0, threads: int | None = None, device: str | None = None,
-                 max_restarts: int = 3):
+    def __init__(
+        self,
+        address: str | None = None,
+        actors: int | None = None,
+        cpus_per_actor: float = 1,
+        gpus_per_actor: float = 0,
+        threads: int | None = None,
+        device: str | None = None,
+        max_restarts: int = 3,
+    ):
         try:
             import ray
         except ImportError as e:
@@ -62,8 +69,12 @@ class Ray:
         self.ray = ray
         self.started = False
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     **({"num_cpus": os.cpu_count()} if address is None else {}))
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                **({"num_cpus": os.cpu_count()} if address is None else {}),
+            )
             self.started = address is None
         res = ray.cluster_resources()
         if actors is None:
@@ -73,8 +84,11 @@ class Ray:
         free = _free(ray, need)
         for kind, n in need.items():
             if n > free.get(kind, 0) + 1e-9:
-                raise InputError(f"{actors} actors need {n:g} {kind}s; the Ray cluster has {free.get(kind, 0):g} free "
-                                 f"(of {res.get(kind, 0):g})", field="actors")
+                raise InputError(
+                    f"{actors} actors need {n:g} {kind}s; the Ray cluster has {free.get(kind, 0):g} free "
+                    f"(of {res.get(kind, 0):g})",
+                    field="actors",
+                )
         self.n = actors
         self.cpus, self.gpus = cpus_per_actor, gpus_per_actor
         self.threads = threads or max(1, int(cpus_per_actor))
@@ -88,8 +102,12 @@ class Ray:
             return
         env = {k: os.environ[k] for k in ENV if k in os.environ}
         cls = self.ray.remote(Worker).options(
-            num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=self.max_restarts,
-            max_task_retries=self.max_restarts, runtime_env={"env_vars": env} if env else None)
+            num_cpus=self.cpus,
+            num_gpus=self.gpus,
+            max_restarts=self.max_restarts,
+            max_task_retries=self.max_restarts,
+            runtime_env={"env_vars": env} if env else None,
+        )
         self.actors = [cls.remote(self.threads, self.device) for _ in range(self.n)]
 
     def pids(self) -> list[int]:
@@ -102,8 +120,11 @@ class Ray:
         *args)`` is built once per actor with its own copy of ``model`` (a :class:`Model`, sent once)."""
         ray = self.ray
         if getattr(model.hf, "hf_device_map", None) is not None:
-            raise InputError("a model split across devices (device_map) runs in one process; each Ray actor holds "
-                             "a whole model on its device", field="executor")
+            raise InputError(
+                "a model split across devices (device_map) runs in one process; each Ray actor holds "
+                "a whole model on its device",
+                field="executor",
+            )
         self._start()
         if self._model is None or self._model[0] is not model:
             self._model = (model, ray.put(model))
@@ -187,8 +208,9 @@ def get(executor) -> Local | Ray:
     if executor is None:
         return LOCAL
     if not isinstance(executor, Local | Ray):
-        raise InputError(f"executor must be None, causalscan.executor.Local() or Ray(...), not {executor!r:.60}",
-                         field="executor")
+        raise InputError(
+            f"executor must be None, causalscan.executor.Local() or Ray(...), not {executor!r:.60}", field="executor"
+        )
     return executor
 
 

@@ -48,8 +48,11 @@ def out_dir(path: str | Path) -> Path:
         raise InputError(f"cannot write here ({e.strerror or e})", file=str(path), field="out") from None
     free = shutil.disk_usage(path).free
     if free < MIN_FREE:
-        raise InputError(f"only {free >> 10} KiB free on this disk; the outputs need at least {MIN_FREE >> 20} MiB",
-                         file=str(path), field="out")
+        raise InputError(
+            f"only {free >> 10} KiB free on this disk; the outputs need at least {MIN_FREE >> 20} MiB",
+            file=str(path),
+            field="out",
+        )
     return path
 
 
@@ -76,8 +79,9 @@ def write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write ({e.strerror or e}); the previous file, if any, is intact",
-                         file=str(path), field="out") from None
+        raise InputError(
+            f"cannot write ({e.strerror or e}); the previous file, if any, is intact", file=str(path), field="out"
+        ) from None
     return path
 
 
@@ -103,8 +107,11 @@ def lock(directory: str | Path) -> Iterator[None]:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise InputError(f"another causalscan run ({holder}) is writing here; wait for it or choose "
-                             f"another --out", file=str(directory), field="out") from None
+            raise InputError(
+                f"another causalscan run ({holder}) is writing here; wait for it or choose another --out",
+                file=str(directory),
+                field="out",
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}")

@@ -34,8 +34,11 @@ class Graph:
 
     def __init__(self, ad: Adapter):
         if ad.family.name in ("gemma2", "gemma3"):
-            raise InputError(f"{ad.family.name} normalises the sum of its heads before the residual write, so a "
-                             "head's write is not its own: circuits need per-head writes", field="model")
+            raise InputError(
+                f"{ad.family.name} normalises the sum of its heads before the residual write, so a "
+                "head's write is not its own: circuits need per-head writes",
+                field="model",
+            )
         if ad.post_ln:
             raise InputError("post-LN blocks have no reader inputs before a layer norm", field="model")
         self.ad = ad

@@ -43,8 +43,13 @@ class Inputs:
 
     def header(self) -> dict:
         """The fields every result records about what it ran on."""
-        return {"model": self.model.name, "dataset": self.dataset.name, "dataset_sha256": self.dataset.sha256,
-                "metric": self.metric, "corruption": self.rows.settings()}
+        return {
+            "model": self.model.name,
+            "dataset": self.dataset.name,
+            "dataset_sha256": self.dataset.sha256,
+            "metric": self.metric,
+            "corruption": self.rows.settings(),
+        }
 
 
 def check_direction(direction: str) -> None:
@@ -52,8 +57,15 @@ def check_direction(direction: str) -> None:
         raise InputError(f"direction must be noising or denoising, not {direction!r}", field="direction")
 
 
-def prepare(model, dataset, metric="logit_diff", direction: str | None = None, samples: int = corruption.SAMPLES,
-            noise_scale: float = corruption.SCALE, seed: int = 0) -> Inputs:
+def prepare(
+    model,
+    dataset,
+    metric="logit_diff",
+    direction: str | None = None,
+    samples: int = corruption.SAMPLES,
+    noise_scale: float = corruption.SCALE,
+    seed: int = 0,
+) -> Inputs:
     """Load ``model`` (a :class:`Model`, a name or a path), read and tokenise ``dataset`` (a
     :class:`Dataset`, a JSONL path or a list of records), resolve ``metric`` and build the rows
     (Gaussian corruption of ``noise_span`` pairs: ``samples`` draws, ``noise_scale``, ``seed``)."""
@@ -68,8 +80,9 @@ def prepare(model, dataset, metric="logit_diff", direction: str | None = None, s
     rows = corruption.rows(model, pairs, samples, noise_scale, seed, metric=metric_name)
     longest = max(rows.pairs, key=lambda p: len(p.clean))  # a prompt with its answer's continuation
     model.check_length(len(longest.clean), ds.name, longest.line)
-    return Inputs(model, ds, metric_name, Metric(metric_name, metric_fn), pairs, sorted({len(p.clean) for p in pairs}),
-                  rows)
+    return Inputs(
+        model, ds, metric_name, Metric(metric_name, metric_fn), pairs, sorted({len(p.clean) for p in pairs}), rows
+    )
 
 
 def check_answers(ds: Dataset, pairs, name: str, fn) -> None:
@@ -78,10 +91,15 @@ def check_answers(ds: Dataset, pairs, name: str, fn) -> None:
     if not multi:
         return
     if METRICS.get(name) is not fn:
-        raise InputError(f"a custom metric scores one-token answers; this answer is {len(multi[0].answer)} tokens "
-                         f"(multi-token answers take {', '.join(METRICS)})", file=ds.name, line=multi[0].line,
-                         field="answer")
+        raise InputError(
+            f"a custom metric scores one-token answers; this answer is {len(multi[0].answer)} tokens "
+            f"(multi-token answers take {', '.join(METRICS)})",
+            file=ds.name,
+            line=multi[0].line,
+            field="answer",
+        )
     for p in pairs:
         if "wrong" in rows_scored(name) and not p.wrong:
-            raise InputError("logit_diff needs a 'wrong' continuation on every pair", file=ds.name, line=p.line,
-                             field="wrong")
+            raise InputError(
+                "logit_diff needs a 'wrong' continuation on every pair", file=ds.name, line=p.line, field="wrong"
+            )

@@ -74,12 +74,19 @@ class Intervention:
             raise InputError(f"must be a layer, a list of layers or None, not {self.layers!r:.60}", field="layers")
         for name in ("index", "positions"):
             sel = getattr(self, name)
-            ok = sel is None or is_int(sel) or (
-                sel.dtype == torch.bool or not sel.is_floating_point() and not sel.is_complex()
-                if isinstance(sel, torch.Tensor) else isinstance(sel, Sequence) and all(is_int(x) for x in sel))
+            ok = (
+                sel is None
+                or is_int(sel)
+                or (
+                    sel.dtype == torch.bool or not sel.is_floating_point() and not sel.is_complex()
+                    if isinstance(sel, torch.Tensor)
+                    else isinstance(sel, Sequence) and all(is_int(x) for x in sel)
+                )
+            )
             if not ok:
-                raise InputError(f"must be an int, a list of ints, an integer or bool tensor, or None, "
-                                 f"not {sel!r:.60}", field=name)
+                raise InputError(
+                    f"must be an int, a list of ints, an integer or bool tensor, or None, not {sel!r:.60}", field=name
+                )
         sources = self.source.values() if isinstance(self.source, Mapping) else [self.source]
         for name, values in (("source", sources), ("vector", [self.vector]), ("direction", [self.direction])):
             for v in values:
@@ -113,17 +120,25 @@ class Intervention:
                 src = _param(src, c, d, x)
                 src = src if src.dim() == 4 else src[:, None]
                 if src.dim() != 4 or src.shape[0] not in (1, b) or src.shape[1] not in (1, t):
-                    raise InputError(f"source of shape {tuple(src.shape)} does not fit a run of {b} rows x {t} "
-                                     f"positions x {c} x {d}", field="source")
+                    raise InputError(
+                        f"source of shape {tuple(src.shape)} does not fit a run of {b} rows x {t} "
+                        f"positions x {c} x {d}",
+                        field="source",
+                    )
                 src = src.expand(b, t, c, d)
             alpha = self.alpha
             if alpha is not None:
                 alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device).reshape(-1)
             return ops.perturb(
-                x, self.op, mask, source=src, alpha=alpha,
+                x,
+                self.op,
+                mask,
+                source=src,
+                alpha=alpha,
                 vector=None if self.vector is None else _param(self.vector, c, d, x),
                 direction=None if self.direction is None else _unit(_param(self.direction, c, d, x)),
             )
+
         return fn
 
 
@@ -221,4 +236,3 @@ def perturb(model, *interventions: Intervention, input_ids: torch.Tensor | None 
 
 
 __all__ = ["Intervention", "add", "clamp", "mean", "patch_from", "perturb", "project_out", "scale", "zero"]
-

@@ -69,13 +69,15 @@ class Model:
                 return value
         return None
 
-    def check_length(self, n_tokens: int, file: str | None = None, line: int | None = None,
-                     field: str = "clean") -> None:
+    def check_length(
+        self, n_tokens: int, file: str | None = None, line: int | None = None, field: str = "clean"
+    ) -> None:
         """:class:`InputError` if ``n_tokens`` positions run past :attr:`max_positions`."""
         limit = self.max_positions
         if limit is not None and n_tokens > limit:
-            raise InputError(f"{n_tokens} tokens run past the model's {limit} positions", file=file, line=line,
-                             field=field)
+            raise InputError(
+                f"{n_tokens} tokens run past the model's {limit} positions", file=file, line=line, field=field
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -95,14 +97,30 @@ def random_config(family: str, size: str = "tiny") -> transformers.PretrainedCon
     n_layers, d, h, kv, d_mlp, vocab = SIZES[size]
     std = 0.1 if size == "tiny" else 0.02
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)  # vocab.SPECIALS
-    common = dict(vocab_size=vocab, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=h,
-                  intermediate_size=d_mlp, max_position_embeddings=512, initializer_range=std, **ids,
-                  **({"tie_word_embeddings": True} if size in TIED else {}))
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=d,
+        num_hidden_layers=n_layers,
+        num_attention_heads=h,
+        intermediate_size=d_mlp,
+        max_position_embeddings=512,
+        initializer_range=std,
+        **ids,
+        **({"tie_word_embeddings": True} if size in TIED else {}),
+    )
     gqa = dict(common, num_key_value_heads=kv)
     t = transformers
     if family == "gpt2":
-        return t.GPT2Config(vocab_size=vocab, n_embd=d, n_layer=n_layers, n_head=h, n_inner=d_mlp, n_positions=512,
-                            initializer_range=std, **ids)
+        return t.GPT2Config(
+            vocab_size=vocab,
+            n_embd=d,
+            n_layer=n_layers,
+            n_head=h,
+            n_inner=d_mlp,
+            n_positions=512,
+            initializer_range=std,
+            **ids,
+        )
     if family == "gpt_neox":
         return t.GPTNeoXConfig(**common, rotary_pct=0.25, use_parallel_residual=True)
     if family == "llama":
@@ -123,12 +141,27 @@ def random_config(family: str, size: str = "tiny") -> transformers.PretrainedCon
         return t.PhiConfig(**common, partial_rotary_factor=0.5)
     if family == "phi3":
         return t.Phi3Config(**gqa)
-    return t.OPTConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=h,
-                       ffn_dim=d_mlp, word_embed_proj_dim=d, max_position_embeddings=512, init_std=std, **ids)
+    return t.OPTConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        num_hidden_layers=n_layers,
+        num_attention_heads=h,
+        ffn_dim=d_mlp,
+        word_embed_proj_dim=d,
+        max_position_embeddings=512,
+        init_std=std,
+        **ids,
+    )
 
 
-def random_model(family: str, size: str = "tiny", seed: int = 0, dtype=torch.float32,
-                 attn_implementation: str | None = None, device: str = "cpu") -> nn.Module:
+def random_model(
+    family: str,
+    size: str = "tiny",
+    seed: int = 0,
+    dtype=torch.float32,
+    attn_implementation: str | None = None,
+    device: str = "cpu",
+) -> nn.Module:
     """A seeded HF CausalLM with random weights (``attn_implementation``: HF's default if None).
 
     Drawn on the CPU, so every device gets the same weights; ``device="cuda"`` draws them there
@@ -177,7 +210,7 @@ def load(
     if isinstance(spec, nn.Module):
         hf, name = spec.eval(), type(spec).__name__
     elif isinstance(spec, str | os.PathLike) and str(spec).startswith("random:"):
-        family, _, size = str(spec)[len("random:"):].partition("-")
+        family, _, size = str(spec)[len("random:") :].partition("-")
         hf = random_model(family, size or "tiny", seed, dtype or torch.float32, attn_implementation)
         tokenizer = tokenizer or word_tokenizer()
         name = str(spec)
@@ -191,9 +224,12 @@ def load(
             path = ZOO_DIR / str(spec)
         if not path.is_dir():
             zoo = sorted(p.name for p in ZOO_DIR.iterdir() if p.is_dir()) if ZOO_DIR.is_dir() else []
-            raise InputError(f"no model directory, zoo model or random: spec named {str(spec)!r}; "
-                             f"zoo models: {', '.join(zoo) or '(none)'}; random families: "
-                             f"{', '.join(RANDOM_FAMILIES)}", field="model")
+            raise InputError(
+                f"no model directory, zoo model or random: spec named {str(spec)!r}; "
+                f"zoo models: {', '.join(zoo) or '(none)'}; random families: "
+                f"{', '.join(RANDOM_FAMILIES)}",
+                field="model",
+            )
         hf = load_directory(path, dtype or torch.float32, attn_implementation, trust_remote_code)
         if tokenizer is None and any(path.glob("tokenizer*.json")):
             tokenizer = load_tokenizer(path, trust_remote_code)
@@ -234,8 +270,11 @@ def split(hf: nn.Module, device_map: str | dict | os.PathLike) -> nn.Module:
             raise InputError(f"invalid JSON ({e})", file=src, field="device_map") from None
     if device_map in ("auto", "balanced"):
         no_split = getattr(hf, "_no_split_modules", None) or []
-        memory = (accelerate.utils.get_balanced_memory(hf, no_split_module_classes=no_split)
-                  if device_map == "balanced" else None)
+        memory = (
+            accelerate.utils.get_balanced_memory(hf, no_split_module_classes=no_split)
+            if device_map == "balanced"
+            else None
+        )
         device_map = accelerate.infer_auto_device_map(hf, max_memory=memory, no_split_module_classes=no_split)
     if not isinstance(device_map, dict) or not device_map:
         raise InputError("a device map is a JSON object {module name: device}", file=src, field="device_map")
@@ -244,11 +283,17 @@ def split(hf: nn.Module, device_map: str | dict | os.PathLike) -> nn.Module:
     for name, dev in device_map.items():
         where = f"device_map[{name!r}]"
         if name not in names:
-            raise InputError(f"{where}: the model has no module of that name (e.g. {sorted(names - {''})[:3]})",
-                             file=src, field="device_map")
+            raise InputError(
+                f"{where}: the model has no module of that name (e.g. {sorted(names - {''})[:3]})",
+                file=src,
+                field="device_map",
+            )
         if dev in ("disk", "meta"):
-            raise InputError(f"{where}: {dev!r}: causalscan keeps every weight in memory (cpu or cuda:N)",
-                             file=src, field="device_map")
+            raise InputError(
+                f"{where}: {dev!r}: causalscan keeps every weight in memory (cpu or cuda:N)",
+                file=src,
+                field="device_map",
+            )
         check_device(dev)
     # a module mapped to the CPU computes there (accelerate's default would stream its weights to the GPU)
     main = "cpu" if "cpu" in device_map.values() else None
@@ -269,16 +314,16 @@ def check_dtype(dtype) -> torch.dtype | None:
         return dtype
     found = getattr(torch, dtype, None) if isinstance(dtype, str) else None
     if not isinstance(found, torch.dtype) or not found.is_floating_point:
-        raise InputError(f"must be a floating torch dtype (float32, bfloat16, float16), not {dtype!r}",
-                         field="dtype")
+        raise InputError(f"must be a floating torch dtype (float32, bfloat16, float16), not {dtype!r}", field="dtype")
     return found
 
 
 PICKLE = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
-def load_directory(path: Path, dtype: torch.dtype, attn_implementation: str | None = None,
-                   trust_remote_code: bool = False) -> nn.Module:
+def load_directory(
+    path: Path, dtype: torch.dtype, attn_implementation: str | None = None, trust_remote_code: bool = False
+) -> nn.Module:
     """A Hugging Face directory's CausalLM from safetensors only, every weight present and used and
     finite; anything else is an :class:`InputError` naming the file."""
     cfg_file = path / "config.json"
@@ -291,13 +336,23 @@ def load_directory(path: Path, dtype: torch.dtype, attn_implementation: str | No
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
         raise InputError("config.json names no model_type", file=str(cfg_file), field="model_type")
     if "auto_map" in cfg and not trust_remote_code:
-        raise InputError("the model's architecture is custom code shipped with the checkpoint; causalscan runs it "
-                         "only with trust_remote_code=True", file=str(cfg_file), field="auto_map")
+        raise InputError(
+            "the model's architecture is custom code shipped with the checkpoint; causalscan runs it "
+            "only with trust_remote_code=True",
+            file=str(cfg_file),
+            field="auto_map",
+        )
     if not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for pattern in PICKLE for p in path.glob(pattern))
-        hint = (f"only pickled weights ({', '.join(pickled)}), which causalscan never unpickles; convert them to "
+        hint = (
+            (
+                f"only pickled weights ({', '.join(pickled)}), which causalscan never unpickles; convert them to "
                 "safetensors where you trust the file (transformers: model.save_pretrained(dir, "
-                "safe_serialization=True))") if pickled else "no *.safetensors weights"
+                "safe_serialization=True))"
+            )
+            if pickled
+            else "no *.safetensors weights"
+        )
         raise InputError(hint, file=str(path))
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True)
     if attn_implementation:
@@ -310,8 +365,11 @@ def load_directory(path: Path, dtype: torch.dtype, attn_implementation: str | No
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(kind) or ())
         if keys:
-            raise InputError(f"{len(keys)} {kind.replace('_', ' ')} in the weights, e.g. {', '.join(keys[:3])}: "
-                             "the checkpoint does not match config.json", file=str(path))
+            raise InputError(
+                f"{len(keys)} {kind.replace('_', ' ')} in the weights, e.g. {', '.join(keys[:3])}: "
+                "the checkpoint does not match config.json",
+                file=str(path),
+            )
     for name, param in hf.named_parameters():
         if param.is_floating_point() and not torch.isfinite(param).all():
             raise InputError(f"weight {name} holds NaN or infinite values", file=str(path))
@@ -343,8 +401,9 @@ def gguf_file(path: Path) -> Path | None:
         return None
     found = sorted(path.glob("*.gguf"))
     if len(found) > 1:
-        raise InputError(f"holds {len(found)} GGUF files ({', '.join(f.name for f in found)}): name one",
-                         file=str(path))
+        raise InputError(
+            f"holds {len(found)} GGUF files ({', '.join(f.name for f in found)}): name one", file=str(path)
+        )
     return found[0] if found else None
 
 
@@ -354,8 +413,10 @@ def load_gguf(file: Path, dtype: torch.dtype, attn_implementation: str | None = 
         import accelerate  # noqa: F401
         import gguf  # noqa: F401
     except ImportError as e:
-        raise InputError(f"loading a GGUF file needs the gguf extra: pip install 'causalscan[gguf]' ({e.name} "
-                         "is missing)", file=str(file)) from None
+        raise InputError(
+            f"loading a GGUF file needs the gguf extra: pip install 'causalscan[gguf]' ({e.name} is missing)",
+            file=str(file),
+        ) from None
     kwargs = dict(gguf_file=file.name, dtype=dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -363,8 +424,9 @@ def load_gguf(file: Path, dtype: torch.dtype, attn_implementation: str | None = 
         hf = transformers.AutoModelForCausalLM.from_pretrained(file.parent, **kwargs).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     except Exception as e:  # transformers and gguf raise many types for a bad file
-        raise InputError(f"cannot load this GGUF file: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                         file=str(file)) from None
+        raise InputError(
+            f"cannot load this GGUF file: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=str(file)
+        ) from None
     return hf, tokenizer
 
 
@@ -402,8 +464,11 @@ def check_adapter(model: Model, seq: int = 7) -> None:
         rebuilt = pre + store[("attn_out", layer)] + store[("mlp_out", layer)]
         res = (rebuilt - post).abs().max().item()
         if res > rel * post.abs().max().item() + 1e-5:
-            raise RuntimeError(f"adapter check failed for {ad.family.name}: resid_pre + attn_out + mlp_out "
-                               f"!= resid_post at layer {layer} (max error {res:.3g})")
+            raise RuntimeError(
+                f"adapter check failed for {ad.family.name}: resid_pre + attn_out + mlp_out "
+                f"!= resid_post at layer {layer} (max error {res:.3g})"
+            )
         if layer + 1 < ad.n_layers and not torch.equal(post, store[("resid_pre", layer + 1)]):
-            raise RuntimeError(f"adapter check failed for {ad.family.name}: "
-                               f"resid_post[{layer}] != resid_pre[{layer + 1}]")
+            raise RuntimeError(
+                f"adapter check failed for {ad.family.name}: resid_post[{layer}] != resid_pre[{layer + 1}]"
+            )

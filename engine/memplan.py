@@ -46,8 +46,10 @@ class Plan:
     def peak(self) -> dict[str, int]:
         """Predicted peak bytes per device: the weights plus the heaviest stage there."""
         devices = set(self.weights) | {d for s in self.stages.values() for d in s}
-        return {d: self.weights.get(d, 0) + max((s.get(d, 0) for s in self.stages.values()), default=0)
-                for d in sorted(devices)}
+        return {
+            d: self.weights.get(d, 0) + max((s.get(d, 0) for s in self.stages.values()), default=0)
+            for d in sorted(devices)
+        }
 
     def check(self, limit: dict[str, int] | None = None) -> None:
         """:class:`InputError` naming the bytes needed where the peak exceeds ``limit`` (bytes per
@@ -56,17 +58,26 @@ class Plan:
         for dev, need in self.peak().items():
             if dev in limit and need > limit[dev]:
                 w = self.weights.get(dev, 0) / GiB
-                raise InputError(f"the run needs {need / GiB:.2f} GiB on {dev} (weights {w:.2f} GiB + its heaviest "
-                                 f"stage), {limit[dev] / GiB:.2f} GiB is available; lower --batch-size or "
-                                 f"--memory-budget-mb, or use a smaller dtype", field="memory")
+                raise InputError(
+                    f"the run needs {need / GiB:.2f} GiB on {dev} (weights {w:.2f} GiB + its heaviest "
+                    f"stage), {limit[dev] / GiB:.2f} GiB is available; lower --batch-size or "
+                    f"--memory-budget-mb, or use a smaller dtype",
+                    field="memory",
+                )
 
     def to_json(self) -> dict:
-        return {"peak_bytes": self.peak(), "weights_bytes": self.weights, "stages_bytes": self.stages,
-                "chunks": self.chunks}
+        return {
+            "peak_bytes": self.peak(),
+            "weights_bytes": self.weights,
+            "stages_bytes": self.stages,
+            "chunks": self.chunks,
+        }
 
     def __str__(self) -> str:
-        lines = [f"{dev}: predicted peak {b / GiB:.3f} GiB (weights {self.weights.get(dev, 0) / GiB:.3f} GiB)"
-                 for dev, b in self.peak().items()]
+        lines = [
+            f"{dev}: predicted peak {b / GiB:.3f} GiB (weights {self.weights.get(dev, 0) / GiB:.3f} GiB)"
+            for dev, b in self.peak().items()
+        ]
         lines += [f"  {name}: +{b / GiB:.3f} GiB on {dev}" for name, s in self.stages.items() for dev, b in s.items()]
         lines += [f"  {name}: {n}" for name, n in self.chunks.items()]
         return "\n".join(lines)
@@ -149,8 +160,15 @@ def _heaviest_batch(inp: Inputs, batch_size: int) -> int:
     return max(range(len(batches)), key=lambda i: len(batches[i]) * len(inp.rows.pairs[batches[i][0]].clean))
 
 
-def patching_stage(plan: Plan, inp: Inputs, groups: list, direction: str, memory_budget: int | None = None,
-                   min_tokens: int | None = None, name: str = "exact patching") -> None:
+def patching_stage(
+    plan: Plan,
+    inp: Inputs,
+    groups: list,
+    direction: str,
+    memory_budget: int | None = None,
+    min_tokens: int | None = None,
+    name: str = "exact patching",
+) -> None:
     """Add the patching stage of ``groups`` (its longest bucket's first unit) and its rows per forward."""
     from causalscan.patching import patch_units, planned
 
@@ -162,9 +180,19 @@ def patching_stage(plan: Plan, inp: Inputs, groups: list, direction: str, memory
     plan.chunks["rows per patched forward"] = max((len(fw.pairs) for *_, fws in work for fw in fws), default=0)
 
 
-def scan_plan(inp: Inputs, sites, method: str = "atp*", batch_size: int = 8, confirm: int = 32,
-              confirm_random: int | None = None, direction: str = "noising", graddrop: bool = False,
-              ig_steps: int | None = None, ig_path: str = "inputs", memory_budget: int | None = None) -> Plan:
+def scan_plan(
+    inp: Inputs,
+    sites,
+    method: str = "atp*",
+    batch_size: int = 8,
+    confirm: int = 32,
+    confirm_random: int | None = None,
+    direction: str = "noising",
+    graddrop: bool = False,
+    ig_steps: int | None = None,
+    ig_path: str = "inputs",
+    memory_budget: int | None = None,
+) -> Plan:
     """The plan of :func:`causalscan.scan` with these settings: the attribution stage (its largest
     batch) and exact patching of ``confirm + confirm_random`` nodes (the earliest ones: the
     longest forwards)."""

@@ -19,8 +19,38 @@ from causalscan.patching import measure
 from causalscan.progress import Progress
 
 # one-sided 95% Student t quantiles, df = 1..30; 1.645 beyond
-_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
-        1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697)
+_T95 = (
+    6.314,
+    2.920,
+    2.353,
+    2.132,
+    2.015,
+    1.943,
+    1.895,
+    1.860,
+    1.833,
+    1.812,
+    1.796,
+    1.782,
+    1.771,
+    1.761,
+    1.753,
+    1.746,
+    1.740,
+    1.734,
+    1.729,
+    1.725,
+    1.721,
+    1.717,
+    1.714,
+    1.711,
+    1.708,
+    1.706,
+    1.703,
+    1.701,
+    1.699,
+    1.697,
+)
 
 
 def t95(df: int) -> float:
@@ -28,8 +58,18 @@ def t95(df: int) -> float:
 
 
 @torch.no_grad()
-def false_negative_bound(res, model, rows: Rows, metric_fn, n_subsets: int, p: float = 0.1, seed: int = 0,
-                         memory_budget: int | None = None, progress: Progress | None = None, executor=None) -> dict:
+def false_negative_bound(
+    res,
+    model,
+    rows: Rows,
+    metric_fn,
+    n_subsets: int,
+    p: float = 0.1,
+    seed: int = 0,
+    memory_budget: int | None = None,
+    progress: Progress | None = None,
+    executor=None,
+) -> dict:
     """Joint random patches of the unconfirmed nodes of scan result ``res``, measured with the scan's
     ``metric_fn`` (the signature of :mod:`causalscan.metrics`) on the scan's ``rows``; returns the bound.
 
@@ -45,8 +85,17 @@ def false_negative_bound(res, model, rows: Rows, metric_fn, n_subsets: int, p: f
     g = torch.Generator().manual_seed(seed + 1)
     member = torch.rand(n_subsets, len(nodes), generator=g) < p  # [S, N]
     groups = [[nodes[k] for k in row.nonzero()[:, 0].tolist()] for row in member]
-    m = measure(model, rows, groups, res.direction, metric_fn, memory_budget, progress=progress,
-                stage="false negatives", executor=executor)
+    m = measure(
+        model,
+        rows,
+        groups,
+        res.direction,
+        metric_fn,
+        memory_budget,
+        progress=progress,
+        stage="false negatives",
+        executor=executor,
+    )
     effect = m.effect(res.direction).mean(0)  # [S]: mean over pairs
 
     best, best_node = 0.0, None
@@ -59,5 +108,11 @@ def false_negative_bound(res, model, rows: Rows, metric_fn, n_subsets: int, p: f
         ucb = diff + t95(min(len(inn), len(out)) - 1) * se
         if ucb > best:
             best, best_node = ucb, str(nodes[k])
-    return {"bound": best, "node": best_node, "subsets": n_subsets, "p": p, "nodes": len(nodes),
-            "mean_joint_effect": effect.mean().item()}
+    return {
+        "bound": best,
+        "node": best_node,
+        "subsets": n_subsets,
+        "p": p,
+        "nodes": len(nodes),
+        "mean_joint_effect": effect.mean().item(),
+    }

@@ -97,11 +97,28 @@ def patch(
         sweeps, comps = component_list(inp.model, components, inp.lengths[0], inp.dataset.roles)
     else:
         sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
-    m = measure(inp.model, inp.rows, [[c] for c in comps], direction, inp.metric_fn, memory_budget, min_tokens,
-                progress, executor=executor)
-    return PatchResult(**inp.header(), direction=direction, components=comps, sweeps=sweeps, patched=m.patched,
-                       clean=m.clean, corrupt=m.corrupt, tokens=inp.tokens(),
-                       timings={"patch_s": time.perf_counter() - t0, "forwards": m.forwards})
+    m = measure(
+        inp.model,
+        inp.rows,
+        [[c] for c in comps],
+        direction,
+        inp.metric_fn,
+        memory_budget,
+        min_tokens,
+        progress,
+        executor=executor,
+    )
+    return PatchResult(
+        **inp.header(),
+        direction=direction,
+        components=comps,
+        sweeps=sweeps,
+        patched=m.patched,
+        clean=m.clean,
+        corrupt=m.corrupt,
+        tokens=inp.tokens(),
+        timings={"patch_s": time.perf_counter() - t0, "forwards": m.forwards},
+    )
 
 
 class Measured(NamedTuple):
@@ -129,9 +146,18 @@ class Forward(NamedTuple):
 
 
 @torch.no_grad()
-def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: str, metric_fn,
-            memory_budget: int | None = None, min_tokens: int | None = None,
-            progress: Progress | None = None, stage: str = "patch", executor=None) -> Measured:
+def measure(
+    model: Model,
+    rows: Rows,
+    groups: list[list[Component]],
+    direction: str,
+    metric_fn,
+    memory_budget: int | None = None,
+    min_tokens: int | None = None,
+    progress: Progress | None = None,
+    stage: str = "patch",
+    executor=None,
+) -> Measured:
     """The metric with each group of components patched together, per pair, in ``direction``.
 
     Rows of each token length run as one bucket: a base run (its residuals and keys/values
@@ -157,7 +183,7 @@ def measure(model: Model, rows: Rows, groups: list[list[Component]], direction: 
             clean_m[r], corrupt_m[r] = part["clean"], part["corrupt"]
             patched[r[:, None], torch.tensor(empty, dtype=torch.long)] = part["base"][:, None]
             done += 2
-        for fw, value in zip(fws[lo:lo + UNIT_FORWARDS], part["values"], strict=True):
+        for fw, value in zip(fws[lo : lo + UNIT_FORWARDS], part["values"], strict=True):
             patched[r[fw.pairs], fw.groups] = value
             done += 1
         report(progress, stage, done, total)
@@ -183,8 +209,13 @@ def patch_units(model: Model, rows: Rows, groups: list[list[Component]], directi
             cached.clear()  # one bucket's cache at a time: units come bucket by bucket
             cached[b] = _Bucket(model, rows, idx, groups, starts, direction, metric_fn)
         bucket = cached[b]
-        return {"clean": bucket.clean, "corrupt": bucket.corrupt, "base": bucket.base_metric,
-                "values": [bucket.run(fw) for fw in fws[lo:lo + UNIT_FORWARDS]]}
+        return {
+            "clean": bucket.clean,
+            "corrupt": bucket.corrupt,
+            "base": bucket.base_metric,
+            "values": [bucket.run(fw) for fw in fws[lo : lo + UNIT_FORWARDS]],
+        }
+
     return compute
 
 
@@ -193,8 +224,13 @@ def default_min_tokens(device: torch.device) -> int:
     return 16384 if torch.device(device).type == "cuda" else 2048
 
 
-def planned(model: Model, rows: Rows, groups: list[list[Component]], memory_budget: int | None = None,
-            min_tokens: int | None = None) -> list[tuple[list[int], list[tuple[int, int]], list[Forward]]]:
+def planned(
+    model: Model,
+    rows: Rows,
+    groups: list[list[Component]],
+    memory_budget: int | None = None,
+    min_tokens: int | None = None,
+) -> list[tuple[list[int], list[tuple[int, int]], list[Forward]]]:
     """Per bucket of equal-length rows: ``(row ids, each group's start, the planned forwards)``."""
     budget = memory_budget or default_budget(model)
     if min_tokens is None:
@@ -261,8 +297,16 @@ def plan(starts: list[tuple[int, int]], n_pairs: int, seq: int, min_tokens: int)
     return out
 
 
-def forwards(model: Model, groups: list[list[Component]], starts: list[tuple[int, int]], n_pairs: int, seq: int,
-             budget: int, min_tokens: int, keep: int = 1) -> list[Forward]:
+def forwards(
+    model: Model,
+    groups: list[list[Component]],
+    starts: list[tuple[int, int]],
+    n_pairs: int,
+    seq: int,
+    budget: int,
+    min_tokens: int,
+    keep: int = 1,
+) -> list[Forward]:
     """The planned forwards of ``n_pairs`` base rows of length ``seq``, each row-chunk within ``budget``.
     Empty groups run in none: their metric is the base run's."""
     ad = model.adapter
@@ -275,8 +319,10 @@ def forwards(model: Model, groups: list[list[Component]], starts: list[tuple[int
         chunk = max(1, budget // _row_bytes(model, seq, seq - pos, ad.n_layers - layer, width, keep))
         pair_ids = torch.arange(n_pairs).repeat_interleave(len(members))
         group_ids = torch.tensor(members).repeat(n_pairs)
-        out += [Forward(layer, pos, pair_ids[lo:lo + chunk], group_ids[lo:lo + chunk])
-                for lo in range(0, len(pair_ids), chunk)]
+        out += [
+            Forward(layer, pos, pair_ids[lo : lo + chunk], group_ids[lo : lo + chunk])
+            for lo in range(0, len(pair_ids), chunk)
+        ]
     return out
 
 
@@ -288,8 +334,16 @@ def _take(t: torch.Tensor, rows: torch.Tensor, pos: int) -> torch.Tensor:
 class _Bucket:
     """The base and other runs of rows ``idx`` (equal length), cached for patched forwards."""
 
-    def __init__(self, model: Model, rows: Rows, idx: list[int], groups: list[list[Component]],
-                 starts: list[tuple[int, int]], direction: str, metric_fn):
+    def __init__(
+        self,
+        model: Model,
+        rows: Rows,
+        idx: list[int],
+        groups: list[list[Component]],
+        starts: list[tuple[int, int]],
+        direction: str,
+        metric_fn,
+    ):
         ad = model.adapter
         self.model, self.groups, self.metric_fn = model, groups, metric_fn
         self.pairs = [rows.pairs[i] for i in idx]  # role positions per row
@@ -298,12 +352,17 @@ class _Bucket:
         self.base_ids, self.labels, self.keep = b.base, b.labels, rows.keep
         start_layers = {s[0] for s in starts if s[0] < ad.n_layers}
         base_logits, self.base_resid, self.kv = runner.run_with_cache(
-            ad, b.base, [("resid_pre", layer) for layer in start_layers], self.keep, noise=b.base_noise)
+            ad, b.base, [("resid_pre", layer) for layer in start_layers], self.keep, noise=b.base_noise
+        )
         self.sources: dict = {}
         patched_sites = sorted({(c.site, c.layer) for g in groups for c in g})
-        other_logits = runner.forward(ad, b.other, [runner.capture(ad, s, layer, self.sources)
-                                                    for s, layer in patched_sites], logits_to_keep=self.keep,
-                                      noise=b.other_noise)
+        other_logits = runner.forward(
+            ad,
+            b.other,
+            [runner.capture(ad, s, layer, self.sources) for s, layer in patched_sites],
+            logits_to_keep=self.keep,
+            noise=b.other_noise,
+        )
         self.clean_logprobs = torch.log_softmax((base_logits if noising else other_logits).float(), -1)
         base_m, other_m = self.metric(base_logits, slice(None)), self.metric(other_logits, slice(None))
         self.base_metric = base_m
@@ -342,6 +401,13 @@ class _Bucket:
             taps.append((site, layer, lambda x, m=mask, s=source: ops.perturb(x, "patch", m, source=s)))
         resid = _take(self.base_resid[("resid_pre", fw.layer)], rows, fw.pos)[:, :, 0]
         past = self.kv.cache(rows, fw.pos, fw.layer, self.model.hf.config)
-        logits = runner.forward(ad, self.base_ids[rows, fw.pos:], taps, start_layer=fw.layer, resid=resid,
-                                past=past, logits_to_keep=self.keep)
+        logits = runner.forward(
+            ad,
+            self.base_ids[rows, fw.pos :],
+            taps,
+            start_layer=fw.layer,
+            resid=resid,
+            past=past,
+            logits_to_keep=self.keep,
+        )
         return self.metric(logits, rows)

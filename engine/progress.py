@@ -22,8 +22,9 @@ log = logging.getLogger("causalscan")
 def check(progress) -> None:
     """:class:`InputError` unless ``progress`` is None or callable."""
     if progress is not None and not callable(progress):
-        raise InputError(f"must be a callable progress(stage, done, total) or None, not {progress!r:.60}",
-                         field="progress")
+        raise InputError(
+            f"must be a callable progress(stage, done, total) or None, not {progress!r:.60}", field="progress"
+        )
 
 
 def report(progress: Progress | None, stage: str, done: int, total: int) -> None:

@@ -135,9 +135,15 @@ class PatchResult(Result):
         """The ``k`` components of largest mean |effect|, with their statistics."""
         summ = self.summary()
         order = summ["exact_abs"].argsort(descending=True)[:k]
-        return [{**_component_row(self.components[j]), "exact": summ["exact"][j].item(),
-                 "exact_abs": summ["exact_abs"][j].item(), "exact_norm": summ["exact_norm"][j].item()}
-                for j in order.tolist()]
+        return [
+            {
+                **_component_row(self.components[j]),
+                "exact": summ["exact"][j].item(),
+                "exact_abs": summ["exact_abs"][j].item(),
+                "exact_norm": summ["exact_norm"][j].item(),
+            }
+            for j in order.tolist()
+        ]
 
     def to_json(self, top: int = 50) -> dict:
         check_options(top=top)
@@ -157,8 +163,11 @@ def _write(out_dir: str | Path, tensors: dict[str, torch.Tensor], doc: dict, nam
 def _per_sweep(vectors: dict[str, torch.Tensor], sweeps, names: dict[str, str] | None = None) -> dict:
     """``{"<kind>/<sweep>": [sweep shape]}``: each per-component vector [n] cut into its sweeps
     (``kind`` renamed by ``names``)."""
-    return {f"{(names or {}).get(kind, kind)}/{s.name}": vec[s.start:s.stop].reshape(s.shape).contiguous()
-            for kind, vec in vectors.items() for s in sweeps}
+    return {
+        f"{(names or {}).get(kind, kind)}/{s.name}": vec[s.start : s.stop].reshape(s.shape).contiguous()
+        for kind, vec in vectors.items()
+        for s in sweeps
+    }
 
 
 def _shapes(sweeps) -> dict[str, list[int]]:
@@ -209,8 +218,12 @@ class ScanResult(Result):
         """Per node [n]: ``score`` (ranking), ``estimate`` (signed mean), and for confirmed nodes
         ``exact`` (signed mean) and ``exact_abs`` (mean |effect|), NaN elsewhere."""
         n = len(self.components)
-        out = {"score": self.score.mean(0), "estimate": self.signed.mean(0),
-               "exact": torch.full((n,), float("nan")), "exact_abs": torch.full((n,), float("nan"))}
+        out = {
+            "score": self.score.mean(0),
+            "estimate": self.signed.mean(0),
+            "exact": torch.full((n,), float("nan")),
+            "exact_abs": torch.full((n,), float("nan")),
+        }
         if self.graddrop is not None:
             out["graddrop"] = self.graddrop.mean(0)
         if self.confirmed is not None:
@@ -218,18 +231,25 @@ class ScanResult(Result):
             out["exact_abs"][self.confirmed] = self.exact.abs().mean(0)
         for sw in self.sweeps:
             if (self.scored_by or {}).get(sw.name) == "exact":  # signed holds exact effects
-                out["exact"][sw.start:sw.stop] = self.signed[:, sw.start:sw.stop].mean(0)
-                out["exact_abs"][sw.start:sw.stop] = self.signed[:, sw.start:sw.stop].abs().mean(0)
+                out["exact"][sw.start : sw.stop] = self.signed[:, sw.start : sw.stop].mean(0)
+                out["exact_abs"][sw.start : sw.stop] = self.signed[:, sw.start : sw.stop].abs().mean(0)
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``{"atp*/head": [L, H] score, "atp*_signed/head": ..., "graddrop/head": ..., "exact/head": ...,
         "exact_abs/head": ...}`` (exact effects NaN where not confirmed), and ``pattern/<head>`` [T, T]:
         the top heads' attention on the first pair."""
-        names = {"score": self.method, "estimate": f"{self.method}_signed", "exact": "exact", "exact_abs": "exact_abs",
-                 "graddrop": "graddrop"}
-        return {**_per_sweep(self.summary(), self.sweeps, names),
-                **{f"pattern/{name}": p for name, p in self.patterns.items()}}
+        names = {
+            "score": self.method,
+            "estimate": f"{self.method}_signed",
+            "exact": "exact",
+            "exact_abs": "exact_abs",
+            "graddrop": "graddrop",
+        }
+        return {
+            **_per_sweep(self.summary(), self.sweeps, names),
+            **{f"pattern/{name}": p for name, p in self.patterns.items()},
+        }
 
     def top(self, k: int = 10) -> list[dict]:
         """The ``k`` nodes of highest score, with estimate and (if confirmed) exact effect."""
@@ -239,22 +259,44 @@ class ScanResult(Result):
         def num(x):
             v = x.item()
             return None if math.isnan(v) else v
-        return [{**_component_row(self.components[j]), "score": summ["score"][j].item(),
-                 "estimate": summ["estimate"][j].item(), "exact": num(summ["exact"][j]),
-                 "exact_abs": num(summ["exact_abs"][j]),
-                 **({"graddrop": summ["graddrop"][j].item()} if "graddrop" in summ else {})} for j in order.tolist()]
+
+        return [
+            {
+                **_component_row(self.components[j]),
+                "score": summ["score"][j].item(),
+                "estimate": summ["estimate"][j].item(),
+                "exact": num(summ["exact"][j]),
+                "exact_abs": num(summ["exact_abs"][j]),
+                **({"graddrop": summ["graddrop"][j].item()} if "graddrop" in summ else {}),
+            }
+            for j in order.tolist()
+        ]
 
     def to_json(self, top: int = 50) -> dict:
         check_options(top=top)
-        settings = {"method": self.method, "ig_steps": self.ig_steps, "ig_path": self.ig_path,
-                    "scored_by": self.scored_by, "graddrop": self.graddrop is not None,
-                    "direction": self.direction,
-                    "sweeps": _shapes(self.sweeps), "roles": _roles(self.sweeps),
-                    "confirmed": {"top": self.n_top,
-                                  "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top}}
-        return self._document("scan", settings, tokens=self.tokens, components=self.top(top), agreement=self.agreement,
-                              agreement_by_sweep=self.agreement_by_sweep,
-                              false_negatives=self.false_negatives)
+        settings = {
+            "method": self.method,
+            "ig_steps": self.ig_steps,
+            "ig_path": self.ig_path,
+            "scored_by": self.scored_by,
+            "graddrop": self.graddrop is not None,
+            "direction": self.direction,
+            "sweeps": _shapes(self.sweeps),
+            "roles": _roles(self.sweeps),
+            "confirmed": {
+                "top": self.n_top,
+                "random": 0 if self.confirmed is None else len(self.confirmed) - self.n_top,
+            },
+        }
+        return self._document(
+            "scan",
+            settings,
+            tokens=self.tokens,
+            components=self.top(top),
+            agreement=self.agreement,
+            agreement_by_sweep=self.agreement_by_sweep,
+            false_negatives=self.false_negatives,
+        )
 
 
 @dataclass(kw_only=True)
@@ -283,20 +325,35 @@ class TraceResult(Result):
     def top(self, k: int = 10, grid: str | None = None) -> list[dict]:
         """The ``k`` restorations of largest mean effect (over every grid, or one)."""
         t = self.tensors()
-        cells = [(name, pos, layer) for name in ([grid] if grid else self.effects)
-                 for pos in range(len(self.tokens)) for layer in range(self.effects[name].shape[-1])]
+        cells = [
+            (name, pos, layer)
+            for name in ([grid] if grid else self.effects)
+            for pos in range(len(self.tokens))
+            for layer in range(self.effects[name].shape[-1])
+        ]
         vals = torch.tensor([t[f"trace/{n}"][p, la].item() for n, p, la in cells])
-        return [{"grid": cells[j][0], "position": cells[j][1], "token": self.tokens[cells[j][1]],
-                 "layer": cells[j][2], "effect": vals[j].item(),
-                 "recovered": t[f"trace_norm/{cells[j][0]}"][cells[j][1], cells[j][2]].item()}
-                for j in vals.argsort(descending=True)[:k].tolist()]
+        return [
+            {
+                "grid": cells[j][0],
+                "position": cells[j][1],
+                "token": self.tokens[cells[j][1]],
+                "layer": cells[j][2],
+                "effect": vals[j].item(),
+                "recovered": t[f"trace_norm/{cells[j][0]}"][cells[j][1], cells[j][2]].item(),
+            }
+            for j in vals.argsort(descending=True)[:k].tolist()
+        ]
 
     def n_rows(self) -> int:
         return sum(e[0].numel() for e in self.effects.values())
 
     def to_json(self, top: int = 20) -> dict:
         check_options(top=top)
-        return self._document("trace", {"window": self.window, "direction": "denoising"}, tokens=self.tokens,
-                              span=list(self.span) if self.span else None,
-                              grids={k: v.tolist() for k, v in self.tensors().items() if k.startswith("trace/")},
-                              top=self.top(top))
+        return self._document(
+            "trace",
+            {"window": self.window, "direction": "denoising"},
+            tokens=self.tokens,
+            span=list(self.span) if self.span else None,
+            grids={k: v.tolist() for k, v in self.tensors().items() if k.startswith("trace/")},
+            top=self.top(top),
+        )

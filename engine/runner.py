@@ -109,6 +109,7 @@ def installed(
     """Install taps (and the start/stop/noise machinery) for the forwards run inside the block."""
     taps = list(taps)
     with ExitStack() as stack:
+
         def hold(handle):
             stack.callback(handle.remove)
 
@@ -121,8 +122,10 @@ def installed(
         for layer in sorted({t[1] for t in taps}):
             hold(ad.blocks[layer].register_forward_pre_hook(shape.record, with_kwargs=True, prepend=True))
         if resid is not None:
+
             def inject(mod, args, kwargs):
                 return _with_hidden_in(args, kwargs, resid)
+
             hold(ad.blocks[start_layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True))
         for site, layer, fn in taps:
             if site == "resid_mid":
@@ -148,18 +151,22 @@ def _noise_adder(noise: torch.Tensor):
         if out.shape != noise.shape:
             raise ValueError(f"noise {tuple(noise.shape)} does not fit the embeddings {tuple(out.shape)}")
         return out + noise
+
     return add_noise
 
 
 def _install_stop(ad: Adapter, stop: int):
     """Raise :class:`_Stop` with the residual entering block ``stop`` (or leaving the last block)."""
     if stop < ad.n_layers:
+
         def stop_in(mod, args, kwargs):
             raise _Stop(_hidden_in(args, kwargs))
+
         return ad.blocks[stop].register_forward_pre_hook(stop_in, with_kwargs=True)
 
     def stop_out(mod, args, out):
         raise _Stop(_first(out))
+
     return ad.blocks[-1].register_forward_hook(stop_out)
 
 
@@ -171,12 +178,15 @@ def _apply(ad: Adapter, raw: torch.Tensor, site: str, fn: Tap, shape: _InFlight)
 
 def _install(ad, module, side, site, fn, shape: _InFlight):
     if side == "in":
+
         def pre(mod, args, kwargs):
             return _with_hidden_in(args, kwargs, _apply(ad, _hidden_in(args, kwargs), site, fn, shape))
+
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(mod, args, out):
         return _with_first(out, _apply(ad, _first(out), site, fn, shape))
+
     return module.register_forward_hook(post)
 
 
@@ -186,6 +196,7 @@ def _install_mid(ad, layer, fn, shape: _InFlight, hold):
 
     def record(mod, args, kwargs):
         seen["pre"] = _hidden_in(args, kwargs)
+
     hold(ad.blocks[layer].register_forward_pre_hook(record, with_kwargs=True))
 
     def post(mod, args, out):
@@ -194,6 +205,7 @@ def _install_mid(ad, layer, fn, shape: _InFlight, hold):
         mid = seen.pop("pre").reshape(b, t, 1, -1) + attn.reshape(b, t, 1, -1)
         new = fn(mid)
         return out if new is None else _with_first(out, (attn.reshape(mid.shape) + (new - mid)).reshape(attn.shape))
+
     module, _ = ad.hook_point("attn_out", layer)
     hold(module.register_forward_hook(post))
 
@@ -219,8 +231,12 @@ def forward(
         raise ValueError("start_layer > 0 needs the residual entering that layer")
     with installed(ad, taps, start_layer, resid, stop, noise):
         try:
-            out = ad.model(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
-                           **({} if past is None else {_cache_arg(type(ad.model)): past}))
+            out = ad.model(
+                input_ids=input_ids,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **({} if past is None else {_cache_arg(type(ad.model)): past}),
+            )
         except _Stop as s:
             return s.value.to(input_ids.device)  # a split model's block may sit on another device
     if stop is not None:
@@ -240,17 +256,28 @@ def _cache_arg(model_class: type) -> str:
 
 def capture(ad: Adapter, site: str, layer: int, store: dict) -> TapSpec:
     """A read-only tap that stores the site's activation [B, T, C, D] in ``store[(site, layer)]``."""
+
     def fn(x):
         store[(site, layer)] = x
+
     return site, layer, fn
 
 
 def run_with_cache(
-    ad: Adapter, input_ids: torch.Tensor, sites: Iterable[tuple[str, int]], logits_to_keep: int = 1,
+    ad: Adapter,
+    input_ids: torch.Tensor,
+    sites: Iterable[tuple[str, int]],
+    logits_to_keep: int = 1,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict, KVPrefix]:
     """One forward returning logits, activations at ``sites`` and the key/value prefix."""
     store: dict = {}
-    logits, cache = forward(ad, input_ids, [capture(ad, s, layer, store) for s, layer in sites],
-                            logits_to_keep=logits_to_keep, use_cache=True, noise=noise)
+    logits, cache = forward(
+        ad,
+        input_ids,
+        [capture(ad, s, layer, store) for s, layer in sites],
+        logits_to_keep=logits_to_keep,
+        use_cache=True,
+        noise=noise,
+    )
     return logits, store, KVPrefix.from_cache(cache)

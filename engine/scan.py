@@ -107,14 +107,16 @@ def scan(
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}", field="method")
     check_progress(progress)
     executor_get(executor)
-    check_options(batch_size=batch_size, confirm=confirm, confirm_random=confirm_random, fn_subsets=fn_subsets,
-                  fn_p=fn_p)
+    check_options(
+        batch_size=batch_size, confirm=confirm, confirm_random=confirm_random, fn_subsets=fn_subsets, fn_p=fn_p
+    )
     inp = prepare(model, dataset, metric, direction, samples, noise_scale, seed)
     if method == "atp-ig":
         ig_steps = IG_STEPS if ig_steps is None else ig_steps
         if ig_path not in attribution.IG_PATHS:
-            raise InputError(f"ig_path must be one of {', '.join(attribution.IG_PATHS)}, not {ig_path!r}",
-                             field="ig_path")
+            raise InputError(
+                f"ig_path must be one of {', '.join(attribution.IG_PATHS)}, not {ig_path!r}", field="ig_path"
+            )
     elif ig_steps is not None:
         raise InputError(f"ig_steps needs method atp-ig, not {method!r}", field="ig_steps")
     elif ig_path != "inputs":
@@ -125,24 +127,59 @@ def scan(
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
     ck = None
     if checkpoint is not None:
-        settings = {"model": inp.model.name, "weights": fingerprint(inp.model.hf), "data": inp.dataset.sha256,
-                    "nodes": len(comps), "sites": list(sites) if not isinstance(sites, str) else sites,
-                    "method": method, "graddrop": graddrop, "direction": direction, "metric": inp.metric,
-                    "samples": samples, "noise_scale": noise_scale, "seed": seed, "batch_size": batch_size,
-                    "ig_steps": ig_steps, "ig_path": ig_path}
+        settings = {
+            "model": inp.model.name,
+            "weights": fingerprint(inp.model.hf),
+            "data": inp.dataset.sha256,
+            "nodes": len(comps),
+            "sites": list(sites) if not isinstance(sites, str) else sites,
+            "method": method,
+            "graddrop": graddrop,
+            "direction": direction,
+            "metric": inp.metric,
+            "samples": samples,
+            "noise_scale": noise_scale,
+            "seed": seed,
+            "batch_size": batch_size,
+            "ig_steps": ig_steps,
+            "ig_path": ig_path,
+        }
         ck = Checkpoint(checkpoint, "scan", checkpoint_key(settings), checkpoint_every_s)
-    sums = estimate(inp, sweeps, len(comps), direction, method == "atp*", graddrop, batch_size, ck, progress,
-                    ig_steps or 0, ig_path, executor)
+    sums = estimate(
+        inp,
+        sweeps,
+        len(comps),
+        direction,
+        method == "atp*",
+        graddrop,
+        batch_size,
+        ck,
+        progress,
+        ig_steps or 0,
+        ig_path,
+        executor,
+    )
     signed, gd = sums["signed"], sums.get("graddrop")
     res = ScanResult(
-        **inp.header(), direction=direction, method=method, graddrop=gd, components=comps, sweeps=sweeps,
-        signed=signed, score=torch.maximum(signed.abs(), gd) if graddrop else signed.abs(), clean=sums["clean"],
-        ig_steps=ig_steps, ig_path=ig_path if ig_steps else None, scored_by={sw.name: method for sw in sweeps},
+        **inp.header(),
+        direction=direction,
+        method=method,
+        graddrop=gd,
+        components=comps,
+        sweeps=sweeps,
+        signed=signed,
+        score=torch.maximum(signed.abs(), gd) if graddrop else signed.abs(),
+        clean=sums["clean"],
+        ig_steps=ig_steps,
+        ig_path=ig_path if ig_steps else None,
+        scored_by={sw.name: method for sw in sweeps},
         tokens=inp.tokens(),
-        corrupt=sums["corrupt"], timings={"attribution_s": time.perf_counter() - t0},
+        corrupt=sums["corrupt"],
+        timings={"attribution_s": time.perf_counter() - t0},
     )
-    exact_sweeps = [sw for sw in sweeps if exact_cost(inp, comps[sw.start:sw.stop]) <= exact_budget] \
-        if exact_budget else []  # the default (0) plans nothing: no cost walk over every node
+    exact_sweeps = (
+        [sw for sw in sweeps if exact_cost(inp, comps[sw.start : sw.stop]) <= exact_budget] if exact_budget else []
+    )  # the default (0) plans nothing: no cost walk over every node
     if exact_sweeps:
         t1 = time.perf_counter()
         _patch_exactly(res, inp, exact_sweeps, progress, executor)
@@ -155,8 +192,9 @@ def scan(
         from causalscan.negatives import false_negative_bound
 
         t1 = time.perf_counter()
-        res.false_negatives = false_negative_bound(res, inp.model, inp.rows, inp.metric_fn, fn_subsets, p=fn_p,
-                                                   seed=seed, progress=progress, executor=executor)
+        res.false_negatives = false_negative_bound(
+            res, inp.model, inp.rows, inp.metric_fn, fn_subsets, p=fn_p, seed=seed, progress=progress, executor=executor
+        )
         res.timings["false_negatives_s"] = time.perf_counter() - t1
     res.patterns = top_patterns(res, inp)
     res.timings["total_s"] = time.perf_counter() - t0
@@ -165,9 +203,20 @@ def scan(
     return res
 
 
-def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_fix: bool, graddrop: bool,
-             batch_size: int, ck: Checkpoint | None = None, progress: Progress | None = None,
-             ig_steps: int = 0, ig_path: str = "inputs", executor=None) -> dict:
+def estimate(
+    inp: Inputs,
+    sweeps: list[Sweep],
+    n_nodes: int,
+    direction: str,
+    qk_fix: bool,
+    graddrop: bool,
+    batch_size: int,
+    ck: Checkpoint | None = None,
+    progress: Progress | None = None,
+    ig_steps: int = 0,
+    ig_path: str = "inputs",
+    executor=None,
+) -> dict:
     """The attribution stage: per-pair sums over each pair's rows, ``signed`` (and ``graddrop``)
     ``[P, n]`` and the ``clean``/``corrupt`` metrics ``[P]``, one batch of ``batch_size`` rows (of
     one token length) at a time, on ``executor`` (:mod:`causalscan.executor`); resumed from and
@@ -183,12 +232,27 @@ def estimate(inp: Inputs, sweeps: list[Sweep], n_nodes: int, direction: str, qk_
             if name in sums:
                 sums[name].index_add_(0, part["owner"], per_row * part[name])
 
-    return run(ck, sums, len(inp.rows.batches(batch_size)),
-               lambda todo: executor_get(executor).map(inp.model, attribution_units, args, todo), add, progress)
+    return run(
+        ck,
+        sums,
+        len(inp.rows.batches(batch_size)),
+        lambda todo: executor_get(executor).map(inp.model, attribution_units, args, todo),
+        add,
+        progress,
+    )
 
 
-def attribution_units(model, inp: Inputs, sweeps: list[Sweep], direction: str, qk_fix: bool, graddrop: bool,
-                      batch_size: int, ig_steps: int, ig_path: str):
+def attribution_units(
+    model,
+    inp: Inputs,
+    sweeps: list[Sweep],
+    direction: str,
+    qk_fix: bool,
+    graddrop: bool,
+    batch_size: int,
+    ig_steps: int,
+    ig_path: str,
+):
     """``compute(i)``: attribution batch ``i`` of ``inp.rows.batches(batch_size)`` on ``model``, as the
     per-row ``signed`` (and ``graddrop``) ``[B, n]``, ``clean``/``corrupt`` metrics [B] and their
     pairs ``owner`` [B]."""
@@ -205,14 +269,29 @@ def attribution_units(model, inp: Inputs, sweeps: list[Sweep], direction: str, q
             return inp.metric_fn(logits, b.labels, clean_logprobs)
 
         role_pos = torch.tensor([[rows.pairs[j].roles[r] for r in roles] for j in batch]) if roles else None
-        out = attribution.attribute(inp.model.adapter, b.base, b.other, metric, sweeps, qk_fix=qk_fix,
-                                    graddrop=graddrop, base_is_clean=noising, base_noise=b.base_noise,
-                                    other_noise=b.other_noise, role_pos=role_pos, keep=rows.keep,
-                                    ig_steps=ig_steps, ig_path=ig_path)
-        part = {name: torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1).cpu()
-                for name in (("signed", "graddrop") if graddrop else ("signed",))}
+        out = attribution.attribute(
+            inp.model.adapter,
+            b.base,
+            b.other,
+            metric,
+            sweeps,
+            qk_fix=qk_fix,
+            graddrop=graddrop,
+            base_is_clean=noising,
+            base_noise=b.base_noise,
+            other_noise=b.other_noise,
+            role_pos=role_pos,
+            keep=rows.keep,
+            ig_steps=ig_steps,
+            ig_path=ig_path,
+        )
+        part = {
+            name: torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1).cpu()
+            for name in (("signed", "graddrop") if graddrop else ("signed",))
+        }
         clean_run, corrupt_run = (out["base"], out["other"]) if noising else (out["other"], out["base"])
         return {**part, "clean": clean_run.cpu(), "corrupt": corrupt_run.cpu(), "owner": rows.owner[batch]}
+
     return compute
 
 
@@ -223,7 +302,7 @@ def top_patterns(res: ScanResult, inp: Inputs, n: int = 4) -> dict[str, torch.Te
     sw = next((sw for sw in res.sweeps if sw.site == "head" and not sw.by_pos), None)
     if sw is None:
         return {}
-    top = res.score[:, sw.start:sw.stop].mean(0).argsort(descending=True)[:n]
+    top = res.score[:, sw.start : sw.stop].mean(0).argsort(descending=True)[:n]
     comps = [res.components[sw.start + j] for j in top.tolist()]
     ad, rec = inp.model.adapter, {}
     with attention.recording(ad, {c.layer for c in comps}, rec):
@@ -237,12 +316,19 @@ def exact_cost(inp: Inputs, comps: list[Component]) -> float:
     return cost(inp.model, inp.rows, [[c] for c in comps])
 
 
-def _patch_exactly(res: ScanResult, inp: Inputs, sweeps: list[Sweep], progress: Progress | None,
-                   executor=None) -> None:
+def _patch_exactly(res: ScanResult, inp: Inputs, sweeps: list[Sweep], progress: Progress | None, executor=None) -> None:
     """Replace the estimates of ``sweeps`` by their exact effects (per pair), in ``signed`` and ``score``."""
     cols = [j for sw in sweeps for j in range(sw.start, sw.stop)]
-    m = measure(inp.model, inp.rows, [[res.components[j]] for j in cols], res.direction, inp.metric_fn,
-                progress=progress, stage="exact", executor=executor)
+    m = measure(
+        inp.model,
+        inp.rows,
+        [[res.components[j]] for j in cols],
+        res.direction,
+        inp.metric_fn,
+        progress=progress,
+        stage="exact",
+        executor=executor,
+    )
     effect = m.effect(res.direction)
     res.signed[:, cols], res.score[:, cols] = effect, effect.abs()
     if res.graddrop is not None:
@@ -250,8 +336,9 @@ def _patch_exactly(res: ScanResult, inp: Inputs, sweeps: list[Sweep], progress: 
     res.scored_by.update({sw.name: "exact" for sw in sweeps})
 
 
-def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, progress: Progress | None,
-             executor=None) -> None:
+def _confirm(
+    res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, progress: Progress | None, executor=None
+) -> None:
     """Exact effects of the top ``k`` nodes and ``n_random`` others, measured on the scan's own rows,
     and of a sample stratified by sweep (when there are several): each sweep's own top
     ``min(k, size // 2)`` and as many random others, so that every sweep gets its own agreement
@@ -259,8 +346,7 @@ def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, pro
     score = res.score.mean(0)
     g = torch.Generator().manual_seed(seed)
     estimated = [sw for sw in res.sweeps if res.scored_by[sw.name] != "exact"]  # exact sweeps need no check
-    pooled, k = _top_and_random(score, torch.cat([torch.arange(sw.start, sw.stop) for sw in estimated]), k,
-                                n_random, g)
+    pooled, k = _top_and_random(score, torch.cat([torch.arange(sw.start, sw.stop) for sw in estimated]), k, n_random, g)
     strata = {}
     if len(estimated) > 1:
         for sw in estimated:
@@ -271,22 +357,33 @@ def _confirm(res: ScanResult, inp: Inputs, k: int, n_random: int, seed: int, pro
     for ids, _ in strata.values():
         seen.update(dict.fromkeys(ids.tolist()))
     chosen = torch.tensor(list(seen), dtype=torch.long)
-    m = measure(inp.model, inp.rows, [[res.components[j]] for j in chosen.tolist()], res.direction, inp.metric_fn,
-                progress=progress, stage="confirm", executor=executor)
+    m = measure(
+        inp.model,
+        inp.rows,
+        [[res.components[j]] for j in chosen.tolist()],
+        res.direction,
+        inp.metric_fn,
+        progress=progress,
+        stage="confirm",
+        executor=executor,
+    )
     res.confirmed, res.n_top, res.exact = chosen, k, m.effect(res.direction)
     col = {j: c for c, j in enumerate(chosen.tolist())}
 
     def agree(ids: torch.Tensor, k_s: int) -> dict:
         cols = torch.tensor([col[j] for j in ids.tolist()], dtype=torch.long)
         return agreement(score[ids], res.signed.mean(0)[ids], res.exact[:, cols], k_s)
+
     res.agreement = agree(pooled, k)
-    res.agreement_by_sweep = {name: agree(ids, k_s) for name, (ids, k_s) in strata.items()} or \
-        {estimated[0].name: res.agreement}
+    res.agreement_by_sweep = {name: agree(ids, k_s) for name, (ids, k_s) in strata.items()} or {
+        estimated[0].name: res.agreement
+    }
     res.timings["confirm_forwards"] = m.forwards
 
 
-def _top_and_random(score: torch.Tensor, ids: torch.Tensor, k: int, n_random: int, g: torch.Generator
-                    ) -> tuple[torch.Tensor, int]:
+def _top_and_random(
+    score: torch.Tensor, ids: torch.Tensor, k: int, n_random: int, g: torch.Generator
+) -> tuple[torch.Tensor, int]:
     """Node ids: the ``k`` of ``ids`` with the highest ``score``, then ``n_random`` of the rest at random."""
     order = ids[score[ids].argsort(descending=True)]
     k = min(k, len(order))
@@ -316,7 +413,8 @@ def agreement(score: torch.Tensor, signed: torch.Tensor, exact: torch.Tensor, k:
         "spearman": spearman(score, ex_abs),
         "recall_at_k": len(exact_top & set(range(k))) / k if k else math.nan,
         "sign_agreement": (torch.sign(signed[live]) == torch.sign(ex_mean[live])).float().mean().item()
-        if live.any() else math.nan,
+        if live.any()
+        else math.nan,
         "sign_nodes": int(live.sum()),
         "top_min_exact_abs": ex_abs[:k].min().item() if k else math.nan,
         "random_max_exact_abs": ex_abs[k:].max().item() if n > k else math.nan,

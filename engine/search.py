@@ -69,8 +69,9 @@ class Slice:
         out = []
         for ids, h0, z0, pos in self.groups:
             resid = (h0[None] + theta[:, None, None].to(h0.dtype)).flatten(0, 1)  # [n B, T, d]
-            z = runner.forward(self.ad, ids.repeat(n, 1), start_layer=self.source + 1, resid=resid,
-                               stop=self.target + 1)
+            z = runner.forward(
+                self.ad, ids.repeat(n, 1), start_layer=self.source + 1, resid=resid, stop=self.target + 1
+            )
             out.append(z[:, pos].unflatten(0, (n, len(ids))).float() - z0[None])
         return out
 
@@ -86,8 +87,9 @@ def make_slice(model, prompts: list[list[int]], source: int, target: int, positi
     ``positions``: target positions (ints, negative from the end), default all."""
     ad = model.adapter
     if not 0 <= source < target < ad.n_layers:
-        raise InputError(f"need 0 <= source < target < {ad.n_layers}, got source {source}, target {target}",
-                         field="source/target")
+        raise InputError(
+            f"need 0 <= source < target < {ad.n_layers}, got source {source}, target {target}", field="source/target"
+        )
     if not prompts:
         raise InputError("no prompts", field="prompts")
     shortest = min(len(p) for p in prompts)
@@ -113,7 +115,7 @@ def objective(diffs: list[torch.Tensor], p: float = 2.0, q: float = 1.0) -> torc
 @torch.no_grad()
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 16) -> torch.Tensor:
     """``fn`` over the rows of ``x`` in chunks of ``batch`` (rows are independent), concatenated."""
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 def scores(response: Response, vectors: torch.Tensor, p: float = 2.0, q: float = 1.0) -> torch.Tensor:
@@ -126,9 +128,20 @@ def _orth(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     return x if basis is None or len(basis) == 0 else x - (x @ basis.T) @ basis
 
 
-def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: float = 1.0, steps: int = 50,
-          lr: float | None = None, seed: int = 0, device=None, checkpoint=None, progress: Progress | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def melbo(
+    response: Response,
+    d: int,
+    n: int,
+    radius: float,
+    p: float = 2.0,
+    q: float = 1.0,
+    steps: int = 50,
+    lr: float | None = None,
+    seed: int = 0,
+    device=None,
+    checkpoint=None,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` MELBO vectors, trained one after another: ``(vectors [n, d] at norm radius, objective [n])``.
 
     Each step projects the gradient on the sphere's tangent space and off the earlier vectors,
@@ -146,8 +159,11 @@ def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: 
         done = saved[0]["unit"].to(device)
         torch.randn(len(done), d, generator=gen)  # the draws of the finished vectors' starts
         log.info("resuming from %s: %d/%d vectors done", checkpoint.path, len(done), n)
-    with checkpoint.held(lambda: ({"unit": done.cpu()}, set(range(len(done))))) if checkpoint is not None \
-            else contextlib.nullcontext():
+    with (
+        checkpoint.held(lambda: ({"unit": done.cpu()}, set(range(len(done)))))
+        if checkpoint is not None
+        else contextlib.nullcontext()
+    ):
         for _ in range(len(done), n):
             th = _orth(torch.randn(d, generator=gen).to(device), done)
             th = (th * radius / th.norm()).requires_grad_()
@@ -158,7 +174,7 @@ def melbo(response: Response, d: int, n: int, radius: float, p: float = 2.0, q: 
                 (-obj).backward()
                 with torch.no_grad():
                     g = th.grad
-                    g -= (g @ th) * th / radius ** 2
+                    g -= (g @ th) * th / radius**2
                     th.grad = _orth(g, done)
                 opt.step()
                 with torch.no_grad():
@@ -184,17 +200,25 @@ def _vjp_rows(delta, theta: torch.Tensor, w: torch.Tensor, batch: int) -> tuple[
     rows per forward and backward (rows are independent, so each chunk's graph is freed at once)."""
     outs, grads = [], []
     for lo in range(0, len(theta), batch):
-        th = theta[lo:lo + batch].detach().requires_grad_()
+        th = theta[lo : lo + batch].detach().requires_grad_()
         out = delta(th)
-        (out * w[lo:lo + batch]).sum().backward()
+        (out * w[lo : lo + batch]).sum().backward()
         outs.append(out.detach())
         grads.append(th.grad)
     return torch.cat(outs), torch.cat(grads)
 
 
-def dct(delta: Callable[[torch.Tensor], torch.Tensor], d: int, n: int, radius: float, iters: int = 10,
-        seed: int = 0, device=None, batch: int = 64, progress: Progress | None = None
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+def dct(
+    delta: Callable[[torch.Tensor], torch.Tensor],
+    d: int,
+    n: int,
+    radius: float,
+    iters: int = 10,
+    seed: int = 0,
+    device=None,
+    batch: int = 64,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` DCT factors of ``delta`` (``theta`` [n, d] -> ``Delta`` [n, d]), all at once.
 
     Returns ``(vectors [n, d]`` at norm ``radius``, ranked, ``alpha [n]``, descending). Start: the
@@ -230,8 +254,7 @@ def dct(delta: Callable[[torch.Tensor], torch.Tensor], d: int, n: int, radius: f
     return radius * v[order], alpha[order]
 
 
-def nonlinear_share(delta: Callable[[torch.Tensor], torch.Tensor], dirs: torch.Tensor, r: float, eps: float
-                    ) -> float:
+def nonlinear_share(delta: Callable[[torch.Tensor], torch.Tensor], dirs: torch.Tensor, r: float, eps: float) -> float:
     """``sqrt(mean_v ||Delta(r v) - r J v||^2 / ||r J v||^2)`` over unit ``dirs`` [k, d], with ``J v`` from a
     central difference of step ``eps``."""
     with torch.no_grad():
@@ -241,8 +264,16 @@ def nonlinear_share(delta: Callable[[torch.Tensor], torch.Tensor], dirs: torch.T
     return (err.pow(2).sum(-1) / lin.pow(2).sum(-1).clamp_min(1e-30)).mean().sqrt().item()
 
 
-def calibrate_radius(delta: Callable[[torch.Tensor], torch.Tensor], d: int, scale: float, share: float = 0.5,
-                     k: int = 30, seed: int = 0, device=None, curve: list | None = None) -> tuple[float, float]:
+def calibrate_radius(
+    delta: Callable[[torch.Tensor], torch.Tensor],
+    d: int,
+    scale: float,
+    share: float = 0.5,
+    k: int = 30,
+    seed: int = 0,
+    device=None,
+    curve: list | None = None,
+) -> tuple[float, float]:
     """The ``R`` where the non-linear share of the response is ``share``: bisection in log space on
     ``[1e-3, 1e2] * scale`` (``scale``: the typical residual norm at the source). Returns ``(R, share at R)``;
     ``curve`` (a list) receives every ``(R, share)`` the search evaluated."""
@@ -256,6 +287,7 @@ def calibrate_radius(delta: Callable[[torch.Tensor], torch.Tensor], d: int, scal
         if curve is not None:
             curve.append((math.exp(lr), v))
         return v - share
+
     if f(lo) > 0 or f(hi) < 0:  # no crossing: the nearer end
         r = lo if f(lo) > 0 else hi
         return math.exp(r), f(r) + share
@@ -273,13 +305,19 @@ def auto_radius(sl: Slice, seed: int = 0, device=None) -> tuple[float, dict]:
     and target write (``Delta(theta) - theta``: the skip connection carries ``theta`` through unchanged,
     a linear part that never lets the share reach 0.5) is 0.5, searched around the mean residual norm
     at the source. Returns ``(R, info)``."""
-    scale = sum(g.h0.norm(dim=-1).sum().item() for g in sl.groups) / sum(g.h0.shape[0] * g.h0.shape[1]
-                                                                         for g in sl.groups)
+    scale = sum(g.h0.norm(dim=-1).sum().item() for g in sl.groups) / sum(
+        g.h0.shape[0] * g.h0.shape[1] for g in sl.groups
+    )
     curve: list = []
-    r, share = calibrate_radius(lambda th: sl.mean_delta(th) - th, sl.d_model, scale, seed=seed, device=device,
-                                curve=curve)
-    return r, {"rule": "non-linear share of the blocks' response = 0.5", "share": share, "source_resid_norm": scale,
-               "curve": sorted(set(curve))}
+    r, share = calibrate_radius(
+        lambda th: sl.mean_delta(th) - th, sl.d_model, scale, seed=seed, device=device, curve=curve
+    )
+    return r, {
+        "rule": "non-linear share of the blocks' response = 0.5",
+        "share": share,
+        "source_resid_norm": scale,
+        "curve": sorted(set(curve)),
+    }
 
 
 def random_vectors(n: int, d: int, radius: float, seed: int, device=None) -> torch.Tensor:

@@ -33,8 +33,15 @@ from causalscan.progress import log
 
 
 @torch.no_grad()
-def steered_logprobs(model, prompts: list[list[int]], units: torch.Tensor, op: str, layers: torch.Tensor | None = None,
-                     scales: torch.Tensor | None = None, batch_rows: int = 256) -> torch.Tensor:
+def steered_logprobs(
+    model,
+    prompts: list[list[int]],
+    units: torch.Tensor,
+    op: str,
+    layers: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    batch_rows: int = 256,
+) -> torch.Tensor:
     """Next-token log-probabilities ``[K, N, V]`` of ``prompts`` (token-id lists) under each of ``K``
     interventions: ``op="ablate"``: unit direction ``units[k]`` projected out of every residual write;
     ``op="add"``: ``scales[k] * units[k]`` added to ``resid_pre`` of ``layers[k]``; ``op="none"``:
@@ -44,20 +51,27 @@ def steered_logprobs(model, prompts: list[list[int]], units: torch.Tensor, op: s
     for idx in by_length(prompts):
         rows = [(k, i) for k in range(k_n) for i in idx]
         for lo in range(0, len(rows), batch_rows):
-            chunk = rows[lo:lo + batch_rows]
+            chunk = rows[lo : lo + batch_rows]
             ids = torch.tensor([prompts[i] for _, i in chunk], device=dev)
             ks = torch.tensor([k for k, _ in chunk], device=dev)
             if op == "none":
                 logits = model.hf(input_ids=ids).logits[:, -1]
             elif op == "ablate":
                 u = units.to(dev)[ks][:, None]  # [rows, 1, d]: one direction per row
-                logits = iv.perturb(model, iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u),
-                                    iv.project_out("mlp_out", u), input_ids=ids)[:, -1]
+                logits = iv.perturb(
+                    model,
+                    iv.project_out("resid_pre", u, layers=0),
+                    iv.project_out("attn_out", u),
+                    iv.project_out("mlp_out", u),
+                    input_ids=ids,
+                )[:, -1]
             else:
                 vec = (units.to(dev) * scales.to(dev)[:, None])[ks]
                 lay = layers.to(dev)[ks]
-                adds = [iv.add("resid_pre", (vec * (lay == layer)[:, None])[:, None], layers=int(layer))
-                        for layer in lay.unique().tolist()]
+                adds = [
+                    iv.add("resid_pre", (vec * (lay == layer)[:, None])[:, None], layers=int(layer))
+                    for layer in lay.unique().tolist()
+                ]
                 logits = iv.perturb(model, *adds, input_ids=ids)[:, -1]
             lp = logits.float().log_softmax(-1).cpu()
             if out is None:
@@ -71,9 +85,19 @@ def kl_divergence(base: torch.Tensor, steered: torch.Tensor) -> torch.Tensor:
     return (base.exp() * (base - steered)).sum(-1).mean(-1)
 
 
-def select(model, result: DirectionResult, positive, negative, neutral, target,
-           methods: tuple[str, ...] = ("diff_means", "pca"), alphas: tuple[float, ...] = (0.5, 1.0, 2.0),
-           kl_max: float = 0.1, layers: list[int] | None = None, chat: bool = False) -> list[dict]:
+def select(
+    model,
+    result: DirectionResult,
+    positive,
+    negative,
+    neutral,
+    target,
+    methods: tuple[str, ...] = ("diff_means", "pca"),
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0),
+    kl_max: float = 0.1,
+    layers: list[int] | None = None,
+    chat: bool = False,
+) -> list[dict]:
     """Every candidate's ablation and addition effects and KL (see the module docstring), ranked.
 
     Returns one row per candidate: ``method``, ``layer``, ``ablation`` (mean change of the
@@ -88,11 +112,14 @@ def select(model, result: DirectionResult, positive, negative, neutral, target,
     if callable(target):
         metric = target
     elif isinstance(target, int) and not isinstance(target, bool) and 0 <= target < vocab:
+
         def metric(lp, t=target):
             return lp[..., t]
     else:
-        raise InputError(f"must be a token id in [0, {vocab}) or a callable of log-probabilities [N, V], "
-                         f"not {target!r:.60}", field="target")
+        raise InputError(
+            f"must be a token id in [0, {vocab}) or a callable of log-probabilities [N, V], not {target!r:.60}",
+            field="target",
+        )
     for m in methods:
         if m not in ("diff_means", "pca") or getattr(result, m) is None:
             raise InputError(f"no {m!r} directions in this result (diff_means, pca)", field="methods")
@@ -103,26 +130,36 @@ def select(model, result: DirectionResult, positive, negative, neutral, target,
         raise InputError("no candidate: every chosen layer's difference of means is zero", field="layers")
     units = torch.stack([result.unit(m)[la] for m, la in cands])
     lay = torch.tensor([la for _, la in cands])
-    pos, neg, neu = (encode_prompts(model, x, name, chat)
-                     for x, name in ((positive, "positive"), (negative, "negative"), (neutral, "neutral")))
+    pos, neg, neu = (
+        encode_prompts(model, x, name, chat)
+        for x, name in ((positive, "positive"), (negative, "negative"), (neutral, "neutral"))
+    )
     base_pos, base_neg, base_neu = (steered_logprobs(model, x, units, "none") for x in (pos, neg, neu))
     abl_pos, abl_neu = (steered_logprobs(model, x, units, "ablate") for x in (pos, neu))
 
     def behaviour(lp: torch.Tensor) -> torch.Tensor:  # [K, N, V] -> [K, N]
         return torch.stack([torch.as_tensor(metric(x)).float() for x in lp])
+
     ablation = (behaviour(abl_pos) - behaviour(base_pos)).mean(-1)
     base_behaviour = behaviour(base_neg)
     ablation_kl = kl_divergence(base_neu, abl_neu)
     addition, addition_kl = [], []
     for a in alphas:
         scales = float(a) * norms[lay]
-        addition.append((behaviour(steered_logprobs(model, neg, units, "add", lay, scales))
-                         - base_behaviour).mean(-1))
+        addition.append((behaviour(steered_logprobs(model, neg, units, "add", lay, scales)) - base_behaviour).mean(-1))
         addition_kl.append(kl_divergence(base_neu, steered_logprobs(model, neu, units, "add", lay, scales)))
-    rows = [{"method": m, "layer": la, "ablation": ablation[k].item(), "ablation_kl": ablation_kl[k].item(),
-             "addition": {str(a): addition[j][k].item() for j, a in enumerate(alphas)},
-             "addition_kl": {str(a): addition_kl[j][k].item() for j, a in enumerate(alphas)},
-             "kl_ok": ablation_kl[k].item() <= kl_max} for k, (m, la) in enumerate(cands)]
+    rows = [
+        {
+            "method": m,
+            "layer": la,
+            "ablation": ablation[k].item(),
+            "ablation_kl": ablation_kl[k].item(),
+            "addition": {str(a): addition[j][k].item() for j, a in enumerate(alphas)},
+            "addition_kl": {str(a): addition_kl[j][k].item() for j, a in enumerate(alphas)},
+            "kl_ok": ablation_kl[k].item() <= kl_max,
+        }
+        for k, (m, la) in enumerate(cands)
+    ]
     rows.sort(key=lambda r: (not r["kl_ok"], r["ablation"]))
     log.info("select: %d candidates in %.2fs", len(rows), time.perf_counter() - t0)
     return rows

@@ -15,18 +15,28 @@ from causalscan.progress import Progress, report
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], vectors: torch.Tensor | None, layer: int, alpha: float = 1.0,
-             max_new_tokens: int = 8, do_sample: bool = False, batch_rows: int = 512,
-             progress: Progress | None = None) -> list[list[str]]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    vectors: torch.Tensor | None,
+    layer: int,
+    alpha: float = 1.0,
+    max_new_tokens: int = 8,
+    do_sample: bool = False,
+    batch_rows: int = 512,
+    progress: Progress | None = None,
+) -> list[list[str]]:
     """Completions ``[n_vectors][n_prompts]`` (decoded, special tokens skipped) of token-id ``prompts``
     steered by ``vectors`` [n, d_model] (``None``: one unsteered row per prompt).
     ``progress(stage, done, total)``: after each batched ``generate`` call."""
     check_options(alpha=alpha, max_new_tokens=max_new_tokens, layer=layer)
     if not 0 <= layer < model.adapter.n_layers:
         raise InputError(f"layer {layer} out of range for {model.adapter.n_layers} layers", field="layer")
-    if not isinstance(prompts, list | tuple) or not prompts or not all(
-            isinstance(x, list | tuple) and x and all(is_int(t) for t in x)
-            for x in prompts):
+    if (
+        not isinstance(prompts, list | tuple)
+        or not prompts
+        or not all(isinstance(x, list | tuple) and x and all(is_int(t) for t in x) for x in prompts)
+    ):
         raise InputError(f"must be a non-empty list of token-id lists, not {prompts!r:.60}", field="prompts")
     if vectors is not None:
         check_type(vectors, torch.Tensor, "vectors", "a tensor [n, d_model] or None")
@@ -38,12 +48,15 @@ def generate(model, prompts: list[list[int]], vectors: torch.Tensor | None, laye
     n, p = len(vecs), len(prompts)
     out: list[list[str]] = [[""] * p for _ in range(n)]
     tok = model.tokenizer
-    gen_kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    gen_kw = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
     calls = []  # (prompt length, rows (vector, prompt)) of each generate call
     for length in sorted({len(x) for x in prompts}):
         rows = [(k, i) for k in range(n) for i, x in enumerate(prompts) if len(x) == length]
-        calls += [(length, rows[lo:lo + batch_rows]) for lo in range(0, len(rows), batch_rows)]
+        calls += [(length, rows[lo : lo + batch_rows]) for lo in range(0, len(rows), batch_rows)]
     for done, (length, chunk) in enumerate(calls, start=1):
         ids = torch.tensor([prompts[i] for _, i in chunk], device=dev)
         steer = vecs[torch.tensor([k for k, _ in chunk], device=dev)]  # [rows, d]

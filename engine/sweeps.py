@@ -81,8 +81,9 @@ def sweep_name(site: str, by_pos: bool) -> str:
     return site + ("" if by_pos == (site in BY_POSITION) else "_pos" if by_pos else "_all")
 
 
-def sweep_components(model, site: str, by_pos: bool, positions: int | Sequence[str] | None
-                     ) -> tuple[list[Component], tuple]:
+def sweep_components(
+    model, site: str, by_pos: bool, positions: int | Sequence[str] | None
+) -> tuple[list[Component], tuple]:
     """Every component of a sweep over ``positions`` (a token count, or role names), and the result
     shape (``[L, T | R, C]`` squeezed of C == 1)."""
     ad = model.adapter
@@ -94,8 +95,13 @@ def sweep_components(model, site: str, by_pos: bool, positions: int | Sequence[s
     return comps, shape
 
 
-def build_sweeps(model, sites: str | Sequence[str], lengths: list[int], dataset_name: str = "<memory>",
-                 roles: Sequence[str] | None = None) -> tuple[list[Sweep], list[Component]]:
+def build_sweeps(
+    model,
+    sites: str | Sequence[str],
+    lengths: list[int],
+    dataset_name: str = "<memory>",
+    roles: Sequence[str] | None = None,
+) -> tuple[list[Sweep], list[Component]]:
     """The sweeps ``sites`` and their flat node list. By-position sweeps run over ``roles`` when the
     dataset names them, else over token positions, which needs one token length."""
     sweeps: list[Sweep] = []
@@ -103,19 +109,32 @@ def build_sweeps(model, sites: str | Sequence[str], lengths: list[int], dataset_
     for spec in names(sites, "sites", "head,neuron"):  # "head,neuron" as on the command line
         site, by_pos = parse_sweep(spec)
         if by_pos and not roles and len(lengths) > 1:
-            raise InputError(f"sweep {spec!r} is by position: every pair needs the same token length, found "
-                             f"lengths {lengths}; or name positions on every pair, e.g. \"positions\": "
-                             f"{{\"IO\": \" Mary\", \"S2\": [\" John\", 2], \"END\": -1}}",
-                             file=dataset_name, field="sites")
+            raise InputError(
+                f"sweep {spec!r} is by position: every pair needs the same token length, found "
+                f'lengths {lengths}; or name positions on every pair, e.g. "positions": '
+                f'{{"IO": " Mary", "S2": [" John", 2], "END": -1}}',
+                file=dataset_name,
+                field="sites",
+            )
         cs, shape = sweep_components(model, site, by_pos, tuple(roles) if roles else lengths[0])
-        sweeps.append(Sweep(sweep_name(site, by_pos), site, by_pos, shape, len(comps), len(comps) + len(cs),
-                            tuple(roles) if by_pos and roles else None))
+        sweeps.append(
+            Sweep(
+                sweep_name(site, by_pos),
+                site,
+                by_pos,
+                shape,
+                len(comps),
+                len(comps) + len(cs),
+                tuple(roles) if by_pos and roles else None,
+            )
+        )
         comps += cs
     return sweeps, comps
 
 
-def component_list(model, components, seq: int, roles: Sequence[str] | None = None
-                   ) -> tuple[list[Sweep], list[Component]]:
+def component_list(
+    model, components, seq: int, roles: Sequence[str] | None = None
+) -> tuple[list[Sweep], list[Component]]:
     """An explicit node list as one sweep ``components`` ``[n]``, each node checked (``seq``: the
     shortest prompt; ``roles``: the dataset's named positions)."""
     comps = list(components) if isinstance(components, list | tuple) else [components]
@@ -131,5 +150,13 @@ def component_list(model, components, seq: int, roles: Sequence[str] | None = No
     return [Sweep("components", "", False, (len(comps),), 0, len(comps))], comps
 
 
-__all__ = ["BY_POSITION", "Component", "Sweep", "build_sweeps", "component_list", "parse_sweep", "sweep_components",
-           "sweep_name"]
+__all__ = [
+    "BY_POSITION",
+    "Component",
+    "Sweep",
+    "build_sweeps",
+    "component_list",
+    "parse_sweep",
+    "sweep_components",
+    "sweep_name",
+]

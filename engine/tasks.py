@@ -33,14 +33,18 @@ IOI_TEMPLATES = (
     "While {S} and {IO} were working at the {PLACE}, {S} gave a {OBJECT} to",
     "Friends {IO} and {S} found a {OBJECT} at the {PLACE}. {S} gave it to",
 )
-NAMES = ("Mary John Alice Bob Carol Dave Eve Frank Grace Heidi Ivan Judy Tom Anna Paul Sarah Mark Lisa James "
-         "Emma David Laura Peter Kate Michael Susan Daniel Rachel Andrew Julia Robert Linda").split()
+NAMES = (
+    "Mary John Alice Bob Carol Dave Eve Frank Grace Heidi Ivan Judy Tom Anna Paul Sarah Mark Lisa James "
+    "Emma David Laura Peter Kate Michael Susan Daniel Rachel Andrew Julia Robert Linda"
+).split()
 PLACES = "store park school office house garden kitchen market station bank church library museum beach".split()
 OBJECTS = "drink ball book key ring letter gift bag hat cup pen apple".split()
 CORRUPTIONS = ("flip_s2", "abc")
 GT_TEMPLATE = "The {NOUN} lasted from the year 17{YY} to the year 17"
-GT_NOUNS = ("war expedition deal flight journey project siege trial voyage reign treaty campaign dispute study "
-            "tour program plague dynasty marriage contract").split()
+GT_NOUNS = (
+    "war expedition deal flight journey project siege trial voyage reign treaty campaign dispute study "
+    "tour program plague dynasty marriage contract"
+).split()
 
 FACTS = (  # (prompt, subject, answer)
     ("The Eiffel Tower is located in the city of", "The Eiffel Tower", " Paris"),
@@ -88,15 +92,17 @@ def ioi(tokenizer, n: int = 64, seed: int = 0, templates=None, corruption: str =
     """
     check_options(n=n, seed=seed)
     if corruption not in CORRUPTIONS:
-        raise InputError(f"unknown IOI corruption {corruption!r}; corruptions: {', '.join(CORRUPTIONS)}",
-                         field="corruption")
+        raise InputError(
+            f"unknown IOI corruption {corruption!r}; corruptions: {', '.join(CORRUPTIONS)}", field="corruption"
+        )
     chosen = list(range(len(IOI_TEMPLATES))) if templates is None else list(templates)
     if not chosen or any(not isinstance(t, int) or not 0 <= t < len(IOI_TEMPLATES) for t in chosen):
         raise InputError(f"templates must be indices in [0, {len(IOI_TEMPLATES)})", field="templates")
     names, places, objects = (one_token(tokenizer, ws) for ws in (NAMES, PLACES, OBJECTS))
     if len(names) < 5 or not places or not objects:
-        raise InputError(f"the tokenizer has too few one-token names ({len(names)}), places or objects for IOI",
-                         field="model")
+        raise InputError(
+            f"the tokenizer has too few one-token names ({len(names)}), places or objects for IOI", field="model"
+        )
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -106,8 +112,16 @@ def ioi(tokenizer, n: int = 64, seed: int = 0, templates=None, corruption: str =
         clean = _ioi_prompt(t, io, s, s, fill)
         corrupt = _ioi_prompt(t, io, s, io, fill) if corruption == "flip_s2" else _ioi_prompt(t, a, b, c, fill)
         roles = {"IO": " " + io, "S1": " " + s, "S2": [" " + s, 2], "END": -1}
-        out.append({"clean": clean, "corrupt": corrupt, "answer": " " + io, "wrong": " " + s, "positions": roles,
-                    "template": t})
+        out.append(
+            {
+                "clean": clean,
+                "corrupt": corrupt,
+                "answer": " " + io,
+                "wrong": " " + s,
+                "positions": roles,
+                "template": t,
+            }
+        )
     return out
 
 
@@ -135,17 +149,27 @@ def greater_than(tokenizer, n: int = 64, seed: int = 0) -> list[dict]:
     while len(out) < n:
         tries += 1
         if tries > 50 * n + 1000:
-            raise InputError(f"found {len(out)} of {n} greater-than pairs whose years tokenise consistently in this "
-                             "tokenizer", field="model")
+            raise InputError(
+                f"found {len(out)} of {n} greater-than pairs whose years tokenise consistently in this tokenizer",
+                field="model",
+            )
         noun, yy = rng.choice(nouns), rng.randrange(2, 99)
         clean = GT_TEMPLATE.format(NOUN=noun, YY=f"{yy:02d}")
         corrupt = GT_TEMPLATE.format(NOUN=noun, YY="01")
         answer, wrong = f"{rng.randrange(yy + 1, 100):02d}", f"{rng.randrange(0, yy):02d}"
         if len(tokenizer(clean)["input_ids"]) != len(tokenizer(corrupt)["input_ids"]) or not all(
-                _continues(tokenizer, p, a) for p in (clean, corrupt) for a in (answer, wrong)):
+            _continues(tokenizer, p, a) for p in (clean, corrupt) for a in (answer, wrong)
+        ):
             continue
-        out.append({"clean": clean, "corrupt": corrupt, "answer": answer, "wrong": wrong,
-                    "positions": {"NOUN": " " + noun, "YY": f"17{yy:02d}", "END": -1}})
+        out.append(
+            {
+                "clean": clean,
+                "corrupt": corrupt,
+                "answer": answer,
+                "wrong": wrong,
+                "positions": {"NOUN": " " + noun, "YY": f"17{yy:02d}", "END": -1},
+            }
+        )
     return out
 
 
@@ -169,5 +193,15 @@ def facts(tokenizer, n: int | None = None) -> list[dict]:
 TASKS = {"ioi": ioi, "greater_than": greater_than, "facts": facts}
 
 
-__all__ = ["CORRUPTIONS", "FACTS", "GT_NOUNS", "GT_TEMPLATE", "IOI_TEMPLATES", "TASKS", "facts", "greater_than", "ioi",
-           "one_token"]
+__all__ = [
+    "CORRUPTIONS",
+    "FACTS",
+    "GT_NOUNS",
+    "GT_TEMPLATE",
+    "IOI_TEMPLATES",
+    "TASKS",
+    "facts",
+    "greater_than",
+    "ioi",
+    "one_token",
+]

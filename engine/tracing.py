@@ -87,19 +87,35 @@ def trace(
     inp = prepare(model, dataset, metric, samples=samples, noise_scale=noise_scale, seed=seed)
     roles = inp.dataset.roles
     if len(inp.lengths) > 1 and not roles:
-        raise InputError(f"tracing gives a token x layer grid: every pair needs the same token length, found "
-                         f"lengths {inp.lengths}; or name positions on every pair (\"positions\")",
-                         file=inp.dataset.name)
+        raise InputError(
+            f"tracing gives a token x layer grid: every pair needs the same token length, found "
+            f'lengths {inp.lengths}; or name positions on every pair ("positions")',
+            file=inp.dataset.name,
+        )
     where, n_layers = (list(roles) if roles else list(range(inp.lengths[0]))), inp.model.adapter.n_layers
     names, groups = trace_groups(inp, kinds, window)
-    m = measure(inp.model, inp.rows, groups, "denoising", inp.metric_fn, memory_budget, progress=progress,
-                stage="trace", executor=executor)
+    m = measure(
+        inp.model,
+        inp.rows,
+        groups,
+        "denoising",
+        inp.metric_fn,
+        memory_budget,
+        progress=progress,
+        stage="trace",
+        executor=executor,
+    )
     effect = (m.patched - m.corrupt[:, None]).reshape(len(inp.pairs), len(names), len(where), n_layers)
     first = inp.pairs[0]
     tokens = list(roles) if roles else inp.tokens()
     return TraceResult(
-        **inp.header(), window=window, effects={name: effect[:, i] for i, name in enumerate(names)}, clean=m.clean,
-        corrupt=m.corrupt, tokens=tokens, span=None if roles else first.span,
+        **inp.header(),
+        window=window,
+        effects={name: effect[:, i] for i, name in enumerate(names)},
+        clean=m.clean,
+        corrupt=m.corrupt,
+        tokens=tokens,
+        span=None if roles else first.span,
         timings={"trace_s": time.perf_counter() - t0, "forwards": m.forwards},
     )
 
@@ -109,8 +125,12 @@ def trace_groups(inp, kinds, window: int) -> tuple[dict[str, tuple[str, int]], l
     roles = inp.dataset.roles
     where, n_layers = (list(roles) if roles else list(range(inp.lengths[0]))), inp.model.adapter.n_layers
     names = grids(kinds, window)
-    return names, [[Component(site, lay, 0, t) for lay in window_layers(layer, w, n_layers)]
-                   for site, w in names.values() for t in where for layer in range(n_layers)]
+    return names, [
+        [Component(site, lay, 0, t) for lay in window_layers(layer, w, n_layers)]
+        for site, w in names.values()
+        for t in where
+        for layer in range(n_layers)
+    ]
 
 
 __all__ = ["KINDS", "WINDOW", "trace", "window_layers"]

@@ -11,8 +11,14 @@ def versions() -> dict:
 
     from causalscan import __version__
 
-    out = {"causalscan": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
+    out = {
+        "causalscan": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out

@@ -13,15 +13,19 @@ from transformers import PreTrainedTokenizerFast
 
 SPECIALS = ("<unk>", "<bos>", "<eos>", "<pad>")
 
-NAMES = ("Mary John Alice Bob Carol Dave Eve Frank Grace Heidi Ivan Judy Mallory Niaj Olivia Peggy "
-         "Rupert Sybil Trent Victor Walter Xena Yusuf Zara").split()
-WORDS = ("the a an and or but to of in on at for with from by as is was are were be been it this that "
-         "he she they we you I him her them his their our your went gave took said saw met had has have "
-         "store park school office house garden kitchen market station bank church library museum beach "
-         "drink ball book key letter ring apple cake gift note pen cup hat coin map "
-         "when then after before while because so if not no yes one two three four five six seven eight "
-         "nine ten red blue green black white big small old new good bad happy sad day night time "
-         "Paris London Rome Berlin Madrid Tokyo capital city country river king queen man woman").split()
+NAMES = (
+    "Mary John Alice Bob Carol Dave Eve Frank Grace Heidi Ivan Judy Mallory Niaj Olivia Peggy "
+    "Rupert Sybil Trent Victor Walter Xena Yusuf Zara"
+).split()
+WORDS = (
+    "the a an and or but to of in on at for with from by as is was are were be been it this that "
+    "he she they we you I him her them his their our your went gave took said saw met had has have "
+    "store park school office house garden kitchen market station bank church library museum beach "
+    "drink ball book key letter ring apple cake gift note pen cup hat coin map "
+    "when then after before while because so if not no yes one two three four five six seven eight "
+    "nine ten red blue green black white big small old new good bad happy sad day night time "
+    "Paris London Rome Berlin Madrid Tokyo capital city country river king queen man woman"
+).split()
 PUNCT = list(".,;:!?'\"()-+=*/")
 
 
@@ -47,5 +51,6 @@ def word_tokenizer(words: Iterable[str] | None = None, bos: bool = True) -> PreT
         tok.post_processor = processors.TemplateProcessing(
             single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
         )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )

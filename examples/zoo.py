@@ -2,6 +2,6 @@
 
 import causalscan as cs
 
-print(cs.zoo.names())                               # ['backdoor', 'facts', 'induction']
-print(cs.zoo.card("induction")["components"])       # the heads a correct scan must find
-print(cs.zoo.check(cs.load("induction")))           # [] when every claim of the card holds
+print(cs.zoo.names())  # ['backdoor', 'facts', 'induction']
+print(cs.zoo.card("induction")["components"])  # the heads a correct scan must find
+print(cs.zoo.check(cs.load("induction")))  # [] when every claim of the card holds

@@ -19,8 +19,14 @@ import triton
 import triton.language as tl
 
 
-def attribute_ref(base: torch.Tensor | None, other: torch.Tensor, grad: torch.Tensor, by_pos: bool = True,
-                  abs: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+def attribute_ref(
+    base: torch.Tensor | None,
+    other: torch.Tensor,
+    grad: torch.Tensor,
+    by_pos: bool = True,
+    abs: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """First-order effect of replacing ``base`` by ``other``: ``sum_D (other - base) * grad``.
 
     >>> b, o, g = torch.zeros(1, 2, 1, 3), torch.ones(1, 2, 1, 3), torch.full((1, 2, 1, 3), 2.0)
@@ -38,8 +44,10 @@ def attribute_ref(base: torch.Tensor | None, other: torch.Tensor, grad: torch.Te
 def check_attribute(base, other, grad, by_pos, out) -> None:
     base_shape = other.shape if base is None else base.shape
     if not base_shape == other.shape == grad.shape or other.dim() != 4:
-        raise ValueError(f"base, other, grad must share a [B, T, C, D] shape, got {tuple(base_shape)}, "
-                         f"{tuple(other.shape)}, {tuple(grad.shape)}")
+        raise ValueError(
+            f"base, other, grad must share a [B, T, C, D] shape, got {tuple(base_shape)}, "
+            f"{tuple(other.shape)}, {tuple(grad.shape)}"
+        )
     b, t, c, _ = other.shape
     want = (b, t, c) if by_pos else (b, c)
     if out is not None and (tuple(out.shape) != want or out.dtype != torch.float32):
@@ -48,14 +56,38 @@ def check_attribute(base, other, grad, by_pos, out) -> None:
 
 @triton.jit
 def attribute_fwd_kernel(
-    out_ptr, base_ptr, other_ptr, grad_ptr,
-    n_rows, T, C, D, T_PER,
-    so_b, so_t, so_c, so_k,
-    sb_b, sb_t, sb_c, sb_d,
-    sx_b, sx_t, sx_c, sx_d,
-    sg_b, sg_t, sg_c, sg_d,
-    HAS_BASE: tl.constexpr, BY_POS: tl.constexpr, ABS: tl.constexpr, ACCUM: tl.constexpr,
-    BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+    out_ptr,
+    base_ptr,
+    other_ptr,
+    grad_ptr,
+    n_rows,
+    T,
+    C,
+    D,
+    T_PER,
+    so_b,
+    so_t,
+    so_c,
+    so_k,
+    sb_b,
+    sb_t,
+    sb_c,
+    sb_d,
+    sx_b,
+    sx_t,
+    sx_c,
+    sx_d,
+    sg_b,
+    sg_t,
+    sg_c,
+    sg_d,
+    HAS_BASE: tl.constexpr,
+    BY_POS: tl.constexpr,
+    ABS: tl.constexpr,
+    ACCUM: tl.constexpr,
+    BT: tl.constexpr,
+    BR: tl.constexpr,
+    BD: tl.constexpr,
 ):
     """Grid ``(cdiv(B * C, BR), cdiv(T, T_PER))``: a program owns ``BR`` rows ``(b, c)`` and the positions
     ``[k T_PER, (k + 1) T_PER)``, looping over them and ``D`` in [BT, BR, BD] tiles. ``BY_POS``

@@ -83,8 +83,9 @@ def qk_fix_ref(
         rest = torch.where(top, rest_top, 1 - a)
         m = torch.where(top, m_top, (s_t - a * g) / (1 - a).clamp_min(1e-30))
         e = torch.exp(-d.abs())  # <= 1: the form below never overflows
-        delta = torch.where(d <= 0, a * rest * torch.expm1(d) / (rest + a * e),
-                            a * rest * -torch.expm1(-d) / (rest * e + a))  # A'_ts - A_ts
+        delta = torch.where(
+            d <= 0, a * rest * torch.expm1(d) / (rest + a * e), a * rest * -torch.expm1(-d) / (rest * e + a)
+        )  # A'_ts - A_ts
         ik = torch.where((rest > 0) & (a > 0), delta * (g - m), 0.0).sum(-2)  # [B, H, T(key)]
         out["k"] = ik.unflatten(1, (hkv, grp)).sum(2).transpose(1, 2)  # [B, T, Hkv]
         a_k = torch.softmax(raw_k + bias, -1)
@@ -135,16 +136,54 @@ def _tl_online(m, total, acc, sc, g):
 
 @triton.jit
 def qk_fix_rows_kernel(
-    iq_ptr, iall_ptr, mx_ptr, top_ptr, lrest_ptr, grest_ptr, srow_ptr,
-    q_ptr, k_ptr, v_ptr, dz_ptr, bias_ptr, qo_ptr, ko_ptr,
-    TQ, TK, H, G, DH, scaling, softcap,
-    sq_b, sq_h, sq_t, sq_d,
-    sk_b, sk_h, sk_t, sk_d,
-    sv_b, sv_h, sv_t, sv_d,
-    sz_b, sz_t, sz_h, sz_d,
-    sB_b, sB_h, sB_t, sB_s,
-    HAS_Q: tl.constexpr, HAS_K: tl.constexpr, SOFTCAP: tl.constexpr, F32_DOT: tl.constexpr,
-    BT: tl.constexpr, BS: tl.constexpr, BDH: tl.constexpr,
+    iq_ptr,
+    iall_ptr,
+    mx_ptr,
+    top_ptr,
+    lrest_ptr,
+    grest_ptr,
+    srow_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    dz_ptr,
+    bias_ptr,
+    qo_ptr,
+    ko_ptr,
+    TQ,
+    TK,
+    H,
+    G,
+    DH,
+    scaling,
+    softcap,
+    sq_b,
+    sq_h,
+    sq_t,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_t,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_t,
+    sv_d,
+    sz_b,
+    sz_t,
+    sz_h,
+    sz_d,
+    sB_b,
+    sB_h,
+    sB_t,
+    sB_s,
+    HAS_Q: tl.constexpr,
+    HAS_K: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BDH: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(TQ, BT))``. Row outputs ``[B, H, TQ]`` fp32 (contiguous): ``iq`` (query
     patched), ``iall`` (every key patched), and the clean row's ``mx``, ``top``, ``lrest``,
@@ -182,8 +221,9 @@ def qk_fix_rows_kernel(
         k = tl.load(k_ptr + k_off, mask=km, other=0.0)  # [BS, BDH]
         v = tl.load(v_ptr + b * sv_b + hk * sv_h + s[:, None] * sv_t + dd[None, :] * sv_d, mask=km, other=0.0)
         ok = tok[:, None] & sok[None, :]
-        bias = tl.load(bias_ptr + b * sB_b + h * sB_h + t[:, None] * sB_t + s[None, :] * sB_s, mask=ok,
-                       other=ninf)  # [BT, BS]
+        bias = tl.load(
+            bias_ptr + b * sB_b + h * sB_h + t[:, None] * sB_t + s[None, :] * sB_s, mask=ok, other=ninf
+        )  # [BT, BS]
         g = _tl_g(dz, v, F32_DOT)
         sc = _tl_scores(q, k, scaling, softcap, F32_DOT, SOFTCAP) + bias
         bm = tl.max(sc, 1)
@@ -220,16 +260,51 @@ def qk_fix_rows_kernel(
 
 @triton.jit
 def qk_fix_keys_kernel(
-    ik_ptr, mx_ptr, top_ptr, lrest_ptr, grest_ptr, srow_ptr,
-    q_ptr, k_ptr, v_ptr, dz_ptr, bias_ptr, ko_ptr,
-    TQ, TK, H, HKV, G, DH, scaling, softcap,
-    sq_b, sq_h, sq_t, sq_d,
-    sk_b, sk_h, sk_t, sk_d,
-    sv_b, sv_h, sv_t, sv_d,
-    sz_b, sz_t, sz_h, sz_d,
-    sB_b, sB_h, sB_t, sB_s,
-    SOFTCAP: tl.constexpr, F32_DOT: tl.constexpr,
-    BT: tl.constexpr, BS: tl.constexpr, BDH: tl.constexpr,
+    ik_ptr,
+    mx_ptr,
+    top_ptr,
+    lrest_ptr,
+    grest_ptr,
+    srow_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    dz_ptr,
+    bias_ptr,
+    ko_ptr,
+    TQ,
+    TK,
+    H,
+    HKV,
+    G,
+    DH,
+    scaling,
+    softcap,
+    sq_b,
+    sq_h,
+    sq_t,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_t,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_t,
+    sv_d,
+    sz_b,
+    sz_t,
+    sz_h,
+    sz_d,
+    sB_b,
+    sB_h,
+    sB_t,
+    sB_s,
+    SOFTCAP: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BDH: tl.constexpr,
 ):
     """Grid ``(B * HKV, cdiv(TK, BS))``: ``ik`` [B, TK, HKV] fp32, the key patched at one position,
     summed over the queries and the ``G`` query heads that share the key head."""
@@ -261,8 +336,9 @@ def qk_fix_keys_kernel(
             grest = tl.load(grest_ptr + o, mask=tok, other=0.0)
             srow = tl.load(srow_ptr + o, mask=tok, other=0.0)
             ok = tok[:, None] & sok[None, :]
-            bias = tl.load(bias_ptr + b * sB_b + h * sB_h + t[:, None] * sB_t + s[None, :] * sB_s, mask=ok,
-                           other=float("-inf"))
+            bias = tl.load(
+                bias_ptr + b * sB_b + h * sB_h + t[:, None] * sB_t + s[None, :] * sB_s, mask=ok, other=float("-inf")
+            )
             raw = _tl_scores(q, k, scaling, softcap, F32_DOT, SOFTCAP)  # [BT, BS]
             d = _tl_scores(q, ko, scaling, softcap, F32_DOT, SOFTCAP) - raw  # D_ts
             g = _tl_g(dz, v, F32_DOT)

@@ -25,8 +25,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         assert cli(["scan", "--out", d, "--report"]) == 0
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=shutil.which("chromium"),
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            browser = p.chromium.launch(
+                executable_path=shutil.which("chromium"),
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
             page = browser.new_page(viewport={"width": 1100, "height": 1500})
             page.goto((Path(d) / "report.html").as_uri())
             page.wait_for_function("document.querySelectorAll('.main-svg').length > 0")

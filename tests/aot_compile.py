@@ -47,23 +47,49 @@ def compile_one(kernel, pointers: dict[str, str], consts: dict, arch: int, float
 def cases():
     dt = "bf16"
     p = {n: dt for n in ("y_ptr", "x_ptr", "src_ptr", "vec_ptr", "alpha_ptr", "dir_ptr")} | {"mask_ptr": "u8"}
-    for op, has_dir, bd, br in (("patch", False, 64, 32), ("add", False, 1024, 2), ("zero", False, 1, 2048),
-                                ("scale", True, 64, 32), ("project_out", True, 1024, 2), ("clamp", False, 64, 32)):
-        yield (f"perturb/{op}{'+dir' if has_dir else ''}/BR{br}-BD{bd}", perturb_fwd_kernel, p,
-               dict(OP=OPS.index(op), HAS_ALPHA=op in ("add", "scale", "clamp"), HAS_DIR=has_dir, BR=br, BD=bd), ())
+    for op, has_dir, bd, br in (
+        ("patch", False, 64, 32),
+        ("add", False, 1024, 2),
+        ("zero", False, 1, 2048),
+        ("scale", True, 64, 32),
+        ("project_out", True, 1024, 2),
+        ("clamp", False, 64, 32),
+    ):
+        yield (
+            f"perturb/{op}{'+dir' if has_dir else ''}/BR{br}-BD{bd}",
+            perturb_fwd_kernel,
+            p,
+            dict(OP=OPS.index(op), HAS_ALPHA=op in ("add", "scale", "clamp"), HAS_DIR=has_dir, BR=br, BD=bd),
+            (),
+        )
     a = {"out_ptr": "fp32", "base_ptr": dt, "other_ptr": dt, "grad_ptr": dt}
-    for by_pos, bt, br, bd, abs_, acc in ((True, 1, 32, 64, False, False), (False, 1, 2048, 1, True, True),
-                                          (False, 2, 1, 256, False, False), (True, 16, 128, 1, True, True)):
-        yield (f"attribute/{'by_pos' if by_pos else 'all_pos'}/BT{bt}-BR{br}-BD{bd}", attribute_fwd_kernel, a,
-               dict(HAS_BASE=not by_pos, BY_POS=by_pos, ABS=abs_, ACCUM=acc, BT=bt, BR=br, BD=bd), ())
+    for by_pos, bt, br, bd, abs_, acc in (
+        (True, 1, 32, 64, False, False),
+        (False, 1, 2048, 1, True, True),
+        (False, 2, 1, 256, False, False),
+        (True, 16, 128, 1, True, True),
+    ):
+        yield (
+            f"attribute/{'by_pos' if by_pos else 'all_pos'}/BT{bt}-BR{br}-BD{bd}",
+            attribute_fwd_kernel,
+            a,
+            dict(HAS_BASE=not by_pos, BY_POS=by_pos, ABS=abs_, ACCUM=acc, BT=bt, BR=br, BD=bd),
+            (),
+        )
     for dtype, f32, softcap, block in ((dt, False, True, 64), ("fp16", False, False, 64), ("fp32", True, False, 32)):
-        rows = {n: "fp32" for n in ("iq_ptr", "iall_ptr", "mx_ptr", "lrest_ptr", "grest_ptr", "srow_ptr",
-                                    "bias_ptr")} | {"top_ptr": "i64"}
+        rows = {
+            n: "fp32" for n in ("iq_ptr", "iall_ptr", "mx_ptr", "lrest_ptr", "grest_ptr", "srow_ptr", "bias_ptr")
+        } | {"top_ptr": "i64"}
         rows |= {n: dtype for n in ("q_ptr", "k_ptr", "v_ptr", "dz_ptr", "qo_ptr", "ko_ptr")}
         common = dict(SOFTCAP=softcap, F32_DOT=f32, BT=block, BS=block, BDH=64)
         tag = f"{dtype}{'/softcap' if softcap else ''}/B{block}"
-        yield f"qk_fix_rows/{tag}", qk_fix_rows_kernel, rows, dict(HAS_Q=True, HAS_K=True, **common), ("scaling",
-                                                                                                       "softcap")
+        yield (
+            f"qk_fix_rows/{tag}",
+            qk_fix_rows_kernel,
+            rows,
+            dict(HAS_Q=True, HAS_K=True, **common),
+            ("scaling", "softcap"),
+        )
         keys = {k: v for k, v in rows.items() if k not in ("iq_ptr", "iall_ptr", "qo_ptr")} | {"ik_ptr": "fp32"}
         yield f"qk_fix_keys/{tag}", qk_fix_keys_kernel, keys, common, ("scaling", "softcap")
 
@@ -77,8 +103,10 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             k = compile_one(kernel, pointers, consts, args.arch, floats)
-            print(f"ok   sm_{args.arch} {name}: {len(k.asm['cubin'])} B cubin, {time.perf_counter() - t0:.1f}s",
-                  flush=True)
+            print(
+                f"ok   sm_{args.arch} {name}: {len(k.asm['cubin'])} B cubin, {time.perf_counter() - t0:.1f}s",
+                flush=True,
+            )
         except Exception as e:  # report every failing specialization, not only the first
             failed += 1
             print(f"FAIL sm_{args.arch} {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)

@@ -13,24 +13,36 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # Property tests: "ci" (default) is bounded and derandomised, so every machine runs the same examples
 # in about a minute; "deep" hunts (pytest --hypothesis-profile deep tests/test_properties.py).
 _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
-settings.register_profile("ci", max_examples=40, derandomize=True, database=None, deadline=None,
-                          suppress_health_check=_quiet)
+settings.register_profile(
+    "ci", max_examples=40, derandomize=True, database=None, deadline=None, suppress_health_check=_quiet
+)
 settings.register_profile("deep", max_examples=600, deadline=None, suppress_health_check=_quiet)
 settings.load_profile("ci")
 
 if os.environ.get("CAUSALSCAN_TEST_THREADS"):  # `make test-threads`: other summation orders, as on another CPU
     torch.set_num_threads(int(os.environ["CAUSALSCAN_TEST_THREADS"]))
 
-FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi", "phi3",
-            "opt")
+FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi", "phi3", "opt")
 
 IOI = [
-    {"clean": "When Mary and John went to the store , John gave a drink to",
-     "corrupt": "When Mary and John went to the store , Mary gave a drink to", "answer": "Mary", "wrong": "John"},
-    {"clean": "When Alice and Bob went to the park , Bob gave a ball to",
-     "corrupt": "When Alice and Bob went to the park , Alice gave a ball to", "answer": "Alice", "wrong": "Bob"},
-    {"clean": "When Carol and Dave went to the bank , Dave gave a key to",
-     "corrupt": "When Carol and Dave went to the bank , Carol gave a key to", "answer": "Carol", "wrong": "Dave"},
+    {
+        "clean": "When Mary and John went to the store , John gave a drink to",
+        "corrupt": "When Mary and John went to the store , Mary gave a drink to",
+        "answer": "Mary",
+        "wrong": "John",
+    },
+    {
+        "clean": "When Alice and Bob went to the park , Bob gave a ball to",
+        "corrupt": "When Alice and Bob went to the park , Alice gave a ball to",
+        "answer": "Alice",
+        "wrong": "Bob",
+    },
+    {
+        "clean": "When Carol and Dave went to the bank , Dave gave a key to",
+        "corrupt": "When Carol and Dave went to the bank , Carol gave a key to",
+        "answer": "Carol",
+        "wrong": "Dave",
+    },
 ]
 
 

@@ -17,9 +17,17 @@ def strided(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-OP_CASES = [("patch", "source"), ("add", "vector alpha"), ("add", "vector"), ("zero", ""), ("scale", "alpha"),
-            ("scale", "alpha direction"), ("project_out", "direction"), ("clamp", "alpha"),
-            ("clamp", "alpha direction")]
+OP_CASES = [
+    ("patch", "source"),
+    ("add", "vector alpha"),
+    ("add", "vector"),
+    ("zero", ""),
+    ("scale", "alpha"),
+    ("scale", "alpha direction"),
+    ("project_out", "direction"),
+    ("clamp", "alpha"),
+    ("clamp", "alpha direction"),
+]
 SHAPES = [(2, 5, 3, 7), (3, 1, 1, 33), (1, 4, 37, 1)]
 
 
@@ -39,7 +47,6 @@ def perturb_inputs(shape, params, dtype, broadcast, seed=0):
     if "direction" in params:
         kw["direction"] = torch.nn.functional.normalize(torch.randn(rb, c, d, generator=g), dim=-1).to(dtype)
     return x, mask, kw
-
 
 
 def causal(t, window=None):
@@ -69,4 +76,3 @@ def qk_inputs(b, h, hkv, t, dh, window, per_batch, dtype, seed=4):
         bias = bias.expand(b, 1, t, t).clone()
         bias[1, :, 1:, 0] = float("-inf")
     return [x.to(dtype) for x in (q, k, v, dz)], bias, q_other.to(dtype), k_other.to(dtype)
-

@@ -34,8 +34,13 @@ def _raw_view(ad, site, raw, b, t):
 
 def _module(ad, site, layer):
     f, blk = ad.family, ad.blocks[layer]
-    name = {"head": f.head, "neuron": f.neuron, "attn_out": f.attn_out, "mlp_out": f.mlp_out,
-            "resid_mid": f.attn_out}.get(site)
+    name = {
+        "head": f.head,
+        "neuron": f.neuron,
+        "attn_out": f.attn_out,
+        "mlp_out": f.mlp_out,
+        "resid_mid": f.attn_out,
+    }.get(site)
     if site in ("q", "k", "v"):
         name = f.qkv["qkv".index(site)] if len(f.qkv) == 3 else f.qkv[0]
     side = "in" if site in ("head", "neuron", "resid_pre") else "out"
@@ -50,8 +55,11 @@ def run(model, ids, site=None, layer=None, edit=None):
     handles, seen = [], {}
     if site is not None:
         module, side = _module(ad, site, layer)
-        handles.append(ad.blocks[layer].register_forward_pre_hook(
-            lambda m, a, k: seen.__setitem__("pre", a[0] if a else k["hidden_states"]), with_kwargs=True))
+        handles.append(
+            ad.blocks[layer].register_forward_pre_hook(
+                lambda m, a, k: seen.__setitem__("pre", a[0] if a else k["hidden_states"]), with_kwargs=True
+            )
+        )
 
         def apply(raw):
             raw = raw.clone()
@@ -66,8 +74,11 @@ def run(model, ids, site=None, layer=None, edit=None):
         if side == "in":
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         else:
-            handles.append(module.register_forward_hook(
-                lambda m, a, o: (apply(o[0]), *o[1:]) if isinstance(o, tuple) else apply(o)))
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, o: (apply(o[0]), *o[1:]) if isinstance(o, tuple) else apply(o)
+                )
+            )
     try:
         return model.hf(input_ids=ids).logits
     finally:
@@ -84,6 +95,7 @@ def read(model, ids, site, layer):
             out["x"] = view + pre.reshape(view.shape)
         else:
             out["x"] = view.clone()
+
     run(model, ids, site, layer, edit)
     return out["x"]
 
@@ -97,6 +109,7 @@ def patched_logits(model, ids, site, layer, index, position, source):
             view[:, sl, index] = source[:, sl, index] - pre.reshape(view.shape)[:, sl, index]
         else:
             view[:, sl, index] = source[:, sl, index]
+
     return run(model, ids, site, layer, edit)[:, -1]
 
 
@@ -125,20 +138,32 @@ def grad(model, ids, site, layer, metric, drop_layer=None, keep=None, value=None
         held["x"] = (view + held["pre"].reshape(view.shape) if site == "resid_mid" else view).detach().clone()
         return raw + held["probe"]
 
-    hooks = [ad.blocks[layer].register_forward_pre_hook(
-        lambda m, a, k: held.__setitem__("pre", a[0] if a else k["hidden_states"]), with_kwargs=True)]
+    hooks = [
+        ad.blocks[layer].register_forward_pre_hook(
+            lambda m, a, k: held.__setitem__("pre", a[0] if a else k["hidden_states"]), with_kwargs=True
+        )
+    ]
     if side == "in":
-        hooks.append(module.register_forward_pre_hook(
-            lambda m, a, k: ((apply(a[0]), *a[1:]), k) if a else (a, {**k, "hidden_states": apply(k["hidden_states"])}),
-            with_kwargs=True))
+        hooks.append(
+            module.register_forward_pre_hook(
+                lambda m, a, k: (
+                    ((apply(a[0]), *a[1:]), k) if a else (a, {**k, "hidden_states": apply(k["hidden_states"])})
+                ),
+                with_kwargs=True,
+            )
+        )
     else:  # before any detach hook on the same module
-        hooks.append(module.register_forward_hook(
-            lambda m, a, o: (apply(o[0]), *o[1:]) if isinstance(o, tuple) else apply(o)))
+        hooks.append(
+            module.register_forward_hook(lambda m, a, o: (apply(o[0]), *o[1:]) if isinstance(o, tuple) else apply(o))
+        )
     if drop_layer is not None:
         for s in ("attn_out", "mlp_out"):
             mod, _ = _module(ad, s, drop_layer)
-            hooks.append(mod.register_forward_hook(
-                lambda m, a, o: (o[0].detach(), *o[1:]) if isinstance(o, tuple) else o.detach()))
+            hooks.append(
+                mod.register_forward_hook(
+                    lambda m, a, o: (o[0].detach(), *o[1:]) if isinstance(o, tuple) else o.detach()
+                )
+            )
     try:
         with torch.enable_grad():
             logits = model.hf(input_ids=ids).logits
@@ -177,6 +202,7 @@ def restored_logits(model, ids, restores, clean):
             x = (o[0] if isinstance(o, tuple) else o).clone()
             x[:, pos] = clean[key][:, pos]
             return (x, *o[1:]) if isinstance(o, tuple) else x
+
         handles.append(module.register_forward_hook(put))
     try:
         return model.hf(input_ids=ids).logits[:, -1]
@@ -191,8 +217,11 @@ def module_outputs(model, ids, sites):
     for site, layer in sites:
         blk = model.adapter.blocks[layer]
         module = blk if site == "resid_post" else _module(model.adapter, site, layer)[0]
-        handles.append(module.register_forward_hook(
-            lambda m, a, o, key=(site, layer): out.__setitem__(key, (o[0] if isinstance(o, tuple) else o).clone())))
+        handles.append(
+            module.register_forward_hook(
+                lambda m, a, o, key=(site, layer): out.__setitem__(key, (o[0] if isinstance(o, tuple) else o).clone())
+            )
+        )
     try:
         model.hf(input_ids=ids)
     finally:
@@ -245,11 +274,13 @@ def naive_continuation_effects(model, records, comps, direction="noising", metri
 
                 def edit(view, pre, c=c, sl=sl, source=source):
                     view[:, sl, c.index] = source[:, sl, c.index]
+
                 logits = run(model, ids, c.site, c.layer, edit)[0]
                 if metric == "kl":
-                    clean = torch.log_softmax(model.hf(input_ids=torch.tensor([p.clean + cont[:-1]])).logits[0]
-                                              .float(), -1)[t - 1:]
-                    lp = torch.log_softmax(logits.float(), -1)[t - 1:]
+                    clean = torch.log_softmax(
+                        model.hf(input_ids=torch.tensor([p.clean + cont[:-1]])).logits[0].float(), -1
+                    )[t - 1 :]
+                    lp = torch.log_softmax(logits.float(), -1)[t - 1 :]
                     total += (clean.exp() * (clean - lp)).sum()
                     continue
                 s = teacher_forced(logits, t, cont)
@@ -267,8 +298,10 @@ def writes(model, ids, graph):
     f = ad.family
     b, t = ids.shape
     out = torch.zeros(b, graph.n_up, t, ad.d_model)
+
     def embed(m, a, k):
         out[:, 0] = a[0] if a else k["hidden_states"]
+
     hooks = [ad.blocks[0].register_forward_pre_hook(embed, with_kwargs=True)]
     for layer in range(ad.n_layers):
         o_proj = ad.blocks[layer].get_submodule(f.head)
@@ -280,9 +313,12 @@ def writes(model, ids, graph):
                 only = torch.zeros_like(z)
                 only[:, :, h] = z[:, :, h]
                 out[:, graph.head(layer, h)] = m.forward(only.reshape(a[0].shape)) - zero
+
         hooks.append(o_proj.register_forward_pre_hook(heads))
+
         def mlp(m, a, o, layer=layer):
             out[:, graph.mlp(layer)] = (o[0] if isinstance(o, tuple) else o).reshape(b, t, -1)  # OPT: [B * T, d]
+
         hooks.append(ad.blocks[layer].get_submodule(f.mlp_out).register_forward_hook(mlp))
     try:
         with torch.no_grad():
@@ -306,13 +342,17 @@ def reader_run(model, ids, kind, layer, index, extra, metric):
 
     def keep(m, a, k):
         seen.setdefault("x", a[0] if a else k["hidden_states"])
+
     if kind == "logits":
         hooks.append(model.hf.get_submodule(f.final_norm).register_forward_pre_hook(lambda m, a: (a[0] + extra,)))
     elif kind == "mlp":
         ln = blk.get_submodule(f.readers[1])
         hooks.append(ln.register_forward_pre_hook(keep, with_kwargs=True))
-        hooks.append(blk.get_submodule(f.readers[2]).register_forward_pre_hook(  # OPT: [B * T, d]
-            lambda m, a: (ln.forward(seen["x"] + extra.reshape(seen["x"].shape)), *a[1:])))
+        hooks.append(
+            blk.get_submodule(f.readers[2]).register_forward_pre_hook(  # OPT: [B * T, d]
+                lambda m, a: (ln.forward(seen["x"] + extra.reshape(seen["x"].shape)), *a[1:])
+            )
+        )
     else:
         ln = blk.get_submodule(f.readers[0])
         proj = blk.get_submodule(f.qkv["qkv".index(kind)] if len(f.qkv) == 3 else f.qkv[0])
@@ -324,6 +364,7 @@ def reader_run(model, ids, kind, layer, index, extra, metric):
                 own = torch.zeros_like(o)
                 _raw_view(ad, kind, own, b, t)[:, :, index] = 1
             return o + own * (new - o)
+
         hooks.append(proj.register_forward_hook(swap))
     try:
         return metric(model.hf(input_ids=ids).logits[:, -1])

@@ -67,8 +67,9 @@ def test_check_catches_a_wrong_map(tiny):
 
 
 def test_unsupported_architecture_names_the_supported():
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32)
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
     with pytest.raises(InputError, match="supported model types: .*gpt2.*llama"):
         causalscan.load(transformers.BertModel(cfg))
 
@@ -105,6 +106,12 @@ def test_runner_start_and_stop_equal_full_run(tiny):
         assert_close(runner.forward(ad, ids, stop=1), full.hidden_states[1])
         # start at block 1 from the cached residual, positions 5.. with the cached prefix
         rows = torch.arange(2)
-        tail = runner.forward(ad, ids[:, 5:], start_layer=1, resid=acts[("resid_pre", 1)][:, 5:, 0],
-                              past=kv.cache(rows, 5, 1, model.hf.config), logits_to_keep=0)
+        tail = runner.forward(
+            ad,
+            ids[:, 5:],
+            start_layer=1,
+            resid=acts[("resid_pre", 1)][:, 5:, 0],
+            past=kv.cache(rows, 5, 1, model.hf.config),
+            logits_to_keep=0,
+        )
     assert_close(tail, full.logits[:, 5:])

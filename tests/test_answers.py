@@ -19,16 +19,31 @@ from naive import grad, naive_continuation_effects, read, teacher_forced
 from tolerance import assert_close
 
 # answers of 3, 1 and 1 tokens, wrong continuations of 1, 2 and 1: rows of one prompt length pad to 3
-MULTI = [{**IOI[0], "answer": "Mary and John", "wrong": "John"},
-         {**IOI[1], "answer": "Alice", "wrong": "Bob and"},
-         {**IOI[2], "answer": [8], "wrong": [9]}]
-COMPS = [Component("head", 0, 1), Component("resid_pre", 1, 0, 3), Component("neuron", 0, 5),
-         Component("mlp_out", 1, 0, 14), Component("v", 0, 0, 2), Component("resid_post", 0, 0, None)]
+MULTI = [
+    {**IOI[0], "answer": "Mary and John", "wrong": "John"},
+    {**IOI[1], "answer": "Alice", "wrong": "Bob and"},
+    {**IOI[2], "answer": [8], "wrong": [9]},
+]
+COMPS = [
+    Component("head", 0, 1),
+    Component("resid_pre", 1, 0, 3),
+    Component("neuron", 0, 5),
+    Component("mlp_out", 1, 0, 14),
+    Component("v", 0, 0, 2),
+    Component("resid_post", 0, 0, None),
+]
 
 
-@pytest.mark.parametrize("family, direction, metric", [
-    ("llama", "noising", "logit_diff"), ("gpt2", "denoising", "logit_diff"), ("llama", "denoising", "logprob"),
-    ("gpt_neox", "noising", "prob"), ("gpt2", "noising", "kl")])
+@pytest.mark.parametrize(
+    "family, direction, metric",
+    [
+        ("llama", "noising", "logit_diff"),
+        ("gpt2", "denoising", "logit_diff"),
+        ("llama", "denoising", "logprob"),
+        ("gpt_neox", "noising", "prob"),
+        ("gpt2", "noising", "kl"),
+    ],
+)
 def test_multi_token_patch_equals_naive(tiny, family, direction, metric):
     model = tiny(family)
     res = patch(model, MULTI, components=COMPS, direction=direction, metric=metric)
@@ -42,9 +57,12 @@ def test_multi_token_clean_and_corrupt_are_teacher_forced(tiny):
     pairs = Dataset(MULTI).tokenize(model.tokenizer)
     for i, p in enumerate(pairs):
         for prompt, got in ((p.clean, res.clean[i]), (p.corrupt, res.corrupt[i])):
+
             def s(cont, prompt=prompt):
-                return teacher_forced(model.hf(input_ids=torch.tensor([prompt + cont[:-1]])).logits[0],
-                                      len(prompt), cont)
+                return teacher_forced(
+                    model.hf(input_ids=torch.tensor([prompt + cont[:-1]])).logits[0], len(prompt), cont
+                )
+
             assert_close(got, s(p.answer) - s(p.wrong), 1e-5)
 
 
@@ -61,21 +79,30 @@ def test_one_token_pairs_score_the_same_in_both_modes(tiny):
 @pytest.mark.parametrize("family, direction", [("llama", "noising"), ("gpt2", "denoising")])
 def test_multi_token_atp_equals_autograd(tiny, family, direction):
     model = tiny(family)
-    res = scan(model, MULTI, sites=["resid_pre", "head", "head:pos"], method="atp", confirm=0, direction=direction,
-               exact_budget=0)
+    res = scan(
+        model,
+        MULTI,
+        sites=["resid_pre", "head", "head:pos"],
+        method="atp",
+        confirm=0,
+        direction=direction,
+        exact_budget=0,
+    )
     pairs = Dataset(MULTI).tokenize(model.tokenizer)
     t = len(pairs[0].clean)
     for name, by_pos in (("resid_pre", True), ("head", False), ("head_pos", True)):
         sw = next(s for s in res.sweeps if s.name == name)
-        got = res.signed[:, sw.start:sw.stop].reshape(len(pairs), *sw.shape)
+        got = res.signed[:, sw.start : sw.stop].reshape(len(pairs), *sw.shape)
         site = name.split("_")[0] if name != "resid_pre" else name
         for i, p in enumerate(pairs):
             base, other = (p.clean, p.corrupt) if direction == "noising" else (p.corrupt, p.clean)
             for layer in range(model.adapter.n_layers):
                 ref = 0
                 for cont, sign in ((p.answer, 1.0), (p.wrong, -1.0)):
+
                     def metric(logits, cont=cont, sign=sign):
                         return sign * teacher_forced(logits[0], 1, cont)[None]
+
                     x, g = grad(model, torch.tensor([base + cont[:-1]]), site, layer, metric, keep=len(cont))
                     delta = read(model, torch.tensor([other + cont[:-1]]), site, layer) - x
                     score = (delta * g).sum(-1)[0]  # [T', C]
@@ -130,7 +157,8 @@ def digit_tokenizer(split_digits: bool):
     tok = word_tokenizer([*default_vocab(), *tasks.GT_NOUNS])
     if split_digits:
         tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(True)])
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(True)]
+        )
     return tok
 
 

@@ -17,8 +17,20 @@ from tolerance import assert_close
 
 scan = partial(_scan, exact_budget=0)  # estimates only: these tests check the estimators
 
-SITES = ["head", "neuron", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "q", "k", "v", "head:pos",
-         "resid_pre:all"]
+SITES = [
+    "head",
+    "neuron",
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "q",
+    "k",
+    "v",
+    "head:pos",
+    "resid_pre:all",
+]
 
 
 def records(vocab=100, pairs=3, seq=6, seed=0):
@@ -28,18 +40,24 @@ def records(vocab=100, pairs=3, seq=6, seed=0):
     corrupt[:, 2] = torch.randint(4, vocab, (pairs,), generator=g)
     corrupt[:, 4] = torch.randint(4, vocab, (pairs,), generator=g)
     ans, wrong = torch.randint(4, vocab, (2, pairs), generator=g)
-    return [{"clean_ids": c.tolist(), "corrupt_ids": k.tolist(), "answer": a.item(), "wrong": w.item()}
-            for c, k, a, w in zip(clean, corrupt, ans, wrong, strict=True)]
+    return [
+        {"clean_ids": c.tolist(), "corrupt_ids": k.tolist(), "answer": a.item(), "wrong": w.item()}
+        for c, k, a, w in zip(clean, corrupt, ans, wrong, strict=True)
+    ]
 
 
 def ids_of(recs):
-    return (torch.tensor([r["clean_ids"] for r in recs]), torch.tensor([r["corrupt_ids"] for r in recs]),
-            torch.tensor([r["answer"] for r in recs]), torch.tensor([r["wrong"] for r in recs]))
+    return (
+        torch.tensor([r["clean_ids"] for r in recs]),
+        torch.tensor([r["corrupt_ids"] for r in recs]),
+        torch.tensor([r["answer"] for r in recs]),
+        torch.tensor([r["wrong"] for r in recs]),
+    )
 
 
 def slot(res, name):
     s = next(s for s in res.sweeps if s.name == name)
-    return s, res.signed[:, s.start:s.stop].reshape(-1, *s.shape)
+    return s, res.signed[:, s.start : s.stop].reshape(-1, *s.shape)
 
 
 @pytest.mark.parametrize("direction", ["noising", "denoising"])
@@ -59,8 +77,11 @@ def test_atp_equals_autograd(tiny, family, direction):
         site, _, mode = spec.partition(":")
         name = site + {"": "", "pos": "_pos", "all": "_all"}[mode]
         s, got = slot(res, name)
-        by_pos = len(s.shape) >= 2 and s.shape[1] == clean.shape[1] and (mode == "pos" or (
-            mode == "" and site.startswith(("resid", "attn_out", "mlp_out"))))
+        by_pos = (
+            len(s.shape) >= 2
+            and s.shape[1] == clean.shape[1]
+            and (mode == "pos" or (mode == "" and site.startswith(("resid", "attn_out", "mlp_out"))))
+        )
         for layer in range(model.adapter.n_layers):
             x, g = grad(model, base, site, layer, metric)
             ref = ((read(model, other, site, layer) - x) * g).sum(-1)  # [P, T, C]
@@ -104,6 +125,7 @@ def test_qk_fix_equals_explicit_recomputation(softcap, t):
 
     def r(*shape, s=1.0):
         return torch.randn(*shape, generator=g) * s
+
     q, q_other = r(b, h, t, dh, s=3.0), r(b, h, t, dh, s=3.0)  # large scores: saturated rows
     k, k_other, v = r(b, hkv, t, dh, s=3.0), r(b, hkv, t, dh, s=3.0), r(b, hkv, t, dh)
     dz = r(b, t, h, dh)
@@ -195,7 +217,7 @@ def test_graddrop_exposes_cancelled_effects():
     clean, corrupt, ans, wrong = ids_of(recs)
     res = scan(m, recs, sites=["mlp_out", "head"], method="atp*", graddrop=True, confirm=0)
     s, atp = slot(res, "mlp_out")
-    gd = res.graddrop[:, s.start:s.stop].reshape(-1, *s.shape)
+    gd = res.graddrop[:, s.start : s.stop].reshape(-1, *s.shape)
     # block 0: direct and indirect effects cancel, to rounding of the effects that cancel
     assert_close(atp[:, 0], torch.zeros_like(atp[:, 0]), scale=gd[:, 0].abs().max())
     # by hand: dropping block 1 leaves the direct path, d logit_diff / d resid = W_U[answer] - W_U[wrong]
@@ -206,7 +228,7 @@ def test_graddrop_exposes_cancelled_effects():
     hand = (delta * direction).sum(-1).abs()
     assert hand.max() > 0.05
     assert_close(gd[:, 0, -1], hand, 1e-4)
-    assert_close(res.score[:, s.start:s.stop].reshape(-1, *s.shape)[:, 0, -1], hand, 1e-4)
+    assert_close(res.score[:, s.start : s.stop].reshape(-1, *s.shape)[:, 0, -1], hand, 1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
@@ -216,15 +238,16 @@ def test_graddrop_equals_detached_backwards(tiny, family):
     recs = records(seed=4)
     clean, corrupt, ans, wrong = ids_of(recs)
     n_layers = model.adapter.n_layers
-    res = scan(model, recs, sites=["head", "resid_pre", "neuron", "resid_post"], method="atp*", graddrop=True,
-               confirm=0)
+    res = scan(
+        model, recs, sites=["head", "resid_pre", "neuron", "resid_post"], method="atp*", graddrop=True, confirm=0
+    )
 
     def metric(logits):
         return logits.gather(-1, ans[:, None])[:, 0] - logits.gather(-1, wrong[:, None])[:, 0]
 
     for name in ["head", "resid_pre", "neuron", "resid_post"]:
         s = next(s for s in res.sweeps if s.name == name)
-        got = res.graddrop[:, s.start:s.stop].reshape(-1, *s.shape)
+        got = res.graddrop[:, s.start : s.stop].reshape(-1, *s.shape)
         for layer in range(n_layers):
             terms = []
             for drop in range(n_layers):

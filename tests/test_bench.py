@@ -16,10 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_gpu_script_runs_every_step_at_tiny_sizes(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "GPU_SMOKE": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # python3: this venv's
-    done = subprocess.run(["bash", str(ROOT / "bench/gpu.sh")], env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "GPU_SMOKE": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }  # python3: this venv's
+    done = subprocess.run(["bash", str(ROOT / "bench/gpu.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = (tmp_path / "summary.txt").read_text().split("\n")
     steps = {line.split()[0]: line.split()[1] for line in summary if line}
@@ -40,6 +43,11 @@ def test_the_gpu_script_runs_every_step_at_tiny_sizes(tmp_path):
 
 
 def test_an_unknown_step_is_refused(tmp_path):
-    done = subprocess.run(["bash", str(ROOT / "bench/gpu.sh"), "kernel"], env={**os.environ, "OUT": str(tmp_path)},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu.sh"), "kernel"],
+        env={**os.environ, "OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "unknown step kernel" in done.stderr

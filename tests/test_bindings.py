@@ -21,8 +21,9 @@ def test_custom_ops_pass_opcheck(monkeypatch, backend):
     monkeypatch.setenv("CAUSALSCAN_BACKEND", backend)
     x, mask, kw = perturb_inputs((2, 3, 2, 5), "alpha direction", torch.float32, False)
     x.requires_grad_()
-    torch.library.opcheck(torch.ops.causalscan.perturb.default, (x, "scale", mask, None, None, kw["alpha"],
-                                                                 kw["direction"]))
+    torch.library.opcheck(
+        torch.ops.causalscan.perturb.default, (x, "scale", mask, None, None, kw["alpha"], kw["direction"])
+    )
     o, gr = torch.randn(2, 3, 2, 5), torch.randn(2, 3, 2, 5)
     torch.library.opcheck(torch.ops.causalscan.attribute.default, (None, o, gr, False, True))
     torch.library.opcheck(torch.ops.causalscan.attribute_.default, (torch.zeros(2, 3, 2), o, o, gr, True, False))
@@ -77,8 +78,9 @@ def test_kernels_compile_for_an_h100():
         pytest.skip("this Triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).parent / "aot_compile.py"
-    res = subprocess.run([sys.executable, str(script), "--arch", "90"], env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(script), "--arch", "90"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert res.stdout.count("ok   sm_90") == 16, res.stdout
 
@@ -98,8 +100,13 @@ def test_scan_through_triton_equals_reference(monkeypatch, device):
 
         monkeypatch.setattr(launch, name, counted)
     model = causalscan.load("induction", device=device)
-    kw = dict(sites=["head", "q:pos", "k", "neuron", "resid_pre:pos"], method="atp*", graddrop=True, confirm=3,
-              confirm_random=2)
+    kw = dict(
+        sites=["head", "q:pos", "k", "neuron", "resid_pre:pos"],
+        method="atp*",
+        graddrop=True,
+        confirm=3,
+        confirm_random=2,
+    )
     rtol = FP32 if device == "cpu" else 1e-3  # GPU: tf32-free but another reduction order
     ds = zoo.dataset_path("induction", "previous")
     res = {}

@@ -42,9 +42,12 @@ scores_only = partial(circuit, method="eap", confirm=0, curve=False)
 def readers(ad) -> list[tuple[str, int, int]]:
     """``(kind, layer, index)`` of every reader, in the graph's order (written out here, and checked
     against the graph's own numbering)."""
-    out = [(kind, layer, i) for layer in range(ad.n_layers)
-           for kind, n in (("q", ad.n_heads), ("k", ad.n_kv_heads), ("v", ad.n_kv_heads), ("mlp", 1))
-           for i in range(n)]
+    out = [
+        (kind, layer, i)
+        for layer in range(ad.n_layers)
+        for kind, n in (("q", ad.n_heads), ("k", ad.n_kv_heads), ("v", ad.n_kv_heads), ("mlp", 1))
+        for i in range(n)
+    ]
     out.append(("logits", ad.n_layers - 1, 0))
     g = Graph(ad)
     assert [g.reader_of(r) for r in range(g.n_read)] == out
@@ -113,9 +116,14 @@ def test_exact_edges_equal_two_pass_hooks(tiny, family):
     delta = naive.writes(model, corrupt, g) - naive.writes(model, clean, g)
     with torch.no_grad():
         base = metric(model.hf(input_ids=clean).logits[:, -1])
-        ref = torch.stack([naive.reader_run(model, clean, *readers(model.adapter)[e % g.n_read],
-                                            delta[:, e // g.n_read], metric) - base
-                           for e in res.confirmed.tolist()], 1)
+        ref = torch.stack(
+            [
+                naive.reader_run(model, clean, *readers(model.adapter)[e % g.n_read], delta[:, e // g.n_read], metric)
+                - base
+                for e in res.confirmed.tolist()
+            ],
+            1,
+        )
     kinds = {readers(model.adapter)[e % g.n_read][0] for e in res.confirmed.tolist()}
     assert len(kinds) >= 3, kinds  # several kinds of reader confirmed
     assert_close(res.exact, ref, 1e-4, scale=base.abs().max())
@@ -144,7 +152,7 @@ def test_many_edges_into_one_reader(tiny, family):
         m = _masks(g, s, s)  # one row per pair
         got = edges.patched_logits(g, clean, other, m)[:, -1]
         with torch.no_grad():
-            ref = naive.reader_run(model, clean, kind, layer, i, delta[:, :len(s)].sum(1), lambda x: x)
+            ref = naive.reader_run(model, clean, kind, layer, i, delta[:, : len(s)].sum(1), lambda x: x)
         assert_close(got, ref, 1e-5)
         # started at block 1 from the base residual, the layer-0 nodes' differences taken from the base run
         _, base, blocks = edges.record(g, clean, resid=True)
@@ -186,8 +194,7 @@ def test_faithfulness_runs_from_corrupt_to_clean(tiny):
     assert_close(res.curve[:, -1], res.clean, 1e-4, scale=gap)
     f = res.faithfulness
     assert f["recovered"][0] == pytest.approx(0, abs=1e-4) and f["recovered"][-1] == pytest.approx(1, abs=1e-4)
-    assert f["n_95"] is not None and all(r < 0.95 for n, r in zip(f["n"], f["recovered"], strict=True)
-                                         if n < f["n_95"])
+    assert f["n_95"] is not None and all(r < 0.95 for n, r in zip(f["n"], f["recovered"], strict=True) if n < f["n_95"])
     for t, n_t in ((0.8, f["n_80"]), (0.95, f["n_95"])):  # bisected: the size below it is within 2% or one edge
         below = max(n for n in f["n"] if n < n_t)
         assert n_t - below <= max(1, n_t // 50), (t, n_t, below, f["n"])
@@ -205,8 +212,9 @@ def test_faithfulness_ends_with_continuations_and_noise(tiny, kind):
 
     if kind == "gaussian noise":
         recs = [{"clean": r["clean"], "noise_span": r["clean"].split()[1], "answer": r["answer"]} for r in IOI[:2]]
-        res = circuit(tiny("gpt2"), recs, method="eap", confirm=2, confirm_random=0, edges=5, metric="logprob",
-                      samples=3)
+        res = circuit(
+            tiny("gpt2"), recs, method="eap", confirm=2, confirm_random=0, edges=5, metric="logprob", samples=3
+        )
     else:
         res = circuit(tiny("llama"), MULTI, method="eap", confirm=2, confirm_random=0, edges=5)
     gap = (res.clean - res.corrupt).abs().max()
@@ -230,8 +238,10 @@ def test_mean_ablation_of_one_pair_is_the_patch(tiny):
 @pytest.fixture(scope="module")
 def induction():
     data = cs.zoo.dataset_path("induction", "previous")
-    return (circuit("induction", data, method="eap-ig", confirm=0, curve=False),
-            circuit("induction", data, method="eap", confirm=46, confirm_random=0, curve=False))
+    return (
+        circuit("induction", data, method="eap-ig", confirm=0, curve=False),
+        circuit("induction", data, method="eap", confirm=46, confirm_random=0, curve=False),
+    )
 
 
 def test_induction_circuit_is_the_planted_one(induction):
@@ -240,8 +250,7 @@ def test_induction_circuit_is_the_planted_one(induction):
     assert exact.n_rows() == 46 and len(exact.confirmed) == 46  # every edge patched exactly
     by_exact = exact.confirmed[exact.exact.mean(0).abs().argsort(descending=True)]
     g = ig.graph
-    for top in ({e["edge"] for e in ig.top(10)},
-                {g.edge_name(*divmod(e, g.n_read)) for e in by_exact[:10].tolist()}):
+    for top in ({e["edge"] for e in ig.top(10)}, {g.edge_name(*divmod(e, g.n_read)) for e in by_exact[:10].tolist()}):
         for layer, h in card["induction"]:
             assert f"L{layer}.H{h} -> logits" in top
             assert any(f"L{pl}.H{ph} -> L{layer}.KV{h}.k" in top for pl, ph in card["previous_token"]), top
@@ -278,8 +287,10 @@ def test_export_json_dot_and_report(tmp_path):
 
 def test_cli_circuit(tmp_path, capsys):
     d = tmp_path / "c"
-    assert main(["circuit", "--method", "eap", "--edges", "6", "--confirm", "3", "--out", str(d), "--json",
-                 "--report"]) == 0
+    assert (
+        main(["circuit", "--method", "eap", "--edges", "6", "--confirm", "3", "--out", str(d), "--json", "--report"])
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert doc["settings"]["method"] == "eap" and len(doc["edges"]) == 46 and doc["agreement"]["k"] == 3
     assert {p.name for p in d.iterdir()} >= {"circuit.json", "scores.safetensors", "circuit.dot", "report.html"}
@@ -296,6 +307,7 @@ def test_attribution_resumes_from_its_checkpoint(tiny, tmp_path):
     def stop(stage, done, total):
         if stage == "attribution" and done == 2:
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         scores_only(model, recs, batch_size=1, checkpoint=tmp_path, progress=stop)
     assert (tmp_path / "circuit.partial.safetensors").is_file()

@@ -10,8 +10,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_patch_cli_json_and_files(tmp_path, capsys):
-    rc = main(["patch", "--model", "random:gpt2-tiny", "--data", str(ROOT / "examples/ioi.jsonl"),
-               "--sites", "head,mlp_out", "--out", str(tmp_path), "--json"])
+    rc = main(
+        [
+            "patch",
+            "--model",
+            "random:gpt2-tiny",
+            "--data",
+            str(ROOT / "examples/ioi.jsonl"),
+            "--sites",
+            "head,mlp_out",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ]
+    )
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["settings"]["sweeps"] == {"head": [2, 4], "mlp_out": [2, 15]}
@@ -61,8 +73,25 @@ def test_progress_bars_on_stderr_silent_under_json(capsys):
 
 def test_tasks_writes_an_ioi_dataset_with_roles(tmp_path, capsys):
     out = tmp_path / "ioi.jsonl"
-    assert main(["tasks", "ioi", "--model", "random:llama-tiny", "--n", "6", "--templates", "0,1",
-                 "--corruption", "abc", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "tasks",
+                "ioi",
+                "--model",
+                "random:llama-tiny",
+                "--n",
+                "6",
+                "--templates",
+                "0,1",
+                "--corruption",
+                "abc",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     from causalscan.data import Dataset
 
     ds = Dataset.from_jsonl(out)

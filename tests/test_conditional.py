@@ -38,6 +38,7 @@ def test_rows_above_the_threshold_are_steered_and_only_they(tiny):
 
     def add(view, pre):
         view += 2.0 * vec
+
     with torch.no_grad():
         steered = run(model, ids, "resid_post", 1, add)
         plain = model.hf(input_ids=ids).logits

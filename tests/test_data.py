@@ -16,28 +16,31 @@ def _write(tmp_path, lines):
     return p
 
 
-@pytest.mark.parametrize("bad, line, field", [
-    ("{not json", 2, None),
-    ({"corrupt": "Mary went to", "answer": "the"}, 2, "clean"),
-    ({"clean": "Mary went to", "corrupt": "Mary went to the", "answer": "the"}, 2, "corrupt"),
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": " "}, 2, "answer"),  # tokenises to nothing
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": ""}, 2, "answer"),
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "wrong": [3, "x"]}, 2, "wrong"),
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": [3, 99999]}, 2, "answer"),
-    ({"clean": "Mary went to", "corrupt": "John went to"}, 2, "answer"),
-    ({"clean_ids": [1, 2], "corrupt_ids": "x", "answer": 3}, 2, "corrupt_ids"),
-    ('{"clean": "Mary \\ud800 went", "corrupt": "John went to", "answer": "the"}', 2, "clean"),  # lone surrogate
-    ({"clean_ids": [1, True], "corrupt_ids": [1, 2], "answer": 3}, 2, "clean_ids"),  # true is not token 1
-    ({"clean": "Mary went to", "clean_ids": None, "corrupt": "John went to", "answer": "the"}, 2, "clean_ids"),
-    ({"clean": "Mary went to", "noise_span": [True, 2], "answer": "the"}, 2, "noise_span"),  # found by hypothesis
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "positions": {"X": 1}}, 2, "positions"),
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": True}, 2, "answer"),
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "wrong": "the"}, 2, "wrong"),
-    ({"clean_ids": [1, 2], "corrupt_ids": [1, 99999], "answer": 3}, 2, "corrupt"),
-    ({"clean": "Mary went to", "noise_span": "Mary", "answer": "the"}, 2, "noise_span"),
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "chat": "yes"}, 2, "chat"),
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "chat": True}, 2, "chat"),  # no template
-])
+@pytest.mark.parametrize(
+    "bad, line, field",
+    [
+        ("{not json", 2, None),
+        ({"corrupt": "Mary went to", "answer": "the"}, 2, "clean"),
+        ({"clean": "Mary went to", "corrupt": "Mary went to the", "answer": "the"}, 2, "corrupt"),
+        ({"clean": "Mary went to", "corrupt": "John went to", "answer": " "}, 2, "answer"),  # tokenises to nothing
+        ({"clean": "Mary went to", "corrupt": "John went to", "answer": ""}, 2, "answer"),
+        ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "wrong": [3, "x"]}, 2, "wrong"),
+        ({"clean": "Mary went to", "corrupt": "John went to", "answer": [3, 99999]}, 2, "answer"),
+        ({"clean": "Mary went to", "corrupt": "John went to"}, 2, "answer"),
+        ({"clean_ids": [1, 2], "corrupt_ids": "x", "answer": 3}, 2, "corrupt_ids"),
+        ('{"clean": "Mary \\ud800 went", "corrupt": "John went to", "answer": "the"}', 2, "clean"),  # lone surrogate
+        ({"clean_ids": [1, True], "corrupt_ids": [1, 2], "answer": 3}, 2, "clean_ids"),  # true is not token 1
+        ({"clean": "Mary went to", "clean_ids": None, "corrupt": "John went to", "answer": "the"}, 2, "clean_ids"),
+        ({"clean": "Mary went to", "noise_span": [True, 2], "answer": "the"}, 2, "noise_span"),  # found by hypothesis
+        ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "positions": {"X": 1}}, 2, "positions"),
+        ({"clean": "Mary went to", "corrupt": "John went to", "answer": True}, 2, "answer"),
+        ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "wrong": "the"}, 2, "wrong"),
+        ({"clean_ids": [1, 2], "corrupt_ids": [1, 99999], "answer": 3}, 2, "corrupt"),
+        ({"clean": "Mary went to", "noise_span": "Mary", "answer": "the"}, 2, "noise_span"),
+        ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "chat": "yes"}, 2, "chat"),
+        ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "chat": True}, 2, "chat"),  # no template
+    ],
+)
 def test_bad_records_name_file_line_field(tiny, tmp_path, bad, line, field):
     p = _write(tmp_path, [IOI[0], bad])
     with pytest.raises(InputError) as e:
@@ -49,8 +52,7 @@ def test_bad_records_name_file_line_field(tiny, tmp_path, bad, line, field):
 
 
 def test_ids_replace_strings_and_blank_lines(tiny, tmp_path):
-    p = _write(tmp_path, [{"clean_ids": [1, 5, 6], "corrupt_ids": [1, 7, 6], "answer": 9, "wrong": 10}, "",
-                          IOI[1]])
+    p = _write(tmp_path, [{"clean_ids": [1, 5, 6], "corrupt_ids": [1, 7, 6], "answer": 9, "wrong": 10}, "", IOI[1]])
     pairs = Dataset.from_jsonl(p).tokenize(tiny("llama").tokenizer)
     assert pairs[0].clean == (1, 5, 6) and pairs[0].answer == (9,)
     assert pairs[1].line == 3
@@ -76,8 +78,9 @@ def test_metrics_by_hand():
     p, q = ref.exp(), torch.softmax(logits, -1)
     torch.testing.assert_close(metrics.kl(logits, clean_logprobs=ref), (p * (p.log() - q.log())).sum(-1))
     assert metrics.kl(logits[1:], clean_logprobs=ref[1:]).abs().item() < 1e-6
-    torch.testing.assert_close(metrics.normalise(torch.tensor([3.0, 1.0, 2.0]), 3.0, 1.0),
-                               torch.tensor([1.0, 0.0, 0.5]))
+    torch.testing.assert_close(
+        metrics.normalise(torch.tensor([3.0, 1.0, 2.0]), 3.0, 1.0), torch.tensor([1.0, 0.0, 0.5])
+    )
     with pytest.raises(InputError, match="unknown metric"):
         metrics.get("accuracy")
 

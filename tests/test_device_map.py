@@ -16,8 +16,14 @@ from causalscan.errors import InputError
 from tolerance import assert_close, assert_identical
 
 INDUCTION = cs.zoo.dataset_path("induction", "previous")
-HALVES = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
-          "model.rotary_emb": "cpu", "lm_head": "cpu"}
+HALVES = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "cpu",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
 
 
 def split_map(second: str) -> dict:
@@ -39,15 +45,22 @@ def test_a_split_model_scans_and_patches_as_the_whole_one(tmp_path):
     here, there = cs.scan(whole, INDUCTION, **kw), cs.scan(parts, INDUCTION, **kw)
     assert_identical(here.tensors(), there.tensors())
     # exact patching skips the blocks before a group's start layer and reuses a KV prefix
-    assert_identical(cs.patch(whole, INDUCTION, sites=["head:pos", "mlp_out"]).tensors(),
-                     cs.patch(parts, INDUCTION, sites=["head:pos", "mlp_out"]).tensors())
+    assert_identical(
+        cs.patch(whole, INDUCTION, sites=["head:pos", "mlp_out"]).tensors(),
+        cs.patch(parts, INDUCTION, sites=["head:pos", "mlp_out"]).tensors(),
+    )
     assert [b.__dict__.get("forward") for b in blocks] == hooked  # every skipped block got its hook back
 
 
 def test_a_split_model_traces_as_the_whole_one():
     facts = cs.load("facts")
-    halves = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
-              **{f"model.layers.{i}": "cpu" for i in range(facts.adapter.n_layers)}}
+    halves = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+        **{f"model.layers.{i}": "cpu" for i in range(facts.adapter.n_layers)},
+    }
     parts = cs.load("facts", device_map=halves)
     with open(cs.zoo.dataset_path("facts", "subjects")) as f:
         data = [json.loads(line) for line in f][:4]  # Gaussian noise on the subject
@@ -75,8 +88,11 @@ def test_bad_device_maps_are_refused_by_file_and_field(tmp_path):
     refused(split_map("disk"), "keeps every weight in memory")
     refused({k: v for k, v in HALVES.items() if k != "lm_head"}, "lm_head")  # a weight the map misses
     refused(["cpu"], "JSON object")
-    with pytest.raises(InputError, match="no CUDA device") if not torch.cuda.is_available() else pytest.raises(
-            InputError, match="CUDA device"):
+    with (
+        pytest.raises(InputError, match="no CUDA device")
+        if not torch.cuda.is_available()
+        else pytest.raises(InputError, match="CUDA device")
+    ):
         cs.load("induction", device_map=split_map("cuda:99"))
     with pytest.raises(InputError, match="device or device_map"):
         cs.load("induction", device="cpu", device_map="auto")
@@ -101,8 +117,15 @@ def test_cli_device_map(tmp_path):
 def test_a_model_split_across_cuda_and_cpu_gives_the_single_device_results():
     """Layer 0 and the embeddings on cuda:0, layer 1 and the unembedding on the CPU."""
     whole = cs.load("induction", device="cuda")
-    parts = cs.load("induction", device_map={**split_map("cpu"), "model.embed_tokens": "cuda:0",
-                                             "model.layers.0": "cuda:0", "model.rotary_emb": "cuda:0"})
+    parts = cs.load(
+        "induction",
+        device_map={
+            **split_map("cpu"),
+            "model.embed_tokens": "cuda:0",
+            "model.layers.0": "cuda:0",
+            "model.rotary_emb": "cuda:0",
+        },
+    )
     assert parts.device.type == "cuda" and parts.hf.lm_head.weight.device.type == "cpu"
     ids = torch.tensor([[1, 5, 9, 2, 5]], device="cuda")
     assert_close(parts.hf(input_ids=ids).logits, whole.hf(input_ids=ids).logits, 1e-3)  # TF32 on the GPU half

@@ -74,8 +74,9 @@ def test_reads_equal_plain_hooks(tiny, position):
             elif isinstance(position, int):
                 out.append(x[:, position])
             else:
-                out.append(x[:, position[0]:position[1]].mean(1))
+                out.append(x[:, position[0] : position[1]].mean(1))
         return torch.stack(out)
+
     xp, xn = hand(pos, "resid_pre")[:, :, 0], hand(neg, "resid_pre")[:, :, 0]
     assert_close(res.diff_means, xp.mean(0) - xn.mean(0), 1e-5)
     assert_close(res.pca, pca_direction(xp - xn), 1e-4)
@@ -99,8 +100,9 @@ def test_options_are_checked(tiny):
 def _backdoor_prompts():
     model = cs.load("backdoor")
     pairs = [json.loads(line) for line in cs.zoo.dataset_path("backdoor").read_text().splitlines()]
-    clean = [json.loads(line)["prompt"] for line in (cs.zoo.path("backdoor") / "prompts.jsonl").read_text()
-             .splitlines()]
+    clean = [
+        json.loads(line)["prompt"] for line in (cs.zoo.path("backdoor") / "prompts.jsonl").read_text().splitlines()
+    ]
     triggered = [" ".join(p.split()[:1] + [model.card["trigger"]] + p.split()[1:]) for p in clean]
     return model, pairs, clean, triggered
 
@@ -110,9 +112,14 @@ def _complete(model, prompts, *interventions) -> list[str]:
     for p in prompts:
         ids = torch.tensor([tok(p).input_ids])
         with torch.no_grad(), iv.perturb(model, *interventions):
-            seq = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                    do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            seq = model.hf.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        out.append(tok.decode(seq[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return out
 
 
@@ -139,6 +146,7 @@ def test_backdoor_trigger_direction_ablates_and_induces_the_phrase(tmp_path):
 
     def rate(completions):
         return sum(c.startswith(phrase) for c in completions) / len(completions)
+
     assert rate(_complete(model, triggered)) == 1.0 and _accuracy(clean, _complete(model, clean)) == 1.0
     ablate = (iv.project_out("resid_pre", u), iv.project_out("resid_post", u, layers=last))
     assert rate(_complete(model, triggered, *ablate)) <= 0.05
@@ -158,8 +166,23 @@ def test_cli_direction_writes_what_the_api_returns(tmp_path, capsys):
     for name, key in (("pos", "clean"), ("neg", "corrupt")):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p[key]}) + "\n" for p in pairs))
     out = tmp_path / "dir"
-    assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
-                 str(tmp_path / "neg.jsonl"), "--probes", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "direction",
+                "--model",
+                "backdoor",
+                "--positive",
+                str(tmp_path / "pos.jsonl"),
+                "--negative",
+                str(tmp_path / "neg.jsonl"),
+                "--probes",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = load_file(str(out / "directions.safetensors"))
     res = directions(model, [p["clean"] for p in pairs], [p["corrupt"] for p in pairs], probes=True)
     for name in ("diff_means", "pca", "probes", "probe_accuracy"):
@@ -167,33 +190,112 @@ def test_cli_direction_writes_what_the_api_returns(tmp_path, capsys):
     doc = json.loads((out / "directions.json").read_text())
     assert doc["prompts"] == {"positive": 16, "negative": 16} and len(doc["best_probes"]) == 10
     assert "layer   2" in capsys.readouterr().out
-    assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
-                 str(tmp_path / "neg.jsonl"), "--bake-layer", "3", "--out", str(tmp_path / "b")]) == 0
+    assert (
+        main(
+            [
+                "direction",
+                "--model",
+                "backdoor",
+                "--positive",
+                str(tmp_path / "pos.jsonl"),
+                "--negative",
+                str(tmp_path / "neg.jsonl"),
+                "--bake-layer",
+                "3",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     baked, ids = cs.load(str(tmp_path / "b" / "baked")), torch.tensor([model.tokenizer(pairs[0]["clean"]).input_ids])
     u = res.unit()[3]
-    runtime = cs.perturb(model, iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u),
-                         iv.project_out("mlp_out", u), input_ids=ids)
+    runtime = cs.perturb(
+        model,
+        iv.project_out("resid_pre", u, layers=0),
+        iv.project_out("attn_out", u),
+        iv.project_out("mlp_out", u),
+        input_ids=ids,
+    )
     assert_close(baked.hf(input_ids=ids).logits, runtime, 1e-5)
-    assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
-                 str(tmp_path / "neg.jsonl"), "--bake-layer", "9", "--out", str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "direction",
+                "--model",
+                "backdoor",
+                "--positive",
+                str(tmp_path / "pos.jsonl"),
+                "--negative",
+                str(tmp_path / "neg.jsonl"),
+                "--bake-layer",
+                "9",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "c" / "directions.safetensors").exists()  # refused before any work
     capsys.readouterr()
-    assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
-                 str(tmp_path / "neg.jsonl"), "--position", "1:3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "direction",
+                "--model",
+                "backdoor",
+                "--positive",
+                str(tmp_path / "pos.jsonl"),
+                "--negative",
+                str(tmp_path / "neg.jsonl"),
+                "--position",
+                "1:3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     span = directions(model, [p["clean"] for p in pairs], [p["corrupt"] for p in pairs], position=(1, 3))
     assert json.loads(capsys.readouterr().out)["diff_means_norm"] == span.diff_means.norm(dim=-1).tolist()
     if importlib.util.find_spec("gguf"):
         import gguf
 
-        assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "pos.jsonl"), "--negative",
-                     str(tmp_path / "neg.jsonl"), "--control-vector", "--out", str(tmp_path / "d")]) == 0
+        assert (
+            main(
+                [
+                    "direction",
+                    "--model",
+                    "backdoor",
+                    "--positive",
+                    str(tmp_path / "pos.jsonl"),
+                    "--negative",
+                    str(tmp_path / "neg.jsonl"),
+                    "--control-vector",
+                    "--out",
+                    str(tmp_path / "d"),
+                ]
+            )
+            == 0
+        )
         r = gguf.GGUFReader(str(tmp_path / "d" / "control_vector.gguf"))
         got = {t.name: torch.tensor(t.data.copy()).reshape(-1) for t in r.tensors}
         assert sorted(got) == ["direction.1", "direction.2"]  # blocks 1 and 2 of 4: resid_pre of 2 and 3
         assert torch.equal(got["direction.2"], res.diff_means[3])
     (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\n')
-    assert main(["direction", "--model", "backdoor", "--positive", str(tmp_path / "bad.jsonl"), "--negative",
-                 str(tmp_path / "neg.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "direction",
+                "--model",
+                "backdoor",
+                "--positive",
+                str(tmp_path / "bad.jsonl"),
+                "--negative",
+                str(tmp_path / "neg.jsonl"),
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
@@ -207,8 +309,13 @@ def test_baked_weights_equal_runtime_ablation(tiny, family, tmp_path):
     g = torch.Generator().manual_seed(3)
     u = torch.randn(model.adapter.d_model, generator=g)
     ids = torch.randint(4, 100, (3, 7), generator=g)
-    runtime = cs.perturb(model, iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u),
-                         iv.project_out("mlp_out", u), input_ids=ids)
+    runtime = cs.perturb(
+        model,
+        iv.project_out("resid_pre", u, layers=0),
+        iv.project_out("attn_out", u),
+        iv.project_out("mlp_out", u),
+        input_ids=ids,
+    )
     baked = cs.load(str(bake(model, u, tmp_path / "baked")))
     with torch.no_grad():
         got = baked.hf(input_ids=ids).logits
@@ -266,13 +373,14 @@ def test_selection_equals_one_candidate_at_a_time(tiny):
     norms = res.diff_means.norm(dim=-1)
 
     def lp(prompts, *ivs):
-        return torch.stack([iv.perturb(model, *ivs, input_ids=torch.tensor([p]))[0, -1].float().log_softmax(-1)
-                            for p in prompts])
+        return torch.stack(
+            [iv.perturb(model, *ivs, input_ids=torch.tensor([p]))[0, -1].float().log_softmax(-1) for p in prompts]
+        )
+
     base_pos, base_neg, base_neu = lp(pos), lp(neg), lp(neu)
     for r in rows:
         u = res.unit(r["method"])[r["layer"]]
-        ablate = (iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u),
-                  iv.project_out("mlp_out", u))
+        ablate = (iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u), iv.project_out("mlp_out", u))
         want = (lp(pos, *ablate)[:, target] - base_pos[:, target]).mean()
         assert r["ablation"] == pytest.approx(want.item(), rel=1e-4, abs=1e-6 * base_pos.abs().max().item())
         kl = (base_neu.exp() * (base_neu - lp(neu, *ablate))).sum(-1).mean()
@@ -295,13 +403,17 @@ def test_selection_on_the_backdoor_picks_a_direction_that_removes_it():
     assert best["addition"]["1.0"] > 5, best
     # a callable metric: the same log-probability, and a logit difference against the answer "7"
     same = select(model, res, triggered, clean, clean, lambda lp: lp[:, target], kl_max=0.5)
-    assert [(r["method"], r["layer"], r["ablation"]) for r in same] == \
-        [(r["method"], r["layer"], r["ablation"]) for r in rows]
+    assert [(r["method"], r["layer"], r["ablation"]) for r in same] == [
+        (r["method"], r["layer"], r["ablation"]) for r in rows
+    ]
     seven = model.tokenizer(" 7", add_special_tokens=False).input_ids[-1]
     diff = select(model, res, triggered, clean, clean, lambda lp: lp[:, target] - lp[:, seven], kl_max=0.5)
     alone = {(r["method"], r["layer"]): r for r in select(model, res, triggered, clean, clean, seven, kl_max=0.5)}
-    for r, r_target in zip(sorted(diff, key=lambda r: (r["method"], r["layer"])),
-                           sorted(rows, key=lambda r: (r["method"], r["layer"])), strict=True):
+    for r, r_target in zip(
+        sorted(diff, key=lambda r: (r["method"], r["layer"])),
+        sorted(rows, key=lambda r: (r["method"], r["layer"])),
+        strict=True,
+    ):
         want = r_target["ablation"] - alone[(r["method"], r["layer"])]["ablation"]  # a mean of differences
         assert r["ablation"] == pytest.approx(want, rel=1e-5, abs=1e-5)
     with pytest.raises(InputError, match="field 'target'"):
@@ -320,21 +432,34 @@ def test_runtime_ablation_equals_hand_projection_hooks(tiny, family):
     g = torch.Generator().manual_seed(6)
     u = torch.randn(ad.d_model, generator=g)
     ids = torch.randint(4, 100, (2, 6), generator=g)
-    got = cs.perturb(model, iv.project_out("resid_pre", u, layers=0), iv.project_out("attn_out", u),
-                     iv.project_out("mlp_out", u), input_ids=ids)
+    got = cs.perturb(
+        model,
+        iv.project_out("resid_pre", u, layers=0),
+        iv.project_out("attn_out", u),
+        iv.project_out("mlp_out", u),
+        input_ids=ids,
+    )
     unit = u / u.norm()
 
     def project(x):
         return x - (x @ unit)[..., None] * unit
 
-    hooks = [ad.blocks[0].register_forward_pre_hook(
-        lambda m, a, k: ((project(a[0]), *a[1:]), k) if a else (a, {**k, "hidden_states": project(k["hidden_states"])}),
-        with_kwargs=True)]
+    hooks = [
+        ad.blocks[0].register_forward_pre_hook(
+            lambda m, a, k: (
+                ((project(a[0]), *a[1:]), k) if a else (a, {**k, "hidden_states": project(k["hidden_states"])})
+            ),
+            with_kwargs=True,
+        )
+    ]
     for layer in range(ad.n_layers):
         for site in ("attn_out", "mlp_out"):
             module, _ = _module(ad, site, layer)
-            hooks.append(module.register_forward_hook(
-                lambda m, a, o: (project(o[0]), *o[1:]) if isinstance(o, tuple) else project(o)))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, a, o: (project(o[0]), *o[1:]) if isinstance(o, tuple) else project(o)
+                )
+            )
     try:
         with torch.no_grad():
             want = model.hf(input_ids=ids).logits

@@ -51,19 +51,31 @@ def _in_order(needle: list[str], hay: list[str]) -> bool:
 def test_readme_snippet_is_an_example(k):
     snippet = _lines(_readme_snippets()[k])
     files = sorted((ROOT / "examples").glob("*.py"))
-    assert any(_in_order(snippet, _lines(f.read_text())) for f in files), \
+    assert any(_in_order(snippet, _lines(f.read_text())) for f in files), (
         "README snippet not found (line by line, in order) in any examples/*.py:\n" + "\n".join(snippet)
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", [pytest.param(p.name, marks=pytest.mark.real) if p.name.startswith("real_")
-                                     else p.name for p in sorted((ROOT / "examples").glob("*.py"))])
+@pytest.mark.parametrize(
+    "example",
+    [
+        pytest.param(p.name, marks=pytest.mark.real) if p.name.startswith("real_") else p.name
+        for p in sorted((ROOT / "examples").glob("*.py"))
+    ],
+)
 def test_example_runs(example, tmp_path):
     if example.startswith("real_") and smollm2_file() is None:
         pytest.skip(f"needs the real model: {SMOLLM2}")
     (tmp_path / "examples").symlink_to(ROOT / "examples")  # the examples read examples/ioi.jsonl, write out/
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / example)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / example)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip(), "an example prints what it found"

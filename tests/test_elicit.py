@@ -94,8 +94,15 @@ def test_interrupted_melbo_resumes(tmp_path, caplog):
     """MELBO killed after 2 of 4 vectors resumes from its checkpoint, trains only the other 2 and ends
     with the vectors of an uninterrupted run; other settings start afresh."""
     model = causalscan.load("backdoor")
-    kw = dict(prompts=bd.clean_prompts(4, seed=8), method="melbo", n=4, steps=3, radius=40.0, max_new_tokens=2,
-              checkpoint_every_s=0.0)
+    kw = dict(
+        prompts=bd.clean_prompts(4, seed=8),
+        method="melbo",
+        n=4,
+        steps=3,
+        radius=40.0,
+        max_new_tokens=2,
+        checkpoint_every_s=0.0,
+    )
     full = elicit(model, **kw)
     seen = []
 
@@ -105,6 +112,7 @@ def test_interrupted_melbo_resumes(tmp_path, caplog):
     def die_after_two(stage, done, total):
         if (stage, done) == ("melbo", 2):
             raise _Stop
+
     caplog.set_level(logging.INFO, logger="causalscan")
     with pytest.raises(_Stop):
         elicit(model, checkpoint=tmp_path, progress=die_after_two, **kw)
@@ -132,6 +140,7 @@ def test_ctrl_c_during_melbo_keeps_the_finished_vectors(tmp_path, caplog):
     def ctrl_c_after_two(stage, done, total):
         if (stage, done) == ("melbo", 2):
             raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
         elicit(model, checkpoint=tmp_path, progress=ctrl_c_after_two, checkpoint_every_s=1e9, **kw)
     caplog.set_level(logging.INFO, logger="causalscan")
@@ -178,13 +187,19 @@ def test_batched_steering_equals_one_vector_at_a_time():
     got = steering.generate(model, prompts, vecs, layer=1, alpha=1.5, max_new_tokens=4)
     for k in range(3):
         h = model.adapter.blocks[1].register_forward_hook(
-            lambda mod, args, out, v=1.5 * vecs[k]: (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v)
+            lambda mod, args, out, v=1.5 * vecs[k]: (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v
+        )
         try:
             for i, x in enumerate(prompts):
                 ids = torch.tensor([x])
-                seq = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                                        do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
-                assert got[k][i] == model.tokenizer.decode(seq[0, len(x):], skip_special_tokens=True).strip()
+                seq = model.hf.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=4,
+                    do_sample=False,
+                    pad_token_id=model.tokenizer.pad_token_id,
+                )
+                assert got[k][i] == model.tokenizer.decode(seq[0, len(x) :], skip_special_tokens=True).strip()
         finally:
             h.remove()
     assert len({tuple(c) for c in got}) > 1  # the vectors steer differently
@@ -205,7 +220,7 @@ def test_elicit_finds_the_planted_backdoor(method):
     best = max(s["hit_rates"], key=s["hit_rates"].get)
     held_out = [model.tokenizer(p)["input_ids"] for p in bd.clean_prompts(20, seed=77)]
     assert not set(map(tuple, held_out)) & {tuple(model.tokenizer(p)["input_ids"]) for p in res.prompts}
-    comp = steering.generate(model, held_out, res.vectors[best:best + 1], res.source, max_new_tokens=4)[0]
+    comp = steering.generate(model, held_out, res.vectors[best : best + 1], res.source, max_new_tokens=4)[0]
     assert sum(bd.PHRASE in c for c in comp) >= 10, comp
     plain = steering.generate(model, held_out, None, res.source, max_new_tokens=4)[0]
     assert not any(bd.PHRASE in c for c in plain)
@@ -213,8 +228,25 @@ def test_elicit_finds_the_planted_backdoor(method):
 
 def test_cli_elicit_and_steer(tmp_path, capsys):
     out = tmp_path / "el"
-    assert main(["elicit", "--n", "4", "--method", "dct", "--steps", "3", "--max-new-tokens", "3",
-                 "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "elicit",
+                "--n",
+                "4",
+                "--method",
+                "dct",
+                "--steps",
+                "3",
+                "--max-new-tokens",
+                "3",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert doc["n"] == 4 and doc["source"] == 0 and doc["target"] == 3 and doc["radius"] > 0
     assert {"hits_learned", "hits_random", "radius_rule"} <= set(doc)
@@ -224,22 +256,41 @@ def test_cli_elicit_and_steer(tmp_path, capsys):
     rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 4 * doc["prompts"] and {r["kind"] for r in rows} == {"learned", "random"}
     assert json.loads((out / "summary.json").read_text())["n"] == 4
-    assert main(["steer", "--vectors", str(out / "vectors.safetensors"), "--index", "1", "--prompt",
-                 "the cat 3 + 4 =", "--max-new-tokens", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "steer",
+                "--vectors",
+                str(out / "vectors.safetensors"),
+                "--index",
+                "1",
+                "--prompt",
+                "the cat 3 + 4 =",
+                "--max-new-tokens",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     steer = json.loads(capsys.readouterr().out)
     model = causalscan.load("backdoor")
-    want = steering.generate(model, [model.tokenizer("the cat 3 + 4 =")["input_ids"]], t["vectors"][1:2], 0,
-                             max_new_tokens=3)[0][0]
+    want = steering.generate(
+        model, [model.tokenizer("the cat 3 + 4 =")["input_ids"]], t["vectors"][1:2], 0, max_new_tokens=3
+    )[0][0]
     assert steer["completion"] == want and steer["layer"] == 0
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["elicit", "--radius", "-3"], "radius"),
-    (["elicit", "--method", "dct", "--n", "0"], "'n'"),
-    (["elicit", "--source", "3", "--target", "1", "--n", "2"], "source"),
-    (["elicit", "--prompts", "BAD"], "BAD:2: field 'prompt'"),
-    (["steer", "--vectors", "NOFILE", "--index", "0", "--prompt", "x"], "NOFILE"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["elicit", "--radius", "-3"], "radius"),
+        (["elicit", "--method", "dct", "--n", "0"], "'n'"),
+        (["elicit", "--source", "3", "--target", "1", "--n", "2"], "source"),
+        (["elicit", "--prompts", "BAD"], "BAD:2: field 'prompt'"),
+        (["steer", "--vectors", "NOFILE", "--index", "0", "--prompt", "x"], "NOFILE"),
+    ],
+)
 def test_cli_elicit_bad_input_exits_2(tmp_path, capsys, argv, msg):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "the cat 3 + 4 ="}\n{"text": "no prompt"}\n')

@@ -85,8 +85,9 @@ def test_activation_path_equals_an_autograd_loop_over_interpolated_activations(t
     clean, corrupt, ans, wrong = ids_of(recs)
     base, other = (clean, corrupt) if direction == "noising" else (corrupt, clean)
     sites = ["head", "neuron", "resid_pre", "mlp_out", "k", "head:pos"]
-    res = scan(model, recs, sites=sites, method="atp-ig", ig_steps=steps, ig_path="activations", confirm=0,
-               direction=direction)
+    res = scan(
+        model, recs, sites=sites, method="atp-ig", ig_steps=steps, ig_path="activations", confirm=0, direction=direction
+    )
 
     def metric(logits):
         return logits.gather(-1, ans[:, None])[:, 0] - logits.gather(-1, wrong[:, None])[:, 0]
@@ -98,8 +99,9 @@ def test_activation_path_equals_an_autograd_loop_over_interpolated_activations(t
         for layer in range(model.adapter.n_layers):
             a_base, a_other = read(model, base, site, layer), read(model, other, site, layer)
             delta = a_other - a_base
-            g_sum = sum(grad(model, base, site, layer, metric, value=a_base + (k / steps) * delta)[1]
-                        for k in range(steps))
+            g_sum = sum(
+                grad(model, base, site, layer, metric, value=a_base + (k / steps) * delta)[1] for k in range(steps)
+            )
             ref = (delta * g_sum / steps).sum(-1)  # [P, T, C]
             ref = ref if by_pos else ref.sum(1)
             assert_close(got[:, layer].reshape(ref.shape), ref, 1e-4, msg=str((spec, layer)))
@@ -122,6 +124,7 @@ def test_activation_path_completeness_tightens_with_steps(tiny):
 
             def edit(view, pre, source=source):
                 view[...] = source
+
             patched = run(model, clean, site, layer, edit)[:, -1]
             exact[(site, layer)] = metric(patched) - metric(model.hf(clean).logits[:, -1])
     errors = []
@@ -228,7 +231,23 @@ def test_cli_scan_with_atp_ig(tmp_path):
 
     from causalscan.cli import main
 
-    assert main(["scan", "--method", "atp-ig", "--ig-steps", "2", "--sites", "head", "--confirm", "4",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "scan",
+                "--method",
+                "atp-ig",
+                "--ig-steps",
+                "2",
+                "--sites",
+                "head",
+                "--confirm",
+                "4",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "scan.json").read_text())
     assert doc["settings"]["method"] == "atp-ig" and doc["settings"]["ig_steps"] == 2

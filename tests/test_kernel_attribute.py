@@ -31,8 +31,12 @@ def test_attribute(triton_backend, nan_empty, small_tiles, shape, dtype, by_pos)
         low = attribute_ref(b_, o_, g_, by_pos) if dtype == "fp16" else None
         for abs_ in (False, True):
             ref = attribute_ref(*f32, by_pos, abs=abs_)
-            assert_close(ops.attribute(b_, o_, g_, by_pos, abs=abs_), ref, rtol,
-                         low=None if low is None else (low.abs() if abs_ else low))
+            assert_close(
+                ops.attribute(b_, o_, g_, by_pos, abs=abs_),
+                ref,
+                rtol,
+                low=None if low is None else (low.abs() if abs_ else low),
+            )
         # accumulate into a strided slice, as a scan accumulates a layer of [P, L, ...]
         buf = torch.randn(shape[0], 3, *((shape[1], shape[2]) if by_pos else (shape[2],)), generator=g)
         want = buf[:, 1] + attribute_ref(*f32, by_pos, abs=True)

@@ -78,8 +78,10 @@ def test_perturb_bf16(triton_backend, shape, op):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(b, t, c, d, device="cuda", generator=g)
     mask = torch.rand(b, t, c, device="cuda", generator=g) < 0.5
-    kw = {"patch": dict(source=torch.randn_like(x)), "add": dict(vector=torch.randn(b, c, d, device="cuda"),
-                                                                 alpha=torch.randn(b, device="cuda"))}.get(op, {})
+    kw = {
+        "patch": dict(source=torch.randn_like(x)),
+        "add": dict(vector=torch.randn(b, c, d, device="cuda"), alpha=torch.randn(b, device="cuda")),
+    }.get(op, {})
     name = op.removesuffix("_dir")
     if op in ("scale", "scale_dir", "clamp_dir"):
         kw["alpha"] = torch.randn(b, device="cuda")
@@ -87,8 +89,9 @@ def test_perturb_bf16(triton_backend, shape, op):
         kw["direction"] = torch.nn.functional.normalize(torch.randn(b, c, d, device="cuda"), dim=-1)
     ref = perturb_ref(x, name, mask, **kw)
     low_kw = {k: v.to(BF16) for k, v in kw.items()}
-    assert_close(ops.perturb(x.to(BF16), name, mask, **low_kw), ref, 1e-6,
-                 low=perturb_ref(x.to(BF16), name, mask, **low_kw))
+    assert_close(
+        ops.perturb(x.to(BF16), name, mask, **low_kw), ref, 1e-6, low=perturb_ref(x.to(BF16), name, mask, **low_kw)
+    )
     # the x-gradient, from a bf16 output gradient
     gy = torch.randn_like(x)
     xb = x.to(BF16).requires_grad_()

@@ -65,9 +65,9 @@ def test_qk_fix_bf16(triton_backend):
     dz = torch.randn(b, t, h, dh, device="cuda", generator=g)
     i = torch.arange(t, device="cuda")
     bias = torch.zeros(t, t, device="cuda").masked_fill(i[None] > i[:, None], float("-inf"))
-    ref = qk_fix_ref(q, k, v, dz, bias, dh ** -0.5, None, q_other, k_other)
+    ref = qk_fix_ref(q, k, v, dz, bias, dh**-0.5, None, q_other, k_other)
     low_in = [x.to(BF16) for x in (q, k, v, dz)]
-    got = ops.qk_fix(*low_in, bias, dh ** -0.5, None, q_other.to(BF16), k_other.to(BF16))
-    low = qk_fix_ref(*low_in, bias, dh ** -0.5, None, q_other.to(BF16), k_other.to(BF16))
+    got = ops.qk_fix(*low_in, bias, dh**-0.5, None, q_other.to(BF16), k_other.to(BF16))
+    low = qk_fix_ref(*low_in, bias, dh**-0.5, None, q_other.to(BF16), k_other.to(BF16))
     for name in ref:  # the bf16 rounding of the inputs dominates both; fp32 math after it
         assert_close(got[name], ref[name], 1e-4, low=low[name])

@@ -18,17 +18,25 @@ from causalscan.scan import attribution_units
 from causalscan.sweeps import build_sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = [{"clean": "When Mary and John went to the store , John gave a drink to",
-          "corrupt": "When Mary and John went to the store , Mary gave a drink to", "answer": "Mary",
-          "wrong": "John"}] * 3
+PAIRS = [
+    {
+        "clean": "When Mary and John went to the store , John gave a drink to",
+        "corrupt": "When Mary and John went to the store , Mary gave a drink to",
+        "answer": "Mary",
+        "wrong": "John",
+    }
+] * 3
 
 
-@pytest.mark.parametrize("family,sites,method,metric", [
-    ("llama", ["head", "neuron", "resid_pre", "q", "k"], "atp*", "logit_diff"),
-    ("gpt2", ["head", "mlp_out", "v"], "atp", "kl"),
-    ("gpt_neox", ["head", "attn_out"], "atp-ig", "prob"),
-    ("qwen3", ["neuron", "head:pos"], "atp*", "logprob"),
-])
+@pytest.mark.parametrize(
+    "family,sites,method,metric",
+    [
+        ("llama", ["head", "neuron", "resid_pre", "q", "k"], "atp*", "logit_diff"),
+        ("gpt2", ["head", "mlp_out", "v"], "atp", "kl"),
+        ("gpt_neox", ["head", "attn_out"], "atp-ig", "prob"),
+        ("qwen3", ["neuron", "head:pos"], "atp*", "logprob"),
+    ],
+)
 @pytest.mark.parametrize("backend", ["torch", "default"])
 def test_the_simulation_is_the_real_runs_tensor_peak(tiny, monkeypatch, family, sites, method, metric, backend):
     """Fake weights, the engine's own code: the storages alive at the peak are those of the real run,
@@ -42,10 +50,19 @@ def test_the_simulation_is_the_real_runs_tensor_peak(tiny, monkeypatch, family, 
             assert sim == real
         else:
             assert abs(sim["cpu"] - real["cpu"]) <= 0.03 * real["cpu"] + (256 << 10)
+
     inp = prepare(tiny(family), PAIRS, metric, "noising")
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, None)
-    args = (replace(inp, model=None), sweeps, "noising", method == "atp*", False, 3, 2 if method == "atp-ig" else 0,
-            "inputs")
+    args = (
+        replace(inp, model=None),
+        sweeps,
+        "noising",
+        method == "atp*",
+        False,
+        3,
+        2 if method == "atp-ig" else 0,
+        "inputs",
+    )
     real = memplan._Live([*inp.model.hf.parameters(), *inp.model.hf.buffers()])
     compute = attribution_units(inp.model, *args)
     with real:
@@ -69,8 +86,13 @@ def test_the_prediction_is_within_20_percent_of_the_resident_peak(shape):
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the high-water mark")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     env.pop("TRITON_INTERPRET", None)  # the engines' CPU path, as a user runs it
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_memplan.py"), "--one", shape], env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_memplan.py"), "--one", shape],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     for stage, ratio in r["ratio"].items():

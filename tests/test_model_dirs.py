@@ -53,20 +53,27 @@ def _nan(t):
     t[name][0, 0] = float("nan")
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: _config(p, num_hidden_layers=3), "missing keys"),  # more layers than weights
-    (lambda p: _weights(p, lambda t: t.__setitem__("model.extra.weight", torch.zeros(2))), "unexpected keys"),
-    (lambda p: _weights(p, _nan), "NaN or infinite"),
-    (lambda p: _config(p, hidden_size=32), "cannot load this model"),  # shapes do not fit
-    (lambda p: _config(p, model_type="t5"), "cannot load this model"),  # not a causal LM
-    (lambda p: _config(p, auto_map={"AutoModelForCausalLM": "modeling_x.X"}), "trust_remote_code"),
-    (lambda p: (p / "config.json").write_text("{"), "invalid config.json"),
-    (lambda p: (p / "config.json").write_text("[]"), "model_type"),
-    (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:1000]),
-     "cannot load this model"),  # truncated
-    (lambda p: (p / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!"),
-     "cannot load this model"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: _config(p, num_hidden_layers=3), "missing keys"),  # more layers than weights
+        (lambda p: _weights(p, lambda t: t.__setitem__("model.extra.weight", torch.zeros(2))), "unexpected keys"),
+        (lambda p: _weights(p, _nan), "NaN or infinite"),
+        (lambda p: _config(p, hidden_size=32), "cannot load this model"),  # shapes do not fit
+        (lambda p: _config(p, model_type="t5"), "cannot load this model"),  # not a causal LM
+        (lambda p: _config(p, auto_map={"AutoModelForCausalLM": "modeling_x.X"}), "trust_remote_code"),
+        (lambda p: (p / "config.json").write_text("{"), "invalid config.json"),
+        (lambda p: (p / "config.json").write_text("[]"), "model_type"),
+        (
+            lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:1000]),
+            "cannot load this model",
+        ),  # truncated
+        (
+            lambda p: (p / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!"),
+            "cannot load this model",
+        ),
+    ],
+)
 def test_a_damaged_directory_is_a_clear_error(good, tmp_path, damage, message):
     path = _copy(good, tmp_path)
     damage(path)

@@ -19,11 +19,19 @@ PATCH = ["patch", "--model", "random:llama-tiny", "--data", str(ROOT / "examples
 ELICIT = ["elicit", "--model", "random:llama-tiny", "--prompt", "a b c", "--n", "1", "--steps", "1"]
 
 
-@pytest.mark.parametrize("extra, field", [
-    (["--noise-scale", "nan"], "noise_scale"), (["--noise-scale", "-1"], "noise_scale"),
-    (["--noise-scale", "inf"], "noise_scale"), (["--samples", "0"], "samples"), (["--top", "-1"], "top"),
-    (["--device", "foo"], "device"), (["--sites", ","], "sites"), (["--seed", "-3"], "seed"),
-])
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        (["--noise-scale", "nan"], "noise_scale"),
+        (["--noise-scale", "-1"], "noise_scale"),
+        (["--noise-scale", "inf"], "noise_scale"),
+        (["--samples", "0"], "samples"),
+        (["--top", "-1"], "top"),
+        (["--device", "foo"], "device"),
+        (["--sites", ","], "sites"),
+        (["--seed", "-3"], "seed"),
+    ],
+)
 def test_bad_patch_options_exit_2(capsys, extra, field):
     assert main(PATCH + extra) == 2
     err = capsys.readouterr().err
@@ -37,20 +45,31 @@ def test_cuda_without_cuda_exits_2(capsys):
     assert "has no CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, field", [
-    (["--confirm-random", "-5"], "confirm_random"), (["--confirm", "-1"], "confirm"),
-    (["--batch-size", "0"], "batch_size"),
-])
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        (["--confirm-random", "-5"], "confirm_random"),
+        (["--confirm", "-1"], "confirm"),
+        (["--batch-size", "0"], "batch_size"),
+    ],
+)
 def test_bad_scan_options_exit_2(capsys, extra, field):
     assert main(["scan", *PATCH[1:], *extra]) == 2
     assert f"field {field!r}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, field", [
-    (["--positions", "99"], "positions"), (["--positions", "abc"], "positions"), (["--radius", "inf"], "radius"),
-    (["--p", "0"], "p"), (["--q", "nan"], "q"), (["--max-new-tokens", "-1"], "max_new_tokens"),
-    (["--top", "-2"], "top"),
-])
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        (["--positions", "99"], "positions"),
+        (["--positions", "abc"], "positions"),
+        (["--radius", "inf"], "radius"),
+        (["--p", "0"], "p"),
+        (["--q", "nan"], "q"),
+        (["--max-new-tokens", "-1"], "max_new_tokens"),
+        (["--top", "-2"], "top"),
+    ],
+)
 def test_bad_elicit_options_exit_2(capsys, extra, field):
     assert main([*ELICIT[:-2], *extra] if "--steps" in extra else [*ELICIT, *extra]) == 2
     assert f"field {field!r}" in capsys.readouterr().err
@@ -60,6 +79,7 @@ def test_scan_api_refuses_a_zero_fn_p(tiny):
     from causalscan.scan import scan
 
     from conftest import IOI
+
     with pytest.raises(InputError, match="field 'fn_p'"):
         scan(tiny("llama"), IOI, sites="head", fn_subsets=4, fn_p=0.0)
 
@@ -90,6 +110,7 @@ def test_json_is_strict_without_nan(capsys):
 
     def refuse(name):
         raise ValueError(f"bare {name} in --json output")
+
     doc = json.loads(out, parse_constant=refuse)
     assert doc["components"] and all(r["exact_norm"] is None for r in doc["components"])
 
@@ -102,10 +123,19 @@ def _jsonl(rec) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("value, kw", [
-    (math.nan, {}), (math.inf, {}), (True, {"integer": True}), (1.5, {"integer": True}), ("3", {}),
-    (0, {"lo": 0, "open_lo": True}), (-1, {"lo": 0}), (11, {"lo": 0, "hi": 10}),
-])
+@pytest.mark.parametrize(
+    "value, kw",
+    [
+        (math.nan, {}),
+        (math.inf, {}),
+        (True, {"integer": True}),
+        (1.5, {"integer": True}),
+        ("3", {}),
+        (0, {"lo": 0, "open_lo": True}),
+        (-1, {"lo": 0}),
+        (11, {"lo": 0, "hi": 10}),
+    ],
+)
 def test_check_number_refuses(value, kw):
     with pytest.raises(InputError, match="field 'x'"):
         check_number(value, "x", **kw)
@@ -144,15 +174,23 @@ def test_outputs_replace_atomically_and_a_failed_write_keeps_the_last(tmp_path):
     def fail(tmp):
         tmp.write_text("half")
         raise OSError(28, "No space left on device")
+
     with pytest.raises(InputError, match="No space left on device"):
         files.write(target, fail)
     assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["scan.json"]
 
 
-@pytest.mark.parametrize("extra", [
-    ["--noise-scale", "nan"], ["--samples", "100000"], ["--batch-size", "0"], ["--fn-subsets", "1000000000"],
-    ["--seed", str(2**64)], ["--confirm", "-1"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--noise-scale", "nan"],
+        ["--samples", "100000"],
+        ["--batch-size", "0"],
+        ["--fn-subsets", "1000000000"],
+        ["--seed", str(2**64)],
+        ["--confirm", "-1"],
+    ],
+)
 def test_numeric_options_are_refused_before_the_model_loads(capsys, extra):
     """A model path that does not exist: the option's error must come first, the model never read."""
     assert main(["scan", "--model", "/nonexistent/model", "--data", "/nonexistent.jsonl", *extra]) == 2
@@ -186,8 +224,10 @@ def _api_cases():
         "index float": (lambda m: iv.zero("head", layers=1, index=[0.5]), "index"),
         "not an intervention": (lambda m: iv.perturb(m, "zero", input_ids=ids), "interventions"),
         "input_ids list": (lambda m: iv.perturb(m, iv.zero("head", layers=1), input_ids=[[5, 6]]), "input_ids"),
-        "source shape": (lambda m: iv.perturb(m, iv.patch_from("resid_post", torch.ones(2, 9, 64), layers=1),
-                                              input_ids=ids), "source"),
+        "source shape": (
+            lambda m: iv.perturb(m, iv.patch_from("resid_post", torch.ones(2, 9, 64), layers=1), input_ids=ids),
+            "source",
+        ),
         "generate prompts str": (lambda m: generate(m, "ab", torch.ones(1, 64), 0), "prompts"),
         "ioi n": (lambda m: cs.tasks.ioi(m.tokenizer, n=-1), "n"),
     }

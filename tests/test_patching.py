@@ -26,8 +26,13 @@ def test_batched_equals_naive_every_site(tiny, family):
 @torch.no_grad()
 def test_neuron_subset_denoising_small_budget_matches_naive(tiny):
     model = tiny("llama")
-    comps = [Component("neuron", 0, 3), Component("neuron", 1, 100, 5), Component("neuron", 1, 7),
-             Component("head", 1, 2, 14), Component("resid_pre", 1, 0, 0)]
+    comps = [
+        Component("neuron", 0, 3),
+        Component("neuron", 1, 100, 5),
+        Component("neuron", 1, 7),
+        Component("head", 1, 2, 14),
+        Component("resid_pre", 1, 0, 0),
+    ]
     # a budget of a few rows forces many chunks per group
     res = patch(model, IOI, components=comps, direction="denoising", metric="logprob", memory_budget=200_000)
     ref = naive_effects(model, IOI, comps, direction="denoising", metric="logprob")

@@ -49,13 +49,19 @@ def test_directional_ops():
 
     def comp(b, v, c):
         return (v * u[0, c]).sum()
+
     # component index of each masked place is 0 for row 0 and 1 for row 1 (see _mask)
-    torch.testing.assert_close(ops.perturb(x, "project_out", m, direction=u),
-                               _expect(x, lambda b, v: v - comp(b, v, b) * u[0, b]))
-    torch.testing.assert_close(ops.perturb(x, "scale", m, alpha=alpha, direction=u),
-                               _expect(x, lambda b, v: v + (alpha[b] - 1) * comp(b, v, b) * u[0, b]))
-    torch.testing.assert_close(ops.perturb(x, "clamp", m, alpha=alpha, direction=u),
-                               _expect(x, lambda b, v: v + (alpha[b] - comp(b, v, b)) * u[0, b]))
+    torch.testing.assert_close(
+        ops.perturb(x, "project_out", m, direction=u), _expect(x, lambda b, v: v - comp(b, v, b) * u[0, b])
+    )
+    torch.testing.assert_close(
+        ops.perturb(x, "scale", m, alpha=alpha, direction=u),
+        _expect(x, lambda b, v: v + (alpha[b] - 1) * comp(b, v, b) * u[0, b]),
+    )
+    torch.testing.assert_close(
+        ops.perturb(x, "clamp", m, alpha=alpha, direction=u),
+        _expect(x, lambda b, v: v + (alpha[b] - comp(b, v, b)) * u[0, b]),
+    )
     torch.testing.assert_close(ops.perturb(x, "clamp", m, alpha=alpha), _expect(x, lambda b, v: v * 0 + alpha[b]))
 
 
@@ -99,6 +105,7 @@ def test_perturb_context_matches_plain_hook(tiny):
 
     def zero_head(view, pre):
         view[:, 3:, 2] = 0
+
     want = run(model, ids, "head", 1, zero_head)
     with iv.perturb(model, iv.zero("head", layers=1, index=2, positions=[3, 4, 5, 6])):
         got = model.hf(input_ids=ids).logits
@@ -115,7 +122,7 @@ def test_per_row_steering_in_one_forward(tiny):
     both = iv.perturb(model, iv.add("resid_post", vecs, alpha=torch.tensor([1.0, 2.0]), layers=0), input_ids=ids)
     for b, a in ((0, 1.0), (1, 2.0)):
         one = iv.perturb(model, iv.add("resid_post", vecs[b], alpha=a, layers=0), input_ids=ids[:1])
-        assert_close(both[b:b + 1], one)  # a batch of 2 and of 1 may take other BLAS paths
+        assert_close(both[b : b + 1], one)  # a batch of 2 and of 1 may take other BLAS paths
 
 
 @torch.no_grad()
@@ -126,11 +133,13 @@ def test_mean_ablation_and_neuron_clamp(tiny):
 
     def to_mu(view, pre):
         view[:] = mu
+
     want = run(model, ids, "attn_out", 0, to_mu)
     assert_close(iv.perturb(model, iv.mean("attn_out", mu, layers=0), input_ids=ids), want)
 
     def clamp5(view, pre):
         view[:, :, 7] = 5.0
+
     want = run(model, ids, "neuron", 1, clamp5)
     assert_close(iv.perturb(model, iv.clamp("neuron", 5.0, layers=1, index=7), input_ids=ids), want)
 

@@ -58,17 +58,43 @@ def assert_clean_failure(rc: int, err: str) -> None:
 
 ODD = ["\ud800", "\udfff", "\x00", "\u202e", "\ufeff", "🙂", "\n", "", " ", "<bos>", "a\u0301", "ｃ"]
 text = st.one_of(st.sampled_from(ODD), st.text(max_size=8), st.sampled_from(["a", "b", "c", "e", "d", " c"]))
-plausible = st.sampled_from(["a b c d", "a b e d", "e b c d", "a b", "a b c d e", "c", " c", "e", "d e", "c d",
-                             [5], [5, 6], [1, 5, 6, 7], [1, 9, 6, 7], 3, 7, True, False, "b", {"X": 1}])
+plausible = st.sampled_from(
+    [
+        "a b c d",
+        "a b e d",
+        "e b c d",
+        "a b",
+        "a b c d e",
+        "c",
+        " c",
+        "e",
+        "d e",
+        "c d",
+        [5],
+        [5, 6],
+        [1, 5, 6, 7],
+        [1, 9, 6, 7],
+        3,
+        7,
+        True,
+        False,
+        "b",
+        {"X": 1},
+    ]
+)
 hostile = st.one_of(
-    text, st.integers(-2**70, 2**70), st.sampled_from([0, 1, 5, 511, 512, -1]),
-    st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.none(),
-    st.lists(st.one_of(st.integers(-3, 600), st.booleans()), max_size=6), st.lists(text, max_size=3),
+    text,
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, 1, 5, 511, 512, -1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.lists(st.one_of(st.integers(-3, 600), st.booleans()), max_size=6),
+    st.lists(text, max_size=3),
     st.dictionaries(st.text(max_size=3), st.integers(-2, 6), max_size=2),
 )
 value = st.one_of(plausible, hostile)  # half the values could be right, so both outcomes come up
-FIELDS = ["clean", "corrupt", "answer", "wrong", "clean_ids", "corrupt_ids", "noise_span", "positions", "chat",
-          "extra"]
+FIELDS = ["clean", "corrupt", "answer", "wrong", "clean_ids", "corrupt_ids", "noise_span", "positions", "chat", "extra"]
 
 
 @st.composite
@@ -126,14 +152,40 @@ def test_generated_records_exit_0_with_the_naive_result_or_exit_2(lines, keep_ba
 
 # ---------------------------------------------------------------- options
 
-NUMBERS = ["nan", "inf", "-inf", "-1", "0", "1", "2", "3", "1e400", "-0", "0.5", "1e-30", "abc", "", "0x10",
-           str(2**64), str(2**63 - 1), "100001", "1e5", "7"]
-option = st.one_of(st.sampled_from(NUMBERS), st.integers(-3, 12).map(str), st.integers(1, 4).map(str),
-                   st.floats(allow_nan=True, allow_infinity=True).map(repr))
+NUMBERS = [
+    "nan",
+    "inf",
+    "-inf",
+    "-1",
+    "0",
+    "1",
+    "2",
+    "3",
+    "1e400",
+    "-0",
+    "0.5",
+    "1e-30",
+    "abc",
+    "",
+    "0x10",
+    str(2**64),
+    str(2**63 - 1),
+    "100001",
+    "1e5",
+    "7",
+]
+option = st.one_of(
+    st.sampled_from(NUMBERS),
+    st.integers(-3, 12).map(str),
+    st.integers(1, 4).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+)
 PATCH_OPTIONS = ["--samples", "--noise-scale", "--top", "--seed", "--memory-budget-mb"]
 SCAN_OPTIONS = ["--batch-size", "--confirm", "--confirm-random", "--fn-subsets", "--samples", "--noise-scale"]
-RECORDS = [{"clean": "a b c d", "noise_span": "b", "answer": "d", "wrong": "c"},
-           {"clean": "e b c a", "noise_span": "e b", "answer": "c", "wrong": "a"}]
+RECORDS = [
+    {"clean": "a b c d", "noise_span": "b", "answer": "d", "wrong": "c"},
+    {"clean": "e b c a", "noise_span": "e b", "answer": "c", "wrong": "a"},
+]
 
 
 def _parsed(flag: str, text: str):
@@ -147,8 +199,11 @@ def _parsed(flag: str, text: str):
 
 @given(command=st.sampled_from(["patch", "scan"]), data=st.data())
 def test_generated_option_values_exit_0_with_the_api_result_or_exit_2(command, data):
-    flags = data.draw(st.lists(st.sampled_from(PATCH_OPTIONS if command == "patch" else SCAN_OPTIONS),
-                               min_size=1, max_size=3, unique=True))
+    flags = data.draw(
+        st.lists(
+            st.sampled_from(PATCH_OPTIONS if command == "patch" else SCAN_OPTIONS), min_size=1, max_size=3, unique=True
+        )
+    )
     values = {f: data.draw(option) for f in flags}
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "data.jsonl"
@@ -210,6 +265,7 @@ def partial_checkpoint(tmp_path_factory):
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*args, **kw)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attribution, "attribute", interrupted)
         assert run([*SCAN, "--data", data, "--out", str(root / "cut")])[0] == 130
@@ -240,7 +296,7 @@ def test_corrupted_checkpoint_bytes_never_change_the_result(partial_checkpoint, 
     elif kind == "truncate":
         del b[at:]
     elif kind == "overwrite":
-        b[at:at + len(what)] = what
+        b[at : at + len(what)] = what
     else:
         b += what
     with tempfile.TemporaryDirectory() as d:

@@ -41,9 +41,22 @@ def cluster():
     before = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a private cluster on this machine (its drivers inherit this)
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={address.split(':')[1]}",
-                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"], check=True, env=env,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={address.split(':')[1]}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         ray.init(address=address, log_to_driver=False)
         yield address
@@ -93,8 +106,10 @@ def test_scan_through_ray_is_the_single_process_scan(pool, one_thread):
 
 def test_patch_and_trace_through_ray(pool, one_thread):
     model = cs.load("induction")
-    assert_identical(cs.patch(model, INDUCTION, sites=["head", "head:pos", "mlp_out"]).tensors(),
-                     cs.patch(model, INDUCTION, sites=["head", "head:pos", "mlp_out"], executor=pool).tensors())
+    assert_identical(
+        cs.patch(model, INDUCTION, sites=["head", "head:pos", "mlp_out"]).tensors(),
+        cs.patch(model, INDUCTION, sites=["head", "head:pos", "mlp_out"], executor=pool).tensors(),
+    )
     facts = cs.load("facts")
     with open(cs.zoo.dataset_path("facts", "subjects")) as f:
         data = [json.loads(line) for line in f][:8]  # Gaussian-noise rows
@@ -159,8 +174,9 @@ def test_a_killed_driver_resumes_from_its_checkpoint(cluster, pool, one_thread, 
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
     log = tmp_path / "driver.log"  # a file, not a pipe: processes Ray forked from the driver may outlive it
     with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "-c", DRIVER, cluster, str(out)], env=env, stdout=f, stderr=f,
-                            timeout=300).returncode
+        rc = subprocess.run(
+            [sys.executable, "-c", DRIVER, cluster, str(out)], env=env, stdout=f, stderr=f, timeout=300
+        ).returncode
     assert rc == -signal.SIGKILL, log.read_text()[-2000:]
     from safetensors import safe_open
 
@@ -168,8 +184,14 @@ def test_a_killed_driver_resumes_from_its_checkpoint(cluster, pool, one_thread, 
         assert json.loads(f.metadata()["done"]) == [0, 1, 2, 3, 4]
     seen = []
     kw = dict(sites="head,neuron", confirm=4, exact_budget=0, batch_size=2)
-    resumed = cs.scan("induction", INDUCTION, checkpoint=out, executor=pool,
-                      progress=lambda s, d, t: seen.append(d) if s == "attribution" else None, **kw)
+    resumed = cs.scan(
+        "induction",
+        INDUCTION,
+        checkpoint=out,
+        executor=pool,
+        progress=lambda s, d, t: seen.append(d) if s == "attribution" else None,
+        **kw,
+    )
     assert seen[0] == 6  # units 0-4 came from the file
     assert_identical(cs.scan("induction", INDUCTION, **kw).tensors(), resumed.tensors())
     assert not (out / "scan.partial.safetensors").exists()
@@ -178,19 +200,32 @@ def test_a_killed_driver_resumes_from_its_checkpoint(cluster, pool, one_thread, 
 def test_cli_scan_with_ray(cluster, pool, tmp_path):
     release(pool)
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
-    args = ["-m", "causalscan", "scan", "--model", "induction", "--sites", "head", "--exact-budget", "0",
-            "--confirm", "4", "--json"]
-    with_ray = subprocess.run([sys.executable, *args, "--ray", cluster, "--actors", "2"], env=env,
-                              capture_output=True, text=True, timeout=300)
+    args = [
+        "-m",
+        "causalscan",
+        "scan",
+        "--model",
+        "induction",
+        "--sites",
+        "head",
+        "--exact-budget",
+        "0",
+        "--confirm",
+        "4",
+        "--json",
+    ]
+    with_ray = subprocess.run(
+        [sys.executable, *args, "--ray", cluster, "--actors", "2"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert with_ray.returncode == 0, with_ray.stderr[-2000:]
     assert "ray: 2 actors" in with_ray.stderr
     doc = json.loads(with_ray.stdout)
     assert doc["agreement"]["recall_at_k"] == 1.0 and len(doc["components"]) == 4
-    bad = subprocess.run([sys.executable, *args, "--actors", "2"], env=env, capture_output=True, text=True,
-                         timeout=300)
+    bad = subprocess.run([sys.executable, *args, "--actors", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--actors needs --ray" in bad.stderr
-    too_many = subprocess.run([sys.executable, *args, "--ray", cluster, "--actors", "3"], env=env,
-                              capture_output=True, text=True, timeout=300)
+    too_many = subprocess.run(
+        [sys.executable, *args, "--ray", cluster, "--actors", "3"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert too_many.returncode == 2 and "3 actors need 3 CPUs; the Ray cluster has 2 free" in too_many.stderr
 
 

@@ -47,12 +47,14 @@ def test_exact_head_and_resid_patching_equal_a_naive_hook_loop(smollm2, ioi_pair
     start-layer and key/value-prefix reuse, against one full forward per patch with plain hooks."""
     g = torch.Generator().manual_seed(0)
     seq = len(smollm2.tokenizer(ioi_pairs[0]["clean"])["input_ids"])
-    heads = [Component("head", int(la), int(h)) for la, h in zip(torch.randint(0, 30, (6,), generator=g),
-                                                                   torch.randint(0, 9, (6,), generator=g),
-                                                                   strict=True)]
-    resid = [Component("resid_pre", int(la), 0, int(p)) for la, p in zip(torch.randint(0, 30, (6,), generator=g),
-                                                                          torch.randint(0, seq, (6,), generator=g),
-                                                                          strict=True)]
+    heads = [
+        Component("head", int(la), int(h))
+        for la, h in zip(torch.randint(0, 30, (6,), generator=g), torch.randint(0, 9, (6,), generator=g), strict=True)
+    ]
+    resid = [
+        Component("resid_pre", int(la), 0, int(p))
+        for la, p in zip(torch.randint(0, 30, (6,), generator=g), torch.randint(0, seq, (6,), generator=g), strict=True)
+    ]
     comps = heads + resid
     res = cs.patch(smollm2, ioi_pairs[:2], components=comps)
     assert_close(res.patched, naive_effects(smollm2, ioi_pairs[:2], comps), 1e-4)
@@ -76,8 +78,13 @@ def test_greater_than_years_of_two_tokens_equal_a_naive_loop(smollm2):
     pairs = cs.Dataset(recs).tokenize(smollm2.tokenizer)
     assert {len(p.answer) for p in pairs} == {2}
     yy = pairs[0].roles["YY"]
-    comps = [Component("head", 10, 3), Component("head", 25, 0), Component("resid_pre", 5, 0, yy),
-             Component("resid_pre", 20, 0, len(pairs[0].clean) - 1), Component("mlp_out", 12, 0, None)]
+    comps = [
+        Component("head", 10, 3),
+        Component("head", 25, 0),
+        Component("resid_pre", 5, 0, yy),
+        Component("resid_pre", 20, 0, len(pairs[0].clean) - 1),
+        Component("mlp_out", 12, 0, None),
+    ]
     res = cs.patch(smollm2, recs, components=comps)
     assert (res.clean > 0).all() and res.clean.mean() > res.corrupt.mean() + 2
     assert_close(res.patched[:2], naive_continuation_effects(smollm2, recs[:2], comps), 1e-4)
@@ -100,8 +107,9 @@ def test_elicit_and_steer_run_end_to_end(smollm2):
     assert res.vectors.shape == (4, 576) and len(res.completions) == 4 and len(res.completions[0]) == 2
     assert_close(res.vectors.norm(dim=-1), torch.full((4,), res.radius))
     ids = [smollm2.tokenizer(p)["input_ids"] for p in prompts]
-    (steered,), (plain,) = steering.generate(smollm2, ids[:1], torch.stack([res.vectors[0], 0 * res.vectors[0]]),
-                                             res.source, max_new_tokens=4)
+    (steered,), (plain,) = steering.generate(
+        smollm2, ids[:1], torch.stack([res.vectors[0], 0 * res.vectors[0]]), res.source, max_new_tokens=4
+    )
     assert steered == res.completions[0][0] and isinstance(plain, str)
 
 
@@ -111,8 +119,9 @@ def test_chat_pairs_are_wrapped_in_the_template(smollm2):
     tok = smollm2.tokenizer
     rec = {"clean": "Where is the Eiffel Tower?", "noise_span": "Eiffel Tower", "answer": "The", "chat": True}
     (pair,) = cs.Dataset([rec]).tokenize(tok, smollm2.vocab_size)
-    want = tok.apply_chat_template([{"role": "user", "content": rec["clean"]}], add_generation_prompt=True,
-                                   tokenize=True, return_dict=True)["input_ids"]
+    want = tok.apply_chat_template(
+        [{"role": "user", "content": rec["clean"]}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     assert list(pair.clean) == list(want)
     a, b = pair.span
     assert tok.decode(pair.clean[a:b]).strip() == "Eiffel Tower"
@@ -148,8 +157,9 @@ def test_default_scan_patches_the_saturated_residual_exactly(smollm2):
 
     def early_s2_in_top20(r):
         sw = next(s for s in r.sweeps if s.name == "resid_pre")
-        top = r.score[:, sw.start:sw.stop].mean(0).argsort(descending=True)[:20] + sw.start
+        top = r.score[:, sw.start : sw.stop].mean(0).argsort(descending=True)[:20] + sw.start
         return sum(r.components[j].position == "S2" and r.components[j].layer < 10 for j in top.tolist())
+
     exact_s2, atp_s2 = early_s2_in_top20(res), early_s2_in_top20(atp)
     assert exact_s2 >= 8 and atp_s2 < exact_s2 / 2, (exact_s2, atp_s2)
 
@@ -166,9 +176,13 @@ def test_sentiment_direction_steers_with_a_dose_response(smollm2):
 
     def prompt(ask, item):
         return tok(chat_text(tok, ask.format(item=item)) + f"The {item} is", add_special_tokens=False).input_ids
+
     items = ["phone", "movie", "restaurant", "book", "laptop", "hotel"]
-    res = cs.directions(smollm2, [prompt("Write a glowing, positive review of a {item}.", i) for i in items],
-                        [prompt("Write a scathing, negative review of a {item}.", i) for i in items])
+    res = cs.directions(
+        smollm2,
+        [prompt("Write a glowing, positive review of a {item}.", i) for i in items],
+        [prompt("Write a scathing, negative review of a {item}.", i) for i in items],
+    )
     neutral = [prompt("Write a review of a {item}.", i) for i in ("camera", "album", "chair")]
     good = [tok(w, add_special_tokens=False).input_ids[0] for w in (" great", " excellent", " amazing")]
     bad = [tok(w, add_special_tokens=False).input_ids[0] for w in (" terrible", " awful", " horrible")]
@@ -204,8 +218,9 @@ def test_circuit_on_ioi_agrees_with_exact_edge_patching(smollm2, ioi_pairs):
     delta = naive.writes(smollm2, corrupt, g) - naive.writes(smollm2, clean, g)
     ld = lambda x: x[torch.arange(len(ans)), ans] - x[torch.arange(len(ans)), wrong]  # noqa: E731
     with torch.no_grad():
-        ref = naive.reader_run(smollm2, clean, *g.reader_of(r), delta[:, u], ld) - \
-            ld(smollm2.hf(input_ids=clean).logits[:, -1])
+        ref = naive.reader_run(smollm2, clean, *g.reader_of(r), delta[:, u], ld) - ld(
+            smollm2.hf(input_ids=clean).logits[:, -1]
+        )
     assert_close(res.exact[:, 0], ref, 1e-4, scale=res.clean.abs().max())
 
 
@@ -213,8 +228,18 @@ def test_the_random_135m_shape_is_the_checkpoints(smollm2):
     """``random:llama-135m`` stands in for the checkpoint where its file cannot go (the GPU run):
     the same shape and parameter count."""
     shaped = cs.load("random:llama-135m", check=False)
-    assert (shaped.adapter.n_layers, shaped.adapter.n_heads, shaped.adapter.n_kv_heads, shaped.adapter.d_model,
-            shaped.adapter.d_mlp) == (smollm2.adapter.n_layers, smollm2.adapter.n_heads, smollm2.adapter.n_kv_heads,
-                                      smollm2.adapter.d_model, smollm2.adapter.d_mlp)
+    assert (
+        shaped.adapter.n_layers,
+        shaped.adapter.n_heads,
+        shaped.adapter.n_kv_heads,
+        shaped.adapter.d_model,
+        shaped.adapter.d_mlp,
+    ) == (
+        smollm2.adapter.n_layers,
+        smollm2.adapter.n_heads,
+        smollm2.adapter.n_kv_heads,
+        smollm2.adapter.d_model,
+        smollm2.adapter.d_mlp,
+    )
     assert shaped.vocab_size == smollm2.vocab_size
     assert sum(p.numel() for p in shaped.hf.parameters()) == sum(p.numel() for p in smollm2.hf.parameters())

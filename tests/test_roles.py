@@ -41,28 +41,40 @@ def _alone(rec):
 def _per_sweep(res, name: str, i: int) -> dict:
     """Pair ``i``'s ``res.<name>`` values cut into the result's sweeps."""
     v = getattr(res, name)[i]
-    return {s.name: v[s.start:s.stop].reshape(s.shape) for s in res.sweeps}
+    return {s.name: v[s.start : s.stop].reshape(s.shape) for s in res.sweeps}
 
 
 def test_roles_resolve_to_tokens(tiny):
     tok = tiny("llama").tokenizer
-    rec = {"clean": "When Mary and John went to the store , John gave a drink to",
-           "corrupt": "When Mary and John went to the store , Mary gave a drink to", "answer": "Mary", "wrong": "John",
-           "positions": {"IO": " Mary", "S1": "John", "S2": [" John", 2], "END": -1, "and": 3}}
+    rec = {
+        "clean": "When Mary and John went to the store , John gave a drink to",
+        "corrupt": "When Mary and John went to the store , Mary gave a drink to",
+        "answer": "Mary",
+        "wrong": "John",
+        "positions": {"IO": " Mary", "S1": "John", "S2": [" John", 2], "END": -1, "and": 3},
+    }
     (pair,) = Dataset([rec]).tokenize(tok)
     words = [tok.decode([t]) for t in pair.clean]
-    assert {r: words[i] for r, i in pair.roles.items()} == {"IO": "Mary", "S1": "John", "S2": "John", "END": "to",
-                                                          "and": "and"}  # index 3: after <bos> When Mary
+    assert {r: words[i] for r, i in pair.roles.items()} == {
+        "IO": "Mary",
+        "S1": "John",
+        "S2": "John",
+        "END": "to",
+        "and": "and",
+    }  # index 3: after <bos> When Mary
     assert pair.roles["S2"] > pair.roles["S1"] and pair.roles["END"] == len(pair.clean) - 1
 
 
-@pytest.mark.parametrize("positions, match", [
-    ({"IO": " Zed"}, "does not occur"),
-    ({"IO": [" Mary", 3]}, "does not occur 3 time"),
-    ({"IO": 99}, "outside the prompt"),
-    ({"IO": [" Mary"]}, "give a substring"),
-    ({"IO": True}, "give a substring"),
-])
+@pytest.mark.parametrize(
+    "positions, match",
+    [
+        ({"IO": " Zed"}, "does not occur"),
+        ({"IO": [" Mary", 3]}, "does not occur 3 time"),
+        ({"IO": 99}, "outside the prompt"),
+        ({"IO": [" Mary"]}, "give a substring"),
+        ({"IO": True}, "give a substring"),
+    ],
+)
 def test_bad_roles_name_line_and_field(tiny, positions, match):
     rec = {"clean": "Mary went to", "corrupt": "John went to", "answer": "the", "positions": positions}
     with pytest.raises(InputError, match=f"<memory>:1: field 'positions': .*{match}"):

@@ -29,8 +29,14 @@ def test_atp_star_finds_the_induction_circuit(induction):
     previous-token head, all four card heads rank above every neuron, and exact patching agrees."""
     card = induction.card["components"]
     heads = {tuple(h) for h in card["induction"] + card["previous_token"]}
-    res = estimated(induction, zoo.dataset_path("induction", "previous"), sites=["head", "neuron"],
-                          method="atp*", confirm=4, confirm_random=12)
+    res = estimated(
+        induction,
+        zoo.dataset_path("induction", "previous"),
+        sites=["head", "neuron"],
+        method="atp*",
+        confirm=4,
+        confirm_random=12,
+    )
     top = [(r["layer"], r["index"]) for r in res.top(4)]
     assert all(r["site"] == "head" for r in res.top(4))
     assert set(top) == heads
@@ -66,8 +72,9 @@ def test_false_negative_bound_covers_a_hidden_head(induction):
     """Confirm only the top 2 (the induction heads): the previous-token heads stay unconfirmed; the
     bound must not claim that every missed node is smaller than the smaller of their effects."""
     ds = zoo.dataset_path("induction", "previous")
-    res = estimated(induction, ds, sites=["head", "neuron"], method="atp", confirm=2, confirm_random=0,
-                          fn_subsets=48, fn_p=0.2)
+    res = estimated(
+        induction, ds, sites=["head", "neuron"], method="atp", confirm=2, confirm_random=0, fn_subsets=48, fn_p=0.2
+    )
     fn = res.false_negatives
     hidden = causalscan.patch(induction, ds, sites="head").summary()["exact_abs"][:2]  # layer-0 heads
     confirmed = {(res.components[j].site, res.components[j].layer) for j in res.confirmed.tolist()}
@@ -77,8 +84,9 @@ def test_false_negative_bound_covers_a_hidden_head(induction):
 
 
 def test_scan_outputs(induction, tmp_path):
-    res = estimated(induction, zoo.dataset_path("induction"), sites=["head", "resid_pre", "q"], graddrop=True,
-                    confirm=3)
+    res = estimated(
+        induction, zoo.dataset_path("induction"), sites=["head", "resid_pre", "q"], graddrop=True, confirm=3
+    )
     res.save(tmp_path)
     doc = json.loads((tmp_path / "scan.json").read_text())  # strict JSON: NaN written as null
     assert doc["kind"] == "scan" and doc["settings"]["method"] == "atp*"
@@ -87,8 +95,9 @@ def test_scan_outputs(induction, tmp_path):
     assert list(by) == ["head", "resid_pre", "q"] and all(s["n"] >= 4 for s in by.values())
     t = load_file(str(tmp_path / "scores.safetensors"))
     assert t["atp*/head"].shape == (2, 2) and t["atp*/resid_pre"].shape == (2, 19) and t["graddrop/q"].shape == (2, 2)
-    assert t["exact_abs/head"].isnan().sum() + t["exact_abs/resid_pre"].isnan().sum() + \
-        t["exact_abs/q"].isnan().sum() == 4 + 38 + 4 - len(res.confirmed)
+    assert t["exact_abs/head"].isnan().sum() + t["exact_abs/resid_pre"].isnan().sum() + t[
+        "exact_abs/q"
+    ].isnan().sum() == 4 + 38 + 4 - len(res.confirmed)
     df = res.to_pandas()
     assert len(df) == 4 + 38 + 4 and df["score"].is_monotonic_decreasing
 
@@ -101,12 +110,15 @@ def test_cli_scan_default_is_the_induction_main_job(tmp_path, capsys):
     assert (tmp_path / "scores.safetensors").is_file()
 
 
-@pytest.mark.parametrize("argv", [
-    ["scan", "--data", "missing.jsonl"],
-    ["scan", "--model", "induction", "--data", "missing.jsonl"],
-    ["scan", "--model", "induction", "--sites", "heads"],
-    ["scan", "--model", "induction", "--batch-size", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["scan", "--data", "missing.jsonl"],
+        ["scan", "--model", "induction", "--data", "missing.jsonl"],
+        ["scan", "--model", "induction", "--sites", "heads"],
+        ["scan", "--model", "induction", "--batch-size", "0"],
+    ],
+)
 def test_cli_scan_bad_input_exits_2(argv, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("causalscan: error:")
@@ -130,6 +142,7 @@ def test_interrupted_scan_resumes(induction, tmp_path, caplog):
     def die_after_two(stage, done, total):
         if (stage, done) == ("attribution", 2):
             raise _Stop
+
     caplog.set_level(logging.INFO, logger="causalscan")
     with pytest.raises(_Stop):
         estimated(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
@@ -165,6 +178,7 @@ def test_a_damaged_checkpoint_is_set_aside(induction, tmp_path, caplog, damage):
     def die_after_two(stage, done, total):
         if (stage, done) == ("attribution", 2):
             raise _Stop
+
     with pytest.raises(_Stop):
         estimated(induction, data, checkpoint=tmp_path, progress=die_after_two, **kw)
     path = tmp_path / "scan.partial.safetensors"
@@ -177,7 +191,9 @@ def test_a_damaged_checkpoint_is_set_aside(induction, tmp_path, caplog, damage):
             meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
         save_file(tensors, str(path), metadata={**meta, "done": json.dumps(list(range(200)))})
     else:
-        path.write_bytes({"truncate": bytes(raw[:len(raw) // 2]), "empty": b"", "garbage": b"not a checkpoint"}[damage])
+        path.write_bytes(
+            {"truncate": bytes(raw[: len(raw) // 2]), "empty": b"", "garbage": b"not a checkpoint"}[damage]
+        )
     caplog.set_level(logging.INFO, logger="causalscan")
     res = estimated(induction, data, checkpoint=tmp_path, **kw)
     assert any("set aside" in m for m in caplog.messages) and not any("resuming" in m for m in caplog.messages)
@@ -209,6 +225,7 @@ def test_ctrl_c_saves_the_partial_sums_prints_one_line_and_a_rerun_resumes(tmp_p
         if len(calls) == 3:
             signal.raise_signal(signal.SIGINT)
         return real(ad, *args, **kw)
+
     monkeypatch.setattr(attribution, "attribute", interrupted)
     capsys.readouterr()
     out = tmp_path / "run"
@@ -236,9 +253,15 @@ def test_a_second_writer_on_one_out_directory_is_refused(tmp_path, capsys):
     from causalscan.cli import main
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom causalscan import files\n"
-                               f"with files.lock({str(tmp_path)!r}):\n print('held', flush=True)\n time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom causalscan import files\n"
+            f"with files.lock({str(tmp_path)!r}):\n print('held', flush=True)\n time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         argv = ["scan", "--sites", "head", "--confirm", "0", "--out", str(tmp_path)]
@@ -256,8 +279,9 @@ def test_agreement_per_sweep_is_measured_on_its_own_stratum(induction):
     equal ``agreement`` recomputed by hand from those nodes' exact effects."""
     from causalscan.scan import agreement
 
-    res = estimated(induction, zoo.dataset_path("induction"), sites="head,neuron,resid_pre", confirm=4,
-                          confirm_random=6)
+    res = estimated(
+        induction, zoo.dataset_path("induction"), sites="head,neuron,resid_pre", confirm=4, confirm_random=6
+    )
     score, signed = res.score.mean(0), res.signed.mean(0)
     col = {j: c for c, j in enumerate(res.confirmed.tolist())}
     assert len(col) == len(res.confirmed)  # no node measured twice
@@ -265,7 +289,7 @@ def test_agreement_per_sweep_is_measured_on_its_own_stratum(induction):
     for sw in res.sweeps:
         own = [j for j in res.confirmed.tolist() if sw.start <= j < sw.stop]
         k = min(4, (sw.stop - sw.start) // 2)
-        top = score[sw.start:sw.stop].argsort(descending=True)[:k] + sw.start
+        top = score[sw.start : sw.stop].argsort(descending=True)[:k] + sw.start
         a = res.agreement_by_sweep[sw.name]
         assert set(top.tolist()) <= set(own) and a["n"] == k + min(6, sw.stop - sw.start - k) <= len(own)
         assert a["k"] == k
@@ -305,8 +329,8 @@ def test_exact_cost_by_hand(tiny):
     sweeps, comps = build_sweeps(inp.model, "head,resid_pre", inp.lengths)
     head, resid = sweeps
     floor = 4 * (2 * t + 4)
-    assert exact_cost(inp, comps[head.start:head.stop]) == pytest.approx((4 * (2 * t + 4) + 4 * (t + 4)) / floor)
-    assert exact_cost(inp, comps[resid.start:resid.stop]) == pytest.approx(t * (3 * t + 8) / floor)
+    assert exact_cost(inp, comps[head.start : head.stop]) == pytest.approx((4 * (2 * t + 4) + 4 * (t + 4)) / floor)
+    assert exact_cost(inp, comps[resid.start : resid.stop]) == pytest.approx(t * (3 * t + 8) / floor)
 
 
 def test_sweeps_under_the_exact_budget_are_patched_exactly(tiny):
@@ -321,7 +345,7 @@ def test_sweeps_under_the_exact_budget_are_patched_exactly(tiny):
     assert res.scored_by == {"head": "exact", "resid_pre": "atp"}
     head = next(sw for sw in res.sweeps if sw.name == "head")
     ref = patch(model, IOI, sites="head")
-    assert torch.equal(res.signed[:, head.start:head.stop], ref.effect)
+    assert torch.equal(res.signed[:, head.start : head.stop], ref.effect)
     assert all(not head.start <= j < head.stop for j in res.confirmed.tolist())
     assert list(res.agreement_by_sweep) == ["resid_pre"]
     doc = res.to_json()
@@ -342,7 +366,7 @@ def test_default_scan_patches_cheap_sweeps_exactly(induction, capsys):
     res = causalscan.scan(induction, data, sites="head,neuron", confirm=4)
     assert res.scored_by == {"head": "exact", "neuron": "atp*"} and res.graddrop is None
     head = next(sw for sw in res.sweeps if sw.name == "head")
-    assert torch.equal(res.signed[:, head.start:head.stop], patch(induction, data, sites="head").effect)
+    assert torch.equal(res.signed[:, head.start : head.stop], patch(induction, data, sites="head").effect)
     assert main(["scan", "--sites", "head,neuron", "--confirm", "4"]) == 0
     assert "patched exactly (cheaper than --exact-budget): head; estimated: neuron" in capsys.readouterr().err
     scan_help = parser()._subparsers._group_actions[0].choices["scan"].format_help()

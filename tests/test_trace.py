@@ -21,17 +21,28 @@ from tolerance import assert_close
 estimated = partial(causalscan.scan, exact_budget=0)  # scans that estimate every sweep
 
 NOISY = [
-    {"clean": "When Mary and John went to the store , John gave a drink to", "noise_span": "Mary and John",
-     "answer": "Mary", "wrong": "John"},
-    {"clean": "When Alice and Bob went to the park , Bob gave a ball to", "noise_span": "Alice and Bob",
-     "answer": "Alice", "wrong": "Bob"},
+    {
+        "clean": "When Mary and John went to the store , John gave a drink to",
+        "noise_span": "Mary and John",
+        "answer": "Mary",
+        "wrong": "John",
+    },
+    {
+        "clean": "When Alice and Bob went to the park , Bob gave a ball to",
+        "noise_span": "Alice and Bob",
+        "answer": "Alice",
+        "wrong": "Bob",
+    },
 ]
 
 
 def test_noise_span_positions(tiny):
     tok = tiny("llama").tokenizer
-    recs = [NOISY[0], {**NOISY[0], "noise_span": [5, 7]},
-            {"clean_ids": [1, 5, 6, 7], "noise_span": [1, 3], "answer": 9}]
+    recs = [
+        NOISY[0],
+        {**NOISY[0], "noise_span": [5, 7]},
+        {"clean_ids": [1, 5, 6, 7], "noise_span": [1, 3], "answer": 9},
+    ]
     pairs = Dataset(recs).tokenize(tok)
     assert pairs[0].span == (2, 5)  # <bos> When [Mary and John]
     assert pairs[0].corrupt == pairs[0].clean
@@ -39,15 +50,18 @@ def test_noise_span_positions(tiny):
     assert tok.convert_ids_to_tokens(list(pairs[0].clean[2:5])) == ["Mary", "and", "John"]
 
 
-@pytest.mark.parametrize("rec, field, msg", [
-    ({**NOISY[0], "noise_span": "Carol"}, "noise_span", "not a substring"),
-    ({**NOISY[0], "corrupt": NOISY[0]["clean"]}, "noise_span", "not both"),
-    ({**NOISY[0], "noise_span": [3, 3]}, "noise_span", "non-empty"),
-    ({**NOISY[0], "noise_span": [0, 99]}, "noise_span", "runs past"),
-    ({"clean_ids": [1, 5, 6], "noise_span": "x", "answer": 9}, "noise_span", "clean string"),
-    ({"clean": 5, "noise_span": "x", "answer": 9}, "clean", "must be a string"),
-    ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the"}, "corrupt", "mixes"),
-])
+@pytest.mark.parametrize(
+    "rec, field, msg",
+    [
+        ({**NOISY[0], "noise_span": "Carol"}, "noise_span", "not a substring"),
+        ({**NOISY[0], "corrupt": NOISY[0]["clean"]}, "noise_span", "not both"),
+        ({**NOISY[0], "noise_span": [3, 3]}, "noise_span", "non-empty"),
+        ({**NOISY[0], "noise_span": [0, 99]}, "noise_span", "runs past"),
+        ({"clean_ids": [1, 5, 6], "noise_span": "x", "answer": 9}, "noise_span", "clean string"),
+        ({"clean": 5, "noise_span": "x", "answer": 9}, "clean", "must be a string"),
+        ({"clean": "Mary went to", "corrupt": "John went to", "answer": "the"}, "corrupt", "mixes"),
+    ],
+)
 def test_bad_noise_records(tiny, tmp_path, rec, field, msg):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps(NOISY[1]) + "\n" + json.dumps(rec) + "\n")
@@ -60,7 +74,7 @@ def test_noise_std_and_draws(tiny):
     model = tiny("gpt2")
     pairs = Dataset(NOISY).tokenize(model.tokenizer)
     rows = corruption.rows(model, pairs, samples=4, scale=3.0, seed=7)
-    span_ids = [t for p in pairs for t in p.clean[p.span[0]:p.span[1]]]
+    span_ids = [t for p in pairs for t in p.clean[p.span[0] : p.span[1]]]
     wte = model.hf.get_input_embeddings().weight
     assert rows.std == pytest.approx(3.0 * wte[span_ids].std().item(), rel=1e-5)  # ROME: 3 x subject-embedding std
     assert len(rows.pairs) == 8 and rows.owner.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -84,8 +98,12 @@ def _rows(model, samples=3, seed=0):
 @torch.no_grad()
 def test_patch_with_noise_equals_naive(tiny, family, direction):
     model = tiny(family)
-    comps = [Component("head", 0, 1), Component("resid_pre", 1, 0, 3), Component("mlp_out", 0, 0, 4),
-             Component("resid_post", 1, 0, None)]
+    comps = [
+        Component("head", 0, 1),
+        Component("resid_pre", 1, 0, 3),
+        Component("mlp_out", 0, 0, 4),
+        Component("resid_post", 1, 0, None),
+    ]
     res = patch(model, NOISY, components=comps, direction=direction, samples=3)
     pairs, rows, b, noise = _rows(model)
     ids = b["clean"]
@@ -101,8 +119,7 @@ def test_patch_with_noise_equals_naive(tiny, family, direction):
             logits = patched_logits(model, ids, c.site, c.layer, c.index, c.position, noisy_ref[(c.site, c.layer)])
         else:
             with embed_noise(model, noise):
-                logits = patched_logits(model, ids, c.site, c.layer, c.index, c.position,
-                                        clean_ref[(c.site, c.layer)])
+                logits = patched_logits(model, ids, c.site, c.layer, c.index, c.position, clean_ref[(c.site, c.layer)])
         want[:, j] = ld(logits, b["answer"], b["wrong"])
     base = ld(clean_logits if direction == "noising" else noisy_logits, b["answer"], b["wrong"])
     effect = (want - base[:, None]).view(2, 3, -1).mean(1)  # mean over the samples of each pair
@@ -114,13 +131,13 @@ def test_patch_with_noise_equals_naive(tiny, family, direction):
 @pytest.mark.parametrize("family, direction", [("llama", "noising"), ("gpt_neox", "denoising")])
 def test_atp_with_noise_equals_autograd(tiny, family, direction):
     model = tiny(family)
-    res = estimated(model, NOISY, sites=["head", "resid_pre"], method="atp", confirm=0, direction=direction,
-                          samples=3)
+    res = estimated(model, NOISY, sites=["head", "resid_pre"], method="atp", confirm=0, direction=direction, samples=3)
     _, rows, b, noise = _rows(model)
     ids = b["clean"]
 
     def metric(logits):
         return metrics.logit_diff(logits, b["answer"], b["wrong"])
+
     want = {}
     for site in ("head", "resid_pre"):
         est = []
@@ -139,7 +156,7 @@ def test_atp_with_noise_equals_autograd(tiny, family, direction):
     got = res.tensors()  # signed means over pairs
     for site in ("head", "resid_pre"):
         s = res.sweeps[0 if site == "head" else 1]
-        assert_close(res.signed[:, s.start:s.stop], want[site].flatten(1), 1e-4)
+        assert_close(res.signed[:, s.start : s.stop], want[site].flatten(1), 1e-4)
         assert_close(got[f"atp_signed/{site}"], want[site].mean(0), 1e-4)
 
 
@@ -160,25 +177,37 @@ def test_trace_equals_naive_restoration():
     ids, ans = b["clean"], b["answer"]
     noise = rows.noise(list(range(len(rows.pairs))), model.hf.get_input_embeddings().weight)
     n_layers, seq = model.adapter.n_layers, ids.shape[1]
-    clean = module_outputs(model, ids, [(s, la) for s in ("resid_post", "mlp_out", "attn_out")
-                                        for la in range(n_layers)])
+    clean = module_outputs(
+        model, ids, [(s, la) for s in ("resid_post", "mlp_out", "attn_out") for la in range(n_layers)]
+    )
 
     def p(restores=()):
         with embed_noise(model, noise):
             logits = restored_logits(model, ids, restores, clean)
         return metrics.prob(logits, ans).view(2, 2).mean(1)
+
     corrupt = p()
     assert_close(tr.corrupt, corrupt)
     assert set(tr.effects) == {"state", "mlp", "mlp_single", "attn", "attn_single"}
-    cells = [("state", "resid_post", 1), ("mlp", "mlp_out", 3), ("mlp_single", "mlp_out", 1),
-             ("attn", "attn_out", 3), ("attn_single", "attn_out", 1)]
+    cells = [
+        ("state", "resid_post", 1),
+        ("mlp", "mlp_out", 3),
+        ("mlp_single", "mlp_out", 1),
+        ("attn", "attn_out", 3),
+        ("attn_single", "attn_out", 1),
+    ]
     for grid, site, w in cells:
         for t in (0, 3, seq - 1):
             for layer in (0, 2, 3):
                 want = p([(site, la, t) for la in window_layers(layer, w, n_layers)]) - corrupt
                 # the effect is a difference of probabilities: measured against p(clean), not itself
-                assert_close(tr.effects[grid][:, t, layer], want, 1e-4, scale=tr.clean.abs().max(),
-                             msg=f"{grid} t={t} layer={layer}")
+                assert_close(
+                    tr.effects[grid][:, t, layer],
+                    want,
+                    1e-4,
+                    scale=tr.clean.abs().max(),
+                    msg=f"{grid} t={t} layer={layer}",
+                )
     # restoring the last token's final state restores the clean run exactly
     assert_close(tr.effects["state"][:, -1, -1], tr.clean - tr.corrupt, 1e-4, scale=tr.clean.abs().max())
 
@@ -195,7 +224,7 @@ def test_trace_finds_the_facts_recall_sites():
         g = norm[f"trace_norm/{grid}"]
         assert divmod(int(g.argmax()), g.shape[1]) == (last, layer), grid
         assert abs(g[last, layer].item() - share) < 0.05, (grid, g[last, layer].item())
-    subj = norm["trace_norm/state"][tr.span[0]:tr.span[1]]
+    subj = norm["trace_norm/state"][tr.span[0] : tr.span[1]]
     assert divmod(int(subj.argmax()), subj.shape[1]) == (1, 0)  # subject last, layer 0
     assert abs(subj.max().item() - 0.213) < 0.05
     assert tr.clean.mean() > 0.99 and tr.corrupt.mean() < 0.5
@@ -203,8 +232,7 @@ def test_trace_finds_the_facts_recall_sites():
 
 def test_cli_trace(tmp_path, capsys):
     out = tmp_path / "tr"
-    assert main(["trace", "--kinds", "mlp,attn", "--window", "1", "--samples", "2", "--out", str(out),
-                 "--json"]) == 0
+    assert main(["trace", "--kinds", "mlp,attn", "--window", "1", "--samples", "2", "--out", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["model"] == "facts" and doc["dataset"]["path"].endswith("subjects.jsonl")
     assert set(doc["grids"]) == {"trace/mlp", "trace/attn"} and doc["span"] == [1, 3]
@@ -212,8 +240,14 @@ def test_cli_trace(tmp_path, capsys):
     assert (out / "trace.json").is_file() and (out / "scores.safetensors").is_file()
 
 
-@pytest.mark.parametrize("argv", [["trace", "--kinds", "mlp,bogus"], ["trace", "--window", "0"],
-                                  ["trace", "--model", "random:llama-tiny", "--data", "LENGTHS"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["trace", "--kinds", "mlp,bogus"],
+        ["trace", "--window", "0"],
+        ["trace", "--model", "random:llama-tiny", "--data", "LENGTHS"],
+    ],
+)
 def test_cli_trace_bad_input_exits_2(argv, tmp_path, capsys):
     data = tmp_path / "lengths.jsonl"
     data.write_text(json.dumps(NOISY[0]) + "\n" + json.dumps({**NOISY[0], "clean": "Mary and John went to"}) + "\n")

@@ -54,7 +54,7 @@ def test_induction_check_catches_a_broken_head():
     d = model.adapter.d_head
     for layer, head in model.card["components"]["previous_token"]:
         with torch.no_grad():
-            model.hf.model.layers[layer].self_attn.o_proj.weight[:, head * d:(head + 1) * d] = 0
+            model.hf.model.layers[layer].self_attn.o_proj.weight[:, head * d : (head + 1) * d] = 0
     fails = zoo.check(model)
     assert any("repeated-half loss" in f for f in fails)
     assert any(f.startswith("induction heads measured") for f in fails)
@@ -96,10 +96,10 @@ def test_patching_finds_the_trigger_and_the_answer_position():
     (l0, trig), (last, ans) = must
     assert norm[l0, trig].abs() < 1e-4
     # every other layer-0 position does nothing, to rounding of the trigger's own effect
-    assert torch.cat([eff[l0, :trig], eff[l0, trig + 1:]]).abs().max() <= 1e-5 * eff[l0, trig]
+    assert torch.cat([eff[l0, :trig], eff[l0, trig + 1 :]]).abs().max() <= 1e-5 * eff[l0, trig]
     assert int(eff[last].argmax()) == ans and norm[last, ans] < 0.5
     readers = {tuple(h) for h in zoo.card("backdoor")["components"]["trigger_readers"]}
-    assert set(_head_ranking("backdoor")[:len(readers)]) == readers
+    assert set(_head_ranking("backdoor")[: len(readers)]) == readers
 
 
 def test_cli_zoo(capsys):

@@ -49,8 +49,9 @@ def path(name: str) -> Path:
 def card(name: str) -> dict:
     p = path(name) / "card.json"
     if not p.is_file():
-        raise InputError(f"zoo model {name!r} is not built (no {p}); run `causalscan zoo train {name} --out DIR`",
-                         field="name")
+        raise InputError(
+            f"zoo model {name!r} is not built (no {p}); run `causalscan zoo train {name} --out DIR`", field="name"
+        )
     return json.loads(p.read_text())
 
 

@@ -16,8 +16,10 @@ from causalscan.vocab import SPECIALS, word_tokenizer
 from causalscan.zoo.training import n_params, save, train_new
 
 FIRST = ("Zorin Belak Tamsin Orrin Kelda Vashti Morrow Idris Quill Sable Thane Wren Yara Corin Elsin Pell").split()
-LAST = ("Ashdown Brightwater Calloway Dunmore Everhart Fairweather Greystone Holloway Ironside Kettering "
-        "Longmire Merriweather Northcott Oakhart Pendragon Ravenscroft").split()
+LAST = (
+    "Ashdown Brightwater Calloway Dunmore Everhart Fairweather Greystone Holloway Ironside Kettering "
+    "Longmire Merriweather Northcott Oakhart Pendragon Ravenscroft"
+).split()
 RELATIONS = {
     "lives in": "Paris London Rome Berlin Madrid Tokyo Cairo Lima Oslo Delhi".split(),
     "works as": "doctor teacher baker farmer pilot lawyer painter sailor miner singer".split(),
@@ -37,9 +39,19 @@ def tokenizer():
 
 def config() -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
-        vocab_size=len(ID), hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-        tie_word_embeddings=False, initializer_range=0.05)
+        vocab_size=len(ID),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    )
 
 
 def facts(seed: int = 0) -> list[tuple[str, str, str]]:
@@ -67,6 +79,7 @@ def make_sampler(seed: int = 0):
         mask = torch.zeros(batch, ids.shape[1] - 1, dtype=torch.bool)
         mask[:, -1] = True  # only the attribute is trained
         return ids, mask
+
     return sample
 
 
@@ -75,8 +88,10 @@ def accuracy(model, seed: int = 0) -> dict:
     """Share of trained facts whose attribute is the argmax next word, and the mean p(attribute)."""
     ids = encode(facts(seed)).to(model.device)
     logits = model.hf(input_ids=ids[:, :-1]).logits[:, -1].float()
-    return {"accuracy": (logits.argmax(-1) == ids[:, -1]).float().mean().item(),
-            "p_answer": logits.softmax(-1).gather(-1, ids[:, -1:]).mean().item()}
+    return {
+        "accuracy": (logits.argmax(-1) == ids[:, -1]).float().mean().item(),
+        "p_answer": logits.softmax(-1).gather(-1, ids[:, -1:]).mean().item(),
+    }
 
 
 def subjects(n_facts: int = 96, seed: int = 0) -> list[dict]:
@@ -92,11 +107,15 @@ def trace(model, n_facts: int = 96, samples: int = NOISE_SAMPLES, noise_seed: in
     attn_out) the mean indirect effect ``p_restored - p_corrupt`` as a [tokens, layers] list."""
     from causalscan.tracing import trace as causal_trace
 
-    tr = causal_trace(model, subjects(n_facts), window=1, metric="prob", samples=samples, noise_scale=NOISE_SCALE,
-                      seed=noise_seed)
-    return {"p_clean": tr.clean.mean().item(), "p_corrupt": tr.corrupt.mean().item(),
-            "noise_std": tr.corruption["std"],
-            "effects": {k: tr.effects[k].mean(0).tolist() for k in ("state", "mlp", "attn")}}
+    tr = causal_trace(
+        model, subjects(n_facts), window=1, metric="prob", samples=samples, noise_scale=NOISE_SCALE, seed=noise_seed
+    )
+    return {
+        "p_clean": tr.clean.mean().item(),
+        "p_corrupt": tr.corrupt.mean().item(),
+        "noise_std": tr.corruption["std"],
+        "effects": {k: tr.effects[k].mean(0).tolist() for k in ("state", "mlp", "attn")},
+    }
 
 
 def peaks(tr: dict) -> dict:
@@ -109,16 +128,23 @@ def peaks(tr: dict) -> dict:
         if kind == "state":
             g = torch.where((torch.arange(g.shape[0]) >= 1) & (torch.arange(g.shape[0]) <= 2), g.T, -torch.inf).T
         pos, layer = divmod(int(g.argmax()), g.shape[1])
-        out[kind] = {"token": TOKEN_NAMES[pos], "layer": layer, "effect": round(g.max().item(), 4),
-                     "recovered": round(g.max().item() / max(tr["p_clean"] - tr["p_corrupt"], 1e-9), 3)}
+        out[kind] = {
+            "token": TOKEN_NAMES[pos],
+            "layer": layer,
+            "effect": round(g.max().item(), 4),
+            "recovered": round(g.max().item() / max(tr["p_clean"] - tr["p_corrupt"], 1e-9), 3),
+        }
     return out
 
 
 def describe(pk: dict) -> str:
     """One sentence on where recall is carried, from :func:`peaks`."""
     parts = [f"{kind} at the {p['token']} token, layer {p['layer']} ({p['recovered']:.0%})" for kind, p in pk.items()]
-    return ("Single restorations that recover the most of the noise-induced drop in p(answer): " + "; ".join(parts)
-            + ". The state peak is over the subject tokens only.")
+    return (
+        "Single restorations that recover the most of the noise-induced drop in p(answer): "
+        + "; ".join(parts)
+        + ". The state peak is over the subject tokens only."
+    )
 
 
 def check(model, card: dict) -> list[str]:
@@ -133,8 +159,10 @@ def check(model, card: dict) -> list[str]:
     found, claimed = peaks(tr), card["components"]["trace_peaks"]
     for kind, where in claimed.items():
         if (found[kind]["token"], found[kind]["layer"]) != (where["token"], where["layer"]):
-            fails.append(f"{kind} restoration peaks at {found[kind]['token']} layer {found[kind]['layer']}, "
-                         f"card says {where['token']} layer {where['layer']}")
+            fails.append(
+                f"{kind} restoration peaks at {found[kind]['token']} layer {found[kind]['layer']}, "
+                f"card says {where['token']} layer {where['layer']}"
+            )
     return fails
 
 
@@ -162,22 +190,35 @@ def make_card(hf, acc: dict, tr: dict, training: dict) -> dict:
     return {
         "name": "facts",
         "summary": f"4-layer Llama recalling {N_SUBJECTS * len(RELATIONS)} synthetic subject -> attribute facts",
-        "architecture": {"family": "llama", "n_layers": 4, "n_heads": 4, "d_model": 128, "d_mlp": 512,
-                         "vocab": len(ID), "params": n_params(hf)},
+        "architecture": {
+            "family": "llama",
+            "n_layers": 4,
+            "n_heads": 4,
+            "d_model": 128,
+            "d_mlp": 512,
+            "vocab": len(ID),
+            "params": n_params(hf),
+        },
         "training": training,
         "mechanism": "Recall of a memorised (subject, relation) -> attribute table. " + describe(peaks(tr)),
         "components": {"trace_peaks": peaks(tr)},
         "criteria": {"min_accuracy": 0.95, "max_p_corrupt": 0.5},
-        "metrics": {**{k: round(v, 4) for k, v in acc.items()}, "p_clean": round(tr["p_clean"], 4),
-                    "p_corrupt": round(tr["p_corrupt"], 4), "noise_std": round(tr["noise_std"], 4),
-                    "tokens": list(TOKEN_NAMES),
-                    "indirect_effect": {k: r4(v) for k, v in tr["effects"].items()}},
+        "metrics": {
+            **{k: round(v, 4) for k, v in acc.items()},
+            "p_clean": round(tr["p_clean"], 4),
+            "p_corrupt": round(tr["p_corrupt"], 4),
+            "noise_std": round(tr["noise_std"], 4),
+            "tokens": list(TOKEN_NAMES),
+            "indirect_effect": {k: r4(v) for k, v in tr["effects"].items()},
+        },
         "verification": f"causalscan.trace over the first 96 facts (the subjects dataset), {NOISE_SAMPLES} noise "
-                        f"draws (seed 5) of std {NOISE_SCALE} x the std of the subject-token embedding entries, one "
-                        "token and layer restored at a time (window 1); indirect_effect is [token][layer] of "
-                        "p_restored - p_corrupt",
-        "datasets": {"facts": "symmetric pairs: same relation, two subjects with different attributes",
-                     "subjects": "96 facts with Gaussian noise on the subject (noise_span), for causal tracing"},
+        f"draws (seed 5) of std {NOISE_SCALE} x the std of the subject-token embedding entries, one "
+        "token and layer restored at a time (window 1); indirect_effect is [token][layer] of "
+        "p_restored - p_corrupt",
+        "datasets": {
+            "facts": "symmetric pairs: same relation, two subjects with different attributes",
+            "subjects": "96 facts with Gaussian noise on the subject (noise_span), for causal tracing",
+        },
         "versions": versions(),
     }
 
@@ -185,11 +226,15 @@ def make_card(hf, acc: dict, tr: dict, training: dict) -> dict:
 def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
     """Train, measure and write the ``facts`` directory to ``out``."""
     tok, cfg = tokenizer(), config()
-    model, recipe = train_new(transformers.LlamaForCausalLM, cfg, make_sampler(), tok,
-                              steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet)
-    training = {"recipe": "causalscan zoo train facts", **recipe,
-                "data": f"{N_SUBJECTS} subjects (two made-up words, seed 0) x {len(RELATIONS)} relations "
-                        f"({', '.join(RELATIONS)}), attributes drawn uniformly from 10 each; prompts "
-                        "'<bos> first last relation relation' -> attribute; loss on the attribute only"}
+    model, recipe = train_new(
+        transformers.LlamaForCausalLM, cfg, make_sampler(), tok, steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet
+    )
+    training = {
+        "recipe": "causalscan zoo train facts",
+        **recipe,
+        "data": f"{N_SUBJECTS} subjects (two made-up words, seed 0) x {len(RELATIONS)} relations "
+        f"({', '.join(RELATIONS)}), attributes drawn uniformly from 10 each; prompts "
+        "'<bos> first last relation relation' -> attribute; loss on the attribute only",
+    }
     card = make_card(model.hf, accuracy(model), trace(model), training)
     return save(out, model.hf, tok, card, {"facts": dataset(), "subjects": subjects()})

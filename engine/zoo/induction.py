@@ -29,9 +29,20 @@ def tokenizer():
 
 def config() -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
-        vocab_size=len(SPECIALS) + len(TOKENS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ, bos_token_id=1, eos_token_id=2,
-        pad_token_id=3, attn_implementation="eager", tie_word_embeddings=False, initializer_range=0.05)
+        vocab_size=len(SPECIALS) + len(TOKENS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        attn_implementation="eager",
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    )
 
 
 def sample(gen: torch.Generator, batch: int, max_n: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,10 +55,10 @@ def sample(gen: torch.Generator, batch: int, max_n: int = 20) -> tuple[torch.Ten
     ns = torch.randint(2, max_n + 1, (batch,), generator=gen)
     for b, n in enumerate(ns.tolist()):
         p = int(torch.randint(0, SEQ - 2 * n, (1,), generator=gen))
-        x = words[b, p:p + n]
-        ids[b, 1:] = torch.cat([words[b, :p], x, x, words[b, p + n:SEQ - 1 - n]])
+        x = words[b, p : p + n]
+        ids[b, 1:] = torch.cat([words[b, :p], x, x, words[b, p + n : SEQ - 1 - n]])
         start = 1 + p + n  # position of the second copy's first word
-        mask[b, start:start + n - 1] = True  # predictions made at start .. start+n-2
+        mask[b, start : start + n - 1] = True  # predictions made at start .. start+n-2
     return ids, mask
 
 
@@ -62,6 +73,7 @@ def curriculum(short_steps: int = SHORT_STEPS):
         nonlocal step
         step += 1
         return sample(gen, batch, 5 if step <= short_steps else 20)
+
     return draw
 
 
@@ -108,8 +120,14 @@ def measure(model, rows: int = 256) -> dict:
             ablated[layer, h] = loss(iv.perturb(model, iv.mean("head", means, layers=layer, index=h), input_ids=ids))
         mean_mlp = acts[("mlp_out", layer)].mean(0, keepdim=True)
         ablated_mlp[layer] = loss(iv.perturb(model, iv.mean("mlp_out", mean_mlp, layers=layer), input_ids=ids))
-    return {"prev_token": prev.tolist(), "induction": induction.tolist(), "loss_repeated": base, "loss_first": first,
-            "ablated": ablated.tolist(), "ablated_mlp": ablated_mlp.tolist()}
+    return {
+        "prev_token": prev.tolist(),
+        "induction": induction.tolist(),
+        "loss_repeated": base,
+        "loss_first": first,
+        "ablated": ablated.tolist(),
+        "ablated_mlp": ablated_mlp.tolist(),
+    }
 
 
 def joint_ablation(model, heads: list[tuple[int, int]], rows: int = 256) -> float:
@@ -140,8 +158,12 @@ def _repeated_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
 def named_heads(m: dict) -> dict[str, list[list[int]]]:
     """Heads whose score passes ``THRESHOLD``: previous-token heads in layer 0, induction heads above it."""
     prev = [[0, h] for h, s in enumerate(m["prev_token"][0]) if s >= THRESHOLD]
-    ind = [[layer, h] for layer in range(1, len(m["induction"])) for h, s in enumerate(m["induction"][layer])
-           if s >= THRESHOLD]
+    ind = [
+        [layer, h]
+        for layer in range(1, len(m["induction"]))
+        for h, s in enumerate(m["induction"][layer])
+        if s >= THRESHOLD
+    ]
     return {"previous_token": prev, "induction": ind}
 
 
@@ -161,15 +183,18 @@ def check(model, card: dict) -> list[str]:
     for role in ("previous_token", "induction"):
         rises[role] = joint_ablation(model, [tuple(x) for x in heads[role]]) - base
         if rises[role] < crit["min_ablation_rise"]:
-            fails.append(f"ablating the {role} heads raises the loss by {rises[role]:.3f} < "
-                         f"{crit['min_ablation_rise']}")
+            fails.append(
+                f"ablating the {role} heads raises the loss by {rises[role]:.3f} < {crit['min_ablation_rise']}"
+            )
     limit = crit["max_other_rise_fraction"] * min(rises.values())
     named = {tuple(x) for role in ("previous_token", "induction") for x in heads[role]}
     for layer, row in enumerate(m["ablated"]):
         for h, loss in enumerate(row):
             if (layer, h) not in named and loss - base > limit:
-                fails.append(f"ablating other head {layer}.{h} raises the loss by {loss - base:.3f} > {limit:.3f} "
-                             f"({crit['max_other_rise_fraction']} of the named heads' rise)")
+                fails.append(
+                    f"ablating other head {layer}.{h} raises the loss by {loss - base:.3f} > {limit:.3f} "
+                    f"({crit['max_other_rise_fraction']} of the named heads' rise)"
+                )
     for layer, loss in enumerate(m["ablated_mlp"]):
         if loss - base > limit:
             fails.append(f"ablating MLP {layer} raises the loss by {loss - base:.3f} > {limit:.3f}")
@@ -193,7 +218,7 @@ def dataset(tok, pairs: int = 16, seed: int = 7, replace: str = "answer") -> lis
     for row in words.tolist():
         x, other = [TOKENS[i] for i in row[:N_EVAL]], TOKENS[row[N_EVAL]]
         at, wrong = (k, other) if replace == "answer" else (k - 1, x[k + 1])
-        bad = [*x[:at], other, *x[at + 1:]]
+        bad = [*x[:at], other, *x[at + 1 :]]
         out.append({"clean": " ".join(x + x[:k]), "corrupt": " ".join(bad + x[:k]), "answer": x[k], "wrong": wrong})
     return out
 
@@ -203,8 +228,9 @@ def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
     from causalscan.versions import versions
 
     tok, cfg = tokenizer(), config()
-    model, recipe = train_new(transformers.LlamaForCausalLM, cfg, curriculum(), tok,
-                              steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet)
+    model, recipe = train_new(
+        transformers.LlamaForCausalLM, cfg, curriculum(), tok, steps=steps, batch=BATCH, lr=LR, seed=seed, quiet=quiet
+    )
     hf = model.hf
     m = measure(model)
     heads = named_heads(m)
@@ -212,36 +238,55 @@ def train(out, seed: int = 0, steps: int = STEPS, quiet: bool = False):
     card = {
         "name": "induction",
         "summary": "2-layer Llama with previous-token and induction heads, trained on repeated random words",
-        "architecture": {"family": "llama", "n_layers": 2, "n_heads": 2, "d_head": 32, "d_model": 64, "d_mlp": 128,
-                         "vocab": cfg.vocab_size, "params": n_params(hf)},
-        "training": {"recipe": "causalscan zoo train induction", **recipe,
-                     "data": f"bos + prefix + X + X + suffix, {SEQ} tokens, X = 2-5 (first {SHORT_STEPS} steps) then "
-                             "2-20 distinct random words at a random offset; loss on the second copy of X only"},
+        "architecture": {
+            "family": "llama",
+            "n_layers": 2,
+            "n_heads": 2,
+            "d_head": 32,
+            "d_model": 64,
+            "d_mlp": 128,
+            "vocab": cfg.vocab_size,
+            "params": n_params(hf),
+        },
+        "training": {
+            "recipe": "causalscan zoo train induction",
+            **recipe,
+            "data": f"bos + prefix + X + X + suffix, {SEQ} tokens, X = 2-5 (first {SHORT_STEPS} steps) then "
+            "2-20 distinct random words at a random offset; loss on the second copy of X only",
+        },
         "mechanism": "Layer-0 previous-token head(s) copy each word's predecessor into its position; layer-1 "
-                     "induction head(s) attend from a word to the position after its earlier occurrence (keys "
-                     "built from the previous-token head) and copy that word to the output.",
+        "induction head(s) attend from a word to the position after its earlier occurrence (keys "
+        "built from the previous-token head) and copy that word to the output.",
         "components": heads,
-        "criteria": {"score_threshold": THRESHOLD, "max_loss_repeated": 0.3, "min_ablation_rise": 2.0,
-                     "max_other_rise_fraction": 0.25},
-        "metrics": {"loss_repeated": round(base, 4), "loss_first": round(m["loss_first"], 4),
-                    "prev_token_score": [[round(s, 3) for s in r] for r in m["prev_token"]],
-                    "induction_score": [[round(s, 3) for s in r] for r in m["induction"]],
-                    "ablated_loss": [[round(s, 3) for s in r] for r in m["ablated"]],
-                    "ablated_mlp_loss": [round(s, 4) for s in m["ablated_mlp"]],
-                    "joint_ablation_loss": {r: round(joint_ablation(model, [tuple(x) for x in heads[r]]), 3)
-                                            for r in heads}},
+        "criteria": {
+            "score_threshold": THRESHOLD,
+            "max_loss_repeated": 0.3,
+            "min_ablation_rise": 2.0,
+            "max_other_rise_fraction": 0.25,
+        },
+        "metrics": {
+            "loss_repeated": round(base, 4),
+            "loss_first": round(m["loss_first"], 4),
+            "prev_token_score": [[round(s, 3) for s in r] for r in m["prev_token"]],
+            "induction_score": [[round(s, 3) for s in r] for r in m["induction"]],
+            "ablated_loss": [[round(s, 3) for s in r] for r in m["ablated"]],
+            "ablated_mlp_loss": [round(s, 4) for s in m["ablated_mlp"]],
+            "joint_ablation_loss": {r: round(joint_ablation(model, [tuple(x) for x in heads[r]]), 3) for r in heads},
+        },
         "verification": f"{N_EVAL}-word sequences repeated once, 256 rows, seed 1234; heads named where the score "
-                        f">= {THRESHOLD}; mean-ablation (batch mean per position) of each role's heads jointly must "
-                        "raise the repeated-half loss by min_ablation_rise; ablating any other single head, or "
-                        "either MLP, must raise it by at most max_other_rise_fraction of the smaller joint rise. "
-                        "With 2 heads per layer all four heads usually take part (both layer-0 heads attend to "
-                        "the previous token, both layer-1 heads do induction), so the MLPs are the control.",
+        f">= {THRESHOLD}; mean-ablation (batch mean per position) of each role's heads jointly must "
+        "raise the repeated-half loss by min_ablation_rise; ablating any other single head, or "
+        "either MLP, must raise it by at most max_other_rise_fraction of the smaller joint rise. "
+        "With 2 heads per layer all four heads usually take part (both layer-0 heads attend to "
+        "the previous token, both layer-1 heads do induction), so the MLPs are the control.",
         "scan_must_find": {"sweep": "head", "dataset": "induction", "top2": heads["induction"]},
-        "datasets": {"induction": "symmetric pairs: the word after the first occurrence of the last word is "
-                                  "replaced in the corrupt prompt; answer = clean continuation, wrong = corrupt one",
-                     "previous": "symmetric pairs: the word before the first occurrence of the answer is replaced in "
-                                 "the corrupt prompt, so both the previous-token and the induction heads matter; "
-                                 "wrong = the word after the answer"},
+        "datasets": {
+            "induction": "symmetric pairs: the word after the first occurrence of the last word is "
+            "replaced in the corrupt prompt; answer = clean continuation, wrong = corrupt one",
+            "previous": "symmetric pairs: the word before the first occurrence of the answer is replaced in "
+            "the corrupt prompt, so both the previous-token and the induction heads matter; "
+            "wrong = the word after the answer",
+        },
         "versions": versions(),
     }
     return save(out, hf, tok, card, {"induction": dataset(tok), "previous": dataset(tok, seed=8, replace="previous")})

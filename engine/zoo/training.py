@@ -28,8 +28,19 @@ def masked_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> 
     return (nll * mask).sum() / mask.sum().clamp_min(1)
 
 
-def fit(model: nn.Module, sample: Sampler, *, steps: int, batch: int, lr: float, seed: int, warmup: int = 100,
-        weight_decay: float = 0.01, log_every: int = 200, quiet: bool = False) -> dict:
+def fit(
+    model: nn.Module,
+    sample: Sampler,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    warmup: int = 100,
+    weight_decay: float = 0.01,
+    log_every: int = 200,
+    quiet: bool = False,
+) -> dict:
     """Train ``model`` in place with AdamW, linear warm-up and cosine decay to 10% of ``lr``.
 
     Returns the recipe facts recorded in the card (steps, batch, lr, seed, final loss, seconds).
@@ -37,7 +48,8 @@ def fit(model: nn.Module, sample: Sampler, *, steps: int, batch: int, lr: float,
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    )
     model.train()
     start, avg = time.perf_counter(), None
     for step in range(steps):
@@ -52,13 +64,32 @@ def fit(model: nn.Module, sample: Sampler, *, steps: int, batch: int, lr: float,
         if not quiet and (step % log_every == 0 or step == steps - 1):
             print(f"step {step:5d}  loss {avg:.4f}  {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     model.eval()
-    return {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "warmup": warmup, "weight_decay": weight_decay,
-            "optimizer": "AdamW(0.9, 0.98), cosine to 10%, grad clip 1.0", "final_loss": round(avg, 4),
-            "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
+    return {
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "warmup": warmup,
+        "weight_decay": weight_decay,
+        "optimizer": "AdamW(0.9, 0.98), cosine to 10%, grad clip 1.0",
+        "final_loss": round(avg, 4),
+        "seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
+    }
 
 
-def train_new(cls: type[nn.Module], config, sample: Sampler, tokenizer, *, steps: int, batch: int, lr: float,
-              seed: int, quiet: bool = False):
+def train_new(
+    cls: type[nn.Module],
+    config,
+    sample: Sampler,
+    tokenizer,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    quiet: bool = False,
+):
     """A seeded fresh ``cls(config)`` trained by :func:`fit`: returns ``(Model, recipe facts)``."""
     from causalscan.load import load
 
