@@ -44,9 +44,9 @@ POOL_TOP, POOL_RANDOM, K = 100, 100, 50
 def one(variant: str, n_pairs: int) -> dict:
     """Time and peak RSS (over the loaded model's) of one attribution stage, in this process."""
     import causalscan as cs
-    from causalscan.circuits import estimate
-    from causalscan.graph import Graph
-    from causalscan.inputs import prepare
+    from causalscan.circuits.edges import estimate
+    from causalscan.circuits.graph import Graph
+    from causalscan.data.inputs import prepare
 
     model = cs.load(str(checkpoint()))
     pairs = data(model, "smollm2", n_pairs)
@@ -76,7 +76,7 @@ def in_process(variant: str, n_pairs: int) -> dict:
 def pool_agreement(res, exact: torch.Tensor, pool: torch.Tensor) -> dict:
     """Recall@K of the method's top K within the pool against the pool's exact top K; Spearman of
     |score| and |exact|; sign agreement where |exact| >= 5% of the largest."""
-    from causalscan.scan import spearman
+    from causalscan.patching.agreement import spearman
 
     est = res.scores.flatten()[pool]
     ex = exact.mean(0)
@@ -93,8 +93,9 @@ def pool_agreement(res, exact: torch.Tensor, pool: torch.Tensor) -> dict:
 
 def real_tier(n_pairs: int) -> dict:
     import causalscan as cs
-    from causalscan.circuits import circuit, measure
-    from causalscan.inputs import prepare
+    from causalscan.circuits.circuit import circuit
+    from causalscan.circuits.edge_patching import measure
+    from causalscan.data.inputs import prepare
 
     out: dict = {"stages": {v: in_process(v, n_pairs) for v in ("floor", "eap", "eap-ig")}}
     floor = out["stages"]["floor"]
@@ -159,8 +160,8 @@ def peer(n_pairs: int = 8, seq: int = 16) -> dict:
     from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
 
     import causalscan as cs
-    from causalscan.circuits import circuit
-    from causalscan.graph import Graph
+    from causalscan.circuits.circuit import circuit
+    from causalscan.circuits.graph import Graph
 
     tok = cs.load(str(checkpoint())).tokenizer
     cfg = transformers.GPT2Config(

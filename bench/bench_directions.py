@@ -63,8 +63,8 @@ def main() -> None:
     from bench_smollm2 import checkpoint
 
     import causalscan as cs
-    from causalscan.data import chat_text
-    from causalscan.selection import kl_divergence, steered_logprobs
+    from causalscan.data.prompts import chat_text
+    from causalscan.steering.selection import kl_divergence, steered_logprobs
 
     model = cs.load(checkpoint())
     tok = model.tokenizer

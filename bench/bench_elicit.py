@@ -39,9 +39,9 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    from causalscan import search, steering
-    from causalscan.attribution import frozen
-    from causalscan.elicit import default_layers, zoo_prompts
+    from causalscan.model.taps import frozen
+    from causalscan.steering import generation, search
+    from causalscan.steering.elicit import default_layers, zoo_prompts
 
     cuda = torch.cuda.is_available()
     model = load(args.model, "cuda" if cuda else "cpu", args.dtype)
@@ -77,7 +77,7 @@ def main() -> None:
                 best = min(best, time.perf_counter() - t0)
             rows[name] = {"seconds": round(best, 3), "vectors_per_s": round(args.n / best, 2)}
             if phrase:
-                comp = steering.generate(model, ids, vecs, source, max_new_tokens=4)
+                comp = generation.generate(model, ids, vecs, source, max_new_tokens=4)
                 rows[name]["hits"] = sum(any(phrase in c for c in cs_) for cs_ in comp)
             print(
                 f"{name:6s} {args.n} vectors in {best:7.2f}s = {rows[name]['vectors_per_s']:8.2f} vectors/s"
@@ -123,7 +123,8 @@ def main() -> None:
 def load(spec: str, device: str, dtype: str | None):
     """``spec`` on ``device``; the 7B random shape on a GPU is drawn there, not on the CPU first."""
     import causalscan as cs
-    from causalscan.load import check_dtype, random_model
+    from causalscan.model.load import check_dtype
+    from causalscan.model.random_models import random_model
 
     if spec.startswith("random:") and spec.endswith("-7b") and device == "cuda":
         family, _, size = spec[len("random:") :].partition("-")

@@ -62,8 +62,9 @@ def data(model, name: str, n_pairs: int) -> list[dict]:
 def floor_s(model, pairs) -> float:
     """The plain forward + backward: corrupt forward (no grad), clean forward with its graph, one
     backward of the summed metric, parameters frozen."""
-    from causalscan import attribution, runner
-    from causalscan.data import Dataset
+    from causalscan.data.pairs import Dataset
+    from causalscan.model import runner
+    from causalscan.patching import attribution
 
     groups: dict = {}
     for p in Dataset(pairs).tokenize(model.tokenizer, model.vocab_size):  # one batch per length, as the scan's
@@ -97,7 +98,7 @@ def scores(res, sweep: str) -> tuple[torch.Tensor, torch.Tensor, list]:
 
 
 def compare(score, signed, exact_abs, exact_mean) -> dict:
-    from causalscan.scan import spearman
+    from causalscan.patching.agreement import spearman
 
     k = min(K, len(score))
     top_est, top_ex = (

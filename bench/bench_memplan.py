@@ -1,7 +1,7 @@
 """The memory plan against the measured peak, on CPU, for three shapes.
 
 For each shape (a random model, a batch of rows of one length, sweeps, a method), in its own
-process: the plan (:func:`causalscan.memplan.scan_plan`) predicts the attribution stage's and the
+process: the plan (``causalscan.scan(..., dry_run=True)``) predicts the attribution stage's and the
 exact-patching stage's peak above the weights; then each stage's heaviest unit runs for real after
 a warm-up, and its peak is the process's high-water RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs`` before the unit) above the RSS before it, with glibc's mmap threshold
@@ -53,7 +53,7 @@ def _peak_of(fn) -> int:
 
 def records(n_pairs: int, seq: int) -> list[dict]:
     """``n_pairs`` prompt pairs of ``seq`` words each (one token per word) for the default vocabulary."""
-    from causalscan.vocab import NAMES, WORDS
+    from causalscan.model.vocab import NAMES, WORDS
 
     words = list(WORDS)
     out = []
@@ -65,15 +65,18 @@ def records(n_pairs: int, seq: int) -> list[dict]:
 
 
 def one(name: str) -> dict:
-    from causalscan import memplan
-    from causalscan.inputs import prepare
-    from causalscan.patching import patch_units, planned
-    from causalscan.scan import attribution_units
-    from causalscan.sweeps import build_sweeps
+    import causalscan
+    from causalscan.data.inputs import prepare
+    from causalscan.data.sweeps import build_sweeps
+    from causalscan.patching.estimate import attribution_units
+    from causalscan.patching.exact import patch_units
+    from causalscan.patching.planner import planned
 
     spec, rows, seq, sites, method, k = SHAPES[name]
     inp = prepare(spec, records(rows, seq), "logit_diff", "noising")
-    plan = memplan.scan_plan(inp, sites, method=method, batch_size=rows, confirm=k, confirm_random=0)
+    plan = causalscan.scan(
+        inp.model, inp, sites, method=method, batch_size=rows, confirm=k, confirm_random=0, exact_budget=0, dry_run=True
+    )  # every sweep estimated: confirmation is the first k nodes
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, None)
     from dataclasses import replace
 
@@ -89,6 +92,7 @@ def one(name: str) -> dict:
     compute(0)  # warm-up: first-call allocations of the libraries
     patched()
     measured = {"attribution": _peak_of(lambda: compute(0)), "exact patching": _peak_of(patched)}
+    plan.stages["exact patching"] = plan.stages.pop("confirmation")
     predicted = {stage: plan.stages[stage]["cpu"] for stage in measured}
     return {
         "shape": name,

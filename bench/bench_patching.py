@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 import causalscan as cs
-from causalscan import runner
-from causalscan.data import Dataset, stack
-from causalscan.patching import default_min_tokens, patch, plan, start
-from causalscan.sweeps import sweep_components
+from causalscan.data.pairs import Dataset, stack
+from causalscan.data.sweeps import sweep_components
+from causalscan.model import runner
+from causalscan.patching.patch import patch
+from causalscan.patching.planner import default_min_tokens, schedule, start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def floor(model, corrupt, site):
     p, seq = corrupt.shape
     comps, _ = sweep_components(model, site, site == "resid_pre", seq)
     _, acts, kv = runner.run_with_cache(ad, corrupt, [("resid_pre", s) for s in range(ad.n_layers)])
-    for layer, pos, members in plan([start([c]) for c in comps], p, seq, default_min_tokens(model.device)):
+    for layer, pos, members in schedule([start([c]) for c in comps], p, seq, default_min_tokens(model.device)):
         rows = torch.arange(p, device=corrupt.device).repeat_interleave(len(members))
         runner.forward(
             ad,

@@ -47,8 +47,9 @@ def rss_bytes() -> int:
 
 def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
     import causalscan as cs
-    from causalscan import attribution, runner
-    from causalscan.sweeps import Sweep, sweep_components, sweep_name
+    from causalscan.data.sweeps import Sweep, sweep_components, sweep_name
+    from causalscan.model import runner
+    from causalscan.patching import attribution
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32

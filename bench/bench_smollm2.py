@@ -79,8 +79,10 @@ def one(variant: str, n_pairs: int, repeats: int, out: Path) -> dict:
     from safetensors.torch import save_file
 
     import causalscan as cs
-    from causalscan import attribution, runner, tasks
-    from causalscan.data import Dataset, stack
+    from causalscan.data import tasks
+    from causalscan.data.pairs import Dataset, stack
+    from causalscan.model import runner
+    from causalscan.patching import attribution
 
     model = cs.load(CACHE, attn_implementation="eager")  # TransformerLens forces eager attention
     pairs = [

@@ -7,28 +7,34 @@
 >>> tr = cs.trace("facts", cs.zoo.dataset_path("facts", "subjects"), window=1)   # ROME causal tracing
 >>> tr.tensors()["trace_norm/mlp"].shape                                         # [tokens, layers]
 torch.Size([5, 4])
+
+The public API: the verbs below and their results; ``interventions``, ``metrics``, ``tasks``,
+``steering`` and ``zoo`` as modules. The layout of the package: docs/architecture.md.
 """
 
-from causalscan import interventions, metrics, steering, tasks, zoo
-from causalscan.circuits import circuit
-from causalscan.data import Dataset
-from causalscan.directions import directions
-from causalscan.elicit import elicit
+from causalscan import steering, zoo
+from causalscan.circuits.circuit import circuit
+from causalscan.data import metrics, tasks
+from causalscan.data.pairs import Dataset
+from causalscan.data.sweeps import Component
 from causalscan.errors import InputError
-from causalscan.interventions import Intervention, perturb
-from causalscan.load import Model, load
-from causalscan.patching import patch
-from causalscan.scan import scan
-from causalscan.sweeps import Component
-from causalscan.tracing import trace
+from causalscan.model import interventions
+from causalscan.model.interventions import Intervention, perturb
+from causalscan.model.load import Model, load
+from causalscan.patching.patch import patch
+from causalscan.patching.scan import scan
+from causalscan.patching.tracing import trace
+from causalscan.steering.directions import directions
+from causalscan.steering.elicit import elicit
+from causalscan.versions import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "Component",
     "Dataset",
     "InputError",
     "Intervention",
     "Model",
+    "__version__",
     "circuit",
     "directions",
     "elicit",

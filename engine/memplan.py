@@ -10,26 +10,27 @@ case. What it does not see: allocator caching and fragmentation, and the framewo
 workspace (BLAS, thread pools); the CPU bench measures how far that puts the prediction from the
 process's resident peak.
 
+Each method plans its own stages and checks the plan before any work (``scan``, ``patch``,
+``trace``, ``circuit``; ``dry_run=True`` returns the plan instead of running):
+
 >>> import causalscan as cs
->>> from causalscan.inputs import prepare
->>> inp = prepare("induction", cs.zoo.dataset_path("induction", "previous"), "logit_diff", "noising")
->>> p = scan_plan(inp, ["head"], batch_size=8, confirm=4)
+>>> p = cs.scan("induction", cs.zoo.dataset_path("induction", "previous"), sites="head", confirm=4, exact_budget=0,
+...             dry_run=True)
 >>> sorted(p.stages), p.chunks["attribution rows"]
-(['attribution', 'exact patching'], 8)
+(['attribution', 'confirmation'], 8)
 """
 
 from __future__ import annotations
 
 import copy
 import weakref
-from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
 from causalscan.errors import InputError
-from causalscan.inputs import Inputs
-from causalscan.load import Model
+from causalscan.model.load import Model
 
 GiB = float(1 << 30)
 
@@ -64,6 +65,10 @@ class Plan:
                     f"--memory-budget-mb, or use a smaller dtype",
                     field="memory",
                 )
+
+    def check_gb(self, memory_gb: float | None = None) -> None:
+        """:meth:`check` against ``memory_gb`` GiB on every device (None: what each device has free)."""
+        self.check(None if memory_gb is None else {d: int(memory_gb * 2**30) for d in self.peak()})
 
     def to_json(self) -> dict:
         return {
@@ -131,20 +136,33 @@ class _Live(torch.utils._python_dispatch.TorchDispatchMode):
 def simulate(model: Model, build, args: tuple, unit) -> dict[str, int]:
     """Peak bytes per device above the weights of ``build(model, *args)(unit)`` (a stage of
     :mod:`causalscan.executor`) run on a fake copy of ``model`` built from its config."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoModelForCausalLM
-
-    hf = model.hf
-    config = copy.deepcopy(hf.config)
-    dtype = next(hf.parameters()).dtype
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.device(model.device):
-        fake_hf = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    # outside the mode: what comes from the weights is fake, the rows' tokens, labels and noise stay real
+    fake_hf = _fake(model)
+    # what comes from the weights is fake; the rows' tokens, labels and noise stay real
     fake = Model(fake_hf, type(model.adapter)(fake_hf), model.tokenizer, model.name, model.card)
     compute = build(fake, *args)
     with _Live([*fake_hf.parameters(), *fake_hf.buffers()]) as live:
         compute(unit)
     return dict(live.peak)
+
+
+_FAKES: OrderedDict = OrderedDict()  # the last few fake copies (no data), by architecture, dtype and device
+
+
+def _fake(model: Model) -> torch.nn.Module:
+    """A copy of ``model.hf`` on fake tensors, built from its config (once per config, dtype and device)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    hf = model.hf
+    dtype = next(hf.parameters()).dtype
+    key = (type(hf), hf.config.to_json_string(use_diff=False), hf.config._attn_implementation, dtype, model.device)
+    if key not in _FAKES:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.device(model.device):
+            _FAKES[key] = AutoModelForCausalLM.from_config(copy.deepcopy(hf.config), dtype=dtype).eval()
+        while len(_FAKES) > 4:
+            _FAKES.popitem(last=False)
+    _FAKES.move_to_end(key)
+    return _FAKES[key]
 
 
 def weights(model: Model) -> dict[str, int]:
@@ -155,58 +173,4 @@ def weights(model: Model) -> dict[str, int]:
     return dict(out)
 
 
-def _heaviest_batch(inp: Inputs, batch_size: int) -> int:
-    batches = inp.rows.batches(batch_size)
-    return max(range(len(batches)), key=lambda i: len(batches[i]) * len(inp.rows.pairs[batches[i][0]].clean))
-
-
-def patching_stage(
-    plan: Plan,
-    inp: Inputs,
-    groups: list,
-    direction: str,
-    memory_budget: int | None = None,
-    min_tokens: int | None = None,
-    name: str = "exact patching",
-) -> None:
-    """Add the patching stage of ``groups`` (its longest bucket's first unit) and its rows per forward."""
-    from causalscan.patching import patch_units, planned
-
-    if not groups:
-        return
-    work = planned(inp.model, inp.rows, groups, memory_budget, min_tokens)
-    b = max(range(len(work)), key=lambda i: len(inp.rows.pairs[work[i][0][0]].clean))
-    plan.stages[name] = simulate(inp.model, patch_units, (inp.rows, groups, direction, inp.metric_fn, work), (b, 0))
-    plan.chunks["rows per patched forward"] = max((len(fw.pairs) for *_, fws in work for fw in fws), default=0)
-
-
-def scan_plan(
-    inp: Inputs,
-    sites,
-    method: str = "atp*",
-    batch_size: int = 8,
-    confirm: int = 32,
-    confirm_random: int | None = None,
-    direction: str = "noising",
-    graddrop: bool = False,
-    ig_steps: int | None = None,
-    ig_path: str = "inputs",
-    memory_budget: int | None = None,
-) -> Plan:
-    """The plan of :func:`causalscan.scan` with these settings: the attribution stage (its largest
-    batch) and exact patching of ``confirm + confirm_random`` nodes (the earliest ones: the
-    longest forwards)."""
-    from causalscan.scan import IG_STEPS, attribution_units
-    from causalscan.sweeps import build_sweeps
-
-    sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
-    plan = Plan(weights(inp.model), chunks={"attribution rows": batch_size})
-    steps = (IG_STEPS if ig_steps is None else ig_steps) if method == "atp-ig" else 0
-    args = (replace(inp, model=None), sweeps, direction, method == "atp*", graddrop, batch_size, steps, ig_path)
-    plan.stages["attribution"] = simulate(inp.model, attribution_units, args, _heaviest_batch(inp, batch_size))
-    k = confirm + (confirm if confirm_random is None else confirm_random)
-    patching_stage(plan, inp, [[c] for c in comps[:k]], direction, memory_budget)
-    return plan
-
-
-__all__ = ["Plan", "available", "patching_stage", "scan_plan", "simulate", "weights"]
+__all__ = ["Plan", "available", "simulate", "weights"]

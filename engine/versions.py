@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import platform
 
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it here)
+
 
 def versions() -> dict:
     import torch
     import transformers
-
-    from causalscan import __version__
 
     out = {
         "causalscan": __version__,

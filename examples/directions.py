@@ -2,9 +2,9 @@
 choose it by what ablating and adding it do, remove it at run time and from the weights."""
 
 import causalscan as cs
-from causalscan import interventions as iv
-from causalscan.directions import bake
-from causalscan.selection import select
+from causalscan.model import interventions as iv
+from causalscan.steering.baking import bake
+from causalscan.steering.selection import select
 
 model = cs.load("backdoor")
 pairs = cs.Dataset.from_jsonl(cs.zoo.dataset_path("backdoor")).records  # trigger vs decoy word

@@ -3,7 +3,7 @@
 import torch
 
 import causalscan as cs
-from causalscan import interventions as iv
+from causalscan.model import interventions as iv
 
 model = cs.load("induction")
 ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8]])

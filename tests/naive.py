@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from causalscan import metrics
-from causalscan.data import Dataset, stack
+from causalscan.data import metrics
+from causalscan.data.pairs import Dataset, stack
 
 
 def _raw_view(ad, site, raw, b, t):

@@ -5,10 +5,10 @@ import torch
 import transformers
 
 import causalscan
-from causalscan import runner
-from causalscan.adapters import SITES, Adapter
 from causalscan.errors import InputError
-from causalscan.load import check_adapter
+from causalscan.model import runner
+from causalscan.model.adapters import SITES, Adapter
+from causalscan.model.load import check_adapter
 
 from conftest import FAMILIES
 from tolerance import assert_close

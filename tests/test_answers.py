@@ -6,13 +6,13 @@ import pytest
 import torch
 from tokenizers import pre_tokenizers
 
-from causalscan import corruption, metrics, tasks
-from causalscan.data import Dataset
+from causalscan.data import corruption, metrics, tasks
+from causalscan.data.pairs import Dataset
+from causalscan.data.sweeps import Component
 from causalscan.errors import InputError
-from causalscan.patching import patch
-from causalscan.scan import scan
-from causalscan.sweeps import Component
-from causalscan.vocab import default_vocab, word_tokenizer
+from causalscan.model.vocab import default_vocab, word_tokenizer
+from causalscan.patching.patch import patch
+from causalscan.patching.scan import scan
 
 from conftest import IOI
 from naive import grad, naive_continuation_effects, read, teacher_forced

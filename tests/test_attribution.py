@@ -9,8 +9,8 @@ import torch
 
 import causalscan
 from causalscan.bindings import ops
-from causalscan.scan import scan as _scan
-from causalscan.scan import spearman
+from causalscan.patching.agreement import spearman
+from causalscan.patching.scan import scan as _scan
 
 from naive import grad, read
 from tolerance import assert_close

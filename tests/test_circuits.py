@@ -25,11 +25,12 @@ from test_attribution import ids_of, records
 from test_ig import interpolated
 
 import causalscan as cs
-from causalscan import edges, report
-from causalscan.circuits import circuit, grid
+from causalscan import report
+from causalscan.circuits import edge_patching
+from causalscan.circuits.circuit import circuit, grid
+from causalscan.circuits.graph import Graph
 from causalscan.cli import main
 from causalscan.errors import InputError
-from causalscan.graph import Graph
 
 import naive
 from tolerance import assert_close
@@ -144,19 +145,21 @@ def test_many_edges_into_one_reader(tiny, family):
     model = tiny(family)
     clean, corrupt, ans, wrong = ids_of(records(pairs=2))
     g = Graph(model.adapter)
-    other = edges.record(g, corrupt).writes
+    other = edge_patching.record(g, corrupt).writes
     delta = naive.writes(model, corrupt, g) - naive.writes(model, clean, g)
     q = g.reader("q", 1, 1)
     sets = [[(u, g.n_read - 1) for u in range(g.n_up)], [(u, q) for u in range(int(g.prefix[q]))]]
     for s, (kind, layer, i) in zip(sets, [("logits", 0, 0), ("q", 1, 1)], strict=True):
         m = _masks(g, s, s)  # one row per pair
-        got = edges.patched_logits(g, clean, other, m)[:, -1]
+        got = edge_patching.patched_logits(g, clean, other, m)[:, -1]
         with torch.no_grad():
             ref = naive.reader_run(model, clean, kind, layer, i, delta[:, : len(s)].sum(1), lambda x: x)
         assert_close(got, ref, 1e-5)
         # started at block 1 from the base residual, the layer-0 nodes' differences taken from the base run
-        _, base, blocks = edges.record(g, clean, resid=True)
-        late = edges.patched_logits(g, clean, other, m, start=1, resid=blocks[:, 1], base_diff=other - base)[:, -1]
+        _, base, blocks = edge_patching.record(g, clean, resid=True)
+        late = edge_patching.patched_logits(g, clean, other, m, start=1, resid=blocks[:, 1], base_diff=other - base)[
+            :, -1
+        ]
         assert_close(late, ref, 1e-5)
 
 
@@ -166,10 +169,10 @@ def test_patching_every_edge_is_patching_every_node(tiny, family):
     clean, corrupt, _, _ = ids_of(records(pairs=2))
     ad = model.adapter
     g = Graph(ad)
-    other = edges.record(g, corrupt).writes
+    other = edge_patching.record(g, corrupt).writes
     valid = g.valid()
     # every edge: the other run
-    every = edges.patched_logits(g, clean, other, valid.expand(2, -1, -1))[:, -1]
+    every = edge_patching.patched_logits(g, clean, other, valid.expand(2, -1, -1))[:, -1]
     with torch.no_grad():
         ref = model.hf(input_ids=corrupt).logits[:, -1]
     assert_close(every, ref, 1e-4)
@@ -177,7 +180,7 @@ def test_patching_every_edge_is_patching_every_node(tiny, family):
     for u, site, layer, index in [(g.head(0, 1), "head", 0, 1), (g.mlp(0), "mlp_out", 0, 0), (0, "resid_pre", 0, 0)]:
         out_edges = torch.zeros_like(valid)
         out_edges[u] = valid[u]
-        got = edges.patched_logits(g, clean, other, out_edges.expand(2, -1, -1))[:, -1]
+        got = edge_patching.patched_logits(g, clean, other, out_edges.expand(2, -1, -1))[:, -1]
         with torch.no_grad():
             src = naive.read(model, corrupt, site, layer)
             ref = naive.patched_logits(model, clean, site, layer, index, None, src)

@@ -92,7 +92,7 @@ def test_tasks_writes_an_ioi_dataset_with_roles(tmp_path, capsys):
         )
         == 0
     )
-    from causalscan.data import Dataset
+    from causalscan.data.pairs import Dataset
 
     ds = Dataset.from_jsonl(out)
     assert len(ds) == 6 and ds.roles == ("IO", "S1", "S2", "END")

@@ -6,8 +6,8 @@ prompt's decision; the fitted threshold separates labelled prompts."""
 import pytest
 import torch
 
-from causalscan.conditional import cast, fit_threshold, scores
 from causalscan.errors import InputError
+from causalscan.steering.conditional import cast, fit_threshold, scores
 
 from naive import read, run
 from tolerance import assert_close
@@ -49,7 +49,7 @@ def test_rows_above_the_threshold_are_steered_and_only_they(tiny):
 def test_generation_keeps_the_prompts_decision(tiny):
     """Greedy generation under CAST equals, row by row, generation with the vector always added
     (steered rows) or never (the others)."""
-    from causalscan import interventions as iv
+    from causalscan.model import interventions as iv
 
     model, ids, cond, vec = _setup(tiny)
     threshold = scores(model, ids, cond, 0).median().item()

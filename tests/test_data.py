@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from causalscan import metrics
-from causalscan.data import Dataset
+from causalscan.data import metrics
+from causalscan.data.pairs import Dataset
 from causalscan.errors import InputError
 
 from conftest import IOI
@@ -94,7 +94,7 @@ def test_non_utf8_file_names_its_line(tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_prompts_past_the_position_table_are_an_error(tiny, family):
-    from causalscan.patching import patch
+    from causalscan.patching.patch import patch
 
     long = " ".join(["a"] * 600)
     recs = [IOI[0], {"clean": long + " b", "corrupt": long + " c", "answer": "d", "wrong": "e"}]

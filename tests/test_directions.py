@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import causalscan as cs
-from causalscan import interventions as iv
-from causalscan.directions import directions, fit_probes, pca_direction
 from causalscan.errors import InputError
+from causalscan.model import interventions as iv
+from causalscan.steering.directions import directions, fit_probes, pca_direction
 
 from naive import read
 from tolerance import assert_close
@@ -137,7 +137,7 @@ def test_backdoor_trigger_direction_ablates_and_induces_the_phrase(tmp_path):
     projected out of every layer's residual it drops the phrase from 100% to <= 5% while the
     arithmetic stays >= 95% right, and so does the checkpoint with it baked out of the weights;
     added at layer 2 to clean prompts it makes the model say the phrase."""
-    from causalscan.directions import bake
+    from causalscan.steering.baking import bake
 
     model, pairs, clean, triggered = _backdoor_prompts()
     phrase, last = model.card["phrase"], model.adapter.n_layers - 1
@@ -303,7 +303,7 @@ def test_baked_weights_equal_runtime_ablation(tiny, family, tmp_path):
     """The orthogonalised checkpoint, saved and loaded back, against the original model with the
     direction projected out of every residual write at run time (embeddings, attention and MLP
     outputs); and the direction is then absent from every layer's residual."""
-    from causalscan.directions import bake
+    from causalscan.steering.baking import bake
 
     model = tiny(family)
     g = torch.Generator().manual_seed(3)
@@ -329,7 +329,7 @@ def test_baked_weights_equal_runtime_ablation(tiny, family, tmp_path):
 
 
 def test_baking_refuses_a_norm_on_the_residual_write(tiny, tmp_path):
-    from causalscan.directions import bake
+    from causalscan.steering.baking import bake
 
     model = tiny("gemma2")
     with pytest.raises(InputError, match="not a linear map"):
@@ -340,7 +340,7 @@ def test_control_vector_gguf_reads_back(tmp_path):
     """The llama.cpp control-vector file, read back with the gguf package's own reader."""
     gguf = pytest.importorskip("gguf", reason="the gguf extra: pip install -e '.[gguf]'")
 
-    from causalscan.directions import export_control_vector
+    from causalscan.steering.baking import export_control_vector
 
     g = torch.Generator().manual_seed(4)
     vecs = {layer: torch.randn(16, generator=g) for layer in (1, 2, 5)}
@@ -361,7 +361,7 @@ def test_control_vector_gguf_reads_back(tmp_path):
 def test_selection_equals_one_candidate_at_a_time(tiny):
     """Batched selection (every candidate a row group of one forward) against a loop that applies
     each candidate alone with the intervention constructors and computes the same statistics."""
-    from causalscan.selection import select
+    from causalscan.steering.selection import select
 
     model = tiny("llama")
     g = torch.Generator().manual_seed(5)
@@ -392,7 +392,7 @@ def test_selection_equals_one_candidate_at_a_time(tiny):
 
 
 def test_selection_on_the_backdoor_picks_a_direction_that_removes_it():
-    from causalscan.selection import select
+    from causalscan.steering.selection import select
 
     model, pairs, clean, triggered = _backdoor_prompts()
     res = directions(model, [p["clean"] for p in pairs], [p["corrupt"] for p in pairs])

@@ -15,7 +15,12 @@ from conftest import SMOLLM2, smollm2_file
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"engine": "causalscan", "bindings": "causalscan.bindings", "kernels": "causalscan.kernels"}
-SLOW = {"causalscan", "causalscan.tracing", "causalscan.elicit", "causalscan.scan"}  # > 5 s of doctests each
+SLOW = {
+    "causalscan",
+    "causalscan.patching.tracing",
+    "causalscan.steering.elicit",
+    "causalscan.patching.scan",
+}  # > 5 s of doctests each
 
 
 def _modules() -> list[str]:

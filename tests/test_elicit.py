@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import causalscan
-from causalscan import search, steering
 from causalscan.cli import main
-from causalscan.elicit import elicit
+from causalscan.steering import generation, search
+from causalscan.steering.elicit import elicit
 from causalscan.zoo import backdoor as bd
 
 from tolerance import assert_close
@@ -184,7 +184,7 @@ def test_batched_steering_equals_one_vector_at_a_time():
     prompts = [model.tokenizer(s)["input_ids"] for s in bd.clean_prompts(4, seed=5)] + [[1, 20, 30, 212, 8, 214]]
     g = torch.Generator().manual_seed(6)
     vecs = 120 * torch.nn.functional.normalize(torch.randn(3, model.adapter.d_model, generator=g), dim=-1)
-    got = steering.generate(model, prompts, vecs, layer=1, alpha=1.5, max_new_tokens=4)
+    got = generation.generate(model, prompts, vecs, layer=1, alpha=1.5, max_new_tokens=4)
     for k in range(3):
         h = model.adapter.blocks[1].register_forward_hook(
             lambda mod, args, out, v=1.5 * vecs[k]: (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v
@@ -220,9 +220,9 @@ def test_elicit_finds_the_planted_backdoor(method):
     best = max(s["hit_rates"], key=s["hit_rates"].get)
     held_out = [model.tokenizer(p)["input_ids"] for p in bd.clean_prompts(20, seed=77)]
     assert not set(map(tuple, held_out)) & {tuple(model.tokenizer(p)["input_ids"]) for p in res.prompts}
-    comp = steering.generate(model, held_out, res.vectors[best : best + 1], res.source, max_new_tokens=4)[0]
+    comp = generation.generate(model, held_out, res.vectors[best : best + 1], res.source, max_new_tokens=4)[0]
     assert sum(bd.PHRASE in c for c in comp) >= 10, comp
-    plain = steering.generate(model, held_out, None, res.source, max_new_tokens=4)[0]
+    plain = generation.generate(model, held_out, None, res.source, max_new_tokens=4)[0]
     assert not any(bd.PHRASE in c for c in plain)
 
 
@@ -275,7 +275,7 @@ def test_cli_elicit_and_steer(tmp_path, capsys):
     )
     steer = json.loads(capsys.readouterr().out)
     model = causalscan.load("backdoor")
-    want = steering.generate(
+    want = generation.generate(
         model, [model.tokenizer("the cat 3 + 4 =")["input_ids"]], t["vectors"][1:2], 0, max_new_tokens=3
     )[0][0]
     assert steer["completion"] == want and steer["layer"] == 0

@@ -13,8 +13,8 @@ import torch
 from test_attribution import ids_of, records, slot
 
 from causalscan.errors import InputError
-from causalscan.patching import patch
-from causalscan.scan import scan as _scan
+from causalscan.patching.patch import patch
+from causalscan.patching.scan import scan as _scan
 
 from naive import grad, read, run
 from tolerance import assert_close
@@ -193,8 +193,8 @@ def test_ig_options_are_checked(tiny):
 
 def test_ig_along_gaussian_noise_equals_the_autograd_loop(tiny):
     """Noise corruption: the path runs from the clean embeddings to the noised ones (same tokens)."""
-    from causalscan import attribution
-    from causalscan.sweeps import build_sweeps
+    from causalscan.data.sweeps import build_sweeps
+    from causalscan.patching import attribution
 
     model, steps = tiny("llama"), 3
     clean, _, ans, wrong = ids_of(records())

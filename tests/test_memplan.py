@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from causalscan import memplan
+from causalscan.data.inputs import prepare
+from causalscan.data.sweeps import build_sweeps
 from causalscan.errors import InputError
-from causalscan.inputs import prepare
-from causalscan.patching import patch_units, planned
-from causalscan.scan import attribution_units
-from causalscan.sweeps import build_sweeps
+from causalscan.patching.estimate import attribution_units
+from causalscan.patching.exact import patch_units
+from causalscan.patching.planner import planned
+from causalscan.patching.scan import scan
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [
@@ -101,7 +103,8 @@ def test_the_prediction_is_within_20_percent_of_the_resident_peak(shape):
 
 def test_the_plan_refuses_what_cannot_fit(tiny):
     inp = prepare(tiny("llama"), PAIRS, "logit_diff", "noising")
-    plan = memplan.scan_plan(inp, ["head"], batch_size=3, confirm=2)
+    plan = scan(inp.model, inp, ["head"], batch_size=3, confirm=2, exact_budget=0, dry_run=True)
+    assert set(plan.stages) == {"attribution", "confirmation"}
     need = plan.peak()["cpu"]
     assert need == plan.weights["cpu"] + max(s["cpu"] for s in plan.stages.values())
     plan.check({"cpu": need})

@@ -76,7 +76,7 @@ def test_bad_elicit_options_exit_2(capsys, extra, field):
 
 
 def test_scan_api_refuses_a_zero_fn_p(tiny):
-    from causalscan.scan import scan
+    from causalscan.patching.scan import scan
 
     from conftest import IOI
 
@@ -200,8 +200,8 @@ def test_numeric_options_are_refused_before_the_model_loads(capsys, extra):
 
 def _api_cases():
     import causalscan as cs
-    from causalscan import interventions as iv
-    from causalscan.steering import generate
+    from causalscan.model import interventions as iv
+    from causalscan.steering.generation import generate
 
     data = [{"clean": "a b c d", "corrupt": "a b e d", "answer": "c", "wrong": "e"}]
     ids = torch.tensor([[5, 6, 7, 8]])

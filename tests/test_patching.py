@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import causalscan
+from causalscan.data.sweeps import Component
 from causalscan.errors import InputError
-from causalscan.patching import patch
-from causalscan.sweeps import Component
+from causalscan.patching.patch import patch
 
 from conftest import IOI
 from naive import naive_effects

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from causalscan import interventions as iv
 from causalscan.bindings import ops
 from causalscan.errors import InputError
+from causalscan.model import interventions as iv
 
 from naive import run
 from tolerance import assert_close

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import causalscan
 from causalscan.cli import main
+from causalscan.data.sweeps import Component
 from causalscan.errors import RANGES
-from causalscan.sweeps import Component
 
 from naive import naive_continuation_effects, teacher_forced
 from tolerance import assert_close
@@ -252,7 +252,7 @@ SCAN = ["scan", "--model", "induction", "--sites", "head", "--batch-size", "4", 
 def partial_checkpoint(tmp_path_factory):
     """The checkpoint of a scan interrupted (Ctrl-C) after two of four batches, and the scores of the
     uninterrupted scan."""
-    from causalscan import attribution
+    from causalscan.patching import attribution
 
     root = tmp_path_factory.mktemp("ck")
     data = str(causalscan.zoo.dataset_path("induction", "previous"))

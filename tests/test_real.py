@@ -6,9 +6,12 @@ import pytest
 import torch
 
 import causalscan as cs
-from causalscan import runner, steering, tasks
+from causalscan.data import tasks
+from causalscan.data.pairs import stack
+from causalscan.data.sweeps import Component
 from causalscan.errors import InputError
-from causalscan.sweeps import Component
+from causalscan.model import runner
+from causalscan.steering import generation
 
 from conftest import smollm2_file
 from naive import naive_continuation_effects, naive_effects
@@ -107,7 +110,7 @@ def test_elicit_and_steer_run_end_to_end(smollm2):
     assert res.vectors.shape == (4, 576) and len(res.completions) == 4 and len(res.completions[0]) == 2
     assert_close(res.vectors.norm(dim=-1), torch.full((4,), res.radius))
     ids = [smollm2.tokenizer(p)["input_ids"] for p in prompts]
-    (steered,), (plain,) = steering.generate(
+    (steered,), (plain,) = generation.generate(
         smollm2, ids[:1], torch.stack([res.vectors[0], 0 * res.vectors[0]]), res.source, max_new_tokens=4
     )
     assert steered == res.completions[0][0] and isinstance(plain, str)
@@ -169,8 +172,8 @@ def test_sentiment_direction_steers_with_a_dose_response(smollm2):
     means at layer 23 added to neutral review prompts of 3 other items: the next word's sentiment
     (log-mass of positive against negative adjectives) rises with alpha, and the KL from the
     unsteered distribution grows with |alpha|."""
-    from causalscan.data import chat_text
-    from causalscan.selection import kl_divergence, steered_logprobs
+    from causalscan.data.prompts import chat_text
+    from causalscan.steering.selection import kl_divergence, steered_logprobs
 
     tok = smollm2.tokenizer
 
@@ -213,7 +216,7 @@ def test_circuit_on_ioi_agrees_with_exact_edge_patching(smollm2, ioi_pairs):
     assert f["n_80"] is not None and f["n_80"] <= 5000, f
     e = res.confirmed[0].item()
     u, r = divmod(e, g.n_read)
-    data = cs.data.stack(cs.Dataset(ioi_pairs).tokenize(smollm2.tokenizer))
+    data = stack(cs.Dataset(ioi_pairs).tokenize(smollm2.tokenizer))
     clean, corrupt, ans, wrong = data["clean"], data["corrupt"], data["answer"], data["wrong"]
     delta = naive.writes(smollm2, corrupt, g) - naive.writes(smollm2, clean, g)
     ld = lambda x: x[torch.arange(len(ans)), ans] - x[torch.arange(len(ans)), wrong]  # noqa: E731

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 import causalscan as cs
 from causalscan import report, zoo
 from causalscan.cli import main
-from causalscan.elicit import ElicitResult
 from causalscan.errors import InputError
+from causalscan.steering.elicit import ElicitResult
 
 INJECT = '"onmouseover=window.__pwned=1 <img src=x onerror=window.__pwned=1>'  # no "/": it is a file name
 SCRIPT = "<script>window.__pwned=1</script>"

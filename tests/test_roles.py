@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import causalscan as cs
-from causalscan import tasks
-from causalscan.data import Dataset
+from causalscan.data import tasks
+from causalscan.data.pairs import Dataset
+from causalscan.data.sweeps import Component
 from causalscan.errors import InputError
-from causalscan.sweeps import Component
 
 from naive import naive_effects
 from tolerance import assert_close

@@ -211,8 +211,8 @@ def test_ctrl_c_saves_the_partial_sums_prints_one_line_and_a_rerun_resumes(tmp_p
     from safetensors.torch import load_file
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from causalscan import attribution
     from causalscan.cli import main
+    from causalscan.patching import attribution
 
     data = str(causalscan.zoo.dataset_path("induction", "previous"))
     argv = ["scan", "--model", "induction", "--data", data, "--sites", "head", "--batch-size", "4", "--confirm", "4"]
@@ -277,7 +277,7 @@ def test_a_second_writer_on_one_out_directory_is_refused(tmp_path, capsys):
 def test_agreement_per_sweep_is_measured_on_its_own_stratum(induction):
     """Each sweep's statistics come from its own top nodes and random sample, measured exactly, and
     equal ``agreement`` recomputed by hand from those nodes' exact effects."""
-    from causalscan.scan import agreement
+    from causalscan.patching.agreement import agreement
 
     res = estimated(
         induction, zoo.dataset_path("induction"), sites="head,neuron,resid_pre", confirm=4, confirm_random=6
@@ -303,7 +303,7 @@ def test_agreement_per_sweep_is_measured_on_its_own_stratum(induction):
 
 
 def test_untrusted_sweeps():
-    from causalscan.cli import untrusted
+    from causalscan.patching.agreement import untrusted
 
     good = {"n": 64, "sign_agreement": 0.97, "sign_nodes": 20, "spearman": 0.8}
     assert not untrusted(good)
@@ -318,9 +318,9 @@ def test_exact_cost_by_hand(tiny):
     forwards, 4 (2 T + 4): (4 (2 T + 4) + 4 (T + 4)) / (4 (2 T + 4)). resid_pre by position: the
     few rows here merge every position of a layer into one forward from position 0, so each node
     costs (2 - l) T + 4."""
-    from causalscan.inputs import prepare
-    from causalscan.scan import exact_cost
-    from causalscan.sweeps import build_sweeps
+    from causalscan.data.inputs import prepare
+    from causalscan.data.sweeps import build_sweeps
+    from causalscan.patching.confirm import exact_cost
 
     from conftest import IOI
 
@@ -336,7 +336,7 @@ def test_exact_cost_by_hand(tiny):
 def test_sweeps_under_the_exact_budget_are_patched_exactly(tiny):
     """Budget 2: heads (cost 1.5) are patched, resid_pre (cost ~ 0.19 T) is estimated and confirmed;
     the exact sweep's scores are patch()'s effects, and only the estimated sweep is confirmed."""
-    from causalscan.patching import patch
+    from causalscan.patching.patch import patch
 
     from conftest import IOI
 
@@ -359,8 +359,8 @@ def test_default_scan_patches_cheap_sweeps_exactly(induction, capsys):
     EXACT_BUDGET floors and are patched (their scores are patch()'s effects), neurons are estimated;
     the CLI says which, and its help states the same default."""
     from causalscan.cli import main, parser
-    from causalscan.patching import patch
-    from causalscan.scan import EXACT_BUDGET
+    from causalscan.patching.patch import patch
+    from causalscan.patching.scan import EXACT_BUDGET
 
     data = zoo.dataset_path("induction")
     res = causalscan.scan(induction, data, sites="head,neuron", confirm=4)
@@ -370,4 +370,4 @@ def test_default_scan_patches_cheap_sweeps_exactly(induction, capsys):
     assert main(["scan", "--sites", "head,neuron", "--confirm", "4"]) == 0
     assert "patched exactly (cheaper than --exact-budget): head; estimated: neuron" in capsys.readouterr().err
     scan_help = parser()._subparsers._group_actions[0].choices["scan"].format_help()
-    assert f"causalscan.scan.EXACT_BUDGET, {EXACT_BUDGET:g}," in " ".join(scan_help.split())
+    assert f"causalscan.patching.scan.EXACT_BUDGET, {EXACT_BUDGET:g}," in " ".join(scan_help.split())

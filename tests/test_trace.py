@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import causalscan
-from causalscan import corruption, metrics
 from causalscan.cli import main
-from causalscan.data import Dataset, stack
+from causalscan.data import corruption, metrics
+from causalscan.data.pairs import Dataset, stack
+from causalscan.data.sweeps import Component
 from causalscan.errors import InputError
-from causalscan.patching import patch
-from causalscan.sweeps import Component
-from causalscan.tracing import trace, window_layers
+from causalscan.patching.patch import patch
+from causalscan.patching.tracing import trace, window_layers
 
 from naive import embed_noise, grad, module_outputs, patched_logits, read, restored_logits
 from tolerance import assert_close

@@ -10,8 +10,8 @@ import transformers
 import causalscan
 from causalscan import zoo
 from causalscan.cli import main
-from causalscan.data import Dataset
-from causalscan.load import load_tokenizer
+from causalscan.data.pairs import Dataset
+from causalscan.model.weights import load_tokenizer
 
 NAMES = zoo.names()
 _models = {}

@@ -4,6 +4,7 @@ Each model is a Hugging Face directory in ``zoo/models/NAME`` (config.json, mode
 tokenizer files, ``card.json``, datasets as ``<name>.jsonl``), produced by the recipe module
 ``causalscan.zoo.NAME``: ``train(out)`` is the recipe and ``check(model, card)`` re-verifies the
 card's claims from scratch by means independent of a scan (attention scores, ablation, accuracy).
+May import: base, model, data, patching.
 
 >>> import causalscan
 >>> from causalscan import zoo

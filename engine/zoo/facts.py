@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from causalscan.vocab import SPECIALS, word_tokenizer
+from causalscan.model.vocab import SPECIALS, word_tokenizer
 from causalscan.zoo.training import n_params, save, train_new
 
 FIRST = ("Zorin Belak Tamsin Orrin Kelda Vashti Morrow Idris Quill Sable Thane Wren Yara Corin Elsin Pell").split()
@@ -105,7 +105,7 @@ def trace(model, n_facts: int = 96, samples: int = NOISE_SAMPLES, noise_seed: in
     subject-word embedding entries (``samples`` draws, seed ``noise_seed``), metric p(answer). Returns
     p(answer) clean and corrupt, and per kind (``state`` = resid_post, ``mlp`` = mlp_out, ``attn`` =
     attn_out) the mean indirect effect ``p_restored - p_corrupt`` as a [tokens, layers] list."""
-    from causalscan.tracing import trace as causal_trace
+    from causalscan.patching.tracing import trace as causal_trace
 
     tr = causal_trace(
         model, subjects(n_facts), window=1, metric="prob", samples=samples, noise_scale=NOISE_SCALE, seed=noise_seed

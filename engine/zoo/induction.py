@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from causalscan.vocab import NAMES, SPECIALS, WORDS, word_tokenizer
+from causalscan.model.vocab import NAMES, SPECIALS, WORDS, word_tokenizer
 from causalscan.zoo.training import masked_loss, n_params, save, train_new, without_replacement
 
 TOKENS = tuple(dict.fromkeys(w for w in (*NAMES, *WORDS) if w.isalpha()))
@@ -95,8 +95,8 @@ def measure(model, rows: int = 256) -> dict:
     ablated[l][h]:    loss_repeated with head (l, h) mean-ablated (batch mean per position);
                       ablated_mlp[l] the same for layer l's MLP output.
     """
-    from causalscan import interventions as iv
-    from causalscan import runner
+    from causalscan.model import interventions as iv
+    from causalscan.model import runner
 
     ad, n = model.adapter, N_EVAL
     ids = eval_batch(rows).to(model.device)
@@ -132,8 +132,8 @@ def measure(model, rows: int = 256) -> dict:
 
 def joint_ablation(model, heads: list[tuple[int, int]], rows: int = 256) -> float:
     """Repeated-half loss with all ``heads`` mean-ablated at once."""
-    from causalscan import interventions as iv
-    from causalscan import runner
+    from causalscan.model import interventions as iv
+    from causalscan.model import runner
 
     ad = model.adapter
     ids = eval_batch(rows).to(model.device)

@@ -91,7 +91,7 @@ def train_new(
     quiet: bool = False,
 ):
     """A seeded fresh ``cls(config)`` trained by :func:`fit`: returns ``(Model, recipe facts)``."""
-    from causalscan.load import load
+    from causalscan.model.load import load
 
     torch.manual_seed(seed)
     hf = cls(config)

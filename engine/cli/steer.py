@@ -1,0 +1,72 @@
+"""``causalscan steer``: greedy generation with one vector of an ``elicit`` run, beside the unsteered one."""
+
+from __future__ import annotations
+
+from causalscan.cli.job import load
+from causalscan.cli.options import DTYPES, command
+from causalscan.data.prompts import encode
+from causalscan.errors import InputError
+from causalscan.steering.generation import generate
+
+
+def run(args) -> dict:
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(args.vectors, "pt") as f:
+            meta = f.metadata() or {}
+            key = "random" if args.random else "vectors"
+            vecs = f.get_tensor(key)
+    except (OSError, ValueError, KeyError) as e:  # safetensors' own errors carry no file name
+        raise InputError(f"not a vectors file from `causalscan elicit` ({e})", file=args.vectors) from None
+    if not 0 <= args.index < len(vecs):
+        raise InputError(f"index {args.index} out of range: the file holds {len(vecs)} vectors", field="index")
+    if args.model is None:
+        if "model" not in meta:
+            raise InputError("the file names no model; give --model", file=args.vectors)
+        args.model = meta["model"]
+    layer = args.layer if args.layer is not None else int(meta.get("source", -1))
+    if layer < 0:
+        raise InputError("the file names no source layer; give --layer", file=args.vectors)
+    if not torch.isfinite(vecs[args.index]).all():  # before loading the model
+        raise InputError(f"vector {args.index} holds NaN or infinite entries", file=args.vectors)
+    model = load(args)
+    ids = [encode(model.tokenizer, args.prompt, args.chat)]
+    both = torch.cat([vecs[args.index : args.index + 1], torch.zeros_like(vecs[:1])])  # steered and plain rows
+    (steered,), (plain,) = generate(model, ids, both, layer, alpha=args.alpha, max_new_tokens=args.max_new_tokens)
+    if not args.json:
+        print(f"steered: {steered}\nplain:   {plain}")
+    return {
+        "model": args.model,
+        "vector": args.index,
+        "kind": key,
+        "layer": layer,
+        "alpha": args.alpha,
+        "prompt": args.prompt,
+        "completion": steered,
+        "unsteered": plain,
+    }
+
+
+def add(sub) -> None:
+    p = command(
+        sub,
+        "steer",
+        run,
+        help="generate with one vector of an elicit run",
+        description="Greedy generation with vector --index of a vectors.safetensors file added (times "
+        "--alpha) after the file's source block, beside the unsteered one.",
+    )
+    p.add_argument("--vectors", required=True, help="vectors.safetensors from `causalscan elicit`")
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--alpha", type=float, default=1.0, help="scale of the vector (1: its learned norm)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--random", action="store_true", help="use the file's random baseline vectors")
+    p.add_argument("--layer", type=int, default=None, help="source block (default: the file's)")
+    p.add_argument("--model", default=None, help="default: the model named in the file")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--json", action="store_true")
