@@ -1,10 +1,14 @@
-"""The documentation runs: every ``>>>`` example in the package's docstrings (doctest), every README
-Python snippet is in an ``examples/`` file (line by line, in order), and every example runs."""
+"""The documentation runs: every ``>>>`` example in the package's docstrings (doctest); every Python
+snippet of the README and docs/ is in an ``examples/`` file (line by line, in order), and every
+example runs; every ``causalscan`` line of their shell blocks parses, and runs in order per page
+(a block after ``<!-- parsed, not run: REASON -->`` only parses)."""
 
 import doctest
 import importlib
+import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +43,20 @@ def test_docstring_examples_run(name):
     assert res.attempted > 0 and res.failed == 0, f"{res.failed} of {res.attempted} examples failed in {name}"
 
 
-def _readme_snippets() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+NOT_RUN = re.compile(r"<!-- parsed, not run: [^>]+ -->\s*$")
+
+
+def _blocks(lang: str) -> list[tuple[str, int, str, bool]]:
+    """``(page, k, text, run)`` of every ````lang`` block of the README and docs/; ``run`` is False after
+    a ``<!-- parsed, not run: REASON -->`` line."""
+    out = []
+    for page in PAGES:
+        text = page.read_text()
+        for k, m in enumerate(re.finditer(rf"```{lang}\n(.*?)```", text, flags=re.S)):
+            before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+            out.append((str(page.relative_to(ROOT)), k, m.group(1), not NOT_RUN.search(before)))
+    return out
 
 
 def _lines(text: str) -> list[str]:
@@ -52,13 +68,72 @@ def _in_order(needle: list[str], hay: list[str]) -> bool:
     return all(any(line == h for h in it) for line in needle)
 
 
-@pytest.mark.parametrize("k", range(len(_readme_snippets())))
-def test_readme_snippet_is_an_example(k):
-    snippet = _lines(_readme_snippets()[k])
+@pytest.mark.parametrize("page,k,snippet", [pytest.param(*b[:3], id=f"{b[0]}-{b[1]}") for b in _blocks("python")])
+def test_python_snippet_is_an_example(page, k, snippet):
+    """Every Python snippet of the README and docs/ is lines of an examples/ file (in order), which
+    test_example_runs runs."""
+    lines = _lines(snippet)
     files = sorted((ROOT / "examples").glob("*.py"))
-    assert any(_in_order(snippet, _lines(f.read_text())) for f in files), (
-        "README snippet not found (line by line, in order) in any examples/*.py:\n" + "\n".join(snippet)
+    assert any(_in_order(lines, _lines(f.read_text())) for f in files), (
+        f"{page} snippet {k} not found (line by line, in order) in any examples/*.py:\n" + "\n".join(lines)
     )
+
+
+def _commands(block: str, gguf: str = "GGUF") -> list[list[str]]:
+    """The ``causalscan`` command lines of a shell block, split as the shell would (``$GGUF`` replaced)."""
+    return [
+        shlex.split(line.replace("$GGUF", gguf), comments=True)[1:]
+        for line in block.splitlines()
+        if line.startswith("causalscan ")
+    ]
+
+
+@pytest.mark.parametrize("page,k,block", [pytest.param(*b[:3], id=f"{b[0]}-{b[1]}") for b in _blocks("bash")])
+def test_shell_commands_parse(page, k, block):
+    """Every ``causalscan`` line of the README and docs/ is a command line the CLI accepts."""
+    from causalscan.cli import parser
+
+    for argv in _commands(block):
+        try:
+            parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{page} block {k}: the CLI refuses `causalscan {' '.join(argv)}`")
+
+
+def _runnable() -> list:
+    pages: dict[str, list[str]] = {}
+    for page, _, block, run in _blocks("bash"):
+        if run and _commands(block):
+            pages.setdefault(page, []).append(block)
+    return [
+        pytest.param(page, blocks, marks=[pytest.mark.real] if any("$GGUF" in b for b in blocks) else [], id=page)
+        for page, blocks in pages.items()
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page,blocks", _runnable())
+def test_shell_commands_run(page, blocks, tmp_path):
+    """The ``causalscan`` lines of each page run in order, as a user would type them, in a fresh
+    directory holding examples/ (exit 0 each; a page's later lines read what its earlier ones wrote)."""
+    gguf = smollm2_file()
+    if any("$GGUF" in b for b in blocks) and gguf is None:
+        pytest.skip(f"needs the real model: {SMOLLM2}")
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    for block in blocks:
+        for argv in _commands(block, str(gguf)):
+            if "--ray" in argv and importlib.util.find_spec("ray") is None:
+                continue  # the ray extra is not installed here
+            res = subprocess.run(
+                [sys.executable, "-m", "causalscan", *argv],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            assert res.returncode == 0, f"{page}: causalscan {' '.join(argv)}\n{res.stderr[-3000:]}"
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ Rooms are the folders of engine/ (``model``, ``data``, ``patching``, ...), its t
    ``BASE`` and ``SERVICES``; ``any room`` allows every room); a top-level module imports as ``TOP`` says.
 3. No cycle between rooms, imports inside functions included: every arrow points down a layer.
 
-Exit 1 naming every file and line that breaks a rule.
+Exit 1 naming every file and line that breaks a rule (``--root DIR``: check another tree).
 """
 
 import ast
@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(sys.argv[sys.argv.index("--root") + 1] if "--root" in sys.argv else Path(__file__).parent.parent).resolve()
 ENGINE = ROOT / "engine"
 BASE = ("errors", "progress", "files", "versions")
 SERVICES = ("executor", "checkpoint", "memplan", "results", "report")
