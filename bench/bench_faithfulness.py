@@ -63,8 +63,7 @@ def floor_s(model, pairs) -> float:
     """The plain forward + backward: corrupt forward (no grad), clean forward with its graph, one
     backward of the summed metric, parameters frozen."""
     from causalscan.data.pairs import Dataset
-    from causalscan.model import runner
-    from causalscan.patching import attribution
+    from causalscan.model import runner, taps
 
     groups: dict = {}
     for p in Dataset(pairs).tokenize(model.tokenizer, model.vocab_size):  # one batch per length, as the scan's
@@ -77,7 +76,7 @@ def floor_s(model, pairs) -> float:
             ans, wrong = torch.tensor([p.answer[0] for p in ps]), torch.tensor([p.wrong[0] for p in ps])
             with torch.no_grad():
                 runner.forward(model.adapter, corrupt)
-            with attribution.frozen(model.hf), torch.enable_grad():
+            with taps.frozen(model.hf), torch.enable_grad():
                 h = model.hf.get_input_embeddings().register_forward_hook(lambda m, a, o: o.detach().requires_grad_())
                 try:
                     logits = runner.forward(model.adapter, clean)[:, -1]

@@ -48,7 +48,7 @@ def rss_bytes() -> int:
 def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
     import causalscan as cs
     from causalscan.data.sweeps import Sweep, sweep_components, sweep_name
-    from causalscan.model import runner
+    from causalscan.model import runner, taps
     from causalscan.patching import attribution
 
     cuda = torch.cuda.is_available()
@@ -79,7 +79,7 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
     def plain():
         with torch.no_grad():
             runner.forward(ad, corrupt)
-        with attribution.frozen(model.hf), torch.enable_grad():
+        with taps.frozen(model.hf), torch.enable_grad():
             h = model.hf.get_input_embeddings().register_forward_hook(leaf)
             try:
                 m = metric(runner.forward(ad, clean))
@@ -104,7 +104,7 @@ def one(size: str, variant: str, pairs: int, seq: int, repeats: int) -> dict:
 
             return s, layer, fn
 
-        with attribution.frozen(model.hf), torch.enable_grad():
+        with taps.frozen(model.hf), torch.enable_grad():
             h = model.hf.get_input_embeddings().register_forward_hook(leaf)
             try:
                 m = metric(runner.forward(ad, clean, [keep(s, layer) for s, layer in taps_sites]))

@@ -81,8 +81,7 @@ def one(variant: str, n_pairs: int, repeats: int, out: Path) -> dict:
     import causalscan as cs
     from causalscan.data import tasks
     from causalscan.data.pairs import Dataset, stack
-    from causalscan.model import runner
-    from causalscan.patching import attribution
+    from causalscan.model import runner, taps
 
     model = cs.load(CACHE, attn_implementation="eager")  # TransformerLens forces eager attention
     pairs = [
@@ -102,7 +101,7 @@ def one(variant: str, n_pairs: int, repeats: int, out: Path) -> dict:
     def floor():
         with torch.no_grad():
             runner.forward(ad, corrupt)
-        with attribution.frozen(model.hf), torch.enable_grad():
+        with taps.frozen(model.hf), torch.enable_grad():
             h = model.hf.get_input_embeddings().register_forward_hook(leaf)
             try:
                 m = logit_diff(runner.forward(ad, clean)[:, -1])

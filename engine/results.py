@@ -93,7 +93,7 @@ class Result:
         return report.repr_html(self._doc(20))
 
     def _doc(self, top: int | None = None) -> dict:
-        """The saved document, as :func:`causalscan.report` reads it back (strict JSON: NaN as null)."""
+        """The saved document, as :mod:`causalscan.report` reads it back (strict JSON: NaN as null)."""
         import json
 
         return json.loads(files.strict_json(self.to_json(self.TOP if top is None else top)))

@@ -26,14 +26,14 @@ from test_ig import interpolated
 
 import causalscan as cs
 from causalscan import report
-from causalscan.circuits import edge_patching
+from causalscan.circuits import edge_patching, edges
 from causalscan.circuits.circuit import circuit, grid
 from causalscan.circuits.graph import Graph
 from causalscan.cli import main
 from causalscan.errors import InputError
 
 import naive
-from tolerance import assert_close
+from tolerance import assert_close, assert_identical
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]  # GQA; fused q|k|v (Conv1D); interleaved q|k|v with parallel blocks
 MORE = ["phi", "opt", "qwen3"]  # one norm for attention and MLP; an MLP on [B*T, d]; q/k norms after the projection
@@ -331,3 +331,32 @@ def test_circuit_on_cuda_equals_cpu(tiny):
     assert torch.equal(gpu.confirmed, cpu.confirmed) or set(gpu.ranked()[:5].tolist()) == set(cpu.ranked()[:5].tolist())
     gap = (cpu.clean - cpu.corrupt).abs().max()
     assert_close(gpu.curve, cpu.curve, 1e-3, scale=gap)
+
+
+def test_ctrl_c_on_the_cli_says_where_the_partial_sums_are_and_a_rerun_resumes(tmp_path, capsys, monkeypatch):
+    """The interrupt lands in the third attribution batch of `circuit --out`: one line saying the partial
+    sums are in --out (the result class says circuit resumes), and the rerun equals an uninterrupted run."""
+    from safetensors.torch import load_file
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    argv = ["circuit", "--method", "eap", "--edges", "6", "--confirm", "2", "--batch-size", "4", "--no-curve"]
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+    real, calls = edges.attribute, []
+
+    def interrupted(g, *args, **kw):
+        if not isinstance(next(g.ad.model.parameters()), FakeTensor):  # not the memory plan's trial batch
+            calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(g, *args, **kw)
+
+    monkeypatch.setattr(edges, "attribute", interrupted)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("causalscan:")]
+    assert err == [f"causalscan: interrupted; partial results are in {out}; the same command resumes from them"]
+    assert (out / "circuit.partial.safetensors").is_file() and not (out / "circuit.json").exists()
+    monkeypatch.setattr(edges, "attribute", real)
+    assert main([*argv, "--out", str(out)]) == 0
+    assert_identical(load_file(tmp_path / "full" / "scores.safetensors"), load_file(out / "scores.safetensors"))

@@ -123,3 +123,24 @@ def test_cli_dry_run_and_refusal(capsys):
     assert "patching: +" in capsys.readouterr().err
     assert main(["patch", "--model", "induction", "--memory-gb", "0.0001"]) == 2
     assert "the run needs" in capsys.readouterr().err
+
+
+def test_every_method_checks_its_own_plan(tiny):
+    """The API checks memory before any work, as the CLI does: each method's dry run is its plan, whose
+    stages are the method's, and a limit below its peak is refused with the number it needed."""
+    import causalscan as cs
+
+    model, data = cs.load("induction"), cs.zoo.dataset_path("induction", "previous")
+    runs = {
+        "patch": (cs.patch, {"sites": "head"}, {"patching"}),
+        "trace": (cs.trace, {"window": 1}, {"patching"}),
+        "scan": (cs.scan, {"sites": "head,neuron", "confirm": 4}, {"attribution", "exact patching", "confirmation"}),
+        "circuit": (cs.circuit, {"confirm": 4, "edges": 6}, {"attribution", "confirmation", "faithfulness"}),
+    }
+    for name, (fn, kw, stages) in runs.items():
+        plan = fn(model, data, dry_run=True, **kw)
+        assert isinstance(plan, memplan.Plan) and set(plan.stages) == stages, (name, plan.stages)
+        need = plan.peak()["cpu"]
+        assert need > plan.weights["cpu"] and all(s["cpu"] > 0 for s in plan.stages.values()), name
+        with pytest.raises(InputError, match="the run needs"):
+            fn(model, data, memory_gb=0.5 * need / 2**30, **kw)

@@ -1,6 +1,6 @@
 """The rows a method runs: one per token pair, ``samples`` per Gaussian-noise pair (ROME), and
 for datasets with multi-token answers one per scored continuation of each (teacher forcing:
-the prompt followed by the continuation, :mod:`causalscan.metrics`).
+the prompt followed by the continuation, :mod:`causalscan.data.metrics`).
 
 A noise pair (``noise_span``) is run as ``samples`` rows, each with its own seeded draw of
 Gaussian noise of std ``scale x`` the std of the input-embedding entries at the span tokens of the

@@ -1,6 +1,6 @@
 """Task datasets people in the field know, built for any tokenizer.
 
-Each generator returns pair records (the JSONL format of :mod:`causalscan.data`), keeping only
+Each generator returns pair records (the JSONL format of :mod:`causalscan.data.pairs`), keeping only
 names and words that are one token with a leading space in the given tokenizer, so clean and
 corrupt prompts have equal token length.
 

@@ -11,7 +11,7 @@ embeddings and the attention implementation are the model's; on top of it:
 - ``stop``: return the residual entering block ``stop`` (``n_layers``: the last block's output)
   instead of logits, skipping everything after it;
 - ``noise``: ``[B, T, d_embed]`` added to the output of the input embedding module (Gaussian
-  corruption, :mod:`causalscan.corruption`).
+  corruption, :mod:`causalscan.data.corruption`).
 """
 
 from __future__ import annotations

@@ -49,11 +49,10 @@ def patch_exactly(res, inp: Inputs, sweeps: list[Sweep], work: Work, progress: P
 
 
 def confirm(res, inp: Inputs, k: int, n_random: int, seed: int, progress: Progress | None, executor=None) -> None:
-    """Exact effects of the scan result ``res``'s top ``k`` nodes and ``n_random`` others, measured on
-    the scan's own rows,
-    and of a sample stratified by sweep (when there are several): each sweep's own top
-    ``min(k, size // 2)`` and as many random others, so that every sweep gets its own agreement
-    statistics and a badly estimated sweep cannot hide behind a well estimated one."""
+    """Exact effects of the scan result ``res``'s top ``k`` estimated nodes and ``n_random`` others,
+    measured on the scan's own rows, and of a sample stratified by sweep (when there are several):
+    each sweep's own top ``min(k, size // 2)`` and as many random others, so that every sweep gets
+    its own agreement statistics and a badly estimated sweep cannot hide behind a well estimated one."""
     score = res.score.mean(0)
     g = torch.Generator().manual_seed(seed)
     estimated = [sw for sw in res.sweeps if res.scored_by[sw.name] != "exact"]  # exact sweeps need no check

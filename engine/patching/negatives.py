@@ -71,9 +71,9 @@ def false_negative_bound(
     executor=None,
 ) -> dict:
     """Joint random patches of the unconfirmed nodes of scan result ``res``, measured with the scan's
-    ``metric_fn`` (the signature of :mod:`causalscan.metrics`) on the scan's ``rows``; returns the bound.
+    ``metric_fn`` (the signature of :mod:`causalscan.data.metrics`) on the scan's ``rows``; returns the bound.
 
-    Each subset is one group of :func:`causalscan.patching.measure` (memory budget, start-layer and
+    Each subset is one group of :func:`causalscan.patching.exact.measure` (memory budget, start-layer and
     key/value reuse, rows of every token length). ``{"bound": float, "node": str, "subsets": S,
     "p": p, "nodes": N, "mean_joint_effect": float}``; ``bound`` is the largest over nodes of
     ``|diff| + t95 * se`` (mean effect over pairs, metric units).

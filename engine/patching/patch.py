@@ -116,7 +116,7 @@ def patch(
     ``min_tokens``: merge start groups until a forward has this many row-positions (default
     2048 on CPU, 16384 on GPU; 0 never merges).
     ``samples``, ``noise_scale``, ``seed``: Gaussian-noise corruption of ``noise_span`` pairs
-    (:mod:`causalscan.corruption`); every per-pair value is the mean over the samples.
+    (:mod:`causalscan.data.corruption`); every per-pair value is the mean over the samples.
     ``progress(stage, done, total)``: called after each unit of batched forwards.
     ``executor``: where the forwards run (None: this process; :class:`causalscan.executor.Ray`: a
     Ray cluster's actors, with the same result). The run's peak memory is predicted first

@@ -79,7 +79,7 @@ def scan(
     (integrated gradients, ``ig_steps`` steps, default 10, along ``ig_path``: ``inputs``, the
     embeddings, N forwards and backwards per batch; or ``activations``, each site's own path, N per
     site and layer, from that layer on; every node's score is ``|estimate|``). ``exact_budget``: a sweep whose exact
-    patching costs at most this many plain forward + backward passes (:func:`exact_cost`) is
+    patching costs at most this many plain forward + backward passes (:func:`causalscan.patching.confirm.exact_cost`) is
     patched exactly and not estimated (0: estimate every sweep); ``scored_by`` says which. The AtP* ranking score
     of a node is ``max(|AtP|, GradDrop)`` per pair: GradDrop exposes effects that cancel in the
     total gradient, but on its own it also hides effects that run through a single downstream
@@ -89,14 +89,17 @@ def scan(
     (default ``confirm``) drawn uniformly from the rest. ``fn_subsets``: random joint patches for
     the AtP* false-negative diagnostic (0: skip), each unconfirmed node in a subset with
     probability ``fn_p``. ``batch_size``: rows per attribution pass. ``samples``, ``noise_scale``:
-    Gaussian corruption of ``noise_span`` pairs (:mod:`causalscan.corruption`; each pair runs as
+    Gaussian corruption of ``noise_span`` pairs (:mod:`causalscan.data.corruption`; each pair runs as
     ``samples`` rows, seeded by ``seed``, and its estimates are the means over them).
     ``checkpoint``: a directory where the attribution stage writes its partial sums as it goes (at
     most every ``checkpoint_every_s``); a scan with the same model weights, data and settings
     resumes from them, and the file is removed when the scan completes. ``progress(stage, done,
     total)``: called after each attribution batch and each unit of confirmation forwards.
     ``executor``: where attribution batches and patched forwards run (None: this process;
-    :class:`causalscan.executor.Ray`: a Ray cluster's actors); the result is the same.
+    :class:`causalscan.executor.Ray`: a Ray cluster's actors); the result is the same. Before any
+    stage runs, the memory plan of all of them (:mod:`causalscan.memplan`: attribution, exact
+    patching, confirmation) is checked against ``memory_gb`` GiB per device (default: what each
+    device has free) and a run that cannot fit is refused; ``dry_run=True`` returns the plan instead.
 
     >>> import causalscan as cs
     >>> data = cs.zoo.dataset_path("induction", "previous")

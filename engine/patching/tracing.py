@@ -10,7 +10,7 @@ one token ``t``:
   ``window > 1``, the single-layer grids ``mlp_single`` / ``attn_single`` beside them.
 
 Each (kind, token, layer) is one group of components restored together by the batched exact
-patching engine (:func:`causalscan.patching.measure`, denoising): restores that start at layer
+patching engine (:func:`causalscan.patching.exact.measure`, denoising): restores that start at layer
 ``l`` and token ``t`` reuse the corrupt run's residual and keys/values before them, and many run
 per forward. The effect is ``metric(restored) - metric(corrupt)`` (ROME's indirect effect when the
 metric is ``prob``), averaged over noise samples and then pairs.
