@@ -79,6 +79,16 @@ def test_python_snippet_is_an_example(page, k, snippet):
     )
 
 
+@pytest.mark.parametrize(
+    "page", [*PAGES, ROOT / "CONTRIBUTING.md", ROOT / "bench" / "README.md"], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_relative_links_resolve(page):
+    """Every relative link of the README, docs/, CONTRIBUTING and bench/README names a file that exists."""
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text())
+    missing = [link for link in links if not link.startswith("http") and not (page.parent / link).exists()]
+    assert not missing, missing
+
+
 def _commands(block: str, gguf: str = "GGUF") -> list[list[str]]:
     """The ``causalscan`` command lines of a shell block, split as the shell would (``$GGUF`` replaced)."""
     return [
