@@ -125,7 +125,8 @@ def circuit(
         )
     g = Graph(inp.model.adapter)
     noising = direction == "noising"
-    n_confirm = confirm + (confirm if confirm_random is None else confirm_random) if confirm else 0
+    n_random = confirm if confirm_random is None else confirm_random
+    n_confirm = confirm + n_random if confirm else 0
     plan = _plan(
         inp,
         g,
@@ -173,7 +174,6 @@ def circuit(
     ids = res.ranked()
     if confirm:
         t1 = time.perf_counter()
-        n_random = confirm if confirm_random is None else confirm_random
         res.confirmed, res.n_top = top_and_random(ids, confirm, n_random, torch.Generator().manual_seed(seed))
         singles = [_single(g, e) for e in res.confirmed.tolist()]
         patched = edge_patching.measure(inp, g, singles, noising, "patch", memory_budget, progress, "confirm")

@@ -12,7 +12,7 @@ import torch
 from causalscan import files
 from causalscan.circuits.graph import Graph
 from causalscan.errors import check_options
-from causalscan.patching.agreement import untrusted
+from causalscan.patching.agreement import summary, untrusted
 from causalscan.results import Result, write
 
 THRESHOLDS = (0.8, 0.95)  # the faithfulness the edge counts are reported at
@@ -147,10 +147,7 @@ class CircuitResult(Result):
             out.append(f"{row['edge']:<36} {row['score']:+10.4f} {ex:>10}")
         a, f = doc["agreement"], doc["faithfulness"]
         if a:
-            out.append(
-                f"agreement on {a['n']} confirmed edges (top {a['k']} + random): spearman {a['spearman']:.3f}, "
-                f"recall@{a['k']} {a['recall_at_k']:.3f}, sign {a['sign_agreement']:.3f}"
-            )
+            out.append(f"agreement on {a['n']} confirmed edges {summary(a)}")
         if f:
             shares = ", ".join(f"{n}: {r:.2f}" for n, r in zip(f["n"], f["recovered"], strict=True))
             out.append(

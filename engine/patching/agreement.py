@@ -91,3 +91,11 @@ def untrusted(s: dict, min_sign: float = 0.9, min_spearman: float = 0.5) -> bool
         or s["n"] >= 4
         and s["spearman"] < min_spearman
     )
+
+
+def summary(s: dict) -> str:
+    """Agreement figures ``s`` in words: ``(top k + random): spearman, recall@k, sign`` (the CLI's lines)."""
+    return (
+        f"(top {s['k']} + random): spearman {s['spearman']:.3f}, recall@{s['k']} {s['recall_at_k']:.3f}, "
+        f"sign {s['sign_agreement']:.3f}"
+    )

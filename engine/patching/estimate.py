@@ -7,6 +7,7 @@ run equals a local one.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
@@ -18,57 +19,47 @@ from causalscan.patching import attribution
 from causalscan.progress import Progress
 
 
+class Stage(NamedTuple):
+    """What :func:`attribution_units` takes after the model (which an executor sends apart, once): the
+    prepared inputs without their model, the sweeps and the method's settings."""
+
+    inp: Inputs
+    sweeps: list[Sweep]
+    direction: str
+    qk_fix: bool
+    graddrop: bool
+    batch_size: int
+    ig_steps: int
+    ig_path: str
+
+    @classmethod
+    def of(cls, inp: Inputs, *settings) -> Stage:
+        """The stage of ``inp`` (its model dropped) with ``settings`` in field order after ``inp``."""
+        return cls(replace(inp, model=None), *settings)
+
+
 def estimate(
-    inp: Inputs,
-    sweeps: list[Sweep],
-    n_nodes: int,
-    direction: str,
-    qk_fix: bool,
-    graddrop: bool,
-    batch_size: int,
-    ck: Checkpoint | None = None,
-    progress: Progress | None = None,
-    ig_steps: int = 0,
-    ig_path: str = "inputs",
-    executor=None,
+    model, stage: Stage, n_nodes: int, ck: Checkpoint | None = None, progress: Progress | None = None, executor=None
 ) -> dict:
-    """The attribution stage: per-pair sums over each pair's rows, ``signed`` (and ``graddrop``)
-    ``[P, n]`` and the ``clean``/``corrupt`` metrics ``[P]``, one batch of ``batch_size`` rows (of
-    one token length) at a time, on ``executor`` (:mod:`causalscan.executor`); resumed from and
-    written to ``ck`` as it goes."""
+    """The attribution stage of ``model`` on ``stage``: per-pair sums over each pair's rows, ``signed``
+    (and ``graddrop``) ``[P, n]`` and the ``clean``/``corrupt`` metrics ``[P]``, one batch of
+    ``batch_size`` rows (of one token length) at a time, on ``executor`` (:mod:`causalscan.executor`);
+    resumed from and written to ``ck`` as it goes."""
+    inp = stage.inp
     n_pairs, per_row = len(inp.pairs), 1.0 / inp.rows.samples
     sums = {"signed": torch.zeros(n_pairs, n_nodes), "clean": torch.zeros(n_pairs), "corrupt": torch.zeros(n_pairs)}
-    if graddrop:
+    if stage.graddrop:
         sums["graddrop"] = torch.zeros(n_pairs, n_nodes)
-    args = stage_args(inp, sweeps, direction, qk_fix, graddrop, batch_size, ig_steps, ig_path)
 
     def add(sums, part):
         for name in ("signed", "graddrop", "clean", "corrupt"):
             if name in sums:
                 sums[name].index_add_(0, part["owner"], per_row * part[name])
 
+    n = len(inp.rows.batches(stage.batch_size))
     return run(
-        ck,
-        sums,
-        len(inp.rows.batches(batch_size)),
-        lambda todo: executor_get(executor).map(inp.model, attribution_units, args, todo),
-        add,
-        progress,
+        ck, sums, n, lambda todo: executor_get(executor).map(model, attribution_units, stage, todo), add, progress
     )
-
-
-def stage_args(
-    inp: Inputs,
-    sweeps: list[Sweep],
-    direction: str,
-    qk_fix: bool,
-    graddrop: bool,
-    batch_size: int,
-    ig_steps: int,
-    ig_path: str,
-) -> tuple:
-    """The arguments of :func:`attribution_units` after the model (which an executor sends apart, once)."""
-    return (replace(inp, model=None), sweeps, direction, qk_fix, graddrop, batch_size, ig_steps, ig_path)
 
 
 def attribution_units(

@@ -29,7 +29,7 @@ from causalscan.executor import get as executor_get
 from causalscan.model import attention, runner
 from causalscan.patching import confirm as confirmation
 from causalscan.patching import ig
-from causalscan.patching.estimate import attribution_units, estimate, heaviest_batch, stage_args
+from causalscan.patching.estimate import Stage, attribution_units, estimate, heaviest_batch
 from causalscan.patching.exact import memory_stage
 from causalscan.patching.planner import planned
 from causalscan.patching.scan_result import ScanResult
@@ -142,8 +142,9 @@ def scan(
     exact = confirmation.exact_sweeps(inp, sweeps, comps, exact_budget) if exact_budget else []
     exact_groups = [[comps[j]] for sw in exact for j in range(sw.start, sw.stop)]
     exact_work = planned(inp.model, inp.rows, exact_groups)  # planned once: for the memory plan and the run
-    stage = stage_args(inp, sweeps, direction, method == "atp*", graddrop, batch_size, ig_steps or 0, ig_path)
-    n_confirm = confirm + (confirm if confirm_random is None else confirm_random) if confirm else 0
+    stage = Stage.of(inp, sweeps, direction, method == "atp*", graddrop, batch_size, ig_steps or 0, ig_path)
+    n_random = confirm if confirm_random is None else confirm_random
+    n_confirm = confirm + n_random if confirm else 0
     plan = _plan(
         inp,
         stage,
@@ -178,20 +179,7 @@ def scan(
             "ig_path": ig_path,
         }
         ck = Checkpoint(checkpoint, "scan", checkpoint_key(settings), checkpoint_every_s)
-    sums = estimate(
-        inp,
-        sweeps,
-        len(comps),
-        direction,
-        method == "atp*",
-        graddrop,
-        batch_size,
-        ck,
-        progress,
-        ig_steps or 0,
-        ig_path,
-        executor,
-    )
+    sums = estimate(inp.model, stage, len(comps), ck, progress, executor)
     signed, gd = sums["signed"], sums.get("graddrop")
     res = ScanResult(
         **inp.header(),
@@ -216,7 +204,6 @@ def scan(
         res.timings["exact_s"] = time.perf_counter() - t1
     if confirm and any(m != "exact" for m in res.scored_by.values()):
         t1 = time.perf_counter()
-        n_random = confirm if confirm_random is None else confirm_random
         confirmation.confirm(res, inp, confirm, n_random, seed, progress, executor)
         res.timings["confirm_s"] = time.perf_counter() - t1
     if fn_subsets:

@@ -11,7 +11,7 @@ import torch
 
 from causalscan.data.sweeps import Sweep, per_sweep, role_names, shapes
 from causalscan.errors import check_options
-from causalscan.patching.agreement import untrusted
+from causalscan.patching.agreement import summary, untrusted
 from causalscan.results import Result
 
 
@@ -154,13 +154,9 @@ class ScanResult(Result):
             out.append(f"{row['component']:<28} {row['score']:10.4f} {row['estimate']:+10.4f} {ex:>10}")
         a, by_sweep = doc["agreement"], doc["agreement_by_sweep"]
         if a:
-            out.append(
-                f"agreement on {a['n']} confirmed nodes (top {a['k']} + random): spearman {a['spearman']:.3f}, "
-                f"recall@{a['k']} {a['recall_at_k']:.3f}, sign {a['sign_agreement']:.3f}"
-            )
+            out.append(f"agreement on {a['n']} confirmed nodes {summary(a)}")
             out += [
-                f"  {name:<12} {s['n']:4d} nodes (top {s['k']} + random): spearman {s['spearman']:.3f}, "
-                f"recall@{s['k']} {s['recall_at_k']:.3f}, sign {s['sign_agreement']:.3f}"
+                f"  {name:<12} {s['n']:4d} nodes {summary(s)}"
                 for name, s in (by_sweep if len(by_sweep) > 1 else {}).items()
             ]
         fn = doc["false_negatives"]

@@ -116,8 +116,8 @@ def _scatter(name: str, est: torch.Tensor, exact: torch.Tensor, stats: dict | No
         ""
         if not stats
         else (
-            f" (n {stats['n']}: Spearman {_num(stats['spearman'])}, recall@{stats['k']} "
-            f"{_num(stats['recall_at_k'])}, sign {_num(stats['sign_agreement'])})"
+            f" (n {stats['n']}: Spearman {number_text(stats['spearman'])}, recall@{stats['k']} "
+            f"{number_text(stats['recall_at_k'])}, sign {number_text(stats['sign_agreement'])})"
         )
     )
     fig.update_layout(
@@ -168,7 +168,9 @@ def _circuit_graph(doc: dict):
         mode="markers",
         showlegend=False,
         marker={"size": 6, "color": "rgba(0,0,0,0.15)"},
-        text=[f"{_label(e['edge'])}<br>score {_num(e['score'])}<br>exact {_num(e['exact'])}" for e in edges],
+        text=[
+            f"{_label(e['edge'])}<br>score {number_text(e['score'])}<br>exact {number_text(e['exact'])}" for e in edges
+        ],
         hovertemplate="%{text}<extra></extra>",
     )
     nodes = doc.get("nodes", [])
@@ -322,7 +324,8 @@ def figures(doc: dict, tensors: dict[str, torch.Tensor]) -> dict:
     return out
 
 
-def _num(v) -> str:
+def number_text(v) -> str:
+    """A value as the report writes it: 4 significant digits, n/a for None or NaN, other values escaped."""
     return (
         "n/a"
         if v is None or (isinstance(v, float) and math.isnan(v))

@@ -23,7 +23,7 @@ import torch
 
 from causalscan import files
 from causalscan.errors import InputError
-from causalscan.report.figures import _num, figures
+from causalscan.report.figures import figures, number_text
 
 DOCS = ("scan.json", "trace.json", "circuit.json", "summary.json")
 
@@ -74,7 +74,7 @@ def _value(v) -> str:
         return _kv(v) if v else "{}"
     if isinstance(v, list):
         return html.escape(", ".join(str(x) for x in v))
-    return _num(v)
+    return number_text(v)
 
 
 def _table(rows: list[dict], cols: list[str], caption: str, mark: str | None = None) -> str:
@@ -82,7 +82,7 @@ def _table(rows: list[dict], cols: list[str], caption: str, mark: str | None = N
 
     def cell(v):
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return f"<td data-v='{v}'>{_num(v)}</td>"
+            return f"<td data-v='{v}'>{number_text(v)}</td>"
         text = html.escape("" if v is None else str(v))
         if mark:
             text = text.replace(html.escape(mark), f"<mark>{html.escape(mark)}</mark>")
