@@ -71,3 +71,9 @@ def test_a_folder_without_its_rule_is_refused(tree):
     init.write_text('"""Directions and steering."""\n')
     res = check(tree)
     assert res.returncode != 0 and "May import:" in (res.stdout + res.stderr)
+
+
+def test_a_top_level_module_without_its_rule_is_refused(tree):
+    (tree / "engine" / "helpers.py").write_text('"""A module the check has no rule for."""\n')
+    res = check(tree)
+    assert res.returncode != 0 and "engine/helpers.py: a top-level module with no rule" in (res.stdout + res.stderr)
