@@ -18,7 +18,7 @@ import pytest
 from conftest import SMOLLM2, smollm2_file
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"engine": "causalscan", "bindings": "causalscan.bindings", "kernels": "causalscan.kernels"}
+PACKAGES = {"engine": "causalscan", "bindings": "causalscan.bindings", "triton_src": "causalscan.kernels"}
 SLOW = {
     "causalscan",
     "causalscan.patching.tracing",

@@ -19,7 +19,7 @@ def check(root: Path) -> subprocess.CompletedProcess:
 @pytest.fixture
 def tree(tmp_path):
     """A copy of the package's sources."""
-    for folder in ("engine", "kernels", "bindings"):
+    for folder in ("engine", "triton_src", "bindings"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("models", "__pycache__"))
     return tmp_path
 

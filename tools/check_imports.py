@@ -34,14 +34,17 @@ TOP = {  # top-level modules of engine/: the rooms each may import
     "results": (*BASE, "report"),
 }
 CHECK = Path(__file__).name
+# rooms outside engine/ and their folders (triton_src/, not kernels/: transformers depends on a
+# package named ``kernels``, which a kernels/ folder would shadow wherever the repo root is on sys.path)
+FOLDERS = {"kernels": "triton_src", "bindings": "bindings"}
 TRITON = re.compile(r"^\s*(import triton|from triton|from causalscan\.kernels|import causalscan\.kernels)")
 
 
 def room_of(path: Path) -> str:
     """The room a source file belongs to."""
     rel = path.relative_to(ROOT)
-    if rel.parts[0] in ("kernels", "bindings"):
-        return rel.parts[0]
+    if rel.parts[0] in FOLDERS.values():
+        return next(room for room, folder in FOLDERS.items() if folder == rel.parts[0])
     parts = path.relative_to(ENGINE).parts
     if len(parts) > 1:
         return parts[0]
@@ -79,7 +82,7 @@ def allowed(room: str) -> set[str] | None:
         return None
     if room in TOP:
         return set(TOP[room])
-    init = (ROOT if room in ("kernels", "bindings") else ENGINE) / room / "__init__.py"
+    init = (ROOT / FOLDERS[room] if room in FOLDERS else ENGINE / room) / "__init__.py"
     if not init.is_file():
         sys.exit(f"engine/{room}.py: a top-level module with no rule: add what it may import to TOP in {CHECK}")
     doc = ast.get_docstring(ast.parse(init.read_text())) or ""
@@ -95,7 +98,7 @@ def allowed(room: str) -> set[str] | None:
 
 def main() -> int:
     known = rooms()
-    files = sorted([*ENGINE.rglob("*.py"), *(ROOT / "kernels").rglob("*.py"), *(ROOT / "bindings").rglob("*.py")])
+    files = sorted([*ENGINE.rglob("*.py"), *(p for f in FOLDERS.values() for p in (ROOT / f).rglob("*.py"))])
     errors, edges = [], {}
     rules = {r: allowed(r) for r in known}
     for path in files:
