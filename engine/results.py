@@ -64,7 +64,7 @@ class Result:
         return Path(path)
 
     def figure(self, name: str):
-        """One figure of the report as a plotly ``Figure`` (``"atp*/head"``, ``"agreement/head"``,
+        """One figure of the report as a plotly ``Figure`` (``"auto/head"``, ``"agreement/head"``,
         ``"exact/resid_pre"``, ``"trace/mlp"``)."""
         from causalscan import report
 

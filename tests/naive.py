@@ -378,3 +378,93 @@ def reader_grad(model, ids, kind, layer, index, metric):
     probe = torch.zeros(*ids.shape, model.adapter.d_model, requires_grad=True)
     with torch.enable_grad():
         return torch.autograd.grad(reader_run(model, ids, kind, layer, index, probe, metric).sum(), probe)[0]
+
+
+class hand_rules:
+    """Context: the relevance rules written out by hand on a llama, gemma, gpt2 or gpt_neox model,
+    independently of ``causalscan.model.relevance``: norms with their scale detached, each MLP's
+    forward replaced by its rule form (identity rule for the activation, half rule for gated MLPs),
+    and with ``attention="attnlrp"`` the gradients of q, k (1/4) and v (1/2) scaled where they enter
+    SDPA."""
+
+    def __init__(self, model, attention="plain"):
+        self.model, self.attention, self.undo = model, attention, []
+
+    def __enter__(self):
+        import math
+
+        import torch
+
+        hf = self.model.hf
+        mt = hf.config.model_type
+
+        def tanh_gelu_factor(x):
+            return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+        def phi(x):
+            return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+
+        def set_forward(mod, fn):
+            mod.forward = fn
+            self.undo.append(lambda: mod.__dict__.pop("forward"))
+
+        for name, mod in hf.named_modules():
+            cls = type(mod).__name__
+            if name.endswith(("q_norm", "k_norm")):
+                continue
+            if isinstance(mod, torch.nn.LayerNorm):
+                set_forward(
+                    mod,
+                    lambda x, m=mod: (
+                        (x - x.mean(-1, keepdim=True))
+                        / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + m.eps).detach()
+                        * m.weight
+                        + m.bias
+                    ),
+                )
+            elif cls.endswith("RMSNorm"):
+                offset = 1.0 if cls.startswith("Gemma") else 0.0
+                eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+                set_forward(
+                    mod,
+                    lambda x, m=mod, o=offset, e=eps: (
+                        (o + m.weight) * (x * (x.pow(2).mean(-1, keepdim=True) + e).rsqrt().detach())
+                    ),
+                )
+            elif cls.endswith("MLP") and mt in ("llama", "gemma"):
+                f = torch.sigmoid if mt == "llama" else tanh_gelu_factor
+
+                def gated(x, m=mod, f=f):
+                    g, u = m.gate_proj(x), m.up_proj(x)
+                    a = g * f(g).detach()
+                    return m.down_proj(0.5 * (a * u.detach()) + 0.5 * (a.detach() * u))
+
+                set_forward(mod, gated)
+            elif cls == "GPT2MLP":
+                set_forward(mod, lambda x, m=mod: m.c_proj((h := m.c_fc(x)) * tanh_gelu_factor(h).detach()))
+            elif cls == "GPTNeoXMLP":
+                set_forward(mod, lambda x, m=mod: m.dense_4h_to_h((h := m.dense_h_to_4h(x)) * phi(h).detach()))
+        if self.attention == "attnlrp":
+            self._scale_qkv(hf)
+        return self
+
+    def _scale_qkv(self, hf):
+        """Scale the gradients at the inputs of SDPA (downstream of the q/k/v sites): ``c x + (1 - c)
+        x.detach()`` is ``x`` in the forward (up to rounding) and ``c`` in the backward."""
+        import torch
+
+        assert hf.config._attn_implementation == "sdpa", "hand attnlrp rule written for SDPA"
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def scaled(q, k, v, *args, **kwargs):
+            def part(x, c):
+                return c * x + (1 - c) * x.detach()
+
+            return sdpa(part(q, 0.25), part(k, 0.25), part(v, 0.5), *args, **kwargs)
+
+        torch.nn.functional.scaled_dot_product_attention = scaled
+        self.undo.append(lambda: setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa))
+
+    def __exit__(self, *exc):
+        for fn in reversed(self.undo):
+            fn()

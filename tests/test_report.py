@@ -58,26 +58,26 @@ def test_heatmaps_hold_the_saved_values(scan_dir):
     doc, tensors = report.load(scan_dir)
     figs = report.figures(doc, tensors)
     assert [n for n in figs if n.split("/")[0] not in ("agreement", "pattern")] == [
-        "atp*/head",
-        "atp*/neuron",
-        "atp*/resid_pre",
-        "atp*/head_pos",
+        "auto/head",
+        "auto/neuron",
+        "auto/resid_pre",
+        "auto/head_pos",
     ]
     assert sorted(n for n in figs if n.startswith("pattern/")) == [
         f"pattern/head.L{la}.{h}" for la in (0, 1) for h in (0, 1)
     ]
-    head = torch.tensor(figs["atp*/head"].data[0].z)
-    assert torch.equal(head, tensors["atp*_signed/head"])
-    pos = torch.tensor(figs["atp*/head_pos"].data[0].z)  # [L, T, H] laid out as [L, T * H]
-    assert torch.equal(pos, tensors["atp*_signed/head_pos"].reshape(2, -1))
+    head = torch.tensor(figs["auto/head"].data[0].z)
+    assert torch.equal(head, tensors["auto_signed/head"])
+    pos = torch.tensor(figs["auto/head_pos"].data[0].z)  # [L, T, H] laid out as [L, T * H]
+    assert torch.equal(pos, tensors["auto_signed/head_pos"].reshape(2, -1))
     # neurons: each layer's top 64 by |value|, the neuron named in the hover data
-    neuron, fig = tensors["atp*_signed/neuron"], figs["atp*/neuron"].data[0]
+    neuron, fig = tensors["auto_signed/neuron"], figs["auto/neuron"].data[0]
     for layer in range(2):
         top = neuron[layer].abs().argsort(descending=True)[: report.MAX_COLUMNS]
         assert torch.equal(torch.tensor(fig.z[layer]), neuron[layer, top])
         assert [c[1] for c in fig.customdata[layer]] == [f"neuron {int(j)}" for j in top]
     # resid_pre axis: the first pair's tokens, escaped for plotly (the word tokenizer's "<bos>")
-    assert list(figs["atp*/resid_pre"].data[0].x[:2]) == ["0:&lt;bos&gt;", "1:then"]
+    assert list(figs["auto/resid_pre"].data[0].x[:2]) == ["0:&lt;bos&gt;", "1:then"]
     # estimate against exact: the confirmed nodes of each sweep
     sc = figs["agreement/neuron"].data[0]
     exact = tensors["exact/neuron"].flatten()
@@ -117,7 +117,7 @@ def test_report_command_and_errors(scan_dir, tmp_path, capsys):
     assert "give --out" in capsys.readouterr().err
     res = cs.scan("induction", scan_dir.parent / f"{INJECT}.jsonl", sites="head", confirm=0)
     with pytest.raises(InputError, match="no figure"):
-        res.figure("atp*/neuron")
+        res.figure("auto/neuron")
     notebook = res._repr_html_()  # Jupyter: the header and the top nodes, escaped
     assert "<table" in notebook and "head.L1.0" in notebook and "<img src=x" not in notebook
 
@@ -209,9 +209,9 @@ def test_report_renders_in_a_browser(browser, scan_dir):
         "Array.from(document.querySelectorAll('.cs-heatmap'))"
         ".filter(d => d.querySelector('.main-svg .heatmaplayer')).map(d => d.dataset.name)"
     )
-    assert rendered == [f"atp*/{s}" for s in doc["settings"]["sweeps"]]
+    assert rendered == [f"auto/{s}" for s in doc["settings"]["sweeps"]]
     # the mouse over one cell (layer 1 of 2, head 0 of 2: the lower left quarter) and the label plotly draws
-    div = page.evaluate("document.querySelector(\"[data-name='atp*/head']\").id")
+    div = page.evaluate("document.querySelector(\"[data-name='auto/head']\").id")
     box = page.locator(f"#{div} .nsewdrag").first.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.75)
     page.wait_for_selector(f"#{div} .hoverlayer .hovertext")
@@ -221,7 +221,7 @@ def test_report_renders_in_a_browser(browser, scan_dir):
     )
     assert text.startswith("L1, H0"), text
     value = float(re.search(r"value (\S+)", text).group(1))
-    saved = load_file(str(scan_dir / "scores.safetensors"))["atp*_signed/head"][1, 0].item()
+    saved = load_file(str(scan_dir / "scores.safetensors"))["auto_signed/head"][1, 0].item()
     assert value == pytest.approx(saved, rel=1e-5), text
     assert page.evaluate("window.__pwned") is None
     assert INJECT in page.inner_text("body")  # shown as text

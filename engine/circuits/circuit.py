@@ -40,12 +40,13 @@ from causalscan.data import corruption
 from causalscan.data.inputs import Inputs, prepare
 from causalscan.errors import InputError, check_options
 from causalscan.executor import get as executor_get
+from causalscan.model import relevance
 from causalscan.patching.agreement import agreement, top_and_random
 from causalscan.patching.estimate import heaviest_batch
 from causalscan.progress import Progress
 from causalscan.progress import check as check_progress
 
-METHODS = ("eap", "eap-ig")
+METHODS = ("eap", "eap-ig", "relp")
 ABLATIONS = ("patch", "mean")
 IG_STEPS = 5
 
@@ -74,10 +75,13 @@ def circuit(
     executor=None,
     memory_gb: float | None = None,
     dry_run: bool = False,
+    relp_attention: str = "plain",
 ) -> CircuitResult | memplan.Plan:
     """Score every edge of the model's graph on ``metric``, confirm the top, measure faithfulness.
 
-    ``method``: ``eap`` or ``eap-ig`` (``ig_steps`` steps of the input path, default 5).
+    ``method``: ``eap``, ``eap-ig`` (``ig_steps`` steps of the input path, default 5) or ``relp``
+    (EAP with the relevance rules of :mod:`causalscan.model.relevance` in the backward, attention
+    rule ``relp_attention``: ``plain`` or ``attnlrp``; ``cp`` would give q and k readers nothing).
     ``edges``: the circuit's size (its edges in the JSON, dot and report; also a point of the
     curve). ``confirm``: top edges re-measured by exact edge patching, plus ``confirm_random``
     (default ``confirm``) others at random (0: none). ``direction``: ``noising`` (the clean run,
@@ -102,6 +106,17 @@ def circuit(
     if ig_steps is not None and method != "eap-ig":
         raise InputError(f"ig_steps needs method eap-ig, not {method!r}", field="ig_steps")
     ig_steps = (IG_STEPS if ig_steps is None else ig_steps) if method == "eap-ig" else 0
+    if method == "relp":
+        relevance.check_attention(relp_attention)
+        if relp_attention == "cp":
+            raise InputError(
+                "the cp attention rule holds the pattern constant: every edge into a q or k reader would score "
+                "0; use relp_attention plain or attnlrp",
+                field="relp_attention",
+            )
+    elif relp_attention != "plain":
+        raise InputError(f"relp_attention needs method relp, not {method!r}", field="relp_attention")
+    rules = relp_attention if method == "relp" else None
     check_options(
         edges=edges,
         refine=refine,
@@ -133,6 +148,7 @@ def circuit(
         noising,
         batch_size,
         ig_steps,
+        rules,
         n_confirm,
         grid(int(g.valid().sum()), edges) if curve else [],
         ablation,
@@ -149,6 +165,7 @@ def circuit(
             "data": inp.dataset.sha256,
             "method": method,
             "ig_steps": ig_steps,
+            **({"relp_attention": relp_attention} if rules else {}),
             "direction": direction,
             "metric": inp.metric,
             "samples": samples,
@@ -157,7 +174,7 @@ def circuit(
             "batch_size": batch_size,
         }
         ck = Checkpoint(checkpoint, "circuit", checkpoint_key(settings), checkpoint_every_s)
-    sums = estimate(inp, g, noising, batch_size, ig_steps, progress, ck, executor)
+    sums = estimate(inp, g, noising, batch_size, ig_steps, progress, ck, executor, rules)
     res = CircuitResult(
         **inp.header(),
         graph=g,
@@ -228,6 +245,7 @@ def _plan(
     noising: bool,
     batch_size: int,
     ig_steps: int,
+    rules: str | None,
     n_confirm: int,
     sizes: list[int],
     ablation: str,
@@ -237,7 +255,7 @@ def _plan(
     ``n_confirm`` single edges (the graph's first: the longest forwards) and the faithfulness curve
     (``sizes``: every edge but a few patched, from block 0)."""
     plan = memplan.Plan(memplan.weights(inp.model), chunks={"attribution rows": batch_size})
-    stage = (inp.rows, inp.metric_fn, noising, batch_size, ig_steps)
+    stage = (inp.rows, inp.metric_fn, noising, batch_size, ig_steps, rules)
     plan.stages["attribution"] = memplan.simulate(inp.model, edge_units, stage, heaviest_batch(inp, batch_size))
     ids = g.valid().flatten().nonzero().flatten()
     for name, groups, clean, abl in (

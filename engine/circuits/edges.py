@@ -22,6 +22,7 @@ where :mod:`causalscan.circuits.graph` says.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -30,7 +31,7 @@ from causalscan.circuits.graph import QKV, Graph, norm_inputs, pre_hooks, store_
 from causalscan.data.corruption import Rows
 from causalscan.data.inputs import Inputs
 from causalscan.executor import get as executor_get
-from causalscan.model import runner
+from causalscan.model import relevance, runner
 from causalscan.model.load import Model
 from causalscan.model.taps import Grad, integrated_gradients
 from causalscan.progress import Progress
@@ -93,13 +94,15 @@ def attribute(
     other_noise: torch.Tensor | None = None,
     keep: int = 1,
     ig_steps: int = 0,
+    rules: str | None = None,
 ) -> dict:
     """EAP (``ig_steps`` 0) or EAP-IG scores of every edge for pairs ``base_ids``/``other_ids`` [P, T].
 
     ``metric(logits [P, keep, V], clean_logprobs) -> [P]`` as in
     :func:`causalscan.patching.attribution.attribute`.
     Returns ``{"scores": [n_up, n_read] summed over the pairs (0 off the graph), "base": [P],
-    "other": [P]}``.
+    "other": [P]}``. ``rules``: RelP's attention rule (:mod:`causalscan.model.relevance`; one step):
+    EAP with the relevance rules in the backward.
     """
     ad = g.ad
     with torch.no_grad():
@@ -122,7 +125,7 @@ def attribute(
     def first() -> None:
         acc.delta = other.pop("w").sub_(base.pop("w"))
 
-    with pre_hooks(hooks):
+    with pre_hooks(hooks), relevance.rules(ad, rules) if rules else nullcontext():
         base_m, clean_logprobs = integrated_gradients(
             ad,
             base_ids,
@@ -151,6 +154,7 @@ def estimate(
     progress: Progress | None = None,
     ck: Checkpoint | None = None,
     executor=None,
+    rules: str | None = None,
 ) -> dict:
     """Edge scores ``[n_up, n_read]`` (mean over pairs) and the ``clean``/``corrupt`` metrics [P], one
     batch at a time on ``executor``; the running sums resumed from and written to ``ck`` as it goes."""
@@ -162,7 +166,7 @@ def estimate(
         sums["clean"].index_add_(0, part["owner"], per_row * part["clean"])
         sums["corrupt"].index_add_(0, part["owner"], per_row * part["corrupt"])
 
-    stage = (inp.rows, inp.metric_fn, noising, batch_size, ig_steps)
+    stage = (inp.rows, inp.metric_fn, noising, batch_size, ig_steps, rules)
     sums = run(
         ck,
         sums,
@@ -174,7 +178,9 @@ def estimate(
     return {"scores": sums["scores"] / n, "clean": sums["clean"], "corrupt": sums["corrupt"]}
 
 
-def edge_units(model: Model, rows: Rows, metric_fn, noising: bool, batch_size: int, ig_steps: int):
+def edge_units(
+    model: Model, rows: Rows, metric_fn, noising: bool, batch_size: int, ig_steps: int, rules: str | None = None
+):
     """``compute(i)``: the edge scores of attribution batch ``i`` summed over its rows ``[n_up, n_read]``,
     its rows' ``clean``/``corrupt`` metrics [B] and their pairs ``owner`` [B]."""
     g = Graph(model.adapter)
@@ -193,6 +199,7 @@ def edge_units(model: Model, rows: Rows, metric_fn, noising: bool, batch_size: i
             b.other_noise,
             rows.keep,
             ig_steps,
+            rules,
         )
         clean, corrupt = (out["base"], out["other"]) if noising else (out["other"], out["base"])
         return {

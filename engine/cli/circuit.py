@@ -19,6 +19,7 @@ def run(args) -> dict:
         confirm=args.confirm,
         confirm_random=args.confirm_random,
         ig_steps=args.ig_steps,
+        relp_attention=args.relp_attention,
         direction=args.direction,
         batch_size=args.batch_size,
         curve=not args.no_curve,
@@ -50,6 +51,12 @@ def add(sub) -> None:
     p.add_argument("--direction", default="noising", choices=["noising", "denoising"])
     p.add_argument("--method", default="eap-ig", choices=list(METHODS))
     p.add_argument("--ig-steps", type=int, default=None, help="eap-ig: steps along the input path (default 5)")
+    p.add_argument(
+        "--relp-attention",
+        default="plain",
+        choices=["plain", "attnlrp"],
+        help="relp: the attention rule (plain gradient, or attnlrp: q, k 1/4, v 1/2)",
+    )
     p.add_argument("--edges", type=int, default=200, help="the circuit's size: its top edges in the outputs")
     p.add_argument("--confirm", type=int, default=50, help="top edges re-measured by exact edge patching (0: none)")
     p.add_argument(

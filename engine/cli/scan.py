@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from causalscan.cli.job import run_job
 from causalscan.cli.options import command, model_args, names, plan_args, report_arg, sweep_args
-from causalscan.patching.scan import EXACT_BUDGET, METHODS, ScanResult, scan
+from causalscan.model.relevance import ATTENTION
+from causalscan.patching.scan import METHODS, RELP_ATTENTION, ScanResult, scan
 
 
 def run(args) -> dict:
@@ -24,6 +25,7 @@ def run(args) -> dict:
         checkpoint=args.out,
         ig_steps=args.ig_steps,
         ig_path=args.ig_path,
+        relp_attention=args.relp_attention,
         **budget,
     )
 
@@ -34,8 +36,9 @@ def add(sub) -> None:
         "scan",
         run,
         result=ScanResult,
-        help="AtP / AtP* scan of every component, confirmed by exact patching",
-        description="Scan every component of the sweeps with attribution patching (AtP, AtP*), then confirm "
+        help="RelP / AtP scan of every component, confirmed by exact patching",
+        description="Scan every component of the sweeps with relevance patching (RelP, the default) or "
+        "attribution patching (AtP, AtP*, AtP-IG), then confirm "
         "the top nodes and a random sample by batched exact patching. With no --model and no "
         "--data: the zoo's induction model on its dataset. With --out, partial attribution sums "
         "are written there as the scan goes and a rerun with the same settings resumes from them.",
@@ -49,7 +52,13 @@ def add(sub) -> None:
         "comma-separated sweeps (default: head,neuron,resid_pre); also q, k, v, "
         "attn_out, mlp_out, resid_post, head:pos, ...",
     )
-    p.add_argument("--method", default="atp*", choices=list(METHODS))
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=list(METHODS),
+        help="auto (default): neuron sweeps by AtP, every other by RelP, one forward and two backwards; "
+        "relp: relevance rules in the backward; atp; atp* (QK fix, --graddrop); atp-ig",
+    )
     p.add_argument("--ig-steps", type=int, default=None, help="atp-ig: steps along the path (default 10)")
     p.add_argument(
         "--ig-path",
@@ -59,13 +68,19 @@ def add(sub) -> None:
         "activation (N passes per site and layer; a site's attributions sum to its exact effect)",
     )
     p.add_argument(
+        "--relp-attention",
+        default=RELP_ATTENTION,
+        choices=list(ATTENTION),
+        help=f"relp, auto: the attention rule (default {RELP_ATTENTION}): plain gradient, attnlrp (q, k 1/4, v 1/2) "
+        "or cp (the pattern held constant; no q/k sweeps)",
+    )
+    p.add_argument(
         "--exact-budget",
         type=float,
         default=None,
         help="patch a sweep exactly, not estimate it, when that costs at most this many plain forward + "
-        f"backward passes (default: causalscan.patching.scan.EXACT_BUDGET, {EXACT_BUDGET:g}, with "
-        "which the residual sweeps over named roles of a 135M model are exact, heads and neurons "
-        "estimated; 0: estimate every sweep)",
+        "backward passes (default: only the sweeps no larger than their confirmation sample, "
+        "--confirm + --confirm-random nodes; 0: estimate every sweep)",
     )
     p.add_argument(
         "--graddrop",

@@ -43,6 +43,10 @@ class Family:
     # the module whose input is the normed MLP input, and the final norm (path from the CausalLM)
     readers: tuple[str, str, str] = ("input_layernorm", "post_attention_layernorm", "mlp")
     final_norm: str = "model.norm"
+    # the MLP activation (relevance rules: the identity rule) and the gated MLP's two branches (the
+    # half rule; one fused module for both, or none for an ungated MLP)
+    act: str = "mlp.act_fn"
+    gates: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
 
 
 _LLAMA = dict(
@@ -73,6 +77,8 @@ FAMILIES = (
         "gpt2",
         ("ln_1", "ln_2", "mlp"),
         "transformer.ln_f",
+        act="mlp.act",
+        gates=(),
     ),
     Family(
         "gpt_neox",
@@ -85,6 +91,8 @@ FAMILIES = (
         ("attention.query_key_value",),
         "neox",
         final_norm="gpt_neox.final_layer_norm",
+        act="mlp.act",
+        gates=(),
     ),
     Family("llama", ("llama",), **_LLAMA),
     Family("mistral", ("mistral",), **_LLAMA),
@@ -104,6 +112,8 @@ FAMILIES = (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         readers=("input_layernorm", "input_layernorm", "mlp"),
         final_norm="model.final_layernorm",
+        act="mlp.activation_fn",
+        gates=(),
     ),
     Family(
         "phi3",
@@ -115,6 +125,8 @@ FAMILIES = (
         "mlp.down_proj",
         ("self_attn.qkv_proj",),
         "phi3",
+        act="mlp.activation_fn",
+        gates=("mlp.gate_up_proj",),
     ),
     Family(
         "opt",
@@ -127,6 +139,8 @@ FAMILIES = (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         readers=("self_attn_layer_norm", "final_layer_norm", "fc1"),
         final_norm="model.decoder.final_layer_norm",
+        act="activation_fn",
+        gates=(),
     ),
 )
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}

@@ -58,20 +58,43 @@ class Record:
 
 
 @contextmanager
-def recording(ad: Adapter, layers, store: dict):
-    """Inside the block, every forward stores ``store[layer] = Record(...)`` for ``layers``."""
-    layers = set(layers)
-    if not layers:
-        yield store
-        return
+def interposed(ad: Adapter, call):
+    """Inside the block, the attention function of ``ad``'s layers is ``call(inner, layer, module,
+    query, key, value, attention_mask, *args, **kwargs)``, where ``inner`` is the function the model
+    would have used (any ``attn_implementation``); other models' layers call ``inner`` directly.
+    Nested blocks compose (the inner one calls the outer one's wrapper as ``inner``)."""
     owner = {id(m): i for i, blk in enumerate(ad.blocks) for m in blk.modules()}
     impl = ad.model.config._attn_implementation
     had = impl in ALL_ATTENTION_FUNCTIONS._local_mapping
     before = ALL_ATTENTION_FUNCTIONS._local_mapping.get(impl)
     inner_default = ALL_ATTENTION_FUNCTIONS._global_mapping.get(impl) if not had else before
 
-    def wrapper(module, query, key, value, attention_mask, *args, **kwargs):
+    def wrapper(module, *args, **kwargs):
+        inner = inner_default or sys.modules[type(module).__module__].eager_attention_forward
         layer = owner.get(id(module))
+        if layer is None:
+            return inner(module, *args, **kwargs)
+        return call(inner, layer, module, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS[impl] = wrapper
+    try:
+        yield
+    finally:
+        if had:
+            ALL_ATTENTION_FUNCTIONS[impl] = before
+        else:
+            del ALL_ATTENTION_FUNCTIONS[impl]
+
+
+@contextmanager
+def recording(ad: Adapter, layers, store: dict):
+    """Inside the block, every forward stores ``store[layer] = Record(...)`` for ``layers``."""
+    layers = set(layers)
+    if not layers:
+        yield store
+        return
+
+    def record(inner, layer, module, query, key, value, attention_mask, *args, **kwargs):
         if layer in layers:
             scaling = kwargs.get("scaling")
             store[layer] = Record(
@@ -83,14 +106,7 @@ def recording(ad: Adapter, layers, store: dict):
                 kwargs.get("softcap"),
                 kwargs.get("sliding_window"),
             )
-        inner = inner_default or sys.modules[type(module).__module__].eager_attention_forward
         return inner(module, query, key, value, attention_mask, *args, **kwargs)
 
-    ALL_ATTENTION_FUNCTIONS[impl] = wrapper
-    try:
+    with interposed(ad, record):
         yield store
-    finally:
-        if had:
-            ALL_ATTENTION_FUNCTIONS[impl] = before
-        else:
-            del ALL_ATTENTION_FUNCTIONS[impl]

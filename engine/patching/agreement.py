@@ -60,6 +60,73 @@ def agreement(score: torch.Tensor, signed: torch.Tensor, exact: torch.Tensor, k:
     return out
 
 
+TOP = 20  # the top a sweep's confirmation checks the order of, and the false negatives against
+DEEP = 0.75  # an exact top node found this deep in the confirmed top: more may lie beyond it
+
+
+def frontier(exact_abs: torch.Tensor, k: int, n_rest: int, top: int = TOP) -> dict:
+    """Whether a sweep's confirmed top was deep enough, from the mean |exact| ``exact_abs`` [n] of its
+    confirmed nodes: the first ``k`` its estimated top (best first), the rest a random sample of its
+    ``n_rest`` other nodes. With ``t = min(top, k // 2)``: ``recall_at_top``, the share of the exact
+    top ``t`` (among the confirmed top) that the estimate ranked in its top ``t``; ``deepest``, the
+    estimated rank (1-based) of the lowest-ranked of them; ``random_above``, the random nodes at
+    least as large as the exact ``t``-th (false negatives seen), and ``missed_95``, a 95% upper
+    bound on how many of the ``n_rest`` are (Clopper-Pearson on the random sample)."""
+    t = min(top, k // 2)
+    if t == 0:
+        return {"top": 0}
+    order = exact_abs[:k].argsort(descending=True)[:t]
+    threshold = exact_abs[:k][order[-1]].item()
+    rand = exact_abs[k:]
+    above = int((rand >= threshold).sum()) if threshold > 0 else 0
+    return {
+        "top": t,
+        "recall_at_top": len(set(order.tolist()) & set(range(t))) / t,
+        "deepest": int(order.max()) + 1,
+        "random": len(rand),
+        "random_above": above,
+        "missed_95": n_rest * upper_95(above, len(rand)) if len(rand) else math.nan,
+    }
+
+
+def upper_95(hits: int, n: int) -> float:
+    """One-sided 95% Clopper-Pearson upper bound on a rate seen ``hits`` times in ``n`` draws."""
+    if hits >= n:
+        return 1.0
+    lo, hi = hits / n, 1.0
+    for _ in range(60):  # bisection on P(X <= hits; n, p) = 0.05, which falls as p grows
+        p = (lo + hi) / 2
+        cdf = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(hits + 1))
+        lo, hi = (p, hi) if cdf > 0.05 else (lo, p)
+    return hi
+
+
+def shallow(s: dict) -> str | None:
+    """Why a sweep's real top may lie beyond its confirmed top (None: no sign of it), from ``frontier``."""
+    f = s.get("frontier") or {}
+    if not f.get("top"):
+        return None
+    if f["random_above"]:
+        return f"{f['random_above']} of {f['random']} random nodes belong in its exact top {f['top']}"
+    if f["deepest"] > DEEP * s["k"]:
+        return f"an exact top-{f['top']} node was the estimate's #{f['deepest']} of {s['k']} confirmed"
+    return None
+
+
+def trust(s: dict, method: str) -> str:
+    """How far a sweep's ranking rests on its estimate (``method``) and how its confirmation agreed,
+    in one line, from its agreement figures ``s`` (with ``frontier``)."""
+    f = s.get("frontier") or {}
+    if not f.get("top"):
+        return f"estimated by {method}, not confirmed"
+    bound = "" if math.isnan(f["missed_95"]) else f" (at most {f['missed_95']:.0f} of the rest, 95%)"
+    return (
+        f"estimated by {method}, its confirmed top {s['k']} ranked by exact effects (the estimate's own "
+        f"top-{f['top']} recall there {f['recall_at_top']:.2f}, sign {s['sign_agreement']:.2f}); "
+        f"{f['random_above']} of {f['random']} random nodes reach its exact top {f['top']}{bound}"
+    )
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation (average ranks for ties)."""
     if len(a) < 2:

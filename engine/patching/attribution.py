@@ -19,17 +19,23 @@ AtP* adds
   node leave its gradient unchanged and count ``|AtP|`` without recomputing. A node with a
   direct effect only scores ``|AtP|``.
 
+RelP (``rules``): the same passes with the relevance rules of :mod:`causalscan.model.relevance`
+in the base run's backward (the forward is unchanged), so the gradient is LRP's coefficient. With
+``plain_sites`` as well, one base forward serves two backwards: the plain one scores those sites
+(AtP), the rules one every other site (RelP).
+
 AtP-IG (``ig_steps``): :mod:`causalscan.patching.ig`. The score store: :mod:`causalscan.patching.scores`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
 from causalscan.data.sweeps import Sweep
-from causalscan.model import attention, runner
+from causalscan.model import attention, relevance, runner
 from causalscan.model.adapters import Adapter
 from causalscan.model.taps import frozen, graph_forward
 from causalscan.patching import ig
@@ -86,6 +92,8 @@ def attribute(
     keep: int = 1,
     ig_steps: int = 0,
     ig_path: str = "inputs",
+    rules: str | None = None,
+    plain_sites: frozenset[str] = frozenset(),
 ) -> dict:
     """Scores of every sweep for pairs ``base_ids``/``other_ids`` [P, T].
 
@@ -98,7 +106,14 @@ def attribute(
     "base": [P], "other": [P]}``: ``signed`` is AtP (with the QK fix for q/k nodes if asked).
     ``ig_steps`` > 0: ``signed`` is AtP-IG over that many steps of ``ig_path`` (``inputs``: one path
     for all sites; ``activations``: each site's own), without QK fix or GradDrop.
+    ``rules``: an attention rule of :data:`causalscan.model.relevance.ATTENTION` for RelP (the
+    relevance rules in the backward), or None for the plain gradient; ``plain_sites``: with
+    ``rules``, the sites scored by a plain backward of the same graph (AtP) instead.
     """
+    if ig_steps and rules:
+        raise ValueError("relevance rules take one step, not integrated gradients")
+    if rules == "cp" and qk_fix and {sw.site for sw in sweeps} & set(QK):
+        raise ValueError("the cp rule holds the pattern constant: the QK fix would score what it removes")
     if ig_steps:
         along = ig.along_inputs if ig_path == "inputs" else ig.along_activations
         return along(
@@ -112,10 +127,25 @@ def attribute(
     other_logits, other_acts, other_rec = other_run(ad, other_ids, tapped, attn_layers, other_noise, keep)
     scores = Scores(sweeps, base_ids.shape[0], base_ids.device, graddrop, role_pos)  # on the device: no sync
     base_rec: dict = {}
-    taps = _base_taps(ad, scores, tapped, other_acts, attn_layers, base_rec, other_rec, fixed, graddrop)
-    base_m, clean_logprobs = _base_run_and_backwards(
-        ad, base_ids, taps, metric, attn_layers, base_rec, scores, other_logits, base_is_clean, base_noise, keep
+    switch = relevance.Switch() if rules and plain_sites else None
+    taps = _base_taps(
+        ad, scores, tapped, other_acts, attn_layers, base_rec, other_rec, fixed, graddrop, switch, plain_sites
     )
+    with relevance.rules(ad, rules, switch or relevance.ALWAYS) if rules else nullcontext():
+        base_m, clean_logprobs = _base_run_and_backwards(
+            ad,
+            base_ids,
+            taps,
+            metric,
+            attn_layers,
+            base_rec,
+            scores,
+            other_logits,
+            base_is_clean,
+            base_noise,
+            keep,
+            switch,
+        )
     other_acts.clear()
     with torch.no_grad():
         other_m = metric(other_logits, clean_logprobs)
@@ -138,14 +168,20 @@ def _base_taps(
     other_rec: dict,
     fixed: set[str],
     graddrop: bool,
+    switch: relevance.Switch | None = None,
+    plain_sites: frozenset[str] = frozenset(),
 ) -> list[runner.TapSpec]:
     """The base run's taps: one per scanned site (keeping ``a_other - a_base``; the other run's
-    activation is dropped once taken), one per head output for the QK fix, and GradDrop's cuts."""
+    activation is dropped once taken), one per head output for the QK fix, and GradDrop's cuts.
+    With a ``switch``, a site's hook runs in the plain backward if it is one of ``plain_sites``, in
+    the rules backward otherwise."""
 
-    def tap(hook, key=None):
+    def tap(hook, key=None, site=None):
+        if switch is not None:
+            hook = _gated(hook, switch, rules_on=site not in plain_sites)
         return lambda x: _Tap.apply(x, None if key is None else other_acts.pop(key), hook)
 
-    taps = [(s, layer, tap(scores.site_hook(s, layer), (s, layer))) for s, layer in tapped]
+    taps = [(s, layer, tap(scores.site_hook(s, layer), (s, layer), s)) for s, layer in tapped]
     taps += [("head", layer, tap(scores.qk_hook(layer, base_rec, other_rec, fixed))) for layer in attn_layers]
     if graddrop:
         taps += [
@@ -154,6 +190,16 @@ def _base_taps(
             for s in ("attn_out", "mlp_out")
         ]
     return taps
+
+
+def _gated(hook, switch: relevance.Switch, rules_on: bool):
+    """``hook`` only in the backward whose rules state is ``rules_on``."""
+
+    def gated(keep, grad):
+        if switch.on == rules_on:
+            hook(keep, grad)
+
+    return gated
 
 
 def _base_run_and_backwards(
@@ -168,15 +214,21 @@ def _base_run_and_backwards(
     base_is_clean: bool,
     noise,
     keep: int,
+    switch: relevance.Switch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The base run with its graph (from the embeddings, parameters frozen), one backward of the
-    summed metric, and with GradDrop one more per block over the same graph. Returns the base
-    metric [P] and the clean log-probabilities [P, keep, V]."""
+    summed metric, and with GradDrop one more per block over the same graph; with a ``switch``, a
+    plain backward first and then the rules one. Returns the base metric [P] and the clean
+    log-probabilities [P, keep, V]."""
     with frozen(ad.model), torch.enable_grad(), attention.recording(ad, attn_layers, base_rec):
         logits = graph_forward(ad, ids, taps, noise, keep)
         clean_logprobs = (logits.detach() if base_is_clean else other_logits).float().log_softmax(-1)
         base_m = metric(logits, clean_logprobs)
         graddrop = scores.graddrop is not None
+        if switch is not None:
+            switch.on = False
+            base_m.sum().backward(retain_graph=True)
+            switch.on = True
         base_m.sum().backward(retain_graph=graddrop)
         if graddrop:
             for layer in range(ad.n_layers):

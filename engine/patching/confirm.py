@@ -9,7 +9,7 @@ import torch
 
 from causalscan.data.inputs import Inputs
 from causalscan.data.sweeps import Component, Sweep
-from causalscan.patching.agreement import agreement, ranked, top_and_random
+from causalscan.patching.agreement import agreement, frontier, ranked, top_and_random
 from causalscan.patching.exact import measure
 from causalscan.patching.planner import Work, cost, planned
 from causalscan.progress import Progress
@@ -63,9 +63,9 @@ def confirm(res, inp: Inputs, k: int, n_random: int, seed: int, progress: Progre
         for sw in estimated:
             ids = torch.arange(sw.start, sw.stop)
             k_s = min(k, len(ids) // 2) if k else 0
-            strata[sw.name] = (top_and_random(ranked(score, ids), k_s, n_random, g)[0], k_s)
+            strata[sw.name] = (top_and_random(ranked(score, ids), k_s, n_random, g)[0], k_s, len(ids) - k_s)
     seen = dict.fromkeys(pooled.tolist())  # the pooled sample first, in order, then each sweep's new nodes
-    for ids, _ in strata.values():
+    for ids, _, _ in strata.values():
         seen.update(dict.fromkeys(ids.tolist()))
     chosen = torch.tensor(list(seen), dtype=torch.long)
     m = measure(
@@ -81,12 +81,14 @@ def confirm(res, inp: Inputs, k: int, n_random: int, seed: int, progress: Progre
     res.confirmed, res.n_top, res.exact = chosen, k, m.effect(res.direction)
     col = {j: c for c, j in enumerate(chosen.tolist())}
 
-    def agree(ids: torch.Tensor, k_s: int) -> dict:
+    def agree(ids: torch.Tensor, k_s: int, n_rest: int) -> dict:
         cols = torch.tensor([col[j] for j in ids.tolist()], dtype=torch.long)
-        return agreement(score[ids], res.signed.mean(0)[ids], res.exact[:, cols], k_s)
+        out = agreement(score[ids], res.signed.mean(0)[ids], res.exact[:, cols], k_s)
+        return {**out, "frontier": frontier(res.exact[:, cols].abs().mean(0), k_s, n_rest)}
 
-    res.agreement = agree(pooled, k)
-    res.agreement_by_sweep = {name: agree(ids, k_s) for name, (ids, k_s) in strata.items()} or {
+    n_pool = sum(sw.stop - sw.start for sw in estimated)
+    res.agreement = agree(pooled, k, n_pool - k)
+    res.agreement_by_sweep = {name: agree(*stratum) for name, stratum in strata.items()} or {
         estimated[0].name: res.agreement
     }
     res.timings["confirm_forwards"] = m.forwards

@@ -31,6 +31,8 @@ class Stage(NamedTuple):
     batch_size: int
     ig_steps: int
     ig_path: str
+    rules: str | None = None  # RelP's attention rule (None: the plain gradient)
+    plain_sites: frozenset[str] = frozenset()  # with rules: sites scored by the plain backward (AtP)
 
     @classmethod
     def of(cls, inp: Inputs, *settings) -> Stage:
@@ -72,6 +74,8 @@ def attribution_units(
     batch_size: int,
     ig_steps: int,
     ig_path: str,
+    rules: str | None = None,
+    plain_sites: frozenset[str] = frozenset(),
 ):
     """``compute(i)``: attribution batch ``i`` of ``inp.rows.batches(batch_size)`` on ``model``, as the
     per-row ``signed`` (and ``graddrop``) ``[B, n]``, ``clean``/``corrupt`` metrics [B] and their
@@ -104,6 +108,8 @@ def attribution_units(
             keep=rows.keep,
             ig_steps=ig_steps,
             ig_path=ig_path,
+            rules=rules,
+            plain_sites=plain_sites,
         )
         part = {
             name: torch.cat([out[name][sw.name].flatten(1) for sw in sweeps], 1).cpu()

@@ -1,13 +1,15 @@
-"""The main job: scan every component with AtP / AtP*, then confirm the hits exactly.
+"""The main job: scan every component with RelP / AtP / AtP*, then confirm the hits exactly.
 
 ``scan`` estimates every node of the requested sweeps in a fixed number of passes per batch of
 pairs (:mod:`causalscan.patching.estimate`, :mod:`causalscan.patching.attribution`), ranks them by
-the mean over pairs of the per-pair ``|estimate|`` (AtP) or the GradDrop score (AtP*), patches
-exactly the sweeps that are cheaper to patch than ``exact_budget``, then re-measures the top
-``confirm`` nodes and a random sample of the rest by batched exact patching in the same direction,
-on the scan's own rows (:mod:`causalscan.patching.confirm`), and reports how well the two agree. An
-optional false-negative diagnostic patches random subsets of the unconfirmed nodes jointly. The
-memory plan of every stage is checked before any of them runs.
+the mean over pairs of the per-pair ``|estimate|`` (or the GradDrop score under AtP*), patches
+exactly the sweeps no larger than their own confirmation sample (or cheaper than ``exact_budget``),
+then re-measures each sweep's top ``confirm`` nodes and a random sample of the rest by batched exact
+patching in the same direction, on the scan's own rows (:mod:`causalscan.patching.confirm`), ranks
+the confirmed nodes by their exact effects, and reports how well the two agree and whether the
+sweep's top may lie beyond what was confirmed. An optional false-negative diagnostic patches random
+subsets of the unconfirmed nodes jointly. The memory plan of every stage is checked before any of
+them runs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from causalscan.data.inputs import Inputs, prepare
 from causalscan.data.sweeps import Component, Sweep, build_sweeps
 from causalscan.errors import InputError, check_options
 from causalscan.executor import get as executor_get
-from causalscan.model import attention, runner
+from causalscan.model import attention, relevance, runner
 from causalscan.patching import confirm as confirmation
 from causalscan.patching import ig
 from causalscan.patching.estimate import Stage, attribution_units, estimate, heaviest_batch
@@ -36,20 +38,24 @@ from causalscan.patching.scan_result import ScanResult
 from causalscan.progress import Progress
 from causalscan.progress import check as check_progress
 
-METHODS = ("atp", "atp*", "atp-ig")
+METHODS = ("auto", "relp", "atp", "atp*", "atp-ig")
 IG_STEPS = 10  # Marks et al. 2024
-# A sweep is patched exactly instead of estimated when that costs at most this many plain forward +
-# backward passes (causalscan.patching.planner.cost). SmolLM2-135M, 16 IOI pairs: resid_pre/attn_out/mlp_out over the
-# four roles 14 each (exact: AtP's recall@20 there is 0.30), heads 35 and neurons 6000 (estimated:
-# AtP's recall@20 0.90 and 1.00); bench/bench_faithfulness.py.
-EXACT_BUDGET = 20.0
+# RelP's attention rule. SmolLM2-135M, 16 IOI pairs (bench/bench_faithfulness.py), by position and by
+# role: plain has the best recall@20 after confirmation on every sweep (0.95-1.00) and sign
+# agreement >= 0.97; attnlrp loses recall on resid_pre (0.45 before confirmation, against 0.65-0.70)
+# and cp loses sign agreement (0.62-0.83 on attn_out).
+RELP_ATTENTION = "plain"
+# The default (``auto``) scores these sites by AtP and every other by RelP, from one forward and two
+# backwards. Neurons (SmolLM2, IOI): AtP's recall@20 1.00 and sign 0.98, RelP's 0.55 and 0.95 (0.65
+# after confirmation); RelP is at least as good on every other sweep measured.
+PLAIN_SITES = frozenset({"neuron"})
 
 
 def scan(
     model,
     dataset,
     sites: str | Sequence[str] = ("head", "neuron", "resid_pre"),
-    method: str = "atp*",
+    method: str = "auto",
     confirm: int = 32,
     confirm_random: int | None = None,
     direction: str = "noising",
@@ -66,21 +72,29 @@ def scan(
     checkpoint_every_s: float = 30.0,
     ig_steps: int | None = None,
     ig_path: str = "inputs",
-    exact_budget: float = EXACT_BUDGET,
+    exact_budget: float | None = None,
     executor=None,
     memory_gb: float | None = None,
     dry_run: bool = False,
+    relp_attention: str = RELP_ATTENTION,
 ) -> ScanResult | memplan.Plan:
     """Estimate the effect of every component of ``sites`` on ``metric``, then confirm the top.
 
     ``sites``: sweeps as in :func:`causalscan.patch` (``head`` ``[L, H]``, ``neuron`` ``[L, d_mlp]``,
-    ``resid_pre`` ``[L, T]``, ``q``/``k``/``v``, ``head:pos`` ...). ``method``: ``atp``,
+    ``resid_pre`` ``[L, T]``, ``q``/``k``/``v``, ``head:pos`` ...). ``method``: ``auto`` (the
+    default: neuron sweeps by AtP, every other by RelP, from one forward and two backwards;
+    :data:`PLAIN_SITES`), ``relp`` (AtP with the relevance rules of
+    :mod:`causalscan.model.relevance` in the backward, attention rule ``relp_attention``, and the
+    QK fix for q/k nodes), ``atp``,
     ``atp*`` (QK fix for q/k nodes, and GradDrop with ``graddrop=True``) or ``atp-ig``
     (integrated gradients, ``ig_steps`` steps, default 10, along ``ig_path``: ``inputs``, the
     embeddings, N forwards and backwards per batch; or ``activations``, each site's own path, N per
-    site and layer, from that layer on; every node's score is ``|estimate|``). ``exact_budget``: a sweep whose exact
-    patching costs at most this many plain forward + backward passes (:func:`causalscan.patching.confirm.exact_cost`) is
-    patched exactly and not estimated (0: estimate every sweep); ``scored_by`` says which. The AtP* ranking score
+    site and layer, from that layer on; every node's score is ``|estimate|``). ``exact_budget``: None
+    (default): a sweep no larger than its confirmation sample (``confirm + confirm_random`` nodes,
+    which confirmation would measure anyway) is patched exactly and not estimated; a number: every
+    sweep whose exact patching costs at most this many plain forward + backward passes
+    (:func:`causalscan.patching.confirm.exact_cost`) is (0: estimate every sweep); ``scored_by``
+    says which. The AtP* ranking score
     of a node is ``max(|AtP|, GradDrop)`` per pair: GradDrop exposes effects that cancel in the
     total gradient, but on its own it also hides effects that run through a single downstream
     block (every layer-0 node of a 2-layer model scores only its direct effect), so it may raise a
@@ -134,17 +148,46 @@ def scan(
         raise InputError(f"ig_steps needs method atp-ig, not {method!r}", field="ig_steps")
     elif ig_path != "inputs":
         raise InputError(f"ig_path needs method atp-ig, not {method!r}", field="ig_path")
-    check_options(ig_steps=ig_steps, exact_budget=exact_budget)
+    check_options(ig_steps=ig_steps, **({} if exact_budget is None else {"exact_budget": exact_budget}))
+    if method in ("auto", "relp"):
+        relevance.check_attention(relp_attention)
+    elif relp_attention != RELP_ATTENTION:
+        raise InputError(f"relp_attention needs method relp or auto, not {method!r}", field="relp_attention")
     if graddrop and method != "atp*":
         raise InputError(f"GradDrop is part of atp*, not {method}", field="graddrop")
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
-    # the default budget prices every sweep (0 plans nothing: no cost walk over every node)
-    exact = confirmation.exact_sweeps(inp, sweeps, comps, exact_budget) if exact_budget else []
-    exact_groups = [[comps[j]] for sw in exact for j in range(sw.start, sw.stop)]
-    exact_work = planned(inp.model, inp.rows, exact_groups)  # planned once: for the memory plan and the run
-    stage = Stage.of(inp, sweeps, direction, method == "atp*", graddrop, batch_size, ig_steps or 0, ig_path)
+    cut = {sw.site for sw in sweeps} & {"q", "k"} if method in ("auto", "relp") and relp_attention == "cp" else set()
+    if cut:
+        raise InputError(
+            f"the cp attention rule holds the pattern constant, so {' and '.join(sorted(cut))} get no "
+            f"relevance (and the QK fix would score what it removes): use relp_attention plain or attnlrp",
+            field="relp_attention",
+        )
     n_random = confirm if confirm_random is None else confirm_random
     n_confirm = confirm + n_random if confirm else 0
+    if exact_budget is None:  # no larger than its confirmation sample: measuring it all costs no more
+        exact = [sw for sw in sweeps if sw.stop - sw.start <= n_confirm]
+    else:  # a budget prices every sweep (0 plans nothing: no cost walk over every node)
+        exact = confirmation.exact_sweeps(inp, sweeps, comps, exact_budget) if exact_budget else []
+    exact_groups = [[comps[j]] for sw in exact for j in range(sw.start, sw.stop)]
+    exact_work = planned(inp.model, inp.rows, exact_groups)  # planned once: for the memory plan and the run
+    qk_fix = method in ("atp*", "auto", "relp") and relp_attention != "cp"
+    plain = PLAIN_SITES & {sw.site for sw in sweeps} if method == "auto" else frozenset()
+    by_rules = method == "relp" or method == "auto" and any(sw.site not in plain for sw in sweeps)
+    rules = relp_attention if by_rules else None
+    scored = {sw.name: ("atp" if sw.site in plain else "relp") if method == "auto" else method for sw in sweeps}
+    stage = Stage.of(
+        inp,
+        sweeps,
+        direction,
+        qk_fix,
+        graddrop,
+        batch_size,
+        ig_steps or 0,
+        ig_path,
+        rules,
+        plain if rules else frozenset(),
+    )
     plan = _plan(
         inp,
         stage,
@@ -177,6 +220,7 @@ def scan(
             "batch_size": batch_size,
             "ig_steps": ig_steps,
             "ig_path": ig_path,
+            **({"relp_attention": relp_attention} if method in ("auto", "relp") else {}),
         }
         ck = Checkpoint(checkpoint, "scan", checkpoint_key(settings), checkpoint_every_s)
     sums = estimate(inp.model, stage, len(comps), ck, progress, executor)
@@ -194,7 +238,7 @@ def scan(
         corrupt=sums["corrupt"],
         ig_steps=ig_steps,
         ig_path=ig_path if ig_steps else None,
-        scored_by={sw.name: method for sw in sweeps},
+        scored_by=scored,
         tokens=inp.tokens(),
         timings={"attribution_s": time.perf_counter() - t0},
     )
@@ -259,4 +303,4 @@ def top_patterns(res: ScanResult, inp: Inputs, n: int = 4) -> dict[str, torch.Te
     return {str(c): rec[c.layer].pattern()[0, c.index].cpu() for c in comps}
 
 
-__all__ = ["EXACT_BUDGET", "METHODS", "ScanResult", "scan"]
+__all__ = ["METHODS", "PLAIN_SITES", "RELP_ATTENTION", "ScanResult", "scan"]

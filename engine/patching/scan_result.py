@@ -11,7 +11,7 @@ import torch
 
 from causalscan.data.sweeps import Sweep, per_sweep, role_names, shapes
 from causalscan.errors import check_options
-from causalscan.patching.agreement import summary, untrusted
+from causalscan.patching.agreement import shallow, summary, trust, untrusted
 from causalscan.results import Result
 
 
@@ -48,8 +48,10 @@ class ScanResult(Result):
     patterns: dict[str, torch.Tensor] = field(default_factory=dict)  # top heads' attention [T, T], first pair
 
     def summary(self) -> dict[str, torch.Tensor]:
-        """Per node [n]: ``score`` (ranking), ``estimate`` (signed mean), and for confirmed nodes
-        ``exact`` (signed mean) and ``exact_abs`` (mean |effect|), NaN elsewhere."""
+        """Per node [n]: ``score`` (the estimate's ranking score), ``estimate`` (signed mean), for
+        confirmed nodes ``exact`` (signed mean) and ``exact_abs`` (mean |effect|), NaN elsewhere, and
+        ``rank``: what the scan ranks by, ``exact_abs`` where measured and ``score`` elsewhere (the
+        confirmed top of a sweep is ordered by its exact effects, not by the estimate)."""
         n = len(self.components)
         out = {
             "score": self.score.mean(0),
@@ -66,10 +68,12 @@ class ScanResult(Result):
             if (self.scored_by or {}).get(sw.name) == "exact":  # signed holds exact effects
                 out["exact"][sw.start : sw.stop] = self.signed[:, sw.start : sw.stop].mean(0)
                 out["exact_abs"][sw.start : sw.stop] = self.signed[:, sw.start : sw.stop].abs().mean(0)
+        measured = ~out["exact_abs"].isnan()
+        out["rank"] = torch.where(measured, out["exact_abs"], out["score"])
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """``{"atp*/head": [L, H] score, "atp*_signed/head": ..., "graddrop/head": ..., "exact/head": ...,
+        """``{"auto/head": [L, H] score, "auto_signed/head": ..., "graddrop/head": ..., "exact/head": ...,
         "exact_abs/head": ...}`` (exact effects NaN where not confirmed), and ``pattern/<head>`` [T, T]:
         the top heads' attention on the first pair."""
         names = {
@@ -85,9 +89,10 @@ class ScanResult(Result):
         }
 
     def top(self, k: int = 10) -> list[dict]:
-        """The ``k`` nodes of highest score, with estimate and (if confirmed) exact effect."""
+        """The ``k`` top nodes (by ``rank``: the exact effect where confirmed, else the estimated
+        score), with estimate and (if confirmed) exact effect."""
         summ = self.summary()
-        order = summ["score"].argsort(descending=True)[:k]
+        order = summ["rank"].argsort(descending=True)[:k]
 
         def num(x):
             v = x.item()
@@ -132,19 +137,27 @@ class ScanResult(Result):
         )
 
     def notes(self, doc: dict) -> list[str]:
+        by_sweep = doc["agreement_by_sweep"] or {}
         out = [
             f"warning: sweep {name}: its estimates disagree with exact patching on {s['n']} confirmed nodes "
             f"(sign {s['sign_agreement']:.2f}, spearman {s['spearman']:.2f}); rank it by `causalscan patch "
             f"--sites {name}` or --method atp-ig"
-            for name, s in (doc["agreement_by_sweep"] or {}).items()
+            for name, s in by_sweep.items()
             if untrusted(s)
         ]
+        out += [
+            f"warning: sweep {name}: {shallow(s)}: its top may lie beyond the confirmed nodes; --confirm "
+            f"{2 * s['k']} or `causalscan patch --sites {name}` would show it"
+            for name, s in by_sweep.items()
+            if shallow(s)
+        ]
+        out += [f"sweep {name}: {trust(s, doc['settings']['scored_by'][name])}" for name, s in by_sweep.items()]
         out.append(f"scan: {len(self.components)} nodes, {len(self.clean)} pairs, {doc['timings']['total_s']:.2f}s")
         by = doc["settings"]["scored_by"]
         if "exact" in by.values():
             estimated = ", ".join(n for n, m in by.items() if m != "exact") or "none"
             exact = ", ".join(n for n, m in by.items() if m == "exact")
-            out.append(f"patched exactly (cheaper than --exact-budget): {exact}; estimated: {estimated}")
+            out.append(f"patched exactly: {exact}; estimated: {estimated}")
         return out
 
     def lines(self, doc: dict) -> list[str]:

@@ -4,7 +4,7 @@
 ``trace.json`` or elicit's ``summary.json`` with ``completions.jsonl``) and ``scores.safetensors``.
 ``causalscan report DIR``, ``--report`` and ``result.report(path)`` all go through it, so the
 three draw the same page. ``figures(doc, tensors)`` gives the plotly figures by name
-(``"atp*/head"``, ``"exact/resid_pre"``, ``"agreement/head"``, ``"trace/mlp"``, ``"objective"``)
+(``"auto/head"``, ``"exact/resid_pre"``, ``"agreement/head"``, ``"trace/mlp"``, ``"objective"``)
 for people to restyle.
 
 Every string that comes from a user (prompts, tokens, completions, names, paths) is escaped:
