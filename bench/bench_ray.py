@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     model = cs.load(args.model)
     data = records(args.pairs, args.seq)
-    kw = dict(sites=["head", "neuron"], confirm=16, exact_budget=0, batch_size=4)
+    kw = dict(sites=["head", "neuron"], method="atp*", confirm=16, exact_budget=0, batch_size=4)
     cores = os.cpu_count()
 
     def timed(**extra):
