@@ -210,8 +210,7 @@ def rules(ad: Adapter, attention_rule: str = "plain", switch: Switch = ALWAYS):
     The forward is unchanged bit for bit."""
     check_attention(attention_rule)
     norm_list = [(m, norm_rule(m)) for m in norms(ad)]
-    acts = [(blk.get_submodule(ad.family.act), None) for blk in ad.blocks]
-    acts = [(m, activation_rule(m)) for m, _ in acts]
+    acts = [(m, activation_rule(m)) for m in (blk.get_submodule(ad.family.act) for blk in ad.blocks)]
     gates = [blk.get_submodule(path) for blk in ad.blocks for path in ad.family.gates]
     with ExitStack() as stack:
         for module, rule in norm_list + acts:
