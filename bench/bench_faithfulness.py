@@ -51,6 +51,15 @@ NEURON_SAMPLE, NEURON_TOP, K = 500, 100, 20
 CONFIRM = 32  # the scan's default confirmation: each sweep's estimated top 32 measured exactly
 
 
+def machine() -> dict:
+    return {
+        "device": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -151,6 +160,7 @@ def main() -> None:
     ap.add_argument("--sites", default=",".join(SITES))
     ap.add_argument("--by-position", action="store_true", help="one template, no named roles: every position")
     ap.add_argument("--task", default="ioi", choices=["ioi", "greater-than"], help="smollm2's task")
+    ap.add_argument("--timing-only", action="store_true", help="time the methods and their memory plans only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import causalscan as cs
@@ -163,6 +173,7 @@ def main() -> None:
     else:
         model = cs.load(args.model)
     pairs = data(model, args.model, args.pairs, args.by_position, args.task)
+    tag = args.model + ("-" + args.task if args.task != "ioi" else "") + ("-bypos" if args.by_position else "")
     sites = [s for s in args.sites.split(",") if s]
     rss0 = peak_rss()
     floor = floor_s(model, pairs)
@@ -174,13 +185,30 @@ def main() -> None:
         kw = METHODS[name] if name == "default" else {"exact_budget": 0, **METHODS[name]}
         t0 = time.perf_counter()
         res = cs.scan(model, pairs, sites=sites, confirm=0, batch_size=args.pairs, **kw)
+        secs = time.perf_counter() - t0
+        t0 = time.perf_counter()  # the memory plan alone: what the same call costs before any pass runs
+        cs.scan(model, pairs, sites=sites, confirm=0, batch_size=args.pairs, dry_run=True, **kw)
+        plan = time.perf_counter() - t0
         timing[name] = {
-            "s": time.perf_counter() - t0,
-            "x_floor": (time.perf_counter() - t0) / floor,
+            "s": secs,
+            "x_floor": secs / floor,
+            "plan_s": plan,
+            "x_floor_without_plan": (secs - plan) / floor,
             "scored_by": res.scored_by,
         }
         estimates[name] = res
-        print(f"{name:<10} {timing[name]['s']:7.2f}s  {timing[name]['x_floor']:6.2f}x floor", flush=True)
+        print(
+            f"{name:<12} {secs:7.2f}s  {timing[name]['x_floor']:6.2f}x floor  (plan {plan:.2f}s; without it "
+            f"{timing[name]['x_floor_without_plan']:.2f}x)",
+            flush=True,
+        )
+    if args.timing_only:
+        out = ROOT / "bench" / "results" / f"faithfulness-{tag}-timing-cpu-{platform.machine()}.json"
+        doc = {"model": args.model, "task": args.task, "by_position": args.by_position, "pairs": len(pairs)}
+        doc.update(floor_s=floor, timing=timing, machine=machine(), date=time.strftime("%Y-%m-%d"))
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     table: dict = {}
     raw: dict = {}  # every score and exact effect, for analyses after the run (bench/.cache)
     g = torch.Generator().manual_seed(0)
@@ -214,12 +242,6 @@ def main() -> None:
             )
             raw[f"{site}/{name}/score"], raw[f"{site}/{name}/signed"] = score.contiguous(), signed.contiguous()
         raw[f"{site}/exact_abs"], raw[f"{site}/exact_mean"] = exact_abs.contiguous(), exact_mean.contiguous()
-    machine = {
-        "device": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
     doc = {
         "model": args.model,
         "task": args.task if args.model == "smollm2" else None,
@@ -229,10 +251,9 @@ def main() -> None:
         "timing": timing,
         "faithfulness": table,
         "peak_rss_above_load_mib": (peak_rss() - rss0) / 2**20,
-        "machine": machine,
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    tag = args.model + ("-" + args.task if args.task != "ioi" else "") + ("-bypos" if args.by_position else "")
     out = (
         Path(args.out) if args.out else ROOT / "bench" / "results" / f"faithfulness-{tag}-cpu-{platform.machine()}.json"
     )
