@@ -31,7 +31,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-K = 20
 
 
 def run(argv: list[str]) -> float:
@@ -45,6 +44,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--sites", default="head,resid_pre")
     args = ap.parse_args()
+    from bench_faithfulness import compare
     from bench_smollm2 import checkpoint
     from safetensors.torch import load_file
 
@@ -73,14 +73,9 @@ def main() -> None:
         for sweep in doc["settings"]["sweeps"]:
             rank, signed = t[f"rank/{sweep}"].flatten(), t[f"{method}_signed/{sweep}"].flatten()
             ex_abs, ex = exact[f"exact_abs/{sweep}"].flatten(), exact[f"exact/{sweep}"].flatten()
-            k = min(K, len(rank))
-            top = set(rank.argsort(descending=True)[:k].tolist())
-            big = ex.abs() >= 0.05 * ex.abs().max()
+            r = compare(rank, signed, ex_abs, ex)  # the scan's own ranking: already confirmed
             table[name]["sweeps"][sweep] = {
-                "recall_at_20": len(top & set(ex_abs.argsort(descending=True)[:k].tolist())) / k,
-                "sign": (torch.sign(signed[big]) == torch.sign(ex[big])).float().mean().item(),
-                "signed_nodes": int(big.sum()),
-                "nodes": len(rank),
+                **{key: r[key] for key in ("recall_at_20", "sign", "signed_nodes", "nodes")},
                 "agreement": (doc["agreement_by_sweep"] or {}).get(sweep),
             }
             r = table[name]["sweeps"][sweep]

@@ -14,6 +14,7 @@ from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+import causalscan
 from causalscan.circuits.circuit import circuit
 from causalscan.errors import InputError
 from causalscan.model import relevance, runner
@@ -288,14 +289,8 @@ def test_rules_on_cuda_equal_their_hand_formulas(kind, dtype):
 def test_relp_scan_on_cuda_equals_cpu(tiny):
     recs = records()
     cpu = relp_scan(tiny("llama"), recs, sites="head,resid_pre,mlp_out,v")
-    gpu = relp_scan(cs_load("random:llama-tiny", device="cuda"), recs, sites="head,resid_pre,mlp_out,v")
+    gpu = relp_scan(causalscan.load("random:llama-tiny", device="cuda"), recs, sites="head,resid_pre,mlp_out,v")
     assert_close(gpu.signed, cpu.signed, 1e-3)  # TF32 matmuls on the GPU
-
-
-def cs_load(name, **kw):
-    import causalscan
-
-    return causalscan.load(name, **kw)
 
 
 def test_cli_relp_and_its_refusals(capsys):

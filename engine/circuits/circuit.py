@@ -106,17 +106,13 @@ def circuit(
     if ig_steps is not None and method != "eap-ig":
         raise InputError(f"ig_steps needs method eap-ig, not {method!r}", field="ig_steps")
     ig_steps = (IG_STEPS if ig_steps is None else ig_steps) if method == "eap-ig" else 0
-    if method == "relp":
-        relevance.check_attention(relp_attention)
-        if relp_attention == "cp":
-            raise InputError(
-                "the cp attention rule holds the pattern constant: every edge into a q or k reader would score "
-                "0; use relp_attention plain or attnlrp",
-                field="relp_attention",
-            )
-    elif relp_attention != "plain":
-        raise InputError(f"relp_attention needs method relp, not {method!r}", field="relp_attention")
-    rules = relp_attention if method == "relp" else None
+    rules = relevance.attention_for(method, relp_attention, ("relp",))
+    if rules == "cp":
+        raise InputError(
+            "the cp attention rule holds the pattern constant: every edge into a q or k reader would score "
+            "0; use relp_attention plain or attnlrp",
+            field="relp_attention",
+        )
     check_options(
         edges=edges,
         refine=refine,

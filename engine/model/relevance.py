@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from causalscan.errors import InputError
-from causalscan.model import attention
+from causalscan.model import attention, runner
 from causalscan.model.adapters import Adapter
 
 ATTENTION = ("plain", "attnlrp", "cp")
@@ -184,7 +184,7 @@ def _replace_forward(stack: ExitStack, module: nn.Module, rule, switch: Switch) 
         return _Rule.apply(x, own, rule, switch)
 
     module.forward = forward
-    stack.callback(lambda: module.__dict__.pop("forward") if own_attr is None else setattr(module, "forward", own_attr))
+    stack.callback(runner.restore_forward, module, own_attr)
 
 
 def _attention_rule(name: str, switch: Switch):
@@ -201,6 +201,17 @@ def _attention_rule(name: str, switch: Switch):
 def check_attention(name: str) -> None:
     if name not in ATTENTION:
         raise InputError(f"attention rule must be one of {', '.join(ATTENTION)}, not {name!r}", field="relp_attention")
+
+
+def attention_for(method: str, name: str, methods: tuple[str, ...], default: str = "plain") -> str | None:
+    """The attention rule ``method`` runs the rules with (None: a method in none of ``methods``, the
+    ones that use them), checked; a rule other than ``default`` given to another method is refused."""
+    if method in methods:
+        check_attention(name)
+        return name
+    if name != default:
+        raise InputError(f"relp_attention needs method {' or '.join(methods)}, not {method!r}", field="relp_attention")
+    return None
 
 
 @contextmanager

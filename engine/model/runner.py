@@ -118,7 +118,7 @@ def installed(
         if noise is not None:
             hold(ad.model.get_input_embeddings().register_forward_hook(_noise_adder(noise)))
         for i in range(start_layer):
-            stack.callback(_restore_forward, ad.blocks[i], ad.blocks[i].__dict__.get("forward"))
+            stack.callback(restore_forward, ad.blocks[i], ad.blocks[i].__dict__.get("forward"))
             ad.blocks[i].forward = _identity_block
         shape = _InFlight()
         for layer in sorted({t[1] for t in taps}):
@@ -140,12 +140,13 @@ def installed(
         yield
 
 
-def _restore_forward(block, own) -> None:
-    """Undo a skip: the block's class forward, or the instance's own (accelerate's device hook)."""
+def restore_forward(module, own) -> None:
+    """Undo a replaced ``forward``: the module's class forward, or the instance's own ``own`` (accelerate's
+    device hook) when it had one."""
     if own is None:
-        block.__dict__.pop("forward", None)
+        module.__dict__.pop("forward", None)
     else:
-        block.forward = own
+        module.forward = own
 
 
 def _noise_adder(noise: torch.Tensor):

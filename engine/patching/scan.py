@@ -149,14 +149,11 @@ def scan(
     elif ig_path != "inputs":
         raise InputError(f"ig_path needs method atp-ig, not {method!r}", field="ig_path")
     check_options(ig_steps=ig_steps, **({} if exact_budget is None else {"exact_budget": exact_budget}))
-    if method in ("auto", "relp"):
-        relevance.check_attention(relp_attention)
-    elif relp_attention != RELP_ATTENTION:
-        raise InputError(f"relp_attention needs method relp or auto, not {method!r}", field="relp_attention")
+    attention_rule = relevance.attention_for(method, relp_attention, ("relp", "auto"), RELP_ATTENTION)
     if graddrop and method != "atp*":
         raise InputError(f"GradDrop is part of atp*, not {method}", field="graddrop")
     sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
-    cut = {sw.site for sw in sweeps} & {"q", "k"} if method in ("auto", "relp") and relp_attention == "cp" else set()
+    cut = {sw.site for sw in sweeps} & {"q", "k"} if attention_rule == "cp" else set()
     if cut:
         raise InputError(
             f"the cp attention rule holds the pattern constant, so {' and '.join(sorted(cut))} get no "
@@ -171,10 +168,9 @@ def scan(
         exact = confirmation.exact_sweeps(inp, sweeps, comps, exact_budget) if exact_budget else []
     exact_groups = [[comps[j]] for sw in exact for j in range(sw.start, sw.stop)]
     exact_work = planned(inp.model, inp.rows, exact_groups)  # planned once: for the memory plan and the run
-    qk_fix = method in ("atp*", "auto", "relp") and relp_attention != "cp"
+    qk_fix = method == "atp*" or attention_rule not in (None, "cp")
     plain = PLAIN_SITES & {sw.site for sw in sweeps} if method == "auto" else frozenset()
-    by_rules = method == "relp" or method == "auto" and any(sw.site not in plain for sw in sweeps)
-    rules = relp_attention if by_rules else None
+    rules = attention_rule if any(sw.site not in plain for sw in sweeps) else None
     scored = {sw.name: ("atp" if sw.site in plain else "relp") if method == "auto" else method for sw in sweeps}
     stage = Stage.of(
         inp,
@@ -220,7 +216,7 @@ def scan(
             "batch_size": batch_size,
             "ig_steps": ig_steps,
             "ig_path": ig_path,
-            **({"relp_attention": relp_attention} if method in ("auto", "relp") else {}),
+            **({"relp_attention": attention_rule} if attention_rule else {}),
         }
         ck = Checkpoint(checkpoint, "scan", checkpoint_key(settings), checkpoint_every_s)
     sums = estimate(inp.model, stage, len(comps), ck, progress, executor)
