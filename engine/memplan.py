@@ -139,6 +139,7 @@ def simulate(model: Model, build, args: tuple, unit) -> dict[str, int]:
     fake_hf = _fake(model)
     # what comes from the weights is fake; the rows' tokens, labels and noise stay real
     fake = Model(fake_hf, type(model.adapter)(fake_hf), model.tokenizer, model.name, model.card)
+    fake.adapter.dictionaries = model.adapter.dictionaries  # real weights on real tensors: counted with the model's
     compute = build(fake, *args)
     with _Live([*fake_hf.parameters(), *fake_hf.buffers()]) as live:
         compute(unit)
@@ -168,7 +169,8 @@ def _fake(model: Model) -> torch.nn.Module:
 def weights(model: Model) -> dict[str, int]:
     """Bytes of the parameters and buffers per device."""
     out: dict[str, int] = defaultdict(int)
-    for t in [*model.hf.parameters(), *model.hf.buffers()]:
+    dicts = [t for d in model.adapter.dictionaries.values() for t in d.tensors()]
+    for t in [*model.hf.parameters(), *model.hf.buffers(), *dicts]:
         out[str(t.device)] += t.numel() * t.element_size()
     return dict(out)
 

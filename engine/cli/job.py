@@ -53,7 +53,9 @@ def load(args):
         hf_logging.enable_progress_bar()
     else:
         hf_logging.disable_progress_bar()
-    return causalscan.load(args.model, device=device, device_map=split, dtype=getattr(torch, args.dtype))
+    return causalscan.load(
+        args.model, device=device, device_map=split, dtype=getattr(torch, args.dtype), sae=getattr(args, "sae", None)
+    )
 
 
 @contextlib.contextmanager

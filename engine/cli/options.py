@@ -43,6 +43,17 @@ def model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
 
 
+def sae_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sae",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a dictionary folder in SAELens's format (cfg.json, sae_weights.safetensors), repeatable (one per "
+        "layer): adds the sites feature (its latents) and feature_error",
+    )
+
+
 def data_args(p: argparse.ArgumentParser, metric: str = "logit_diff", out: str = "scan.json", top: int = 50) -> None:
     """Data, corruption, metric, output and Ray options shared by ``patch``, ``scan``, ``trace`` and ``circuit``."""
     p.add_argument(

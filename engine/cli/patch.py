@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from causalscan.cli.job import run_job
-from causalscan.cli.options import command, model_args, names, plan_args, report_arg, sweep_args
+from causalscan.cli.options import command, model_args, names, plan_args, report_arg, sae_arg, sweep_args
 from causalscan.patching.patch import PatchResult, patch
 
 
@@ -22,6 +22,7 @@ def add(sub) -> None:
         description="Exact activation patching of whole sweeps, batched.",
     )
     model_args(p)
+    sae_arg(p)
     plan_args(p)
     report_arg(p)
     sweep_args(

@@ -4,7 +4,7 @@ patched exactly, the top and a random sample of the rest confirmed by exact patc
 from __future__ import annotations
 
 from causalscan.cli.job import run_job
-from causalscan.cli.options import command, model_args, names, plan_args, report_arg, sweep_args
+from causalscan.cli.options import command, model_args, names, plan_args, report_arg, sae_arg, sweep_args
 from causalscan.model.relevance import ATTENTION
 from causalscan.patching.scan import METHODS, RELP_ATTENTION, ScanResult, scan
 
@@ -44,6 +44,7 @@ def add(sub) -> None:
         "are written there as the scan goes and a rerun with the same settings resumes from them.",
     )
     model_args(p, default="induction")
+    sae_arg(p)
     plan_args(p)
     report_arg(p)
     sweep_args(

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from causalscan.cli.job import load
-from causalscan.cli.options import DTYPES, command
+from causalscan.cli.options import DTYPES, command, sae_arg
 from causalscan.data.prompts import encode
 from causalscan.errors import InputError
 from causalscan.steering.generation import generate
 
 
 def run(args) -> dict:
+    if args.sae is not None or args.feature is not None:
+        return _run_feature(args)
+    if args.vectors is None or args.index is None:
+        raise InputError(
+            "give --vectors FILE --index N (an elicit run's vector), or --sae DIR --feature N", field="vectors"
+        )
     import torch
     from safetensors import safe_open
 
@@ -49,17 +55,54 @@ def run(args) -> dict:
     }
 
 
+def _run_feature(args) -> dict:
+    """``--sae DIR --feature N``: latent N's decoder direction, added where the dictionary writes."""
+    import torch
+
+    if args.sae is None or args.feature is None or len(args.sae) != 1:
+        raise InputError("steering by a latent takes one --sae DIR and --feature N", field="feature")
+    if args.model is None:
+        raise InputError("give --model (the model the dictionary was trained on)", field="model")
+    if args.vectors is not None:
+        raise InputError("give --vectors or --sae/--feature, not both", field="vectors")
+    model = load(args)
+    (d,) = model.adapter.dictionaries.values()
+    if not 0 <= args.feature < d.d_sae:
+        raise InputError(f"feature {args.feature} out of range: the dictionary has {d.d_sae} latents", field="feature")
+    ids = [encode(model.tokenizer, args.prompt, args.chat)]
+    both = torch.stack([d.direction(args.feature), torch.zeros(d.d_out)])
+    (steered,), (plain,) = generate(
+        model, ids, both, d.layer, alpha=args.alpha, max_new_tokens=args.max_new_tokens, site=d.writes
+    )
+    if not args.json:
+        print(f"steered: {steered}\nplain:   {plain}")
+    return {
+        "model": args.model,
+        "sae": args.sae[0],
+        "feature": args.feature,
+        "site": d.writes,
+        "layer": d.layer,
+        "alpha": args.alpha,
+        "prompt": args.prompt,
+        "completion": steered,
+        "unsteered": plain,
+    }
+
+
 def add(sub) -> None:
     p = command(
         sub,
         "steer",
         run,
-        help="generate with one vector of an elicit run",
+        help="generate with one vector of an elicit run, or a dictionary latent's direction",
         description="Greedy generation with vector --index of a vectors.safetensors file added (times "
-        "--alpha) after the file's source block, beside the unsteered one.",
+        "--alpha) after the file's source block, or with latent --feature of dictionary --sae (its "
+        "decoder row times --alpha, where the dictionary writes), beside the unsteered one.",
     )
-    p.add_argument("--vectors", required=True, help="vectors.safetensors from `causalscan elicit`")
-    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--vectors", default=None, help="vectors.safetensors from `causalscan elicit`")
+    p.add_argument("--index", type=int, default=None)
+    sae_arg(p)
+    p.add_argument("--feature", type=int, default=None, help="with --sae: the latent whose decoder row steers")
     p.add_argument("--alpha", type=float, default=1.0, help="scale of the vector (1: its learned norm)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")

@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from causalscan.errors import InputError, check_type, names
-from causalscan.model.adapters import SITES
+from causalscan.model.adapters import FEATURE_SITES, SITES
 
-BY_POSITION = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+BY_POSITION = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", *FEATURE_SITES)
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ class Component:
 class Sweep:
     """``site`` at every layer, per position (``by_pos``) or not: nodes ``[start, stop)`` of a
     method's node list, shaped ``shape`` (``[L, (T | R), (C)]``, C dropped when 1). ``roles``: the
-    role names a by-position sweep runs over (None: token positions)."""
+    role names a by-position sweep runs over (None: token positions). ``layers``: the layers on
+    its first axis when not every layer (a feature site: those with a dictionary)."""
 
     name: str
     site: str
@@ -73,14 +74,21 @@ class Sweep:
     start: int = 0
     stop: int = 0
     roles: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+
+    def row(self, layer: int) -> int:
+        """The index of ``layer`` on the sweep's first axis."""
+        return layer if self.layers is None else self.layers.index(layer)
 
 
 def parse_sweep(spec: str) -> tuple[str, bool]:
     """``"head"`` -> (head, all positions); ``"head:pos"``; ``"resid_pre"`` (by position by
     default); ``"resid_pre:all"``."""
     site, _, mode = spec.strip().partition(":")
-    if site not in SITES:
-        raise InputError(f"unknown site {site!r} in sweep {spec!r}; sites: {', '.join(SITES)}", field="sites")
+    if site not in SITES + FEATURE_SITES:
+        raise InputError(
+            f"unknown site {site!r} in sweep {spec!r}; sites: {', '.join(SITES + FEATURE_SITES)}", field="sites"
+        )
     if mode not in ("", "pos", "all"):
         raise InputError(f"unknown sweep mode {mode!r} in {spec!r}; use {site}:pos or {site}:all", field="sites")
     return site, (mode == "pos") or (mode == "" and site in BY_POSITION)
@@ -100,8 +108,9 @@ def sweep_components(
     ad.check_site(site)
     n_comp = ad.shape(site)[0]
     where = list(range(positions) if isinstance(positions, int) else positions) if by_pos else [None]
-    comps = [Component(site, layer, c, p) for layer in range(ad.n_layers) for p in where for c in range(n_comp)]
-    shape = (ad.n_layers,) + ((len(where),) if by_pos else ()) + ((n_comp,) if n_comp > 1 else ())
+    layers = ad.layers(site)
+    comps = [Component(site, layer, c, p) for layer in layers for p in where for c in range(n_comp)]
+    shape = (len(layers),) + ((len(where),) if by_pos else ()) + ((n_comp,) if n_comp > 1 else ())
     return comps, shape
 
 
@@ -136,6 +145,7 @@ def build_sweeps(
                 len(comps),
                 len(comps) + len(cs),
                 tuple(roles) if by_pos and roles else None,
+                None if site not in FEATURE_SITES else tuple(model.adapter.layers(site)),
             )
         )
         comps += cs

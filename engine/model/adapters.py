@@ -24,6 +24,8 @@ from torch import nn
 from causalscan.errors import InputError
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "neuron", "q", "k", "v")
+# with dictionaries attached (:mod:`causalscan.features.sites`): their latents and error terms
+FEATURE_SITES = ("feature", "feature_error")
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ class Adapter:
         self.n_kv_heads = kv_width // self.d_head
         self.parallel = bool(getattr(cfg, "use_parallel_residual", mt == "phi"))
         self.post_ln = mt == "opt" and not getattr(cfg, "do_layer_norm_before", True)
+        self.dictionaries: dict = {}  # layer -> causalscan.features.dictionary.Dictionary
 
     def __repr__(self) -> str:
         return (
@@ -207,6 +210,9 @@ class Adapter:
     def shape(self, site: str) -> tuple[int, int]:
         """``(components, dims)`` of a site: its view is ``[B, T, C, D]``."""
         self.check_site(site)
+        if site in FEATURE_SITES:
+            d = next(iter(self.dictionaries.values()))  # one d_sae per run (features.sites.attach)
+            return (d.d_sae, 1) if site == "feature" else (1, d.d_out)
         if site == "head" or site == "q":
             return self.n_heads, self.d_head
         if site in ("k", "v"):
@@ -215,9 +221,22 @@ class Adapter:
             return self.d_mlp, 1
         return 1, self.d_model
 
+    def layers(self, site: str) -> list[int]:
+        """The layers ``site`` exists at: every layer, or for a feature site those with a dictionary."""
+        self.check_site(site)
+        return sorted(self.dictionaries) if site in FEATURE_SITES else list(range(self.n_layers))
+
     def check_site(self, site: str, layer: int | None = None) -> None:
+        if site in FEATURE_SITES:
+            if not self.dictionaries:
+                raise InputError(f"site {site!r} needs a dictionary: --sae DIR (sae= in Python)", field="site")
+            if layer is not None and layer not in self.dictionaries:
+                raise InputError(
+                    f"no dictionary at layer {layer}; dictionaries at layers {sorted(self.dictionaries)}", field="layer"
+                )
+            return
         if site not in SITES:
-            raise InputError(f"unknown site {site!r}; sites: {', '.join(SITES)}", field="site")
+            raise InputError(f"unknown site {site!r}; sites: {', '.join(SITES + FEATURE_SITES)}", field="site")
         if site == "resid_mid" and (self.parallel or self.post_ln):
             raise InputError(
                 f"{self.family.name} blocks have no resid_mid (parallel or post-LN residual)", field="site"

@@ -83,6 +83,7 @@ def load(
     seed: int = 0,
     check: bool = True,
     trust_remote_code: bool = False,
+    sae=None,
 ) -> Model:
     """Load ``spec``: a :class:`Model`, an HF CausalLM, a local HF directory, a ``.gguf`` file (or a
     directory holding one), a zoo name, or ``random:<family>[-<size>]``.
@@ -90,13 +91,16 @@ def load(
     ``device_map`` splits the model across devices instead of ``device``: ``auto`` (fill each GPU in
     turn, then the CPU), ``balanced`` (the same share of blocks on every GPU), a JSON file or a dict
     ``{module name: device}`` (:func:`causalscan.model.devices.split`).
+    ``sae``: dictionary folders in SAELens's format (or :class:`causalscan.features.Dictionary`
+    objects) attached to the model, for the sites ``feature`` and ``feature_error``
+    (:func:`causalscan.features.sites.attach`; on a :class:`Model` given, attached to it).
 
     >>> m = load("random:llama-tiny")
     >>> m.adapter.n_layers
     2
     """
     if isinstance(spec, Model):
-        return spec
+        return _with_sae(spec, sae)
     if device is not None and device_map is not None:
         raise InputError("give device or device_map, not both", field="device_map")
     device = check_device(device)
@@ -140,7 +144,15 @@ def load(
     model = Model(hf, Adapter(hf), tokenizer, name, card)
     if check:
         check_adapter(model)
-    return model
+    return _with_sae(model, sae)
+
+
+def _with_sae(model: Model, sae) -> Model:
+    if sae is None or sae == []:
+        return model
+    from causalscan.features.sites import attach
+
+    return attach(model, sae)
 
 
 def check_dtype(dtype) -> torch.dtype | None:

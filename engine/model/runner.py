@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from causalscan.model.adapters import Adapter
+from causalscan.model.adapters import FEATURE_SITES, Adapter
 
 Tap = Callable[[torch.Tensor], "torch.Tensor | None"]
 TapSpec = tuple[str, int, Tap]  # (site, layer, fn)
@@ -129,6 +129,13 @@ def installed(
                 return with_hidden_in(args, kwargs, resid)
 
             hold(ad.blocks[start_layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True))
+        if any(t[0] in FEATURE_SITES for t in taps):
+            from causalscan.features.sites import expand
+
+            rewrites, reads = expand(ad, [t for t in taps if t[0] in FEATURE_SITES], shape)
+            for module, hook in reads:
+                hold(module.register_forward_pre_hook(hook, with_kwargs=True))
+            taps = [t for t in taps if t[0] not in FEATURE_SITES] + rewrites
         for site, layer, fn in taps:
             if site == "resid_mid":
                 _install_mid(ad, layer, fn, shape, hold)

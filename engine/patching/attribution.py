@@ -121,7 +121,7 @@ def attribute(
         )
     sites = {sw.site for sw in sweeps}
     fixed = sites & set(QK) if qk_fix else set()
-    tapped = [(s, layer) for s in sorted(sites - fixed) for layer in range(ad.n_layers)]
+    tapped = [(s, layer) for s in sorted(sites - fixed) for layer in ad.layers(s)]
     attn_layers = range(ad.n_layers) if fixed else range(0)
 
     other_logits, other_acts, other_rec = other_run(ad, other_ids, tapped, attn_layers, other_noise, keep)
@@ -241,7 +241,8 @@ def _graddrop_mean(sw: Sweep, signed: torch.Tensor, acc: torch.Tensor, n_layers:
     """Add ``|AtP|`` for the passes upstream of each layer's nodes and take the mean."""
     if n_layers == 1:
         return signed.abs()
-    upstream = torch.tensor([first_affected(sw.site, layer) for layer in range(n_layers)], dtype=torch.float32)
-    upstream = upstream.reshape(1, n_layers, *([1] * (signed.dim() - 2)))
+    layers = sw.layers if sw.layers is not None else range(n_layers)
+    upstream = torch.tensor([first_affected(sw.site, layer) for layer in layers], dtype=torch.float32)
+    upstream = upstream.reshape(1, len(layers), *([1] * (signed.dim() - 2)))
     denom = n_layers if sw.site in RESID else n_layers - 1
     return (acc + upstream * signed.abs()) / denom

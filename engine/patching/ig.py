@@ -42,7 +42,7 @@ def along_inputs(
 ) -> dict:
     """AtP-IG along the input path (see the module docstring); returns as
     :func:`causalscan.patching.attribution.attribute`."""
-    tapped = [(s, layer) for s in sorted({sw.site for sw in sweeps}) for layer in range(ad.n_layers)]
+    tapped = [(s, layer) for s in sorted({sw.site for sw in sweeps}) for layer in ad.layers(s)]
     other_logits, other_acts, _ = other_run(ad, other_ids, tapped, range(0), other_noise, keep)
     _, delta, _ = other_run(ad, base_ids, tapped, range(0), base_noise, keep)
     for key, a in other_acts.items():
@@ -97,7 +97,7 @@ def along_activations(
 ) -> dict:
     """AtP-IG along each site's own path (see the module docstring); returns as
     :func:`causalscan.patching.attribution.attribute`."""
-    tapped = [(s, layer) for s in sorted({sw.site for sw in sweeps}) for layer in range(ad.n_layers)]
+    tapped = [(s, layer) for s in sorted({sw.site for sw in sweeps}) for layer in ad.layers(s)]
     other_logits, other_acts, _ = other_run(ad, other_ids, tapped, range(0), other_noise, keep)
     resid_in = [("resid_pre", layer) for layer in range(ad.n_layers)]
     base_logits, base_acts, _ = other_run(ad, base_ids, sorted(set(tapped + resid_in)), range(0), base_noise, keep)

@@ -110,7 +110,10 @@ def patch(
 
     ``components``: explicit :class:`Component` list (result ``exact/components`` ``[n]``);
     otherwise ``sites``: sweeps such as ``"head"`` (``[L, H]``), ``"head:pos"`` (``[L, T, H]``),
-    ``"resid_pre"`` (``[L, T]``), ``"mlp_out:all"`` (``[L]``), ``"neuron"`` (``[L, d_mlp]``).
+    ``"resid_pre"`` (``[L, T]``), ``"mlp_out:all"`` (``[L]``), ``"neuron"`` (``[L, d_mlp]``);
+    with dictionaries attached (``cs.load(..., sae=DIR)``) ``"feature"`` (``[L_sae, T, d_sae]``,
+    latents; one that is off in both runs has effect 0 and costs no forward) and
+    ``"feature_error"`` (``[L_sae, T]``).
     ``direction``: ``noising`` (run clean, patch corrupt in) or ``denoising``.
     ``memory_budget``: bytes per forward (default: 1 GiB on CPU, half the free GPU memory).
     ``min_tokens``: merge start groups until a forward has this many row-positions (default
@@ -139,6 +142,11 @@ def patch(
     else:
         sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
     groups = [[c] for c in comps]
+    if any(c.site == "feature" for c in comps):  # an off latent's effect is 0: no forward for it
+        from causalscan.features.sites import active
+
+        on = active(inp.model, inp.rows, comps)
+        groups = [g if on[j] else [] for j, g in enumerate(groups)]
     work = planned(inp.model, inp.rows, groups, memory_budget, min_tokens)
     plan = memplan.Plan(memplan.weights(inp.model))
     memory_stage(plan, inp.model, inp.rows, groups, direction, inp.metric_fn, work, "patching")

@@ -50,12 +50,13 @@ class Scores:
         for sw in self.of(site, by_pos):
             val = self.at_positions(score, sw).float().reshape(self.n_pairs, *sw.shape[1:])
             val = val.to(self.signed[sw.name].device)  # the layer's block may sit on another device
+            row = sw.row(layer)
             if self.weight is not None:
-                self.signed[sw.name][:, layer] += self.weight * val
+                self.signed[sw.name][:, row] += self.weight * val
             elif self.drop is None:
-                self.signed[sw.name][:, layer] = val
+                self.signed[sw.name][:, row] = val
             else:
-                self.graddrop[sw.name][:, layer] += val.abs()
+                self.graddrop[sw.name][:, row] += val.abs()
 
     def at_positions(self, score: torch.Tensor, sw: Sweep) -> torch.Tensor:
         """A by-position score ``[P, T', C]`` at the sweep's positions: each pair's role positions
@@ -82,7 +83,7 @@ class Scores:
                 # a GradDrop pass: |I| accumulated in place by the kernel, into each sweep's layer slice
                 shape = delta.shape[:3] if by_pos else (delta.shape[0], delta.shape[2])
                 for sw in self.of(site, by_pos):
-                    acc = self.graddrop[sw.name][:, layer]
+                    acc = self.graddrop[sw.name][:, sw.row(layer)]
                     if acc.device == delta.device and (not by_pos or sw.roles is None and shape[1] == sw.shape[1]):
                         ops.attribute(None, delta, grad, by_pos, abs=True, out=acc.view(shape))
                     else:  # per-pair or prompt positions, or another device: taken, then added

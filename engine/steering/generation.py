@@ -25,9 +25,12 @@ def generate(
     do_sample: bool = False,
     batch_rows: int = 512,
     progress: Progress | None = None,
+    site: str = "resid_post",
 ) -> list[list[str]]:
     """Completions ``[n_vectors][n_prompts]`` (decoded, special tokens skipped) of token-id ``prompts``
-    steered by ``vectors`` [n, d_model] (``None``: one unsteered row per prompt).
+    steered by ``vectors`` [n, d_model] (``None``: one unsteered row per prompt), added at ``site``
+    of ``layer`` (default: the residual after the block; a dictionary latent's direction goes
+    where the dictionary writes).
     ``progress(stage, done, total)``: after each batched ``generate`` call."""
     check_options(alpha=alpha, max_new_tokens=max_new_tokens, layer=layer)
     if not 0 <= layer < model.adapter.n_layers:
@@ -60,7 +63,7 @@ def generate(
     for done, (length, chunk) in enumerate(calls, start=1):
         ids = torch.tensor([prompts[i] for _, i in chunk], device=dev)
         steer = vecs[torch.tensor([k for k, _ in chunk], device=dev)]  # [rows, d]
-        with iv.perturb(model, iv.add("resid_post", steer, alpha=alpha, layers=layer)):
+        with iv.perturb(model, iv.add(site, steer, alpha=alpha, layers=layer)):
             seqs = model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kw)
         for (k, i), seq in zip(chunk, seqs[:, length:].tolist(), strict=True):
             out[k][i] = tok.decode(seq, skip_special_tokens=True).strip()
