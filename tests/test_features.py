@@ -13,8 +13,8 @@ from causalscan import zoo
 from causalscan.cli import main
 from causalscan.data import metrics
 from causalscan.data.pairs import Dataset, stack
-from causalscan.features import saelens, sites
-from causalscan.model import runner
+from causalscan.model import features as sites
+from causalscan.model import runner, saelens
 
 from conftest import FAMILIES
 from naive import read as naive_read

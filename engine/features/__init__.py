@@ -1,8 +1,12 @@
-"""Sparse dictionaries (SAEs, transcoders) as sites: loading SAELens folders, the exact rewrite of a
-site through a dictionary, training one, and attribution graphs. See docs/features.md."""
+"""Sparse dictionaries (SAEs, transcoders): training a small one (:mod:`causalscan.features.training`).
+The dictionary, its SAELens folders and the feature sites live in the model layer
+(:mod:`causalscan.model.dictionary`, :mod:`causalscan.model.saelens`, :mod:`causalscan.model.features`)
+and are re-exported here. See docs/features.md.
+May import: base, model, data.
+"""
 
-from causalscan.features.dictionary import Dictionary
-from causalscan.features.saelens import read, write
-from causalscan.features.sites import attach, detach
+from causalscan.model.dictionary import Dictionary
+from causalscan.model.features import attach, detach
+from causalscan.model.saelens import read, write
 
 __all__ = ["Dictionary", "attach", "detach", "read", "write"]

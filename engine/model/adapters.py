@@ -24,7 +24,7 @@ from torch import nn
 from causalscan.errors import InputError
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "neuron", "q", "k", "v")
-# with dictionaries attached (:mod:`causalscan.features.sites`): their latents and error terms
+# with dictionaries attached (:mod:`causalscan.model.features`): their latents and error terms
 FEATURE_SITES = ("feature", "feature_error")
 
 
@@ -198,7 +198,7 @@ class Adapter:
         self.n_kv_heads = kv_width // self.d_head
         self.parallel = bool(getattr(cfg, "use_parallel_residual", mt == "phi"))
         self.post_ln = mt == "opt" and not getattr(cfg, "do_layer_norm_before", True)
-        self.dictionaries: dict = {}  # layer -> causalscan.features.dictionary.Dictionary
+        self.dictionaries: dict = {}  # layer -> causalscan.model.dictionary.Dictionary
 
     def __repr__(self) -> str:
         return (

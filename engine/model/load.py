@@ -91,9 +91,9 @@ def load(
     ``device_map`` splits the model across devices instead of ``device``: ``auto`` (fill each GPU in
     turn, then the CPU), ``balanced`` (the same share of blocks on every GPU), a JSON file or a dict
     ``{module name: device}`` (:func:`causalscan.model.devices.split`).
-    ``sae``: dictionary folders in SAELens's format (or :class:`causalscan.features.Dictionary`
+    ``sae``: dictionary folders in SAELens's format (or :class:`causalscan.model.dictionary.Dictionary`
     objects) attached to the model, for the sites ``feature`` and ``feature_error``
-    (:func:`causalscan.features.sites.attach`; on a :class:`Model` given, attached to it).
+    (:func:`causalscan.model.features.attach`; on a :class:`Model` given, attached to it).
 
     >>> m = load("random:llama-tiny")
     >>> m.adapter.n_layers
@@ -150,7 +150,7 @@ def load(
 def _with_sae(model: Model, sae) -> Model:
     if sae is None or sae == []:
         return model
-    from causalscan.features.sites import attach
+    from causalscan.model.features import attach
 
     return attach(model, sae)
 

@@ -130,7 +130,7 @@ def installed(
 
             hold(ad.blocks[start_layer].register_forward_pre_hook(inject, with_kwargs=True, prepend=True))
         if any(t[0] in FEATURE_SITES for t in taps):
-            from causalscan.features.sites import expand
+            from causalscan.model.features import expand
 
             rewrites, reads = expand(ad, [t for t in taps if t[0] in FEATURE_SITES], shape)
             for module, hook in reads:

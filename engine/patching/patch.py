@@ -143,7 +143,7 @@ def patch(
         sweeps, comps = build_sweeps(inp.model, sites, inp.lengths, inp.dataset.name, inp.dataset.roles)
     groups = [[c] for c in comps]
     if any(c.site == "feature" for c in comps):  # an off latent's effect is 0: no forward for it
-        from causalscan.features.sites import active
+        from causalscan.model.features import active
 
         on = active(inp.model, inp.rows, comps)
         groups = [g if on[j] else [] for j, g in enumerate(groups)]

@@ -12,7 +12,7 @@ Dictionaries belong to one model instance (``model.adapter.dictionaries``, by la
 and travel with it (to Ray actors as well). Feature sweeps run over the layers that have one.
 
 >>> import causalscan as cs
->>> from causalscan.features import sites
+>>> from causalscan.model import features as sites
 >>> m = cs.load("random:llama-tiny")
 >>> d = sites.random_dictionary(m, "resid_pre", 1, d_sae=32)
 >>> sites.attach(m, d).adapter.shape("feature"), m.adapter.layers("feature")
@@ -28,8 +28,8 @@ from collections.abc import Callable
 import torch
 
 from causalscan.errors import InputError
-from causalscan.features import saelens
-from causalscan.features.dictionary import Dictionary
+from causalscan.model import saelens
+from causalscan.model.dictionary import Dictionary
 
 FEATURE_SITES = ("feature", "feature_error")
 

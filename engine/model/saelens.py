@@ -1,7 +1,7 @@
 """Dictionaries on disk in SAELens's format: a folder with ``cfg.json`` and ``sae_weights.safetensors``.
 
 ``cfg.json``, SAELens v6: ``architecture`` (one of
-:data:`causalscan.features.dictionary.ARCHITECTURES`), ``d_in``, ``d_sae``, ``d_out`` (transcoders),
+:data:`causalscan.model.dictionary.ARCHITECTURES`), ``d_in``, ``d_sae``, ``d_out`` (transcoders),
 ``apply_b_dec_to_input``, ``normalize_activations``, ``k`` (TopK) and ``metadata.hook_name``
 (``metadata.hook_name_out`` for a transcoder); the flat configs before v6 (``hook_name`` at the top,
 ``activation_fn_str`` ``relu`` or ``topk`` with ``activation_fn_kwargs.k``) read too. Hook names are
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from causalscan.errors import InputError
-from causalscan.features.dictionary import ARCHITECTURES, NORMS, TRANSCODERS, Dictionary
+from causalscan.model.dictionary import ARCHITECTURES, NORMS, TRANSCODERS, Dictionary
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 
