@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from causalscan.circuits.circuit import ABLATIONS, METHODS, CircuitResult, circuit
 from causalscan.cli.job import run_job
-from causalscan.cli.options import command, data_args, model_args, plan_args, report_arg, sae_arg
+from causalscan.cli.options import command, data_args, model_args, plan_args, report_arg
 
 
 def run(args) -> dict:
@@ -45,7 +45,6 @@ def add(sub) -> None:
         "'previous' dataset.",
     )
     model_args(p, default="induction")
-    sae_arg(p)
     plan_args(p)
     report_arg(p)
     data_args(p, out="circuit.json")
