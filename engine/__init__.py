@@ -18,6 +18,7 @@ from causalscan.data import metrics, tasks
 from causalscan.data.pairs import Dataset
 from causalscan.data.sweeps import Component
 from causalscan.errors import InputError
+from causalscan.features.attribution_graph import attribution_graph
 from causalscan.model import interventions
 from causalscan.model.interventions import Intervention, perturb
 from causalscan.model.load import Model, load
@@ -35,6 +36,7 @@ __all__ = [
     "Intervention",
     "Model",
     "__version__",
+    "attribution_graph",
     "circuit",
     "directions",
     "elicit",

@@ -78,6 +78,11 @@ RANGES: dict[str, tuple] = {
     "refine": (0, 64, True, False),
     "actors": (1, 1 << 16, True, False),
     "memory_gb": (0, None, False, True),
+    "max_logits": (1, 1 << 20, True, False),
+    "max_features": (0, None, True, False),
+    "logit_prob": (0, 1, False, True),
+    "node_threshold": (0, 1, False, True),
+    "edge_threshold": (0, 1, False, True),
 }
 
 

@@ -468,3 +468,95 @@ class hand_rules:
     def __exit__(self, *exc):
         for fn in reversed(self.undo):
             fn()
+
+
+@torch.no_grad()
+def llama_direct_effects(model, ids, dictionaries: dict) -> dict:
+    """A Llama prompt's local replacement model written out by hand, and its direct effects by
+    leave-one-out (independent of the engine's runner, taps, rules and backward).
+
+    One eager forward of ``ids`` [T] records each norm's input (their scales are then constants)
+    and the attention probabilities (``output_attentions``); the replacement model is rebuilt from
+    the module weights: ``x <- x + o_proj(P @ v_proj(norm1(x)))``, the transcoder reads
+    ``norm2(x)`` and the MLP's output is ``f W_dec (+ skip) + err`` (``err`` alone without a
+    transcoder). It is affine in its leaves (the embeddings, latents and errors), so a source's direct
+    effect on a target is ``target(leaves) - target(leaves with that source zeroed)``.
+    Returns ``{"effect": fn(kind, layer, pos, index) -> {"pre": {layer: [T, d_sae]}, "logits": [V]},
+    "leaves": ...}`` where the effect is on every latent's pre-activation and every demeaned logit.
+    """
+    hf = model.hf
+    blocks = hf.model.layers
+    rec: dict = {}
+    hooks = []
+    for i, blk in enumerate(blocks):
+        hooks.append(blk.input_layernorm.register_forward_pre_hook(lambda m, a, i=i: rec.__setitem__(("x", i), a[0])))
+        hooks.append(
+            blk.post_attention_layernorm.register_forward_pre_hook(lambda m, a, i=i: rec.__setitem__(("h", i), a[0]))
+        )
+        hooks.append(blk.mlp.register_forward_hook(lambda m, a, o, i=i: rec.__setitem__(("mlp", i), (a[0], o))))
+    hooks.append(hf.model.norm.register_forward_pre_hook(lambda m, a: rec.__setitem__("final", a[0])))
+    try:
+        out = hf(ids[None], output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    att = [a[0] for a in out.attentions]  # [H, T, T] per layer
+
+    def scale(x, norm):
+        return torch.rsqrt(x[0].float().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+    leaves = {"embed": rec[("x", 0)][0].clone(), "f": {}, "err": {}}
+    for i in range(len(blocks)):
+        m_in, y = rec[("mlp", i)]
+        d = dictionaries.get(i)
+        if d is None:
+            leaves["err"][i] = y[0].clone()
+            continue
+        pre = m_in[0] @ d.W_enc + d.b_enc
+        if d.architecture == "topk_transcoder":
+            top = pre.topk(d.k, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        else:
+            f = pre.relu() * (pre > d.threshold) if d.threshold is not None else pre.relu()
+        skip = 0.0 if d.W_skip is None else m_in[0] @ d.W_skip.T
+        leaves["f"][i] = f
+        leaves["err"][i] = y[0] - f @ d.W_dec - skip
+
+    def run(lv) -> dict:
+        x, pre = lv["embed"], {}
+        for i, blk in enumerate(blocks):
+            a = blk.input_layernorm.weight * (x * scale(rec[("x", i)], blk.input_layernorm))
+            h_n, d_head = att[i].shape[0], blk.self_attn.o_proj.weight.shape[1] // att[i].shape[0]
+            v = (a @ blk.self_attn.v_proj.weight.T).unflatten(-1, (-1, d_head))  # [T, H_kv, Dh]
+            v = v.repeat_interleave(h_n // v.shape[1], 1)
+            z = torch.einsum("htu,uhd->thd", att[i], v)
+            h = x + z.flatten(1) @ blk.self_attn.o_proj.weight.T
+            m_in = blk.post_attention_layernorm.weight * (h * scale(rec[("h", i)], blk.post_attention_layernorm))
+            d = dictionaries.get(i)
+            mlp = lv["err"][i]
+            if d is not None:
+                pre[i] = m_in @ d.W_enc + d.b_enc
+                mlp = mlp + lv["f"][i] @ d.W_dec + (0.0 if d.W_skip is None else m_in @ d.W_skip.T)
+            x = h + mlp
+        logits = (hf.model.norm.weight * (x * scale(rec["final"], hf.model.norm))) @ hf.lm_head.weight.T
+        return {"pre": pre, "logits": logits[-1] - logits[-1].mean()}
+
+    base = run(leaves)
+
+    def effect(kind: str, layer: int, pos: int, index: int = 0) -> dict:
+        lv = {"embed": leaves["embed"].clone(), "f": dict(leaves["f"]), "err": dict(leaves["err"])}
+        if kind == "token":
+            lv["embed"][pos] = 0
+        elif kind == "error":
+            lv["err"][layer] = lv["err"][layer].clone()
+            lv["err"][layer][pos] = 0
+        else:
+            lv["f"][layer] = lv["f"][layer].clone()
+            lv["f"][layer][pos, index] = 0
+        cut = run(lv)
+        return {
+            "pre": {i: base["pre"][i] - cut["pre"][i] for i in base["pre"]},
+            "logits": base["logits"] - cut["logits"],
+        }
+
+    return {"effect": effect, "leaves": leaves, "base": base}

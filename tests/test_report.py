@@ -267,3 +267,25 @@ def test_circuit_report_renders(browser, tmp_path):
     assert sorted(labels) == sorted(n.replace(" ", "\u2423") for n in doc["nodes"])
     assert page.inner_text("table.sortable").count("->") == len(doc["edges"])
     page.close()
+
+
+def test_graph_report_renders(browser, tmp_path):
+    from causalscan.features.attribution_graph import attribution_graph
+    from causalscan.model import features
+
+    m = cs.load("induction")
+    tc = [features.random_dictionary(m, "mlp_in", layer, 32, "transcoder", seed=layer) for layer in (0, 1)]
+    g = attribution_graph(m, "Mary are time before two seven Mallory that John cup Mary are time", sae=tc)
+    g.tokens[1] = SCRIPT  # a token's text, as a tokenizer could give it
+    g.save(tmp_path)
+    page, seen = _open(browser, g.report(tmp_path / "report.html"))
+    assert seen == {"errors": [], "requests": []}
+    assert page.evaluate("window.__pwned") is None and SCRIPT in page.inner_text("body")
+    assert page.eval_on_selector_all(".cs-figure", "ds => ds.map(d => d.dataset.name)") == ["graph"]
+    doc, tensors = report.load(tmp_path)
+    markers = page.evaluate(
+        "document.querySelectorAll(\"[data-name='graph'] .scatterlayer .trace\")[2]"
+        ".querySelectorAll('path.point').length"
+    )
+    assert markers == len(doc["pruned"]["nodes"]) == doc["graph"]["pruned_nodes"]
+    page.close()

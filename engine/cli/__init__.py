@@ -14,11 +14,24 @@ import contextlib
 import sys
 
 from causalscan import files
-from causalscan.cli import circuit, direction, elicit, patch, report, sae, scan, steer, tasks, trace, zoo
+from causalscan.cli import circuit, direction, elicit, graph, patch, report, sae, scan, steer, tasks, trace, zoo
 from causalscan.errors import RANGES, InputError, check_options
 from causalscan.report import write as write_report
 
-COMMANDS = (patch, scan, circuit, trace, elicit, direction, steer, sae, tasks, report, zoo)  # in the help's order
+COMMANDS = (
+    patch,
+    scan,
+    circuit,
+    trace,
+    elicit,
+    direction,
+    steer,
+    sae,
+    graph,
+    tasks,
+    report,
+    zoo,
+)  # in the help's order
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
-"""``causalscan sae``: train a small TopK SAE at a site (``train``), or convert a Gemma Scope ``.npz``
-into a SAELens folder (``convert``)."""
+"""``causalscan sae``: train a small TopK SAE at a site or a TopK transcoder (``train``), or convert a
+Gemma Scope ``.npz`` into a SAELens folder (``convert``)."""
 
 from __future__ import annotations
 
@@ -68,13 +68,16 @@ def add(sub) -> None:
         "sae",
         run,
         help="train a small sparse autoencoder at a site, or convert an .npz dictionary",
-        description="train: a TopK SAE on the activations of --data prompts at --site of --layer, written in "
+        description="train: a TopK SAE on the activations of --data prompts at --site of --layer (--site mlp_in: "
+        "a TopK transcoder from the MLP's input to its output), written in "
         "SAELens's format with its explained variance and dead-latent share (training.json); convert: a Gemma "
         "Scope style .npz into a SAELens folder (read without unpickling).",
     )
     p.add_argument("action", choices=["train", "convert"])
     p.add_argument("--model", default=None, help="train: HF directory, GGUF, zoo name or random:<family>")
-    p.add_argument("--site", default=None, help="train: resid_pre, resid_mid, resid_post, attn_out or mlp_out")
+    p.add_argument(
+        "--site", default=None, help="train: resid_pre, resid_mid, resid_post, attn_out, mlp_out; mlp_in: a transcoder"
+    )
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--d-sae", type=int, default=None, help="train: latents")
     p.add_argument("--k", type=int, default=32, help="train: active latents per token (default 32)")

@@ -1,8 +1,9 @@
-"""Sparse dictionaries (SAEs, transcoders): training a small one (:mod:`causalscan.features.training`).
-The dictionary, its SAELens folders and the feature sites live in the model layer
-(:mod:`causalscan.model.dictionary`, :mod:`causalscan.model.saelens`, :mod:`causalscan.model.features`)
-and are re-exported here. See docs/features.md.
-May import: base, model, data.
+"""Sparse dictionaries (SAEs, transcoders): training a small one (:mod:`causalscan.features.training`)
+and attribution graphs with transcoders (:mod:`causalscan.features.attribution_graph`). The dictionary,
+its SAELens folders and the feature sites live in the model layer (:mod:`causalscan.model.dictionary`,
+:mod:`causalscan.model.saelens`, :mod:`causalscan.model.features`) and are re-exported here. See
+docs/features.md and docs/graph.md.
+May import: base, services, model, data.
 """
 
 from causalscan.model.dictionary import Dictionary

@@ -6,7 +6,7 @@ input, writes its output), with SAELens's encoders.
 ==================  ================================================================
 ``standard``         ``f = relu(pre)``
 ``jumprelu``         ``f = relu(pre) * (pre > threshold)``
-``topk``             the ``k`` largest of ``pre`` kept, ``relu``, the rest 0
+``topk``             the ``k`` largest of ``pre`` kept, ``relu``, the rest 0 (``topk_transcoder`` too)
 ``gated``            ``f = (x W_enc + b_gate > 0) * relu(x W_enc * exp(r_mag) + b_mag)``
 ==================  ================================================================
 
@@ -29,9 +29,21 @@ from typing import NamedTuple
 
 import torch
 
-ARCHITECTURES = ("standard", "jumprelu", "topk", "gated", "transcoder", "skip_transcoder", "jumprelu_transcoder")
+# SAELens's architectures, and ``topk_transcoder`` (a TopK transcoder, as ``causalscan sae train`` makes;
+# SAELens names none)
+ARCHITECTURES = (
+    "standard",
+    "jumprelu",
+    "topk",
+    "gated",
+    "transcoder",
+    "skip_transcoder",
+    "jumprelu_transcoder",
+    "topk_transcoder",
+)
 NORMS = ("none", "constant_norm_rescale", "layer_norm")
-TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
+TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "topk_transcoder")
+TOPK = ("topk", "topk_transcoder")
 
 
 class Norm(NamedTuple):
@@ -137,7 +149,7 @@ class Dictionary:
         arch = d.architecture
         if arch in ("jumprelu", "jumprelu_transcoder"):
             return pre.relu() * (pre > d.threshold), norm
-        if arch == "topk":
+        if arch in TOPK:
             top = pre.topk(d.k, dim=-1)
             return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()), norm
         if arch == "gated":
@@ -162,4 +174,4 @@ class Dictionary:
         return self.W_dec[latent]
 
 
-__all__ = ["ARCHITECTURES", "NORMS", "TRANSCODERS", "Dictionary", "Norm"]
+__all__ = ["ARCHITECTURES", "NORMS", "TOPK", "TRANSCODERS", "Dictionary", "Norm"]

@@ -29,7 +29,7 @@ import torch
 
 from causalscan.errors import InputError
 from causalscan.model import saelens
-from causalscan.model.dictionary import Dictionary
+from causalscan.model.dictionary import TOPK, Dictionary
 
 FEATURE_SITES = ("feature", "feature_error")
 
@@ -213,7 +213,7 @@ def random_dictionary(
         -0.1 * torch.rand(d_sae, generator=gen),
         w_dec,
         0.01 * torch.randn(d_out, generator=gen),
-        k=k if architecture != "topk" else (k or max(1, d_sae // 8)),
+        k=k if architecture not in TOPK else (k or max(1, d_sae // 8)),
         apply_b_dec_to_input=not transcoder,
         out_site="mlp_out" if transcoder else None,
         name=f"random-{architecture}-L{layer}",

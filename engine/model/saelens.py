@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from causalscan.errors import InputError
-from causalscan.model.dictionary import ARCHITECTURES, NORMS, TRANSCODERS, Dictionary
+from causalscan.model.dictionary import ARCHITECTURES, NORMS, TOPK, TRANSCODERS, Dictionary
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 
@@ -70,9 +70,9 @@ def _architecture(cfg: dict, file: str) -> tuple[str, int | None]:
         raise InputError(
             f"architecture {arch!r} is not read; one of {', '.join(ARCHITECTURES)}", file=file, field="architecture"
         )
-    if arch == "topk" and not (isinstance(k, int) and not isinstance(k, bool) and k > 0):
-        raise InputError(f"a topk dictionary needs a positive integer k, not {k!r}", file=file, field="k")
-    return arch, k if arch == "topk" else None
+    if arch in TOPK and not (isinstance(k, int) and not isinstance(k, bool) and k > 0):
+        raise InputError(f"a {arch} dictionary needs a positive integer k, not {k!r}", file=file, field="k")
+    return arch, k if arch in TOPK else None
 
 
 def _tensor(weights: dict, name: str, shape: tuple, file: str) -> torch.Tensor:

@@ -200,6 +200,69 @@ def _circuit_graph(doc: dict):
     return fig
 
 
+DRAWN_EDGES = 300  # an attribution graph's figure draws at most this many of its pruned edges
+
+
+def _attribution_graph(doc: dict, tensors: dict[str, torch.Tensor]):
+    """The pruned attribution graph: nodes at (position, layer) (tokens at the bottom, logits on top),
+    its strongest edges (at most ``DRAWN_EDGES``) as lines, blue positive, red negative; size by
+    influence on the logits; hover names each node."""
+    import plotly.graph_objects as go
+
+    nodes = doc["pruned"]["nodes"]
+    edges = tensors["pruned_edges"]  # [E, 3]: source, target (indices into nodes), weight
+    edges = edges[edges[:, 2].abs().argsort(descending=True)[:DRAWN_EDGES]]
+    n_layers = doc["graph"]["layers"]
+    count: dict = {}
+    for n in nodes:
+        count[(n["layer"], n["position"])] = count.get((n["layer"], n["position"]), 0) + 1
+    spot, seen = [], {}
+    for n in nodes:  # nodes sharing (layer, position) spread across the token's column
+        key = (n["layer"], n["position"])
+        k, c = seen.get(key, 0), count[key]
+        spot.append((n["position"] + (0.8 * k / (c - 1) - 0.4 if c > 1 else 0.0), n["layer"]))
+        seen[key] = k + 1
+    fig = go.Figure()
+    for positive, color in ((True, "#2166ac"), (False, "#b2182b")):
+        xs, ys = [], []
+        for a, b, v in edges.tolist():
+            if (v >= 0) == positive:
+                xs += [spot[int(a)][0], spot[int(b)][0], None]
+                ys += [spot[int(a)][1], spot[int(b)][1], None]
+        fig.add_scatter(
+            x=xs, y=ys, mode="lines", line={"color": color, "width": 1}, opacity=0.5, hoverinfo="skip", showlegend=False
+        )
+    top = max([n["influence"] for n in nodes] + [1e-12])
+    colors = {"latent": "#444", "error": "#999", "token": "#1b9e77", "logit": "#d95f02"}
+    fig.add_scatter(
+        x=[p[0] for p in spot],
+        y=[p[1] for p in spot],
+        mode="markers",
+        marker={
+            "size": [6 + 14 * min(1.0, max(n["influence"], 0.0) / top) ** 0.5 for n in nodes],
+            "color": [colors[n["kind"]] for n in nodes],
+        },
+        text=[f"{_label(n['node'])}<br>influence {number_text(n['influence'])}" for n in nodes],
+        hovertemplate="%{text}<extra></extra>",
+        showlegend=False,
+    )
+    tokens = doc.get("tokens") or []
+    fig.update_layout(
+        title=f"attribution graph: {len(nodes)} nodes, {doc['graph']['pruned_edges']} edges after pruning<br>"
+        f"<sup>the {len(edges)} strongest drawn; blue raises the target, red lowers it; size: influence on the "
+        "logits; grey: error nodes, green: tokens</sup>",
+        height=max(420, 40 * (n_layers + 2)),
+        xaxis={"title": "token", "tickvals": list(range(len(tokens))), "ticktext": [_label(x) for x in tokens]},
+        yaxis={
+            "zeroline": False,
+            "tickvals": list(range(-1, n_layers + 1)),
+            "ticktext": ["tokens", *[f"L{i}" for i in range(n_layers)], "logits"],
+        },
+        margin={"l": 60, "r": 20, "t": 50, "b": 60},
+    )
+    return fig
+
+
 def _need_plotly() -> None:
     try:
         import plotly  # noqa: F401
@@ -275,6 +338,8 @@ def figures(doc: dict, tensors: dict[str, torch.Tensor]) -> dict:
                 tensors["exact/edges"].flatten(),
                 doc.get("agreement"),
             )
+    elif kind == "graph":
+        out["graph"] = _attribution_graph(doc, tensors)
     elif kind == "patch":
         for sweep in doc["settings"]["sweeps"]:
             out[f"exact/{sweep}"] = _sweep_heatmap(doc, f"exact/{sweep}", tensors[f"exact/{sweep}"], gap)

@@ -25,7 +25,7 @@ from causalscan import files
 from causalscan.errors import InputError
 from causalscan.report.figures import figures, number_text
 
-DOCS = ("scan.json", "trace.json", "circuit.json", "summary.json")
+DOCS = ("scan.json", "trace.json", "circuit.json", "summary.json", "graph.json")
 
 
 def load(out_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -121,6 +121,8 @@ def _header(doc: dict) -> str:
         "hits_learned",
         "hits_random",
         "objective",
+        "prompt",
+        "graph",
     )
     facts.update({k: doc[k] for k in front if doc.get(k) is not None})
     more = {
@@ -144,7 +146,7 @@ def render(doc: dict, tensors: dict[str, torch.Tensor]) -> str:
     for i, (name, fig) in enumerate(figs.items()):
         cls = (
             "cs-figure"
-            if name.split("/")[0] in ("agreement", "objective", "radius", "pattern", "circuit", "faithfulness")
+            if name.split("/")[0] in ("agreement", "objective", "radius", "pattern", "circuit", "faithfulness", "graph")
             else "cs-heatmap"
         )
         parts.append(f"<div id='fig{i}' class='{cls}' data-name='{html.escape(name, quote=True)}'></div>")
@@ -160,6 +162,18 @@ def render(doc: dict, tensors: dict[str, torch.Tensor]) -> str:
     if kind == "circuit":
         parts.append(
             _table(doc.get("edges", []), ["rank", "edge", "score", "exact"], "ranked edges (click a column to sort)")
+        )
+    if kind == "graph":
+        parts.append(_table(doc.get("logits", []), ["token", "id", "prob"], "logit targets"))
+        parts.append(
+            _table(
+                doc.get("top", []),
+                ["node", "kind", "layer", "position", "influence", "activation"],
+                "most influential nodes (click a column to sort)",
+            )
+        )
+        parts.append(
+            _table(doc.get("edges", []), ["source", "target", "weight"], "strongest edges of the pruned graph")
         )
     if kind == "trace":
         parts.append(
