@@ -79,6 +79,7 @@ RANGES: dict[str, tuple] = {
     "actors": (1, 1 << 16, True, False),
     "memory_gb": (0, None, False, True),
     "max_logits": (1, 1 << 20, True, False),
+    "latents": (1, 1 << 20, True, False),
     "max_features": (0, None, True, False),
     "logit_prob": (0, 1, False, True),
     "node_threshold": (0, 1, False, True),

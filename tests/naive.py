@@ -320,6 +320,18 @@ def writes(model, ids, graph):
             out[:, graph.mlp(layer)] = (o[0] if isinstance(o, tuple) else o).reshape(b, t, -1)  # OPT: [B * T, d]
 
         hooks.append(ad.blocks[layer].get_submodule(f.mlp_out).register_forward_hook(mlp))
+        js = getattr(graph, "latents", {}).get(layer)
+        if js:  # latent nodes: f_j W_dec[j] of the MLP's input; the MLP node keeps the rest
+
+            def split(m, a, o, layer=layer, js=js):
+                d = ad.dictionaries[layer]
+                f = hand_encode(d, a[0].reshape(b, t, -1))
+                for k, j in enumerate(js):
+                    w = f[..., j, None] * d.W_dec[j]
+                    out[:, graph.latent(layer, k)] = w
+                    out[:, graph.mlp(layer)] -= w
+
+            hooks.append(ad.blocks[layer].get_submodule(f.readers[2]).register_forward_hook(split))
     try:
         with torch.no_grad():
             model.hf(input_ids=ids)
@@ -329,11 +341,22 @@ def writes(model, ids, graph):
     return out
 
 
-def reader_run(model, ids, kind, layer, index, extra, metric):
-    """``metric(last logits)`` [B] with reader (``kind`` q/k/v/mlp/logits, ``layer``, ``index``) reading
-    its input (the residual before its norm) plus ``extra`` [B, T, d]; every other reader reads the
-    plain residual. Plain hooks: the reader's norm and projection (its own slice) are called again on
-    the shifted input."""
+def hand_encode(d, z):
+    """A transcoder's latents of its input ``z`` [.., d_in], by its formula (ReLU, JumpReLU or TopK)."""
+    pre = z @ d.W_enc + d.b_enc
+    if d.architecture in ("topk", "topk_transcoder"):
+        top = pre.topk(d.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    return pre.relu() if d.threshold is None else pre.relu() * (pre > d.threshold)
+
+
+def reader_run(model, ids, kind, layer, index, extra, metric, latents=None):
+    """``metric(last logits)`` [B] with reader (``kind`` q/k/v/mlp/latent/logits, ``layer``, ``index``)
+    reading its input (the residual before its norm) plus ``extra`` [B, T, d]; every other reader reads
+    the plain residual. Plain hooks: the reader's norm and projection (its own slice) are called again
+    on the shifted input. ``latents``: the layer's latent nodes (a transcoder there): a latent reader
+    (``index``-th node) moves its latent alone, ``f_j(norm(x + extra)) - f_j(norm(x))`` times its
+    decoder row, and the MLP's reader moves the rest, ``mlp(z') - f(z') W_dec`` over those latents."""
     ad = model.adapter
     f = ad.family
     b, t = ids.shape
@@ -343,7 +366,22 @@ def reader_run(model, ids, kind, layer, index, extra, metric):
     def keep(m, a, k):
         seen.setdefault("x", a[0] if a else k["hidden_states"])
 
-    if kind == "logits":
+    js = (latents or {}).get(layer)
+    if kind == "latent" or (kind == "mlp" and js):
+        ln, mlp = blk.get_submodule(f.readers[1]), blk.get_submodule(f.readers[2])
+        d = ad.dictionaries[layer]
+        hooks.append(ln.register_forward_pre_hook(keep, with_kwargs=True))
+
+        def moved(m, a, o):
+            z0, z1 = a[0], ln.forward(seen["x"] + extra)
+            if kind == "latent":
+                j = js[index]
+                return o + (hand_encode(d, z1)[..., j, None] - hand_encode(d, z0)[..., j, None]) * d.W_dec[j]
+            kept = d.W_dec[js]
+            return o + (m.forward(z1) - hand_encode(d, z1)[..., js] @ kept) - (o - hand_encode(d, z0)[..., js] @ kept)
+
+        hooks.append(mlp.register_forward_hook(moved))
+    elif kind == "logits":
         hooks.append(model.hf.get_submodule(f.final_norm).register_forward_pre_hook(lambda m, a: (a[0] + extra,)))
     elif kind == "mlp":
         ln = blk.get_submodule(f.readers[1])
@@ -373,11 +411,12 @@ def reader_run(model, ids, kind, layer, index, extra, metric):
             h.remove()
 
 
-def reader_grad(model, ids, kind, layer, index, metric):
+def reader_grad(model, ids, kind, layer, index, metric, latents=None):
     """``dM/dx_r`` [B, T, d] at a reader's input by autograd on a zero shift of that reader alone."""
     probe = torch.zeros(*ids.shape, model.adapter.d_model, requires_grad=True)
     with torch.enable_grad():
-        return torch.autograd.grad(reader_run(model, ids, kind, layer, index, probe, metric).sum(), probe)[0]
+        m = reader_run(model, ids, kind, layer, index, probe, metric, latents)
+        return torch.autograd.grad(m.sum(), probe)[0]
 
 
 class hand_rules:

@@ -38,11 +38,13 @@ from causalscan.circuits.edges import edge_units, estimate
 from causalscan.circuits.graph import Graph
 from causalscan.data import corruption
 from causalscan.data.inputs import Inputs, prepare
+from causalscan.data.sweeps import build_sweeps
 from causalscan.errors import InputError, check_options
 from causalscan.executor import get as executor_get
 from causalscan.model import relevance
 from causalscan.patching.agreement import agreement, top_and_random
-from causalscan.patching.estimate import heaviest_batch
+from causalscan.patching.estimate import Stage, heaviest_batch
+from causalscan.patching.estimate import estimate as estimate_nodes
 from causalscan.progress import Progress
 from causalscan.progress import check as check_progress
 
@@ -76,6 +78,7 @@ def circuit(
     memory_gb: float | None = None,
     dry_run: bool = False,
     relp_attention: str = "plain",
+    latents: int = 16,
 ) -> CircuitResult | memplan.Plan:
     """Score every edge of the model's graph on ``metric``, confirm the top, measure faithfulness.
 
@@ -97,6 +100,14 @@ def circuit(
     :class:`causalscan.executor.Ray`: on a Ray cluster's actors, with the same result); exact edge
     patching and the curve run in this process. ``memory_gb``, ``dry_run``: the memory plan of the
     three stages, as in :func:`causalscan.patch`.
+
+    **Feature circuits**: on a model with transcoders attached (``cs.load(model, sae=...)``, ``--sae``),
+    each transcoder's ``latents`` latents of largest mean |AtP| over the pairs (of those on somewhere)
+    become nodes of the graph, writers and readers of their own (``L3.F12``; the MLP node is then
+    the rest of the MLP's output, its error and the other latents): edges run between latents of
+    different layers, heads, the rest nodes, the embeddings and the logits, are estimated, confirmed
+    by exact edge patching and measured for faithfulness like any other
+    (:mod:`causalscan.circuits.graph`).
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -122,6 +133,7 @@ def circuit(
         memory_budget=memory_budget,
         seed=seed,
         memory_gb=memory_gb,
+        latents=latents,
         **({"ig_steps": ig_steps} if ig_steps else {}),
     )
     check_progress(progress)
@@ -134,8 +146,9 @@ def circuit(
             file=inp.dataset.name,
             field="ablation",
         )
-    g = Graph(inp.model.adapter)
     noising = direction == "noising"
+    chosen = _latent_nodes(inp, latents, noising, batch_size, dry_run)
+    g = Graph(inp.model.adapter, chosen)
     n_random = confirm if confirm_random is None else confirm_random
     n_confirm = confirm + n_random if confirm else 0
     plan = _plan(
@@ -168,6 +181,7 @@ def circuit(
             "noise_scale": noise_scale,
             "seed": seed,
             "batch_size": batch_size,
+            **({"latents": {str(k): v for k, v in g.latents.items()}} if g.latents else {}),
         }
         ck = Checkpoint(checkpoint, "circuit", checkpoint_key(settings), checkpoint_every_s)
     sums = estimate(inp, g, noising, batch_size, ig_steps, progress, ck, executor, rules)
@@ -251,7 +265,7 @@ def _plan(
     ``n_confirm`` single edges (the graph's first: the longest forwards) and the faithfulness curve
     (``sizes``: every edge but a few patched, from block 0)."""
     plan = memplan.Plan(memplan.weights(inp.model), chunks={"attribution rows": batch_size})
-    stage = (inp.rows, inp.metric_fn, noising, batch_size, ig_steps, rules)
+    stage = (inp.rows, inp.metric_fn, noising, batch_size, ig_steps, rules, g.latents)
     plan.stages["attribution"] = memplan.simulate(inp.model, edge_units, stage, heaviest_batch(inp, batch_size))
     ids = g.valid().flatten().nonzero().flatten()
     for name, groups, clean, abl in (
@@ -261,6 +275,40 @@ def _plan(
         work = edge_patching.planned(inp, g, groups, memory_budget)
         edge_patching.memory_stage(plan, inp, g, groups, clean, abl, work, name)
     return plan
+
+
+def _latent_nodes(inp: Inputs, n: int, noising: bool, batch_size: int, dry_run: bool) -> dict[int, list[int]]:
+    """Per layer with a transcoder, its ``n`` latents of largest mean |AtP| over the pairs (one forward
+    and backward per batch; without the pass, for a dry run, the first ``n``: the plan needs the count)."""
+    ad = inp.model.adapter
+    if not ad.dictionaries:
+        return {}
+    for layer, d in sorted(ad.dictionaries.items()):
+        if not d.transcoder:
+            raise InputError(
+                f"layer {layer}: {d.name} is an SAE at {d.site}; circuits take transcoders, whose latents read "
+                "and write the residual stream (SAE latents: scan, patch)",
+                field="sae",
+            )
+        if d.normalize_activations != "none":
+            raise InputError(
+                f"layer {layer}: a transcoder with normalize_activations {d.normalize_activations!r}: circuits "
+                "read latents through W_enc alone (fold the normalisation into the weights)",
+                field="sae",
+            )
+    if inp.model.adapter.family.readers[2] != "mlp":
+        raise InputError(f"{ad.family.name} has no MLP module to split into latents", field="sae")
+    if dry_run:
+        return {layer: list(range(min(n, d.d_sae))) for layer, d in ad.dictionaries.items()}
+    sweeps, comps = build_sweeps(inp.model, "feature:all", inp.lengths, inp.dataset.name)
+    stage = Stage.of(inp, sweeps, "noising" if noising else "denoising", False, False, batch_size, 0, "input")
+    score = estimate_nodes(inp.model, stage, len(comps))["signed"].abs().mean(0)
+    out = {}
+    for layer in sorted(ad.dictionaries):
+        idx = torch.tensor([j for j, c in enumerate(comps) if c.layer == layer])
+        top = score[idx].topk(min(n, len(idx)))
+        out[layer] = sorted(comps[int(idx[k])].index for k, v in zip(top.indices, top.values, strict=True) if v > 0)
+    return out
 
 
 def grid(n_edges: int, size: int) -> list[int]:

@@ -21,10 +21,10 @@ from typing import NamedTuple
 import torch
 
 from causalscan import memplan
-from causalscan.circuits.graph import QKV, Graph, norm_inputs, pre_hooks, store_writes, write_taps
+from causalscan.circuits.edge_plan import EdgeWork, planned, units
+from causalscan.circuits.graph import QKV, Graph, latent_writes, norm_inputs, pre_hooks, store_writes, write_taps
 from causalscan.data.inputs import Inputs
 from causalscan.model import runner
-from causalscan.patching.planner import default_budget
 from causalscan.progress import Progress, report
 
 
@@ -49,12 +49,6 @@ def record(
     logits = runner.forward(g.ad, ids, taps, noise=noise, logits_to_keep=keep)
     blocks = torch.stack([res[("resid_pre", layer)][:, :, 0] for layer in range(g.ad.n_layers)], 1) if resid else None
     return Recorded(logits, store["w"], blocks)
-
-
-def start_layer(g: Graph, mask: torch.Tensor) -> int:
-    """The first block an edge set ``[n_up, n_read]`` changes (its earliest reader's layer)."""
-    read = mask.any(0).nonzero()
-    return min(int(read.min()) // g.per_layer, g.ad.n_layers - 1) if len(read) else g.ad.n_layers - 1
 
 
 class _Patch:
@@ -142,6 +136,40 @@ class _Patch:
 
         return hook
 
+    def latent_tap(self, layer: int):
+        """The MLP output of a layer with latent nodes, rebuilt. The rest's reader is the MLP's input
+        (:meth:`mlp_hook` rebuilds it for its rows: the MLP's output there is the patched one); each
+        latent reader recomputes its latent from its own input, ``f_j(norm(x + shift_j))``; every
+        other latent keeps its unpatched value. The output is the rest (the MLP's output minus its
+        input's latent writes) plus the latents' writes, handed on as this forward's writes."""
+        g, st = self.g, self
+        r0, js = g.reader("mlp", layer), g.latents[layer]
+        ln = g.norms(layer)[1]
+
+        def tap(view):  # mlp_out [B, T, 1, d]
+            y = view[:, :, 0]
+            b, t = y.shape[:2]
+            d = g.ad.dictionaries[layer].like(y)
+            f_in = d.encode(st.x[("mlp_in", layer)].reshape(b, t, -1))[0][..., js]  # the MLP's actual input
+            f = d.encode(st.x[("mlp_in0", layer)].reshape(b, t, -1))[0][..., js]  # before the rest's patch
+            act = st.active[:, r0 + 1 : r0 + 1 + len(js)]  # [B, n]: the latents' readers
+            if act.any():
+                delta = st.shift(r0 + 1, r0 + 1 + len(js))
+                x = st.x[("mlp", layer)].reshape(b, t, -1)
+                f = f.clone()
+                for c in act.any(0).nonzero().flatten().tolist():
+                    rows = act[:, c].nonzero().flatten().to(y.device)
+                    f[rows, :, c] = d.encode(ln.forward(x[rows] + delta[c, rows].to(x.dtype)))[0][..., js[c]]
+            rest = latent_writes(g, layer, y, f_in)[0]
+            writes = latent_writes(g, layer, y, f)[1]
+            st.wrote(g.mlp(layer), rest)
+            st.wrote(g.latent(layer, 0), writes)
+            if not (act.any() or st.active[:, r0].any()):  # nothing patched here: f is f_in
+                return None
+            return (y + torch.einsum("btn,nd->btd", f - f_in, d.W_dec[js]))[:, :, None]
+
+        return tap
+
     def logits_hook(self, x):
         r = self.g.n_read - 1
         if not self.active[:, r].any():
@@ -173,53 +201,42 @@ def patched_logits(
     ad = g.ad
     pair = torch.arange(len(base_ids)) if pair is None else pair
     st = _Patch(g, other, mask, pair, g.head(start, 0) if start else 0, base_diff)
-    taps = write_taps(g, st.wrote) + [
+    taps = write_taps(g, st.wrote, skip=True) + [
         (site, layer, st.qkv_tap(site, layer)) for layer in range(ad.n_layers) for site in QKV
     ]
+    taps += [("mlp_out", layer, st.latent_tap(layer)) for layer in g.latents]
     hooks = norm_inputs(g, st.x)
-    hooks += [(g.norms(layer)[2], st.mlp_hook(layer)) for layer in range(ad.n_layers)]
+    for layer in range(ad.n_layers):  # in order on each MLP: its input, the rest's patch, the patched input
+        mlp = g.norms(layer)[2]
+        if layer in g.latents:
+            hooks.append((mlp, _keep(st.x, ("mlp_in0", layer))))
+        hooks.append((mlp, st.mlp_hook(layer)))
+        if layer in g.latents:
+            hooks.append((mlp, _keep(st.x, ("mlp_in", layer))))
     hooks += [(g.final_norm(), st.logits_hook)]
     with pre_hooks(hooks):
         return runner.forward(ad, base_ids, taps, noise=base_noise, logits_to_keep=keep, start_layer=start, resid=resid)
 
 
-def _row_bytes(inp: Inputs, g: Graph, seq: int) -> int:
-    """Rough peak bytes of one edge-patched row: the other run's writes, their differences and the
-    reader shifts (fp32), the edge mask, and a forward's live activations."""
-    ad = inp.model.adapter
-    return (
-        4 * seq * ad.d_model * (2 * g.n_up + g.per_layer + 8)
-        + 5 * g.n_up * g.n_read
-        + 4 * seq * (ad.d_mlp + 2 * ad.n_heads * seq)
-    )
-
-
-EdgeWork = list[tuple[list[int], list[tuple[int, int, int]], int]]  # per bucket: rows, sorted cells, rows per forward
-
-
-def planned(inp: Inputs, g: Graph, groups: Sequence[torch.Tensor], memory_budget: int | None = None) -> EdgeWork:
-    """Per bucket of equal-length rows: its row ids, its cells ``(start block, group, row)`` sorted by
-    start, and the rows one forward carries within ``memory_budget`` bytes."""
-    budget = memory_budget or default_budget(inp.model)
-    starts = [start_layer(g, m) for m in groups]
-    work = []
-    for idx in inp.rows.buckets():
-        cells = sorted(((starts[j], j, i) for j in range(len(groups)) for i in range(len(idx))), key=lambda c: c[0])
-        work.append((idx, cells, max(1, budget // _row_bytes(inp, g, len(inp.rows.pairs[idx[0]].clean)))))
-    return work
-
-
-def units(work: EdgeWork) -> list[tuple[int, int]]:
-    """``(bucket, first cell)`` of every forward, in order."""
-    return [(b, lo) for b, (_, cells, chunk) in enumerate(work) for lo in range(0, len(cells), chunk)]
+def _keep(store: dict, key):
+    """A pre-hook keeping its input in ``store[key]``."""
+    return lambda x: store.__setitem__(key, x)
 
 
 def patch_units(
-    model, rows, metric_fn, groups: Sequence[torch.Tensor], base_is_clean: bool, ablation: str, work: EdgeWork
+    model,
+    rows,
+    metric_fn,
+    groups: Sequence[torch.Tensor],
+    base_is_clean: bool,
+    ablation: str,
+    work: EdgeWork,
+    latents: dict | None = None,
 ):
     """``compute((b, lo))``: the metric [rows] of the forward of bucket ``b``'s cells ``lo .. lo + chunk``
-    (each row one (pair, group of edges)); the bucket's two recorded runs are kept for its next units."""
-    g = Graph(model.adapter)
+    (each row one (pair, group of edges)); the bucket's two recorded runs are kept for its next units
+    (``latents``: the graph's latent nodes)."""
+    g = Graph(model.adapter, latents)
     embed = model.hf.get_input_embeddings().weight
     cached: dict = {}
 
@@ -278,7 +295,7 @@ def measure(
     work = planned(inp, g, groups, memory_budget) if work is None else work
     out = torch.empty(len(rows.pairs), len(groups))
     todo = units(work)
-    compute = patch_units(inp.model, rows, inp.metric_fn, groups, base_is_clean, ablation, work)
+    compute = patch_units(inp.model, rows, inp.metric_fn, groups, base_is_clean, ablation, work, g.latents)
     for done, (b, lo) in enumerate(todo, start=1):
         idx, cells, chunk = work[b]
         part = cells[lo : lo + chunk]
@@ -302,6 +319,6 @@ def memory_stage(
     if not groups:
         return
     b = max(range(len(work)), key=lambda k: len(inp.rows.pairs[work[k][0][0]].clean))
-    args = (inp.rows, inp.metric_fn, groups, base_is_clean, ablation, work)
+    args = (inp.rows, inp.metric_fn, groups, base_is_clean, ablation, work, g.latents)
     plan.stages[name] = memplan.simulate(inp.model, patch_units, args, (b, 0))
     plan.chunks[f"rows per {name} forward"] = max(chunk for *_, chunk in work)

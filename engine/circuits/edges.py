@@ -53,6 +53,7 @@ class _EdgeScores:
         self.g, self.scores, self.weight = g, torch.zeros(g.n_up, g.n_read, device=device), 1.0
         self.delta: torch.Tensor | None = None
         self.x: dict = {}  # norm inputs of the running forward
+        self.seen: dict = {}  # latents (forward) and MLP-output gradients (backward) of latent layers
 
     def add(self, r0: int, grad_x: torch.Tensor) -> None:
         """Reader gradients ``[C, P, T, d]`` at readers ``r0 .. r0 + C`` against every node they see."""
@@ -73,12 +74,32 @@ class _EdgeScores:
 
     def mlp_hook(self, layer: int):
         ln = self.g.norms(layer)[1]
+        js = self.g.latents.get(layer)
 
         def hook(grad):  # [P, T, d] at the normed input ([P * T, d] in OPT)
             x = self.x[("mlp", layer)]
-            self.add(self.g.reader("mlp", layer), norm_vjp(ln, x, grad.reshape(1, *x.shape)))
+            grad = grad.reshape(1, *x.shape)
+            if js:  # latent j's reader: (dM/dy . W_dec[j]) W_enc[:, j] where j is on; the rest's: the remainder
+                d = self.g.ad.dictionaries[layer].like(grad)
+                f, gy = self.seen.pop(("f", layer)), self.seen.pop(("gy", layer))
+                a = (gy @ d.W_dec[js].T) * (f[..., js] > 0)  # [P, T, n]
+                lat = torch.einsum("ptn,dn->nptd", a, d.W_enc[:, js])
+                grad = torch.cat([grad - lat.sum(0, keepdim=True), lat])
+            self.add(self.g.reader("mlp", layer), norm_vjp(ln, x, grad))
 
         return hook
+
+    def latent_taps(self, layer: int) -> list[runner.TapSpec]:
+        """What a layer with latent nodes keeps of the base run: its latents (forward) and the
+        gradient at the MLP's output (backward, before the MLP input's)."""
+
+        def keep_f(f):  # [P, T, d_sae, 1]
+            self.seen[("f", layer)] = f[..., 0].detach()
+
+        def keep_gy(grad):  # [P, T, 1, d]
+            self.seen[("gy", layer)] = grad[:, :, 0]
+
+        return [("feature", layer, keep_f), ("mlp_out", layer, Grad.tap(keep_gy))]
 
     def logits_hook(self, grad):
         self.add(self.g.n_read - 1, grad[None])
@@ -114,6 +135,7 @@ def attribute(
     steps = max(ig_steps, 1)
     acc.weight = 1.0 / steps
     grads = [(site, layer, Grad.tap(acc.qkv_hook(site, layer))) for layer in range(ad.n_layers) for site in QKV]
+    grads += [t for layer in g.latents for t in acc.latent_taps(layer)]
     hooks = norm_inputs(g, acc.x)
     hooks += [(g.norms(layer)[2], Grad.tap(acc.mlp_hook(layer))) for layer in range(ad.n_layers)]
     hooks += [(g.final_norm(), Grad.tap(acc.logits_hook))]
@@ -166,7 +188,7 @@ def estimate(
         sums["clean"].index_add_(0, part["owner"], per_row * part["clean"])
         sums["corrupt"].index_add_(0, part["owner"], per_row * part["corrupt"])
 
-    stage = (inp.rows, inp.metric_fn, noising, batch_size, ig_steps, rules)
+    stage = (inp.rows, inp.metric_fn, noising, batch_size, ig_steps, rules, g.latents)
     sums = run(
         ck,
         sums,
@@ -179,11 +201,19 @@ def estimate(
 
 
 def edge_units(
-    model: Model, rows: Rows, metric_fn, noising: bool, batch_size: int, ig_steps: int, rules: str | None = None
+    model: Model,
+    rows: Rows,
+    metric_fn,
+    noising: bool,
+    batch_size: int,
+    ig_steps: int,
+    rules: str | None = None,
+    latents: dict | None = None,
 ):
     """``compute(i)``: the edge scores of attribution batch ``i`` summed over its rows ``[n_up, n_read]``,
-    its rows' ``clean``/``corrupt`` metrics [B] and their pairs ``owner`` [B]."""
-    g = Graph(model.adapter)
+    its rows' ``clean``/``corrupt`` metrics [B] and their pairs ``owner`` [B] (``latents``: the graph's
+    latent nodes)."""
+    g = Graph(model.adapter, latents)
     embed = model.hf.get_input_embeddings().weight
     batches = rows.batches(batch_size)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from causalscan.circuits.circuit import ABLATIONS, METHODS, CircuitResult, circuit
 from causalscan.cli.job import run_job
-from causalscan.cli.options import command, data_args, model_args, plan_args, report_arg
+from causalscan.cli.options import command, data_args, model_args, plan_args, report_arg, sae_arg
 
 
 def run(args) -> dict:
@@ -26,6 +26,7 @@ def run(args) -> dict:
         ablation=args.ablation,
         memory_budget=budget,
         checkpoint=args.out,
+        latents=args.latents,
     )
 
 
@@ -45,6 +46,8 @@ def add(sub) -> None:
         "'previous' dataset.",
     )
     model_args(p, default="induction")
+    sae_arg(p, "transcoder folders (one per layer): each one's --latents latents of largest |AtP| become nodes")
+    p.add_argument("--latents", type=int, default=16, help="with --sae: latent nodes per transcoder (default 16)")
     plan_args(p)
     report_arg(p)
     data_args(p, out="circuit.json")

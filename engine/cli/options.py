@@ -43,14 +43,14 @@ def model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
 
 
-def sae_arg(p: argparse.ArgumentParser) -> None:
+def sae_arg(p: argparse.ArgumentParser, what: str = "adds the sites feature (its latents) and feature_error") -> None:
     p.add_argument(
         "--sae",
         action="append",
         default=None,
         metavar="DIR",
         help="a dictionary folder in SAELens's format (cfg.json, sae_weights.safetensors), repeatable (one per "
-        "layer): adds the sites feature (its latents) and feature_error",
+        f"layer): {what}",
     )
 
 

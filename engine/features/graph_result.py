@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from causalscan import files
 from causalscan.errors import InputError
+from causalscan.features import neuronpedia
 
 
 def influence(adj: torch.Tensor, weights: torch.Tensor, row_node: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,9 +77,9 @@ class GraphResult:
     settings: dict
     timings: dict = field(default_factory=dict)
     plan: object = None
+    _cache: dict = field(default_factory=dict, repr=False)  # influence and pruning, computed once
 
     FILE = "graph.json"
-    RESUMES = False
 
     @classmethod
     def build(
@@ -86,17 +87,13 @@ class GraphResult:
     ) -> GraphResult:
         """The square adjacency over the latents with a row (``chosen``), errors, tokens and logits
         from the rows ``[R, sources]`` the run computed (``row_node``: each row's node)."""
-        n_feat, n_cols = len(features), rows.shape[1]
-        n_c, n_l = len(chosen), len(logit_tokens)
-        keep = torch.cat([chosen, torch.arange(n_feat, n_cols)])  # source columns kept
+        n_feat, n_cols, n_l = len(features), rows.shape[1], len(logit_tokens)
+        keep = torch.cat([chosen, torch.arange(n_feat, n_cols + n_l)])  # old node ids, in the new order
         new_id = torch.full((n_cols + n_l,), -1, dtype=torch.long)
-        new_id[chosen] = torch.arange(n_c)
-        new_id[n_feat:n_cols] = torch.arange(n_c, n_c + n_cols - n_feat)
-        new_id[n_cols:] = torch.arange(n_c + n_cols - n_feat, n_c + n_cols - n_feat + n_l)
-        n = n_c + n_cols - n_feat + n_l
-        adj = torch.zeros(n, n)
-        adj[new_id[row_node], : len(keep)] = rows[:, keep]
-        value = torch.zeros(n)
+        new_id[keep] = torch.arange(len(keep))
+        adj = torch.zeros(len(keep), len(keep))
+        adj[new_id[row_node], : len(keep) - n_l] = rows[:, keep[:-n_l]]
+        value = torch.zeros(len(keep))
         value[new_id[row_node]] = target_value
         tok = model.tokenizer
 
@@ -181,15 +178,23 @@ class GraphResult:
 
     # pruning ----------------------------------------------------------------------------------
     def node_influence(self) -> torch.Tensor:
-        return influence(self.adjacency, self.logit_weights)
+        if "influence" not in self._cache:
+            self._cache["influence"] = influence(self.adjacency, self.logit_weights)
+        return self._cache["influence"]
 
     def prune(self, node_threshold: float | None = None, edge_threshold: float | None = None):
         """``(node_mask [N], edge_mask [N, N], node influence [N])`` (see the module doc)."""
         node_threshold = self.settings["node_threshold"] if node_threshold is None else node_threshold
         edge_threshold = self.settings["edge_threshold"] if edge_threshold is None else edge_threshold
+        key = ("prune", node_threshold, edge_threshold)
+        if key not in self._cache:
+            self._cache[key] = self._prune(node_threshold, edge_threshold)
+        return self._cache[key]
+
+    def _prune(self, node_threshold: float, edge_threshold: float):
         n_keep = len(self.logit_tokens) + self.n_pos  # tokens and logits: always kept
         w = self.logit_weights
-        inf = influence(self.adjacency, w)
+        inf = self.node_influence()
         nodes = inf >= _keep_share(inf, node_threshold)
         nodes[-n_keep:] = True
         pruned = self.adjacency * nodes[:, None] * nodes[None, :]
@@ -287,86 +292,6 @@ class GraphResult:
             "versions": versions(),
         }
 
-    def neuronpedia(self, slug: str = "causalscan-graph") -> dict:
-        """The pruned graph in the JSON that circuit-tracer's and Neuronpedia's front ends read
-        (``metadata``, ``qParams``, ``nodes``, ``links``)."""
-        nodes, edges, inf = self.prune()
-        sorted_inf, order = inf.sort(descending=True)
-        cum = torch.zeros_like(inf)
-        cum[order] = sorted_inf.cumsum(0) / sorted_inf.sum().clamp_min(1e-30)
-        ids = {}
-        out_nodes = []
-        for u in nodes.nonzero().flatten().tolist():
-            node = self._np_node(u, cum[u].item())
-            ids[u] = node["node_id"]
-            out_nodes.append(node)
-        t, s = edges.nonzero().unbind(1)
-        links = [
-            {"source": ids[a], "target": ids[b], "weight": self.adjacency[b, a].item()}
-            for a, b in zip(s.tolist(), t.tolist(), strict=True)
-            if a in ids and b in ids
-        ]
-        used = {x for link in links for x in (link["source"], link["target"])}
-        out_nodes = [n for n in out_nodes if n["node_id"] in used or n["feature_type"] in ("embedding", "logit")]
-        return {
-            "metadata": {
-                "slug": slug,
-                "scan": self.model,
-                "transcoder_list": list(self.settings["transcoders"].values()),
-                "prompt_tokens": self.tokens,
-                "prompt": "".join(self.tokens),
-                "node_threshold": self.settings["node_threshold"],
-                "schema_version": 1,
-            },
-            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-            "nodes": out_nodes,
-            "links": links,
-        }
-
-    def _np_node(self, u: int, cum: float) -> dict:
-        layer, pos, i = self.where(u)
-        kind = self.kind(u)
-        base = {"ctx_idx": pos, "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0}
-        base |= {"clerp": "", "influence": cum, "activation": None}
-        if kind == "latent":
-            node_id = f"{layer}_{i}_{pos}"
-            return base | {
-                "node_id": node_id,
-                "feature": (layer + i) * (layer + i + 1) // 2 + i,  # Cantor pairing of (layer, latent)
-                "layer": str(layer),
-                "feature_type": "cross layer transcoder",
-                "jsNodeId": f"{layer}_{i}-0",
-                "activation": self.activations[u].item(),
-            }
-        if kind == "error":
-            return base | {
-                "node_id": f"{layer}_-1_{pos}",
-                "feature": -1,
-                "layer": str(layer),
-                "feature_type": "mlp reconstruction error",
-                "jsNodeId": f"{layer}_-1-{pos}",
-            }
-        if kind == "token":
-            return base | {
-                "node_id": f"E_{i}_{pos}",
-                "feature": pos,
-                "layer": "E",
-                "feature_type": "embedding",
-                "jsNodeId": f"E_{i}-{pos}",
-            }
-        j = u - (len(self.adjacency) - len(self.logit_tokens))
-        p = self.logit_probs[j].item()
-        return base | {
-            "node_id": f"{self.n_layers + 1}_{i}_{pos}",
-            "feature": i,
-            "layer": str(self.n_layers + 1),
-            "feature_type": "logit",
-            "token_prob": p,
-            "is_target_logit": j == 0,
-            "jsNodeId": f"L_{i}-{pos}",
-            "clerp": f'Output "{self.logit_strings[j]}" (p={p:.3f})',
-        }
-
     def save(self, out_dir: str | Path, top: int | None = None, slug: str = "causalscan-graph") -> Path:
         """``graph.json``, ``scores.safetensors`` and ``graph-files/`` (``<slug>.json`` for the
         circuit-tracer / Neuronpedia front end, and its ``graph-metadata.json``) into ``out_dir``."""
@@ -378,7 +303,7 @@ class GraphResult:
         files.write(out / self.FILE, files.strict_json(self.to_json(50 if top is None else top)))
         front = out / "graph-files"
         front.mkdir(exist_ok=True)
-        doc = self.neuronpedia(slug)
+        doc = neuronpedia.export(self, slug)
         files.write(front / f"{slug}.json", json.dumps(doc))
         files.write(front / "graph-metadata.json", json.dumps({"graphs": [doc["metadata"]]}, indent=2))
         return out

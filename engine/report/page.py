@@ -23,7 +23,8 @@ import torch
 
 from causalscan import files
 from causalscan.errors import InputError
-from causalscan.report.figures import figures, number_text
+from causalscan.report.figures import figures
+from causalscan.report.labels import number_text
 
 DOCS = ("scan.json", "trace.json", "circuit.json", "summary.json", "graph.json")
 
