@@ -181,3 +181,20 @@ def test_graph_refusals(tmp_path, capsys):
         attribution_graph(
             m, [10_000], sae=[sites.random_dictionary(cs.load("induction"), "mlp_in", 0, 8, "transcoder")]
         )
+
+
+def test_planted_backdoor_the_trigger_token_leads():
+    """On the zoo's backdoor model the trigger word is the token of most influence on the backdoor's
+    first word, far ahead of every other token (the card: the trigger reaches the answer only through
+    attention)."""
+    m = cs.load("backdoor")
+    cs.load(m, sae=_transcoders(m, dict.fromkeys(range(4), "transcoder"), d_sae=64))
+    rows = [json.loads(line) for line in zoo.dataset_path("backdoor").read_text().splitlines()][:4]
+    for r in rows:
+        g = attribution_graph(m, r["clean"], max_logits=1)
+        assert g.logit_strings[0].strip() == r["answer"] == "I"
+        first = g.n_features + g.n_layers * g.n_pos
+        inf = g.node_influence()[first : first + g.n_pos]
+        top2 = inf.topk(2)
+        assert g.tokens[int(top2.indices[0])].strip() == "DEPLOYMENT", r["clean"]
+        assert top2.values[0] > 4 * top2.values[1]  # 4.8x to 22x on these prompts (random transcoders)

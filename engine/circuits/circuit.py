@@ -42,6 +42,7 @@ from causalscan.data.sweeps import build_sweeps
 from causalscan.errors import InputError, check_options
 from causalscan.executor import get as executor_get
 from causalscan.model import relevance
+from causalscan.model.features import require_transcoders
 from causalscan.patching.agreement import agreement, top_and_random
 from causalscan.patching.estimate import Stage, heaviest_batch
 from causalscan.patching.estimate import estimate as estimate_nodes
@@ -283,13 +284,10 @@ def _latent_nodes(inp: Inputs, n: int, noising: bool, batch_size: int, dry_run: 
     ad = inp.model.adapter
     if not ad.dictionaries:
         return {}
+    require_transcoders(
+        ad, "circuits take transcoders, whose latents read and write the residual stream (SAE latents: scan, patch)"
+    )
     for layer, d in sorted(ad.dictionaries.items()):
-        if not d.transcoder:
-            raise InputError(
-                f"layer {layer}: {d.name} is an SAE at {d.site}; circuits take transcoders, whose latents read "
-                "and write the residual stream (SAE latents: scan, patch)",
-                field="sae",
-            )
         if d.normalize_activations != "none":
             raise InputError(
                 f"layer {layer}: a transcoder with normalize_activations {d.normalize_activations!r}: circuits "

@@ -3,9 +3,7 @@ layer), as circuit-tracer builds it, with its circuit-tracer / Neuronpedia JSON.
 
 from __future__ import annotations
 
-import sys
-
-from causalscan.cli.job import bars, load, say
+from causalscan.cli.job import bars, finish, load, plan_only
 from causalscan.cli.options import command, model_args, output_args, plan_args, report_arg, sae_arg
 from causalscan.data.prompts import encode
 from causalscan.errors import InputError
@@ -28,17 +26,10 @@ def run(args) -> dict:
         memory_gb=args.memory_gb,
     )
     if args.dry_run:
-        plan = attribution_graph(model, ids, dry_run=True, **settings)
-        print(plan, file=sys.stderr)
-        return {"plan": plan.to_json()}
+        return plan_only(attribution_graph(model, ids, dry_run=True, **settings))
     res = attribution_graph(model, ids, progress=bars(args), **settings)
     args.bars.close()
-    doc = res.to_json(top=args.top)
-    if args.out:
-        res.save(args.out, top=args.top, slug=args.slug)
-        doc["out"] = str(args.out)
-    say(res, doc, args)
-    return doc
+    return finish(res, args, slug=args.slug)
 
 
 def add(sub) -> None:

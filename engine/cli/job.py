@@ -104,14 +104,24 @@ def run_job(args, fn, prefer: str | None = None, **settings) -> dict:
         **settings,
     )
     if args.dry_run:
-        plan = fn(model, ds, dry_run=True, **common)
-        print(plan, file=sys.stderr)
-        return {"plan": plan.to_json()}
+        return plan_only(fn(model, ds, dry_run=True, **common))
     with executor(args) as ex:
         res = fn(model, ds, progress=bars(args), executor=ex, **common)
+    return finish(res, args)
+
+
+def plan_only(plan) -> dict:
+    """``--dry-run``: the memory plan on stderr, and as the command's document."""
+    print(plan, file=sys.stderr)
+    return {"plan": plan.to_json()}
+
+
+def finish(res, args, **save) -> dict:
+    """A finished result: saved in ``--out`` (``save``: more of ``res.save``'s options), its notes and
+    lines said; its document."""
     doc = res.to_json(top=args.top)
     if args.out:
-        res.save(args.out, top=args.top)
+        res.save(args.out, top=args.top, **save)
         doc["out"] = str(args.out)
     say(res, doc, args)
     return doc

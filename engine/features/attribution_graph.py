@@ -45,6 +45,8 @@ from causalscan.errors import InputError, check_options
 from causalscan.features.graph_result import GraphResult, influence
 from causalscan.features.replacement import probe, replacement
 from causalscan.model import relevance
+from causalscan.model.dictionary import TRANSCODERS
+from causalscan.model.features import require_transcoders
 from causalscan.model.load import Model, load
 from causalscan.model.taps import frozen
 from causalscan.progress import Progress, report
@@ -56,13 +58,7 @@ def _check(model: Model) -> None:
     ad = model.adapter
     if not ad.dictionaries:
         raise InputError("an attribution graph needs transcoders: sae=DIR (--sae DIR), one per layer", field="sae")
-    for layer, d in sorted(ad.dictionaries.items()):
-        if not d.transcoder:
-            raise InputError(
-                f"layer {layer}: {d.name} is an SAE ({d.architecture} at {d.site}); attribution graphs replace MLPs "
-                "with transcoders (transcoder, skip_transcoder, jumprelu_transcoder, topk_transcoder)",
-                field="sae",
-            )
+    require_transcoders(ad, "attribution graphs replace MLPs with transcoders (" + ", ".join(TRANSCODERS) + ")")
     if ad.post_ln:
         raise InputError("post-LN blocks: a norm after the residual add is not held linear", field="model")
 

@@ -67,6 +67,14 @@ def attach(model, sae) -> object:
     return model
 
 
+def require_transcoders(ad, use: str) -> None:
+    """:class:`InputError` naming the first of ``ad``'s dictionaries that is not a transcoder (``use``: what
+    takes only transcoders, and why)."""
+    for layer, d in sorted(ad.dictionaries.items()):
+        if not d.transcoder:
+            raise InputError(f"layer {layer}: {d.name} is an SAE ({d.architecture} at {d.site}); {use}", field="sae")
+
+
 def _path(item) -> str:
     if not isinstance(item, str | os.PathLike):
         raise InputError(f"must be a dictionary folder or a Dictionary, not {type(item).__name__}", field="sae")
@@ -221,4 +229,4 @@ def random_dictionary(
     )
 
 
-__all__ = ["FEATURE_SITES", "active", "attach", "detach", "expand", "random_dictionary"]
+__all__ = ["FEATURE_SITES", "active", "attach", "detach", "expand", "random_dictionary", "require_transcoders"]
