@@ -13,7 +13,7 @@ import causalscan as cs
 from causalscan import zoo
 from causalscan.cli import main
 from causalscan.features.attribution_graph import attribution_graph
-from causalscan.features.graph_result import influence
+from causalscan.features.influence import influence
 from causalscan.model import features as sites
 from causalscan.model import saelens
 

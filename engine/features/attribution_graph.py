@@ -42,7 +42,8 @@ import torch
 
 from causalscan import memplan
 from causalscan.errors import InputError, check_options
-from causalscan.features.graph_result import GraphResult, influence
+from causalscan.features.graph_result import GraphResult
+from causalscan.features.influence import influence
 from causalscan.features.replacement import probe, replacement
 from causalscan.model import relevance
 from causalscan.model.dictionary import TRANSCODERS
@@ -233,23 +234,22 @@ def attribution_graph(
 
 def _by_influence(rows, row_node, done, n_logits, logit_probs, n_feat) -> torch.Tensor:
     """Latents ordered by their influence on the logits through the rows computed so far."""
-    n = rows.shape[1] + n_logits
-    adj = torch.zeros(done, n)
-    adj[:, : rows.shape[1]] = rows[:done]
     weights = torch.zeros(done)
     weights[row_node[:done] >= rows.shape[1]] = logit_probs
-    return influence(adj, weights, row_node[:done])[:n_feat].argsort(descending=True)
+    return influence(rows[:done], weights, row_node[:done])[:n_feat].argsort(descending=True)
 
 
 def plan_memory(model: Model, ids: torch.Tensor, n_feat: int, cap: int, n_logits: int, batch_size: int) -> memplan.Plan:
     """The memory plan of a graph: the replacement forward over ``batch_size`` copies and one
     backward (on fake weights, through this module's own code), plus the rows the run keeps
-    (``[cap + n_logits, sources]`` fp32) and the pruned square adjacency the result builds."""
+    (``[cap + n_logits, sources]`` fp32, and as much again while they are ordered by influence or
+    gathered into the result) and the square adjacency ``[N, N]`` with what pruning makes of it
+    (the normalised adjacency, the pruned one and its edge scores)."""
     ad = model.adapter
     t = len(ids)
     n_cols = n_feat + (ad.n_layers + 1) * t
     n = cap + (ad.n_layers + 1) * t + n_logits
-    held = 4 * ((cap + n_logits) * n_cols + 3 * n * n)  # rows; the adjacency, its normalised copy, influence work
+    held = 4 * (2 * (cap + n_logits) * n_cols + 4 * n * n)
     plan = memplan.Plan(memplan.weights(model), chunks={"targets per backward": batch_size})
     plan.stages["graph"] = memplan.simulate(model, _one_backward, (ids, batch_size), 0)
     plan.stages["graph"]["cpu"] = plan.stages["graph"].get("cpu", 0) + held

@@ -28,30 +28,7 @@ from safetensors.torch import save_file
 from causalscan import files
 from causalscan.errors import InputError
 from causalscan.features import neuronpedia
-
-
-def influence(adj: torch.Tensor, weights: torch.Tensor, row_node: torch.Tensor | None = None) -> torch.Tensor:
-    """Each node's influence on the weighted targets [N]: ``w (A + A^2 + ...)`` with ``A`` the
-    row-normalised ``|adj|`` [R, N] whose row r is node ``row_node[r]``'s (default: the square
-    adjacency, row r of node r) and ``weights`` [R] per row."""
-    a = adj.abs()
-    a = a / a.sum(1, keepdim=True).clamp_min(1e-10)
-    rows = torch.arange(len(adj)) if row_node is None else row_node
-    x = weights.float() @ a
-    total = x.clone()
-    for _ in range(adj.shape[1] + 1):  # no cycle: at most as many steps as nodes
-        x = x[rows] @ a
-        if not x.any():
-            break
-        total += x
-    return total
-
-
-def _keep_share(scores: torch.Tensor, share: float) -> torch.Tensor:
-    """The smallest score among the largest ``scores`` that together make up ``share`` of their sum."""
-    s = scores.flatten().sort(descending=True).values
-    cum = s.cumsum(0) / s.sum().clamp_min(1e-30)
-    return s[min(int(torch.searchsorted(cum, torch.tensor(share, dtype=cum.dtype))), len(s) - 1)]
+from causalscan.features.influence import influence, keep_share, normalised
 
 
 @dataclass
@@ -195,12 +172,13 @@ class GraphResult:
         n_keep = len(self.logit_tokens) + self.n_pos  # tokens and logits: always kept
         w = self.logit_weights
         inf = self.node_influence()
-        nodes = inf >= _keep_share(inf, node_threshold)
+        nodes = inf >= keep_share(inf, node_threshold)
         nodes[-n_keep:] = True
-        pruned = self.adjacency * nodes[:, None] * nodes[None, :]
-        scores = pruned.abs() / pruned.abs().sum(1, keepdim=True).clamp_min(1e-10)
-        scores = scores * (influence(pruned, w) + w)[:, None]
-        edges = (scores >= _keep_share(scores, edge_threshold)) & (scores > 0)
+        pruned = self.adjacency * (nodes[:, None] & nodes[None, :])
+        scores = normalised(pruned)  # becomes the edge scores, in place
+        scores.mul_((influence(pruned, w, a=scores) + w)[:, None])
+        del pruned
+        edges = scores >= keep_share(scores, edge_threshold)
         while True:
             before = nodes.clone()
             edges &= nodes[:, None] & nodes[None, :]
@@ -346,4 +324,4 @@ class GraphResult:
         return report.repr_html(self._doc(20))
 
 
-__all__ = ["GraphResult", "influence"]
+__all__ = ["GraphResult"]
