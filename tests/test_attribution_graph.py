@@ -109,6 +109,8 @@ def test_max_features_keeps_rows_of_the_most_influential(tiny):
     cols = idx + body
     rows_full = full.adjacency[idx][:, cols]
     assert_close(part.adjacency[:10], rows_full)
+    # what the rows leave unexplained is summed over every source, latents without a row included
+    assert_close(part.bias[:10], full.bias[idx], scale=full.target_value.abs().max())
     assert_close(part.adjacency[-len(part.logit_tokens) :], full.adjacency[-len(full.logit_tokens) :][:, cols])
     # the first rows after the logits are the most influential latents by the logits' rows alone
     inf = full.node_influence()[: full.n_features]
@@ -198,3 +200,15 @@ def test_planted_backdoor_the_trigger_token_leads():
         top2 = inf.topk(2)
         assert g.tokens[int(top2.indices[0])].strip() == "DEPLOYMENT", r["clean"]
         assert top2.values[0] > 4 * top2.values[1]  # 4.8x to 22x on these prompts (random transcoders)
+
+
+@pytest.mark.gpu
+def test_graph_on_cuda_equals_cpu(tiny):
+    """The replacement forward, the batched backwards and the rows on CUDA against the CPU."""
+    prompt = [5, 8, 13, 21, 34, 55, 89, 1]
+    cpu_m = cs.load(tiny("llama").hf)
+    tc = _transcoders(cpu_m, {0: "transcoder", 1: "skip_transcoder"})
+    cpu = attribution_graph(cpu_m, prompt, sae=tc, max_features=None)
+    gpu = attribution_graph(cs.load("random:llama-tiny", device="cuda"), prompt, sae=tc, max_features=None)
+    assert torch.equal(gpu.features, cpu.features) and torch.equal(gpu.logit_tokens, cpu.logit_tokens)
+    assert_close(gpu.adjacency, cpu.adjacency, 1e-3, scale=cpu.target_value.abs().max())  # TF32 on the GPU

@@ -185,3 +185,18 @@ def test_feature_circuit_cli_and_refusals(tiny, tmp_path, capsys):
     sae = saelens.write(features.random_dictionary(m, "resid_pre", 1, 16), tmp_path / "sae")
     assert main(["circuit", "--sae", str(sae), "--edges", "8"]) == 2
     assert "circuits take transcoders" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_feature_circuit_on_cuda_equals_cpu(tiny):
+    recs = records()
+    cpu_m = _with_transcoders(tiny, "llama")
+    tcs = list(cpu_m.adapter.dictionaries.values())
+    cpu = circuit(cpu_m, recs, method="eap", confirm=5, edges=6, latents=3)
+    gpu = circuit(
+        cs.load(cs.load("random:llama-tiny", device="cuda"), sae=tcs), recs, method="eap", confirm=5, edges=6, latents=3
+    )
+    assert gpu.graph.latents == cpu.graph.latents
+    assert_close(gpu.scores, cpu.scores, 1e-3)  # TF32 matmuls on the GPU
+    gap = (cpu.clean - cpu.corrupt).abs().max()
+    assert_close(gpu.curve, cpu.curve, 1e-3, scale=gap)

@@ -148,7 +148,9 @@ def circuit(
             field="ablation",
         )
     noising = direction == "noising"
+    t_latents = time.perf_counter()
     chosen = _latent_nodes(inp, latents, noising, batch_size, dry_run)
+    t_latents = time.perf_counter() - t_latents
     g = Graph(inp.model.adapter, chosen)
     n_random = confirm if confirm_random is None else confirm_random
     n_confirm = confirm + n_random if confirm else 0
@@ -197,7 +199,7 @@ def circuit(
         scores=sums["scores"],
         clean=sums["clean"],
         corrupt=sums["corrupt"],
-        timings={"attribution_s": time.perf_counter() - t0},
+        timings={"attribution_s": time.perf_counter() - t0, **({"latents_s": t_latents} if chosen else {})},
     )
     ids = res.ranked()
     if confirm:

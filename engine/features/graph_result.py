@@ -36,7 +36,8 @@ class GraphResult:
     """See the module doc. ``features`` [n, 3] (layer, position, latent), their ``activations`` and
     encoder biases ``b_enc`` [n]; ``target_value`` [N]: each latent's pre-activation and each logit's
     demeaned value (0 for nodes without a row); ``bias`` [N]: a target's value minus the sum of its
-    row (the biases' part: ``b_enc`` on a model without other biases)."""
+    row over every source, the latents without a row of their own included (the biases' part:
+    ``b_enc`` on a model without other biases; 0 for nodes without a row)."""
 
     model: str
     tokens: list[str]
@@ -47,6 +48,7 @@ class GraphResult:
     n_layers: int
     adjacency: torch.Tensor
     target_value: torch.Tensor
+    bias: torch.Tensor
     logit_tokens: torch.Tensor
     logit_probs: torch.Tensor
     logit_strings: list[str]
@@ -70,8 +72,9 @@ class GraphResult:
         new_id[keep] = torch.arange(len(keep))
         adj = torch.zeros(len(keep), len(keep))
         adj[new_id[row_node], : len(keep) - n_l] = rows[:, keep[:-n_l]]
-        value = torch.zeros(len(keep))
+        value, bias = torch.zeros(len(keep)), torch.zeros(len(keep))
         value[new_id[row_node]] = target_value
+        bias[new_id[row_node]] = target_value - rows.sum(1)
         tok = model.tokenizer
 
         def text(i: int) -> str:  # a token as text (its id without a tokenizer)
@@ -89,6 +92,7 @@ class GraphResult:
             n_layers=model.adapter.n_layers,
             adjacency=adj,
             target_value=value,
+            bias=bias,
             logit_tokens=logit_tokens,
             logit_probs=logit_probs,
             logit_strings=[text(i) for i in logit_tokens.tolist()],
@@ -146,12 +150,6 @@ class GraphResult:
         w = torch.zeros(len(self.adjacency))
         w[-len(self.logit_tokens) :] = self.logit_probs
         return w
-
-    @property
-    def bias(self) -> torch.Tensor:
-        """[N]: each target's value minus the sum of its row (0 for nodes without a row)."""
-        has_row = self.adjacency.abs().sum(1) > 0
-        return torch.where(has_row, self.target_value - self.adjacency.sum(1), torch.zeros(()))
 
     # pruning ----------------------------------------------------------------------------------
     def node_influence(self) -> torch.Tensor:
