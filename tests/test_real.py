@@ -247,3 +247,19 @@ def test_the_random_135m_shape_is_the_checkpoints(smollm2):
     )
     assert shaped.vocab_size == smollm2.vocab_size
     assert sum(p.numel() for p in shaped.hf.parameters()) == sum(p.numel() for p in smollm2.hf.parameters())
+
+
+def test_attribution_graph_is_complete_on_the_real_model(smollm2):
+    """The local replacement model of SmolLM2 (RMSNorm, GQA, rotary, SDPA) is linear in its leaves: every
+    target is its row over every source plus its encoder bias."""
+    from causalscan.features.attribution_graph import attribution_graph
+    from causalscan.model import features
+
+    m = cs.load(smollm2.hf)  # a Model of its own: the shared one keeps no dictionaries
+    m.tokenizer = smollm2.tokenizer
+    tc = [features.random_dictionary(m, "mlp_in", layer, 256, "topk_transcoder", seed=layer, k=8) for layer in (3, 12)]
+    g = attribution_graph(m, IOI_PROMPT, sae=tc, max_features=48, batch_size=8)
+    assert g.logit_strings[0] == " Mary" and g.n_features == 48 < g.n_active
+    expected = torch.cat([g.b_enc, torch.zeros(len(g.adjacency) - g.n_features)])
+    has_row = g.target_value != 0
+    assert_close(g.bias[has_row], expected[has_row], scale=g.target_value.abs().max())
