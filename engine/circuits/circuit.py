@@ -296,7 +296,7 @@ def _latent_nodes(inp: Inputs, n: int, noising: bool, batch_size: int, dry_run: 
                 "read latents through W_enc alone (fold the normalisation into the weights)",
                 field="sae",
             )
-    if inp.model.adapter.family.readers[2] != "mlp":
+    if ad.family.readers[2] != "mlp":
         raise InputError(f"{ad.family.name} has no MLP module to split into latents", field="sae")
     if dry_run:
         return {layer: list(range(min(n, d.d_sae))) for layer, d in ad.dictionaries.items()}

@@ -151,7 +151,11 @@ class _Patch:
             b, t = y.shape[:2]
             d = g.ad.dictionaries[layer].like(y)
             f_in = d.encode(st.x[("mlp_in", layer)].reshape(b, t, -1))[0][..., js]  # the MLP's actual input
-            f = d.encode(st.x[("mlp_in0", layer)].reshape(b, t, -1))[0][..., js]  # before the rest's patch
+            rest_patched = st.active[:, r0].any()
+            if rest_patched:  # the latents of the input before the rest's patch
+                f = d.encode(st.x[("mlp_in0", layer)].reshape(b, t, -1))[0][..., js]
+            else:  # the same input
+                f = f_in
             act = st.active[:, r0 + 1 : r0 + 1 + len(js)]  # [B, n]: the latents' readers
             if act.any():
                 delta = st.shift(r0 + 1, r0 + 1 + len(js))
@@ -164,7 +168,7 @@ class _Patch:
             writes = latent_writes(g, layer, y, f)[1]
             st.wrote(g.mlp(layer), rest)
             st.wrote(g.latent(layer, 0), writes)
-            if not (act.any() or st.active[:, r0].any()):  # nothing patched here: f is f_in
+            if not (act.any() or rest_patched):  # nothing patched here: f is f_in
                 return None
             return (y + torch.einsum("btn,nd->btd", f - f_in, d.W_dec[js]))[:, :, None]
 
