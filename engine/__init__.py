@@ -25,6 +25,7 @@ from causalscan.model.load import Model, load
 from causalscan.patching.patch import patch
 from causalscan.patching.scan import scan
 from causalscan.patching.tracing import trace
+from causalscan.steering.audit import audit
 from causalscan.steering.directions import directions
 from causalscan.steering.elicit import elicit
 from causalscan.versions import __version__
@@ -37,6 +38,7 @@ __all__ = [
     "Model",
     "__version__",
     "attribution_graph",
+    "audit",
     "circuit",
     "directions",
     "elicit",

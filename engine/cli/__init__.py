@@ -14,7 +14,7 @@ import contextlib
 import sys
 
 from causalscan import files
-from causalscan.cli import circuit, direction, elicit, graph, patch, report, sae, scan, steer, tasks, trace, zoo
+from causalscan.cli import audit, circuit, direction, elicit, graph, patch, report, sae, scan, steer, tasks, trace, zoo
 from causalscan.errors import RANGES, InputError, check_options
 from causalscan.report import write as write_report
 
@@ -24,6 +24,7 @@ COMMANDS = (
     circuit,
     trace,
     elicit,
+    audit,
     direction,
     steer,
     sae,

@@ -1,4 +1,5 @@
-"""``causalscan steer``: greedy generation with one vector of an ``elicit`` run, beside the unsteered one."""
+"""``causalscan steer``: greedy generation with one vector of an ``elicit`` or ``audit`` run, beside the
+unsteered one."""
 
 from __future__ import annotations
 
@@ -24,15 +25,18 @@ def run(args) -> dict:
             meta = f.metadata() or {}
             key = "random" if args.random else "vectors"
             vecs = f.get_tensor(key)
+            per_vector = {"vectors": "layers", "random": "layers_random"}[key]  # an audit's: one layer each
+            layers = f.get_tensor(per_vector) if per_vector in f.keys() else None
     except (OSError, ValueError, KeyError) as e:  # safetensors' own errors carry no file name
-        raise InputError(f"not a vectors file from `causalscan elicit` ({e})", file=args.vectors) from None
+        raise InputError(f"not a vectors file from `causalscan elicit` or `audit` ({e})", file=args.vectors) from None
     if not 0 <= args.index < len(vecs):
         raise InputError(f"index {args.index} out of range: the file holds {len(vecs)} vectors", field="index")
     if args.model is None:
         if "model" not in meta:
             raise InputError("the file names no model; give --model", file=args.vectors)
         args.model = meta["model"]
-    layer = args.layer if args.layer is not None else int(meta.get("source", -1))
+    own = int(layers[args.index]) if layers is not None else int(meta.get("source", -1))
+    layer = args.layer if args.layer is not None else own
     if layer < 0:
         raise InputError("the file names no source layer; give --layer", file=args.vectors)
     if not torch.isfinite(vecs[args.index]).all():  # before loading the model
@@ -99,7 +103,11 @@ def add(sub) -> None:
         "--alpha) after the file's source block, or with latent --feature of dictionary --sae (its "
         "decoder row times --alpha, where the dictionary writes), beside the unsteered one.",
     )
-    p.add_argument("--vectors", default=None, help="vectors.safetensors from `causalscan elicit`")
+    p.add_argument(
+        "--vectors",
+        default=None,
+        help="vectors.safetensors from `causalscan elicit` or `audit` (ranked: 0 is the best)",
+    )
     p.add_argument("--index", type=int, default=None)
     sae_arg(p)
     p.add_argument("--feature", type=int, default=None, help="with --sae: the latent whose decoder row steers")
@@ -107,7 +115,7 @@ def add(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--random", action="store_true", help="use the file's random baseline vectors")
-    p.add_argument("--layer", type=int, default=None, help="source block (default: the file's)")
+    p.add_argument("--layer", type=int, default=None, help="source block (default: the file's, or the vector's)")
     p.add_argument("--model", default=None, help="default: the model named in the file")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32", choices=DTYPES)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from causalscan.errors import InputError
+from causalscan.report.audit import audit_figures
 from causalscan.report.graphs import attribution_graph, circuit_graph
 from causalscan.report.labels import label as _label
 from causalscan.report.labels import number_text
@@ -226,6 +227,8 @@ def figures(doc: dict, tensors: dict[str, torch.Tensor]) -> dict:
                     reversescale=False,
                 )
                 out[f"trace/{grid}"] = fig
+    elif kind == "audit":
+        out.update(audit_figures(doc))
     elif kind == "elicit":
         rows = doc.get("rows", [])
         for which in ("learned", "random"):

@@ -26,7 +26,7 @@ from causalscan.errors import InputError
 from causalscan.report.figures import figures
 from causalscan.report.labels import number_text
 
-DOCS = ("scan.json", "trace.json", "circuit.json", "summary.json", "graph.json")
+DOCS = ("scan.json", "trace.json", "circuit.json", "summary.json", "graph.json", "audit.json")
 
 
 def load(out_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -50,6 +50,8 @@ def load(out_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             if rows.is_file()
             else []
         )
+        return doc, {}
+    if doc.get("kind") == "audit":  # everything the page draws is in the document
         return doc, {}
     scores = d / "scores.safetensors"
     if not scores.is_file():
@@ -147,7 +149,8 @@ def render(doc: dict, tensors: dict[str, torch.Tensor]) -> str:
     for i, (name, fig) in enumerate(figs.items()):
         cls = (
             "cs-figure"
-            if name.split("/")[0] in ("agreement", "objective", "radius", "pattern", "circuit", "faithfulness", "graph")
+            if name.split("/")[0]
+            in ("agreement", "objective", "radius", "pattern", "circuit", "faithfulness", "graph", "modes", "layer")
             else "cs-heatmap"
         )
         parts.append(f"<div id='fig{i}' class='{cls}' data-name='{html.escape(name, quote=True)}'></div>")
@@ -184,6 +187,8 @@ def render(doc: dict, tensors: dict[str, torch.Tensor]) -> str:
                 "strongest restorations",
             )
         )
+    if kind == "audit":
+        parts += _audit_tables(doc)
     if kind == "elicit":
         parts.append(
             _table(
@@ -230,6 +235,37 @@ document.querySelectorAll("table.sortable th").forEach(function (th, col) {{
 </script>
 </body></html>
 """
+
+
+def _audit_tables(doc: dict) -> list[str]:
+    """The ranked modes with their examples, the detectors' counts, the top vectors, the unsteered completions."""
+    modes = [
+        {
+            **m,
+            "name": " | ".join(m["name"]),
+            "examples": " // ".join(f"{e['completion']} (on: {e['prompt']})" for e in m["examples"]),
+        }
+        for m in doc.get("modes", [])
+    ]
+    cols = ["mode", "score", "novelty", "specificity", "generalisation", "learned_vectors", "random_vectors"]
+    parts = [
+        _table(
+            modes,
+            [*cols, "unsteered_share", "name", "examples"],
+            "behaviour modes, ranked (examples: "
+            "completions of the vectors that land in the mode most, on held-out prompts)",
+        )
+    ]
+    dets = [{"detector": k, **{c: v[c] for c in v if c != "vectors"}} for k, v in (doc.get("detections") or {}).items()]
+    if dets:
+        cols = ["detector", "learned_vectors", "random_vectors", "best_learned_share", "unsteered_share"]
+        parts.append(_table(dets, cols, "labelled detectors (counted beside the ranking, not in it)"))
+    cols = ["name", "score", "mode", "share", "layer", "radius", "completion"]
+    parts.append(
+        _table(doc.get("ranking", [])[:50], cols, "vectors, ranked (completion: greedy, first held-out prompt)")
+    )
+    parts.append(_table(doc.get("unsteered", []), ["prompt", "completion"], "unsteered completions (greedy)"))
+    return parts
 
 
 def repr_html(doc: dict) -> str:

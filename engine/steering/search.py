@@ -273,10 +273,12 @@ def calibrate_radius(
     seed: int = 0,
     device=None,
     curve: list | None = None,
+    tol: float = 1e-3,
 ) -> tuple[float, float]:
     """The ``R`` where the non-linear share of the response is ``share``: bisection in log space on
-    ``[1e-3, 1e2] * scale`` (``scale``: the typical residual norm at the source). Returns ``(R, share at R)``;
-    ``curve`` (a list) receives every ``(R, share)`` the search evaluated."""
+    ``[1e-3, 1e2] * scale`` (``scale``: the typical residual norm at the source) to ``tol`` (in log R),
+    the share averaged over ``k`` random directions. Returns ``(R, share at R)``; ``curve`` (a list)
+    receives every ``(R, share)`` the search evaluated."""
     gen = torch.Generator().manual_seed(seed)
     dirs = torch.nn.functional.normalize(torch.randn(k, d, generator=gen), dim=-1).to(device)
     eps = 1e-3 * scale
@@ -294,23 +296,23 @@ def calibrate_radius(
     for _ in range(30):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
-        if hi - lo < 1e-3:
+        if hi - lo < tol:
             break
     r = math.exp((lo + hi) / 2)
     return r, nonlinear_share(delta, dirs, r, eps)
 
 
-def auto_radius(sl: Slice, seed: int = 0, device=None) -> tuple[float, dict]:
+def auto_radius(sl: Slice, seed: int = 0, device=None, k: int = 30, tol: float = 1e-3) -> tuple[float, dict]:
     """DCT's radius rule on a slice: ``R`` where the non-linear share of what the blocks between source
     and target write (``Delta(theta) - theta``: the skip connection carries ``theta`` through unchanged,
     a linear part that never lets the share reach 0.5) is 0.5, searched around the mean residual norm
-    at the source. Returns ``(R, info)``."""
+    at the source (``k`` directions, ``tol`` in log R: :func:`calibrate_radius`). Returns ``(R, info)``."""
     scale = sum(g.h0.norm(dim=-1).sum().item() for g in sl.groups) / sum(
         g.h0.shape[0] * g.h0.shape[1] for g in sl.groups
     )
     curve: list = []
     r, share = calibrate_radius(
-        lambda th: sl.mean_delta(th) - th, sl.d_model, scale, seed=seed, device=device, curve=curve
+        lambda th: sl.mean_delta(th) - th, sl.d_model, scale, k=k, seed=seed, device=device, curve=curve, tol=tol
     )
     return r, {
         "rule": "non-linear share of the blocks' response = 0.5",
