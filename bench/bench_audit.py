@@ -12,7 +12,7 @@ examples say the planted phrase, and its learned / random vector counts).
 - ``smollm2``: bench_smollm2's dequantised copy, the 16 prompts of examples/audit_prompts.jsonl in
   the chat template, ``n`` 8, radius 1, 12 tokens.
 
-    python bench/bench_audit.py [--models backdoor,smollm2]
+    python bench/bench_audit.py [--models backdoor,smollm2]   (runs of other models in the file are kept)
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ def main() -> None:
                 f"e.g. {m['example']!r}"
             )
     res = ROOT / "bench" / "results" / f"audit-cpu-{machine()['device']}.json"
-    res.write_text(json.dumps({"machine": machine(), "runs": docs}, indent=1))
+    ran = {d["model"] for d in docs}
+    kept = [d for d in json.loads(res.read_text())["runs"] if d["model"] not in ran] if res.is_file() else []
+    res.write_text(json.dumps({"machine": machine(), "runs": docs + kept}, indent=1))
     print(f"saved {res}")
 
 

@@ -192,7 +192,7 @@ def test_cli_audit_runs_plans_and_refuses_bad_input(tmp_path, capsys):
     assert doc["kind"] == "audit" and (out / "report.html").is_file() and not list(out.glob("*.partial.*"))
     assert main(["audit", "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
-    assert set(plan["stages_bytes"]) == {"search", "generation"}
+    assert set(plan["stages_bytes"]) == {"search", "generation", "modes"}
     bad = tmp_path / "det.jsonl"
     bad.write_text('{"name": "x"}\n')
     for extra, needle in (

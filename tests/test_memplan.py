@@ -144,3 +144,27 @@ def test_every_method_checks_its_own_plan(tiny):
         assert need > plan.weights["cpu"] and all(s["cpu"] > 0 for s in plan.stages.values()), name
         with pytest.raises(InputError, match="the run needs"):
             fn(model, data, memory_gb=0.5 * need / 2**30, **kw)
+
+
+def test_the_audit_plan_covers_a_real_unit_and_refuses():
+    """The audit's plan (the search's largest VJP batch, the largest ``generate``) against the tensor
+    peak of a real (layer, radius) unit on the real weights: covered, within 40%; the modes' bound; a
+    limit below the plan's peak is refused before any work."""
+    import causalscan as cs
+    from causalscan.data.prompts import encode
+    from causalscan.steering import audit as audit_mod
+
+    model = cs.load("backdoor")
+    train, held = audit_mod.split(audit_mod.zoo_prompts(model), 0.5, 0)
+    train, held = ([encode(model.tokenizer, s, False) for s in x] for x in (train, held))
+    plan = audit_mod.plan_memory(model, train, held, 0, 3, "dct", 16, 8, 1000)
+    assert set(plan.stages) == {"search", "generation", "modes"}
+    assert plan.stages["modes"]["cpu"] == 3 * 1000 * 4096 * 4  # the TF-IDF bound
+    real = memplan._Live([*model.hf.parameters(), *model.hf.buffers()])
+    compute = audit_mod.sweep_unit(model, train, held, 3, "dct", 16, None, 1, 1.0, 8, 0)
+    with real:
+        compute((0, 0, 1.0))
+    assert 0.6 <= real.peak["cpu"] / max(plan.stages[s]["cpu"] for s in ("search", "generation")) <= 1.0
+    need = cs.audit(model, n=16, dry_run=True).peak()["cpu"]
+    with pytest.raises(InputError, match="the run needs"):
+        cs.audit(model, n=16, memory_gb=0.5 * need / 2**30)

@@ -43,6 +43,8 @@ from causalscan.progress import check as check_progress
 from causalscan.steering import generation, search
 from causalscan.steering.audit_result import AuditResult
 from causalscan.steering.elicit import METHODS, default_layers, zoo_prompts
+from causalscan.steering.modes import MAX_FEATURES
+from causalscan.steering.modes import detectors as make_detectors
 
 RULE_DIRECTIONS, RULE_TOL = 8, 0.05  # the radius rule's directions and precision (5% in R): radii are multiples
 
@@ -155,8 +157,6 @@ def audit(
         raise InputError("give at least one radius multiple", field="radii")
     for r in radii:
         check_number(r, "radii", 0, 1e6, open_lo=True)
-    from causalscan.steering.modes import detectors as make_detectors
-
     dets = make_detectors(look_for, detectors)
     check_progress(progress)
     ex = executors.get(executor)
@@ -180,7 +180,8 @@ def audit(
         raise InputError(f"DCT finds at most d_model = {model.adapter.d_model} vectors, not {n}", field="n")
     units = [(u, layer, float(r)) for u, (layer, r) in enumerate((a, b) for a in layers for b in radii)]
     args = (train_ids, held_ids, target, method, n, steps, sampled, temperature, max_new_tokens, seed)
-    plan = plan_memory(model, train_ids, held_ids, min(layers), target, n if method == "dct" else 1, max_new_tokens)
+    completions = (len(units) * 2 * n + 1) * (1 + sampled) * len(held)
+    plan = plan_memory(model, train_ids, held_ids, min(layers), target, method, n, max_new_tokens, completions)
     if dry_run:
         return plan
     plan.check_gb(memory_gb)
@@ -290,15 +291,20 @@ def _generation_probe(model, ids, rows, max_new_tokens, layer):
     return compute
 
 
-def plan_memory(model, train_ids, held_ids, layer, target, n, max_new_tokens) -> memplan.Plan:
-    """The audit's plan: the search's largest VJP batch and the largest batched ``generate``."""
+def plan_memory(model, train_ids, held_ids, layer, target, method, n, max_new_tokens, completions) -> memplan.Plan:
+    """The audit's plan: the search's largest VJP batch (DCT: ``max(32, n)`` up to 64 vectors; MELBO:
+    one), the largest batched ``generate``, and the modes' TF-IDF matrix (``completions`` rows, at
+    most :data:`causalscan.steering.modes.MAX_FEATURES` columns, three such matrices alive at once:
+    a bound, not a simulation)."""
+    rows = min(64, max(32, n)) if method == "dct" else 1
+    plan = memplan.Plan(memplan.weights(model), chunks={"vectors per search batch": rows})
     with frozen(model.hf):
-        rows = min(64, max(32, n))
-        plan = memplan.Plan(memplan.weights(model), chunks={"vectors per search batch": rows})
         plan.stages["search"] = memplan.simulate(model, _search_probe, (train_ids, layer, target, rows), 0)
     gen_rows = min(512, 2 * n * len(held_ids))
     plan.chunks["rows per generate"] = gen_rows
     plan.stages["generation"] = memplan.simulate(
         model, _generation_probe, (held_ids, gen_rows, max_new_tokens, layer), 0
     )
+    features = min(MAX_FEATURES, completions * max_new_tokens)
+    plan.stages["modes"] = {"cpu": 3 * completions * features * 4}
     return plan

@@ -29,6 +29,8 @@ import torch
 
 from causalscan.errors import InputError
 
+MAX_FEATURES = 4096  # n-grams kept as features: the most frequent
+
 
 def ngrams(ids: list[int], n: tuple[int, ...] = (1, 2)) -> Counter:
     return Counter(tuple(ids[i : i + k]) for k in n for i in range(len(ids) - k + 1))
@@ -39,7 +41,7 @@ def ngram_features(
     end: list[int] = (),
     weights: list[int] | None = None,
     n: tuple[int, ...] = (1, 2),
-    max_features: int = 4096,
+    max_features: int = MAX_FEATURES,
 ) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
     """TF-IDF rows ``[len(rows), F]`` (L2-normalised; a row with no kept n-gram is zero) of distinct
     token-id ``rows``, each standing for ``weights[i]`` completions (default 1), and the F n-grams
