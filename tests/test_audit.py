@@ -207,7 +207,10 @@ def test_cli_audit_runs_plans_and_refuses_bad_input(tmp_path, capsys):
 
 DRIVER = textwrap.dedent("""
     import os, signal, sys
+    import torch
     import causalscan as cs
+
+    torch.set_num_threads(int(sys.argv[2]))  # the test's own: the same weights digest and sums
 
     def progress(stage, done, total):
         if stage == "audit" and done == 2:
@@ -221,7 +224,12 @@ DRIVER = textwrap.dedent("""
 def test_a_killed_audit_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(out)], env=env, capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(out), str(torch.get_num_threads())],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     from safetensors import safe_open
 

