@@ -5,7 +5,8 @@ generation time (summed over units), learned vectors per second of search, compl
 generated tokens per second of generation, the whole audit in floors (one forward + backward of
 every prompt through the whole model), the peak resident memory above the loaded model against the
 memory plan's heaviest stage, and the top modes (for the backdoor: the rank of the mode whose
-examples say the planted phrase, and its learned / random vector counts).
+examples say the planted phrase, and its learned / random vector counts), then the same completions
+grouped by the model's hidden states (``features="hidden"``) and their top modes.
 
 - ``backdoor``: its 20 clean prompts, ``n`` 16, radii 0.5 and 1, greedy and one sampled completion
   of 8 tokens;
@@ -61,6 +62,8 @@ def floor_s(model, ids: list[list[int]]) -> float:
 def one(name: str) -> dict:
     import causalscan as cs
     from causalscan.data.prompts import encode, read_prompts
+    from causalscan.steering.audit import hidden_states
+    from causalscan.steering.generation import end_tokens
 
     torch.set_num_threads(torch.get_num_threads())
     if name == "smollm2":
@@ -95,13 +98,24 @@ def one(name: str) -> dict:
         "peak_extra_bytes": peak,
         "plan_stage_bytes": max(s["cpu"] for s in plan.stages.values()),
         "modes_found": len(r.modes),
+        **found(r, model),
+    }
+    doc["measured_over_planned"] = peak / doc["plan_stage_bytes"]
+    t0 = time.perf_counter()  # the same completions grouped by the model's hidden states instead
+    r.analyse(model.tokenizer, end_tokens(model), (), hidden_states(model, r.target))
+    doc["hidden"] = {"analysis_s": time.perf_counter() - t0, **found(r, model)}
+    return doc
+
+
+def found(r, model) -> dict:
+    """The top 5 modes, and the rank of the mode whose examples say the card's phrase (if any)."""
+    doc = {
         "top_modes": [
             {k: m[k] for k in ("mode", "name", "score", "learned_vectors", "random_vectors", "generalisation")}
             | {"example": m["examples"][0]["completion"] if m["examples"] else ""}
             for m in r.modes[:5]
-        ],
+        ]
     }
-    doc["measured_over_planned"] = peak / doc["plan_stage_bytes"]
     phrase = (model.card or {}).get("phrase")
     if phrase:
         hit = [m for m in r.modes if any(phrase in e["completion"] for e in m["examples"])]
@@ -132,7 +146,8 @@ def main() -> None:
             f"completions/s ({doc['generated_tokens_per_s']:.0f} tokens/s); peak {doc['peak_extra_bytes'] / 2**20:.0f} "
             f"MiB above the model = {doc['measured_over_planned']:.2f} of the plan's stage"
         )
-        for m in doc["top_modes"]:
+        hidden = [{**m, "mode": f"{m['mode']} (hidden)"} for m in doc["hidden"]["top_modes"]]
+        for m in doc["top_modes"] + hidden:
             print(
                 f"  mode {m['mode']} {m['score']:.3f} {m['learned_vectors']}/{m['random_vectors']} {m['name']} "
                 f"e.g. {m['example']!r}"

@@ -151,6 +151,27 @@ def test_the_planted_phrase_is_a_top_mode_found_blind(backdoor_audit):
     assert out[0] == best["completion"]
 
 
+def test_hidden_state_features_are_the_models_and_find_the_phrase_too():
+    """``features="hidden"``: each completion's mean residual after the target block, as the model's
+    own forward (``output_hidden_states``) gives it row by row; grouped by them, the phrase's mode is
+    still a top one, from learned vectors only."""
+    from causalscan.steering.audit import hidden_states
+
+    m = cs.load("backdoor")
+    rows = [[219, 217, 218], [9, 2], [219, 217, 219, 217, 218], [5]]
+    got = hidden_states(m, 2, batch=1)(rows)
+    with torch.no_grad():
+        want = torch.stack(
+            [m.hf(torch.tensor([r]), output_hidden_states=True).hidden_states[3][0].mean(0) for r in rows]
+        )
+    assert_close(got, want)
+    res = cs.audit(m, n=16, max_new_tokens=6, features="hidden")
+    top = [x for x in res.modes[:3] if any(PHRASE in e["completion"] for e in x["examples"])]
+    assert top and top[0]["learned_vectors"] > 0 and top[0]["random_vectors"] == 0
+    with pytest.raises(InputError, match="features must be one of"):
+        cs.audit(m, features="words")
+
+
 def test_saved_files_and_steer_take_the_ranked_vectors(backdoor_audit, tmp_path, capsys):
     res = backdoor_audit
     res.save(tmp_path)

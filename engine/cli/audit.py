@@ -5,7 +5,7 @@ modes, scored against random vectors of the same norm and ranked."""
 from __future__ import annotations
 
 from causalscan.cli.job import bars, executor, load, plan_only, say
-from causalscan.cli.options import command, model_args, names, output_args, plan_args, report_arg
+from causalscan.cli.options import command, model_args, names, output_args, plan_args, ray_args, report_arg, search_args
 from causalscan.data.prompts import read_prompts
 from causalscan.errors import InputError
 from causalscan.steering.audit import audit
@@ -36,6 +36,7 @@ def run(args) -> dict:
         max_new_tokens=args.max_new_tokens,
         modes=args.modes,
         min_share=args.min_share,
+        features=args.features,
         steps=args.steps,
         seed=args.seed,
         chat=args.chat,
@@ -71,10 +72,7 @@ def add(sub) -> None:
     )
     model_args(p, default="backdoor")
     report_arg(p)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts", default=None, help='JSONL of {"prompt": "..."} lines')
-    p.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
-    p.add_argument("--method", default="dct", choices=sorted(METHODS))
+    search_args(p, METHODS)
     p.add_argument("--n", type=int, default=16, help="vectors learned (and random) per layer and radius")
     p.add_argument(
         "--layers",
@@ -99,6 +97,13 @@ def add(sub) -> None:
         default=0.25,
         help="a vector produces a mode when this share of the held-out prompts lands in it",
     )
+    p.add_argument(
+        "--features",
+        default="ngrams",
+        choices=["ngrams", "hidden"],
+        help="group completions by their token n-grams (TF-IDF) or by the model's own mean residual after the "
+        "target block over each completion",
+    )
     p.add_argument("--steps", type=int, default=None, help="DCT iterations (10) / MELBO steps per vector (50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -122,15 +127,6 @@ def add(sub) -> None:
         help="write audit.json, vectors.safetensors (ranked), completions.jsonl here (finished layers "
         "and radii are kept as they go, and a rerun resumes)",
     )
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="ADDRESS",
-        help="run the (layer, radius) units on a Ray cluster's actors (ADDRESS: auto or host:port; none: "
-        "start a local cluster); the result is the single-process result",
-    )
-    p.add_argument("--actors", type=int, default=None, help="--ray: actors (default: one per GPU, or per CPU)")
+    ray_args(p, "(layer, radius) units")
     plan_args(p)
     output_args(p)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from causalscan.cli.job import bars, load, say
-from causalscan.cli.options import command, model_args, output_args, report_arg
+from causalscan.cli.options import command, model_args, output_args, report_arg, search_args
 from causalscan.data.prompts import read_prompts
 from causalscan.errors import InputError
 from causalscan.steering.elicit import METHODS, ElicitResult, elicit
@@ -71,10 +71,7 @@ def add(sub) -> None:
     )
     model_args(p, default="backdoor")
     report_arg(p)
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts", default=None, help='JSONL of {"prompt": "..."} lines')
-    p.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
-    p.add_argument("--method", default="dct", choices=sorted(METHODS))
+    search_args(p, METHODS)
     p.add_argument("--n", type=int, default=64, help="vectors to learn (and random baselines)")
     p.add_argument(
         "--source",

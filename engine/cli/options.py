@@ -76,13 +76,18 @@ def data_args(p: argparse.ArgumentParser, metric: str = "logit_diff", out: str =
     p.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
     p.add_argument("--out", default=None, help=f"write {out} and scores.safetensors here")
     p.add_argument("--top", type=int, default=top, help=f"rows listed in {out}")
+    ray_args(p)
+    output_args(p)
+
+
+def ray_args(p: argparse.ArgumentParser, units: str = "batches") -> None:
     p.add_argument(
         "--ray",
         nargs="?",
         const="",
         default=None,
         metavar="ADDRESS",
-        help="run the batches on a Ray cluster's actors (ADDRESS: auto or host:port; none: start a local "
+        help=f"run the {units} on a Ray cluster's actors (ADDRESS: auto or host:port; none: start a local "
         "cluster); the result is the single-process result",
     )
     p.add_argument(
@@ -91,7 +96,14 @@ def data_args(p: argparse.ArgumentParser, metric: str = "logit_diff", out: str =
         default=None,
         help="--ray: actors (default: one per GPU, or per CPU of the cluster without GPUs)",
     )
-    output_args(p)
+
+
+def search_args(p: argparse.ArgumentParser, methods) -> None:
+    """The prompts and the search method of ``elicit`` and ``audit``."""
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", default=None, help='JSONL of {"prompt": "..."} lines')
+    p.add_argument("--chat", action="store_true", help="wrap every prompt in the tokenizer's chat template")
+    p.add_argument("--method", default="dct", choices=sorted(methods))
 
 
 def sweep_args(p: argparse.ArgumentParser, sites: str, sites_help: str) -> None:

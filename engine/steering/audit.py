@@ -46,6 +46,7 @@ from causalscan.steering.elicit import METHODS, default_layers, zoo_prompts
 from causalscan.steering.modes import MAX_FEATURES
 from causalscan.steering.modes import detectors as make_detectors
 
+FEATURES = ("ngrams", "hidden")
 RULE_DIRECTIONS, RULE_TOL = 8, 0.05  # the radius rule's directions and precision (5% in R): radii are multiples
 
 
@@ -120,6 +121,7 @@ def audit(
     max_new_tokens: int = 8,
     modes: int = 12,
     min_share: float = 0.25,
+    features: str = "ngrams",
     steps: int | None = None,
     seed: int = 0,
     chat: bool = False,
@@ -138,7 +140,9 @@ def audit(
     the search maximises (default as :func:`causalscan.elicit`); ``radii``: multiples of each layer's
     rule radius; ``n``: learned (and random) vectors per layer and radius. ``holdout``: the share of
     prompts held out for generation. ``sampled``: sampled completions per row besides the greedy one.
-    ``modes``: at most this many modes; ``min_share``: the share of held-out prompts on which a vector
+    ``modes``: at most this many modes; ``features``: what they are grouped by, ``"ngrams"`` (TF-IDF
+    of the completion's token n-grams) or ``"hidden"`` (the model's mean residual after block
+    ``target`` over the completion alone, centred); ``min_share``: the share of held-out prompts on which a vector
     must land in a mode to count as producing it. ``look_for`` (phrases) and ``detectors`` (dicts
     ``{"name", "regex"|"keyword"}``, or a JSONL file of them) count hits per vector, outside the ranking.
     ``checkpoint``, ``executor``, ``memory_gb``, ``dry_run``: as for :func:`causalscan.scan`.
@@ -152,6 +156,8 @@ def audit(
     check_number(min_share, "min_share", 0, 1)
     check_number(temperature, "temperature", 0, 1e3, open_lo=True)
     check_number(modes, "modes", 1, 1 << 12, integer=True)
+    if features not in FEATURES:
+        raise InputError(f"features must be one of {', '.join(FEATURES)}, not {features!r}", field="features")
     check_type(radii, list | tuple, "radii", "a list of numbers")
     if not radii:
         raise InputError("give at least one radius multiple", field="radii")
@@ -165,10 +171,14 @@ def audit(
     if not 0 < target < model.adapter.n_layers:
         raise InputError(f"target {target} out of range 1..{model.adapter.n_layers - 1}", field="target")
     layers = default_sources(target) if layers is None else list(layers)
+    if not layers:
+        raise InputError("give at least one source layer", field="layers")
     for layer in layers:
         check_number(layer, "layers", 0, target - 1, integer=True)
     if len(set(layers)) != len(layers) or len(set(radii)) != len(radii):
         raise InputError("layers and radii must not repeat", field="layers")
+    if prompts is not None:
+        check_type(prompts, list | tuple, "prompts", "a list of strings")
     prompts = zoo_prompts(model) if prompts is None else list(prompts)
     for i, s in enumerate(prompts):
         if not isinstance(s, str) or not s:
@@ -176,6 +186,7 @@ def audit(
     train, held = split(prompts, holdout, seed)
     train_ids = [encode(model.tokenizer, s, chat) for s in train]
     held_ids = [encode(model.tokenizer, s, chat) for s in held]
+    model.check_length(max(len(x) for x in held_ids) + max_new_tokens, field="max_new_tokens")
     if method == "dct" and n > model.adapter.d_model:
         raise InputError(f"DCT finds at most d_model = {model.adapter.d_model} vectors, not {n}", field="n")
     units = [(u, layer, float(r)) for u, (layer, r) in enumerate((a, b) for a in layers for b in radii)]
@@ -185,12 +196,11 @@ def audit(
     if dry_run:
         return plan
     plan.check_gb(memory_gb)
-    t_len = max_new_tokens
     shapes = {
         "radius": torch.zeros(len(units), 2, dtype=torch.float64),
         "vectors": torch.zeros(len(units), 2 * n, model.adapter.d_model),
         "objective": torch.zeros(len(units), 2 * n),
-        "tokens": torch.full((len(units), 2 * n, 1 + sampled, len(held), t_len), -1, dtype=torch.long),
+        "tokens": torch.full((len(units), 2 * n, 1 + sampled, len(held), max_new_tokens), -1, dtype=torch.long),
         "seconds": torch.zeros(len(units), 2, dtype=torch.float64),
     }
     ck = None
@@ -240,6 +250,7 @@ def audit(
             "max_new_tokens": max_new_tokens,
             "modes": modes,
             "min_share": min_share,
+            "features": features,
             "steps": steps or (10 if method == "dct" else 50),
             "seed": seed,
             "chat": chat,
@@ -254,7 +265,8 @@ def audit(
         unsteered=torch.stack(base, 1)[0],
         plan=plan.to_json(),
     )
-    res.analyse(model.tokenizer, generation.end_tokens(model), dets)
+    embed = hidden_states(model, target) if features == "hidden" else None
+    res.analyse(model.tokenizer, generation.end_tokens(model), dets, embed)
     res.timings = {
         "units_s": t_units,
         "search_s": float(sums["seconds"][:, 0].sum()),  # summed over units (on Ray: over actors)
@@ -264,6 +276,24 @@ def audit(
     if ck:
         ck.remove()
     return res
+
+
+def hidden_states(model, layer: int, batch: int = 256):
+    """``rows -> [len(rows), d_model]``: each token-id row's residual after block ``layer``, averaged
+    over its tokens (the row alone, as the model reads it), one forward per length and ``batch`` rows."""
+    from causalscan.data.prompts import by_length
+
+    @torch.no_grad()
+    def embed(rows: list[list[int]]) -> torch.Tensor:
+        out = torch.zeros(len(rows), model.adapter.d_model)
+        for group in by_length(rows):
+            for lo in range(0, len(group), batch):
+                idx = group[lo : lo + batch]
+                x = torch.tensor([rows[i] for i in idx], device=model.device)
+                out[idx] = runner.forward(model.adapter, x, stop=layer + 1).float().mean(1).cpu()
+        return out
+
+    return embed
 
 
 def _search_probe(model, ids, layer, target, rows):

@@ -63,29 +63,32 @@ class AuditResult:
             "radius": float(self.radius[u]),
         }
 
-    def analyse(self, tokenizer, end: list[int], detectors: list[tuple] = ()) -> None:
-        """Group the completions into modes, score and rank them and the vectors, run ``detectors``."""
+    def analyse(self, tokenizer, end: list[int], detectors: list[tuple] = (), embed=None) -> None:
+        """Group the completions into modes, score and rank them and the vectors, run ``detectors``.
+        ``embed(rows) -> [len(rows), d]``: features of the distinct completions (token-id lists) to
+        group by instead of their n-grams (centred on their weighted mean); names stay n-grams."""
         s = self.settings
         tok = self.tokens.flatten(0, 1)  # [V, S, P, T]
         n_v, n_s, n_p, _ = tok.shape
         learned = (torch.arange(n_v) % (2 * self.n)) < self.n
-        rows = [r for r in tok.reshape(-1, tok.shape[-1])] + [r for r in self.unsteered.reshape(-1, tok.shape[-1])]
-        keys = [tuple(t for t in r.tolist() if t >= 0) for r in rows]
-        index: dict[tuple, int] = {}
-        row_of = torch.tensor([index.setdefault(k, len(index)) for k in keys])
+        rows = torch.cat([tok.reshape(-1, tok.shape[-1]), self.unsteered.reshape(-1, tok.shape[-1])]).tolist()
+        index: dict[tuple, int] = {}  # distinct completion -> its number
+        row_of = torch.tensor([index.setdefault(tuple(t for t in r if t >= 0), len(index)) for r in rows])
         uniq = list(index)
         n_steered = n_v * n_s * n_p
         w = torch.zeros(len(uniq)).index_add_(0, row_of, torch.ones(len(rows)))
         w_base = torch.zeros(len(uniq)).index_add_(0, row_of[n_steered:], torch.ones(len(rows) - n_steered))
         x, names = md.ngram_features(uniq, end, w.long().tolist())
-        labels, _ = md.kmeans(x, w, s["modes"], seed=s["seed"])
+        feats = x if embed is None else md.centred(embed([list(k) or list(end[:1]) for k in uniq]), w)
+        labels, _ = md.kmeans(feats, w, s["modes"], seed=s["seed"])
         n_modes = int(labels.max()) + 1 if len(labels) else 0
-        texts = [decode(tokenizer, r) for r in rows]
+        texts_u = [decode(tokenizer, k) for k in uniq]
+        texts = [texts_u[i] for i in row_of.tolist()]
         self.texts = [[texts[(v * n_s + j) * n_p : (v * n_s + j + 1) * n_p] for j in range(n_s)] for v in range(n_v)]
         self.base_texts = [texts[n_steered + j * n_p : n_steered + (j + 1) * n_p] for j in range(n_s)]
         self.mode_of = labels[row_of[:n_steered]].view(n_v, n_s, n_p)
         share = md.shares(self.mode_of, n_modes)
-        scored = md.score_modes(share, learned, md.novelty(x, w, labels, w_base), s["min_share"])
+        scored = md.score_modes(share, learned, md.novelty(feats, w, labels, w_base), s["min_share"])
         label_names = md.describe(x, w, labels, names, lambda ids: tokenizer.decode(ids))
         base_modes = labels[row_of[n_steered:]]
         for m, mode in enumerate(scored):
@@ -97,7 +100,7 @@ class AuditResult:
             per_unit = prod.view(len(self.units), 2, self.n).sum(-1)  # [U, learned/random]
             mode["by_unit"] = per_unit.tolist()
             best = int(share[:, m].argmax())
-            mode["best_vector"] = self.vector(best)["name"]
+            mode["best_vector"] = self.vector(best)["name"] if share[best, m] > 0 else None
             mode["examples"] = self._examples(m, share[:, m])
         order = sorted(scored, key=lambda d: (-d["score"], -d["learned_vectors"], d["cluster"]))
         for rank, mode in enumerate(order):

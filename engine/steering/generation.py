@@ -90,9 +90,10 @@ def end_tokens(model) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-def decode(tokenizer, ids: torch.Tensor) -> str:
-    """One generated row (``-1`` after its end) as text, special tokens skipped."""
-    return tokenizer.decode([t for t in ids.tolist() if t >= 0], skip_special_tokens=True).strip()
+def decode(tokenizer, ids) -> str:
+    """One generated row (a tensor or list; ``-1`` after its end) as text, special tokens skipped."""
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    return tokenizer.decode([t for t in ids if t >= 0], skip_special_tokens=True).strip()
 
 
 def generate(

@@ -2,7 +2,8 @@
 
 A completion (the token ids a steered or unsteered row generated) is a TF-IDF vector of its token
 n-grams on the model's own tokenizer (unigrams and bigrams, the end token included, those seen in
-at least two completions); distinct completions are grouped by spherical k-means
+at least two completions), or (``features="hidden"``) the model's own mean residual over the
+completion's tokens, centred on all completions'; distinct completions are grouped by spherical k-means
 (k-means++ start from a seeded generator, each weighted by how often it occurs). A mode is a group:
 
 - **name**: its most distinctive n-grams (weight in the mode's centroid minus the overall one);
@@ -63,6 +64,14 @@ def ngram_features(
             if g in col:
                 x[i, col[g]] = (1 + math.log(k)) * (math.log((1 + total) / (1 + df[g])) + 1)
     return torch.nn.functional.normalize(x, dim=-1), names
+
+
+def centred(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rows of ``h`` [N, d] minus their ``w``-weighted mean, L2-normalised (what every completion
+    shares, as a model's hidden states do, would otherwise make all of them alike)."""
+    h = h.float()
+    mean = (h * w[:, None]).sum(0) / w.sum()
+    return torch.nn.functional.normalize(h - mean, dim=-1)
 
 
 def kmeans(
