@@ -5,8 +5,8 @@ modes, scored against random vectors of the same norm and ranked."""
 from __future__ import annotations
 
 from causalscan.cli.job import bars, executor, load, plan_only, say
+from causalscan.cli.job import prompts as job_prompts
 from causalscan.cli.options import command, model_args, names, output_args, plan_args, ray_args, report_arg, search_args
-from causalscan.data.prompts import read_prompts
 from causalscan.errors import InputError
 from causalscan.steering.audit import audit
 from causalscan.steering.audit_result import AuditResult
@@ -23,7 +23,7 @@ def _numbers(text: str | None, field: str, kind=float) -> list | None:
 
 
 def run(args) -> dict:
-    prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
+    prompts = job_prompts(args)
     kw = dict(
         method=args.method,
         n=args.n,
@@ -46,9 +46,9 @@ def run(args) -> dict:
     )
     model = load(args)
     if args.dry_run:
-        return plan_only(audit(model, prompts or None, dry_run=True, **kw))
+        return plan_only(audit(model, prompts, dry_run=True, **kw))
     with executor(args) as ex:
-        res = audit(model, prompts or None, progress=bars(args), checkpoint=args.out, executor=ex, **kw)
+        res = audit(model, prompts, progress=bars(args), checkpoint=args.out, executor=ex, **kw)
     doc = res.summary()
     if args.out:
         res.save(args.out)

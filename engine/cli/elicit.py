@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 
 from causalscan.cli.job import bars, load, say
+from causalscan.cli.job import prompts as job_prompts
 from causalscan.cli.options import command, model_args, output_args, report_arg, search_args
-from causalscan.data.prompts import read_prompts
 from causalscan.errors import InputError
 from causalscan.steering.elicit import METHODS, ElicitResult, elicit
 
 
 def run(args) -> dict:
-    prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
+    prompts = job_prompts(args)
     try:
         positions = [int(x) for x in args.positions.split(",")] if args.positions else None
     except ValueError:
@@ -23,7 +23,7 @@ def run(args) -> dict:
     model = load(args)
     res = elicit(
         model,
-        prompts or None,
+        prompts,
         method=args.method,
         n=args.n,
         source=args.source,

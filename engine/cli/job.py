@@ -76,6 +76,14 @@ def executor(args):
         yield ex
 
 
+def prompts(args) -> list[str] | None:
+    """``--prompt`` (repeatable) and ``--prompts FILE`` together; None when neither is given."""
+    from causalscan.data.prompts import read_prompts
+
+    out = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
+    return out or None
+
+
 def dataset(args, prefer: str | None = None) -> Dataset:
     """``--data`` (or the dataset a zoo ``--model`` ships: ``prefer`` if it has one, else its first),
     every pair in the chat template with ``--chat``."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from causalscan.errors import InputError
+from causalscan.errors import InputError, check_type
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], list[int]]:
@@ -67,6 +67,19 @@ def encode(tokenizer, text: str, chat: bool = False, file: str | None = None, li
     if chat:
         return tokenizer(chat_text(tokenizer, text, file, line), add_special_tokens=False)["input_ids"]
     return tokenizer(text)["input_ids"]
+
+
+def check_prompts(prompts) -> list[str] | None:
+    """Prompts given in Python: None (the caller's default), one string, or a list of non-empty
+    strings -> the list (:class:`InputError` naming the first bad one)."""
+    if prompts is None:
+        return None
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    check_type(prompts, list | tuple, "prompts", "a list of strings")
+    for i, s in enumerate(prompts):
+        if not isinstance(s, str) or not s:
+            raise InputError(f"prompt {i} must be a non-empty string, not {s!r:.60}", field="prompts")
+    return list(prompts)
 
 
 def read_prompts(path: str | Path) -> list[str]:

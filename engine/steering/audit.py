@@ -32,7 +32,7 @@ from causalscan import executor as executors
 from causalscan import memplan
 from causalscan.checkpoint import Checkpoint, fingerprint, run
 from causalscan.checkpoint import key as checkpoint_key
-from causalscan.data.prompts import encode
+from causalscan.data.prompts import check_prompts, encode
 from causalscan.errors import InputError, check_number, check_options, check_type
 from causalscan.model import interventions as iv
 from causalscan.model import runner
@@ -70,16 +70,16 @@ def split(prompts: list[str], holdout: float, seed: int) -> tuple[list[str], lis
 def sweep_unit(model, train, held, target, method, n, steps, sampled, temperature, max_new_tokens, seed):
     """The stage of one (layer, radius) unit (``(u, layer, multiple)``): vectors, their objective, completions."""
     dev = model.device
-    rule: dict[int, tuple] = {}  # layer -> (R, info): the radius rule once per layer and process
+    slices: dict[int, tuple] = {}  # layer -> (slice, (R, info)): once per layer and process, for every radius
 
     def compute(unit):
         u, layer, mult = unit
         t0 = time.perf_counter()
         with frozen(model.hf):
-            sl = search.make_slice(model, train, layer, target)
-            if layer not in rule:
-                rule[layer] = search.auto_radius(sl, seed=seed, device=dev, k=RULE_DIRECTIONS, tol=RULE_TOL)
-            r0, info = rule[layer]
+            if layer not in slices:
+                sl = search.make_slice(model, train, layer, target)
+                slices[layer] = sl, search.auto_radius(sl, seed=seed, device=dev, k=RULE_DIRECTIONS, tol=RULE_TOL)
+            sl, (r0, info) = slices[layer]
             radius = r0 * mult
             if method == "dct":
                 vec, _ = search.dct(sl.mean_delta, sl.d_model, n, radius, iters=steps or 10, seed=seed, device=dev)
@@ -164,6 +164,7 @@ def audit(
     for r in radii:
         check_number(r, "radii", 0, 1e6, open_lo=True)
     dets = make_detectors(look_for, detectors)
+    prompts = check_prompts(prompts)
     check_progress(progress)
     ex = executors.get(executor)
     model = load(model)
@@ -177,12 +178,7 @@ def audit(
         check_number(layer, "layers", 0, target - 1, integer=True)
     if len(set(layers)) != len(layers) or len(set(radii)) != len(radii):
         raise InputError("layers and radii must not repeat", field="layers")
-    if prompts is not None:
-        check_type(prompts, list | tuple, "prompts", "a list of strings")
-    prompts = zoo_prompts(model) if prompts is None else list(prompts)
-    for i, s in enumerate(prompts):
-        if not isinstance(s, str) or not s:
-            raise InputError(f"prompt {i} must be a non-empty string, not {s!r:.60}", field="prompts")
+    prompts = zoo_prompts(model) if prompts is None else prompts
     train, held = split(prompts, holdout, seed)
     train_ids = [encode(model.tokenizer, s, chat) for s in train]
     held_ids = [encode(model.tokenizer, s, chat) for s in held]

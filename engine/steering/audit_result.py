@@ -221,18 +221,22 @@ class AuditResult:
             )
         return out
 
+    def _doc(self) -> dict:
+        """The summary as ``audit.json`` holds it (strict JSON), as :mod:`causalscan.report` reads it back."""
+        return json.loads(files.strict_json(self.summary()))
+
     def report(self, path: str | Path) -> Path:
         """Write the self-contained HTML report (:mod:`causalscan.report`) to ``path``."""
         from causalscan import report
 
-        files.write(Path(path), report.render(json.loads(files.strict_json(self.summary())), {}))
+        files.write(Path(path), report.render(self._doc(), {}))
         return Path(path)
 
     def figure(self, name: str):
         """One figure of the report as a plotly ``Figure`` (``"modes"``, ``"layer/<L>"``)."""
         from causalscan import report
 
-        return report.figures(json.loads(files.strict_json(self.summary())), {})[name]
+        return report.figures(self._doc(), {})[name]
 
     def save(self, out_dir: str | Path, top: int | None = None) -> Path:
         """``vectors.safetensors`` (``vectors``/``random`` [V, d] in rank order, their ``layers``/``layers_random``

@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from causalscan import files
 from causalscan.checkpoint import Checkpoint, fingerprint
 from causalscan.checkpoint import key as checkpoint_key
-from causalscan.data.prompts import encode, read_prompts
-from causalscan.errors import InputError, check_options, check_type
+from causalscan.data.prompts import check_prompts, encode, read_prompts
+from causalscan.errors import InputError, check_options
 from causalscan.model.load import ZOO_DIR, load
 from causalscan.model.taps import frozen
 from causalscan.progress import Progress, log
@@ -235,12 +235,7 @@ def elicit(
         source=source,
         target=target,
     )
-    if prompts is not None:
-        prompts = [prompts] if isinstance(prompts, str) else prompts  # one prompt
-        check_type(prompts, list | tuple, "prompts", "a list of strings")
-        for i, s in enumerate(prompts):
-            if not isinstance(s, str) or not s:
-                raise InputError(f"prompt {i} must be a non-empty string, not {s!r:.60}", field="prompts")
+    prompts = check_prompts(prompts)
     check_progress(progress)
     model = load(model)
     d_source, d_target = default_layers(model.adapter.n_layers)
